@@ -1580,9 +1580,12 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             # compacted: its summary stands for the others beside them.
             reasons = [0] * compacted + reasons[compacted:]
         excluded = summaries_lib.excluded_ranges(reasons)
+        named = None
+        if request.HasField("rebuild_summaries"):
+            named = frozenset(request.rebuild_summaries.summary_ids)
         try:
             found = await self._summarizer.summaries_for(
-                request.tenant_id, request.session_id, view.version, view.create_time_ms, excluded
+                request.tenant_id, request.session_id, view.version, view.create_time_ms, excluded, named
             )
         except redis_access.CONNECTION_ERRORS as error:
             # The prompt stands without them; the turns it holds were read.

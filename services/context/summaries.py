@@ -968,12 +968,15 @@ class Summarizer:
         version: int,
         created_ms: int,
         excluded: list[tuple[int, int]],
+        named: collections.abc.Set[str] | None = None,
     ) -> list[Summary]:
         """Summaries of spans wholly inside the ``excluded`` turn ranges
         ([first, end)) that hold for the session at ``version`` (of its life
         created at ``created_ms``), no two covering the same turn, oldest
-        first: what assembly adds while budget remains."""
-        if not excluded:
+        first: what assembly adds while budget remains. With ``named``,
+        only those of these ids (a rebuild's: the summaries its assembly
+        had, not those written since)."""
+        if not excluded or named is not None and not named:
             return []
         key = session_store.session_key(tenant_id, session_id)
         hot = self._hot.get(key)
@@ -995,7 +998,11 @@ class Summarizer:
         # turn's manifest entry names one summary (add_summaries), so the
         # manifest no longer said what was sent. The same choice as the
         # summarizer's, so every compacted turn has its summary here.
-        standing = coverage(summary for summary in found if valid_at(summary, history, version))
+        standing = coverage(
+            summary
+            for summary in found
+            if valid_at(summary, history, version) and (named is None or summary.summary_id in named)
+        )
         return [summary for summary in standing if left_out(summary)]
 
 

@@ -809,3 +809,31 @@ async def test_two_spans_of_the_same_turns_each_have_a_summary_of_their_own(redi
                 (covering,) = [ref for ref in refs if ref[1] <= entry.index < ref[2]]
                 assert entry.summary_id == covering[0]
     await client.aclose()
+
+
+async def test_a_rebuild_adds_the_summaries_its_assembly_had_not_those_written_since(
+    redis_url, tenant
+) -> None:
+    """Summaries are written after the appends they cover, so an assembly
+    right after an append has none that a rebuild at its version finds
+    later: the rebuild gave another prompt (two summaries more, 12 turns at
+    300 tokens), and the first could not be had again. The rebuild names
+    the summaries its assembly had (rebuild_summaries)."""
+    client = redis.Redis.from_url(redis_url)
+    not_yet = summary_settings(redis_url)
+    not_yet.context.summary_hot_window_turns = 64  # no span due: as before the summarizer ran
+    async with running(not_yet) as stub:
+        session_id = await new_session(stub, tenant)
+        await append_turns(stub, tenant, session_id, 12)
+        first = await assemble(stub, tenant, session_id)
+    assert not first.inputs.summaries
+    async with running(summary_settings(redis_url)) as restarted:
+        await append_turns(restarted, tenant, session_id, 13, first=12)
+        await wait_for_spans(client, tenant, session_id, 2)
+        later = await assemble(restarted, tenant, session_id, at_version=12)
+        assert [(r.first_turn, r.end_turn) for r in later.inputs.summaries] == [(0, 4), (4, 8)]
+        for earlier in (first, later):
+            named = pb.RebuildSummaries(summary_ids=[r.summary_id for r in earlier.inputs.summaries])
+            rebuilt = await assemble(restarted, tenant, session_id, at_version=12, rebuild_summaries=named)
+            assert rebuilt.messages == earlier.messages and rebuilt.assembly_id == earlier.assembly_id
+    await client.aclose()

@@ -257,13 +257,14 @@ class OwedSummaryUsage(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class AssembleContextRequest(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens", "at_version", "strategy", "append_reservation")
+    __slots__ = ("tenant_id", "session_id", "new_messages", "model", "max_prompt_tokens", "at_version", "rebuild_summaries", "strategy", "append_reservation")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REBUILD_SUMMARIES_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     APPEND_RESERVATION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
@@ -272,9 +273,16 @@ class AssembleContextRequest(_message.Message):
     model: str
     max_prompt_tokens: int
     at_version: int
+    rebuild_summaries: RebuildSummaries
     strategy: AssemblyStrategy
     append_reservation: AppendReservation
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., new_messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., at_version: _Optional[int] = ..., strategy: _Optional[_Union[AssemblyStrategy, str]] = ..., append_reservation: _Optional[_Union[AppendReservation, _Mapping]] = ...) -> None: ...
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., new_messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., at_version: _Optional[int] = ..., rebuild_summaries: _Optional[_Union[RebuildSummaries, _Mapping]] = ..., strategy: _Optional[_Union[AssemblyStrategy, str]] = ..., append_reservation: _Optional[_Union[AppendReservation, _Mapping]] = ...) -> None: ...
+
+class RebuildSummaries(_message.Message):
+    __slots__ = ("summary_ids",)
+    SUMMARY_IDS_FIELD_NUMBER: _ClassVar[int]
+    summary_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, summary_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AppendReservation(_message.Message):
     __slots__ = ("turn_count", "size_bytes", "expected_version")
