@@ -225,6 +225,28 @@ def _tenants_queue_full(error: grpc.aio.AioRpcError) -> bool:
     return info is not None and info.domain == DOMAIN and info.reason == Reason.TOO_MANY_QUEUED_GENERATIONS
 
 
+def _deployment_fault(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a deployment's failed Generate counts against its circuit and
+    outlier ejection (meshgate/balancing.Health): its inference service gone
+    (UNAVAILABLE), or failing inside (INTERNAL: its model failing in
+    Triton, MODEL_ERROR; UNKNOWN: a handler that raised), as the inference
+    service counts its Triton servers' (services/inference/servicer.py
+    _server_fault). Counted as UNAVAILABLE alone, a deployment whose health
+    check answered SERVING and whose every generation failed INTERNAL (its
+    model's weights broken) kept its share of the turns for good: half of a
+    two-deployment alias's (22 of 40 in a bug hunt), its circuit never
+    opened and no outcome of it recorded for ejection. Only UNAVAILABLE
+    before any output goes to the next deployment (Deployments.generate):
+    an INTERNAL may have run the model. The caller's own refusals
+    (INVALID_ARGUMENT), its deadline and a full queue say nothing of the
+    deployment."""
+    return received_code(error) in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    )
+
+
 def _context_outage(error: grpc.aio.AioRpcError) -> bool:
     """A failure that says the context service is down or busy, not that the request is bad."""
     return not_taken(error, "context") or error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -874,13 +896,13 @@ class Deployments:
                         # failed before an answer): not believed to hold it.
                         take_back_route()
                     continue
-                if received_code(error) == grpc.StatusCode.UNAVAILABLE:
+                if _deployment_fault(error):
                     deployment.health.record_failure()
                 elif probing:
                     # The request's own refusal, its time running out: no
-                    # outcome of the deployment's (only UNAVAILABLE is its
-                    # failure), whose half-open slot would otherwise stay
-                    # taken for open_for_s, no trial let in.
+                    # outcome of the deployment's (_deployment_fault), whose
+                    # half-open slot would otherwise stay taken for
+                    # open_for_s, no trial let in.
                     deployment.health.release_probe(probing)
                 failure = failure_within(
                     error, "inference", budget, spent, max_generation_s=f"{self._limit_s:g}"

@@ -455,6 +455,29 @@ async def test_another_resource_exhausted_from_a_deployment_is_its_answer_not_ha
     assert untried.request is None
 
 
+@pytest.mark.parametrize("code", [grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN])
+async def test_a_deployment_failing_inside_opens_its_circuit_though_no_turn_is_handed_on(code):
+    """Its health check says SERVING, and every generation fails inside it
+    (INTERNAL: its model broken in Triton; UNKNOWN: a handler that raised).
+    Each such turn fails (it may have run the model: not handed on), but
+    the deployment must leave rotation: counted as no failure, it kept its
+    share of the turns for good."""
+    table = DeploymentTable({"m": model("least_outstanding", "a", "b")})
+    a, b = table.candidates("m")
+    b.in_flight = 5  # a first while it admits traffic
+    try:
+        for _ in range(a.health.policy.failures_to_open):
+            a.stream_stub = ScriptedGenerate([], ends_with=code)
+            b.stream_stub = untried = ScriptedGenerate(hello_world())
+            with pytest.raises(MeshgateError) as raised:
+                await generated(table, Answer())
+            assert raised.value.code == code and untried.request is None
+        assert a.health.state is BreakerState.OPEN
+        assert [d.name for d in table.candidates("m")] == ["b", "a"]
+    finally:
+        await table.close()
+
+
 # --- health checks of the deployments' inference services ----------------------------------
 
 
@@ -808,8 +831,8 @@ async def test_a_half_open_probe_its_caller_cancels_frees_the_slot_at_once(deliv
 )
 async def test_a_half_open_probe_ended_by_no_fault_of_the_deployment_frees_the_slot_at_once(code, delivered):
     """A probe that ends in the request's own refusal or its time running
-    out tells nothing of the deployment's health (only UNAVAILABLE counts
-    as its failure), yet held the half-open slot for open_for_s, no trial
+    out tells nothing of the deployment's health (only its own faults count
+    as its failures: downstream._deployment_fault), yet held the half-open slot for open_for_s, no trial
     let in meanwhile. Half-open still, free to probe again."""
     table, a = half_open_deployment()
     a.stream_stub = ScriptedGenerate(list(delivered), ends_with=code)
