@@ -262,6 +262,30 @@ class DeploymentTable:
             return list(deployments)
         return balancing.order(strategy, deployments, request or balancing.RouteRequest())
 
+    def next_to_try(
+        self,
+        alias: str,
+        request: balancing.RouteRequest,
+        ranked: list[Deployment],
+        tried: list[Deployment],
+    ) -> Deployment | None:
+        """The deployment a generation tries next: the first of ``ranked``
+        (its candidates() at the start) not in ``tried`` that the alias still
+        routes to; where none is left, one a reload added since, ranked
+        then. A reload takes effect for a generation under way too: with
+        the list taken at its start alone, a turn whose first try failed
+        after a reload went on to a deployment that reload had removed
+        (perhaps being retired), and never to one it added."""
+        routed = self._by_alias.get(alias, [])
+        for deployment in ranked:
+            if deployment in routed and deployment not in tried:
+                return deployment
+        # Ranked again only where a reload added one: every other end of the
+        # list would turn the strategy's rotation (or draw) once more.
+        if all(deployment in ranked for deployment in routed):
+            return None
+        return next((d for d in self.candidates(alias, request) if d not in tried), None)
+
     def routed_addresses(self) -> set[str]:
         """The inference services a deployment is routed to: those whose
         health is checked."""

@@ -40,7 +40,7 @@ from meshgate.mesh_auth import TenantTokens
 from meshgate.reasons import Reason
 from meshgate.serving import is_retryable
 from services.router.auth import Tenant
-from services.router.deployments import PREFIX_BLOCK_CHARS, DeploymentTable, left_rotation
+from services.router.deployments import PREFIX_BLOCK_CHARS, Deployment, DeploymentTable, left_rotation
 from services.router.hot_exact import HotExactHits
 from services.router.pipeline import (
     Answer,
@@ -780,7 +780,10 @@ class Deployments:
             f"the generation's time (router.max_generation_s, {self._limit_s:g} s, or the caller's"
             " shorter deadline) passed before a deployment answered"
         )
-        for deployment in self._table.candidates(alias, route):
+        ranked = self._table.candidates(alias, route)
+        tried: list[Deployment] = []
+        while (deployment := self._table.next_to_try(alias, route, ranked, tried)) is not None:
+            tried.append(deployment)
             timeout_s = time_for_a_try(budget, self._limit_s, spent)
             # Over the untraced channel, with one client span per call (not
             # two more async generators per streamed message); its trace

@@ -478,6 +478,50 @@ async def test_a_deployment_failing_inside_opens_its_circuit_though_no_turn_is_h
         await table.close()
 
 
+class UnavailableWhenLetGo(ScriptedGenerate):
+    """A Generate that fails UNAVAILABLE, before any output, once let go."""
+
+    def __init__(self) -> None:
+        super().__init__([], ends_with=grpc.StatusCode.UNAVAILABLE)
+        self.let_go = asyncio.Event()
+
+    async def read(self):
+        await self.let_go.wait()
+        return await super().read()
+
+
+async def test_a_generation_falling_back_after_a_reload_goes_where_the_reload_routes():
+    """A reload removes deployment b and adds c while a turn's first try (on
+    a) is under way; a then fails before any text. The turn goes to c: it
+    went to b, from the list ranked at its start, after the reload that
+    removed it had been taken."""
+
+    def routes(*names: str) -> dict[str, ModelSettings]:
+        # a weighs more: tried first while all are idle.
+        deployments = [
+            DeploymentSettings(name=name, address=f"127.0.0.1:{5000 + i}", weight=2.0 if name == "a" else 1.0)
+            for i, name in enumerate(names)
+        ]
+        return {"m": ModelSettings(routing_strategy="least_outstanding", deployments=deployments)}
+
+    table = DeploymentTable(routes("a", "b"))
+    a, b = table.candidates("m")
+    a.stream_stub = failing = UnavailableWhenLetGo()
+    b.stream_stub = removed = ScriptedGenerate(hello_world())
+    answer = Answer()
+    try:
+        turn = asyncio.create_task(generated(table, answer))
+        await until(lambda: failing.request is not None)
+        table.reconfigure(routes("a", "c"))
+        (c,) = [d for d in table.candidates("m") if d.name == "c"]
+        c.stream_stub = ScriptedGenerate(hello_world())
+        failing.let_go.set()
+        assert await turn == "Hello world"
+    finally:
+        await table.close()
+    assert answer.deployment == "c" and removed.request is None
+
+
 # --- health checks of the deployments' inference services ----------------------------------
 
 
