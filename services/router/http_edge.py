@@ -230,6 +230,12 @@ def _event_json(value) -> bytes:
     return text.encode()
 
 
+def _error_event(error: MeshgateError) -> bytes:
+    """The server-sent event that ends a stream failing midway (the openai
+    SDK raises it), without [DONE]: never a silent short answer."""
+    return b"data: " + _event_json(error_body(error)) + b"\n\n"
+
+
 # --- requests ----------------------------------------------------------------
 
 _ROLES = {
@@ -959,9 +965,16 @@ class HttpEdge:
             # on, the cancellation would be logged as an error of the app.
             cut = sent.cut(stopped())
             response.failed(cut)
-            body = b"data: " + _event_json(error_body(cut)) + b"\n\n"
             with contextlib.suppress(Exception):
-                await send({"type": "http.response.body", "body": body})
+                await send({"type": "http.response.body", "body": _error_event(cut)})
+        except Exception:  # noqa: BLE001 - a bug of the edge's own, after the 200 went out
+            # Left to the request's handler, it would end the stream with no
+            # error event (the status is out): a short answer saying nothing.
+            log.exception("http stream failed", request_id=response.request_id)
+            failure = sent.told(internal_error())
+            response.failed(failure)
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": _error_event(failure)})
 
     async def _stream_events(
         self, chunks: _Chunks, event, events, response: _Response, sent: Delivered
@@ -985,8 +998,7 @@ class HttpEdge:
                     # ends without [DONE]: never a silent short answer.
                     # The same type as the error would have had as a status.
                     response.failed(error)
-                    body = b"data: " + _event_json(error_body(error)) + b"\n\n"
-                    await send({"type": "http.response.body", "body": body})
+                    await send({"type": "http.response.body", "body": _error_event(error)})
                     return
             event = await anext(events)
 

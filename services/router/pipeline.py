@@ -299,6 +299,14 @@ class Delivered:
         counted = self.tokens or not self.deltas
         return partly_delivered(failure, self.deltas, self.chars, self.tokens if counted else None)
 
+    def told(self, failure: MeshgateError) -> MeshgateError:
+        """``failure`` as it ends a stream after what went out: a copy saying
+        how much, where pieces went out and it does not say so itself (a
+        bug's INTERNAL knows nothing of the stream it ends); else as it is."""
+        if not self.deltas or "delivered_deltas" in failure.metadata:
+            return failure
+        return self.cut(failure.copy())
+
 
 def stopped() -> MeshgateError:
     """What a turn the router's stop cuts, when its grace ends, fails with
@@ -725,9 +733,10 @@ class Pipeline:
             return
         answer, facts, failure, cancelled = Answer(), _TurnFacts(), None, False
         delivered_bytes, delivered_tokens = 0, None
-        # The completion tokens behind the pieces delivered, as the last of
-        # them counted them (Delta.completion_tokens; 0: not counted).
-        counted_tokens = 0
+        # The deltas yielded, and the completion tokens behind them as the
+        # last counted them (Delta.completion_tokens; 0: not counted): what
+        # a failure after them says went out where it cannot say itself.
+        sent = Delivered()
         span = telemetry.start_genai_span("chat", turn.model_alias, turn.parameters)
         in_flight = metrics.router().streams_in_flight.labels(turn.model_alias)
         in_flight.inc()
@@ -750,7 +759,7 @@ class Pipeline:
                             # (Generator); if one does not, no text is lost
                             # nor reordered for it.
                             delivered_bytes += len(held.text.encode())
-                            counted_tokens = held.completion_tokens
+                            sent.add(held)
                             yield held
                             held = None
                         if carry_last_text and event.last:
@@ -760,7 +769,7 @@ class Pipeline:
                             held = event
                             continue
                         delivered_bytes += len(event.text.encode())
-                        counted_tokens = event.completion_tokens
+                        sent.add(event)
                     elif isinstance(event, Completion) and held is not None:
                         delivered_bytes += len(held.text.encode())
                         event = dataclasses.replace(event, text=held.text)
@@ -774,9 +783,9 @@ class Pipeline:
             delivered_tokens = int(counted) if counted else None
             if held is not None:
                 delivered_bytes += len(held.text.encode())
-                counted_tokens = held.completion_tokens
+                sent.add(held)
                 yield held
-            yield _failure(error, facts)
+            yield _failure(sent.told(error), facts)
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away: its task was cancelled, or its front end
             # closed this stream unfinished.
@@ -787,9 +796,9 @@ class Pipeline:
             failure = Reason.INTERNAL
             if held is not None:
                 delivered_bytes += len(held.text.encode())
-                counted_tokens = held.completion_tokens
+                sent.add(held)
                 yield held
-            yield _failure(internal_error(), facts)
+            yield _failure(sent.told(internal_error()), facts)
         finally:
             if early is not None and not early.done():
                 early.cancel()
@@ -806,7 +815,7 @@ class Pipeline:
                 # failure's may not be (a caller cut off by its own deadline
                 # or hanging up has none; a shared generation's is the
                 # generation's).
-                counted_tokens or delivered_tokens,
+                sent.tokens or delivered_tokens,
                 facts.prompt,
                 answer.prompt_tokens_read,
                 facts.prompt_tokens,

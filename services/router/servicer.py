@@ -113,6 +113,13 @@ class _Call:
             cut.metadata["turn_may_be_stored"] = "true"
         return cut
 
+    def bug(self) -> MeshgateError:
+        """The status a bug of the servicer's own ends the call with, logged
+        here (the error interceptor would end it INTERNAL too, but knows
+        nothing of the stream): how much of the turn's answer went out."""
+        log.exception("router call failed")
+        return self.sent.told(internal_error())
+
     async def saving_turn(self, session_id: str) -> None:
         """Pipeline.run's before_saving."""
         self.saving = True
@@ -318,11 +325,15 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 # settling).
                 if completion is None:
                     raise call.failure() from None
+            except MeshgateError:
+                raise  # the turn's Failure, which says how much went out
+            except Exception:  # noqa: BLE001 - a bug fails its call, saying what of it went out
+                raise call.bug() from None
         if completion is None:
             # The pipeline ends every turn with a completion or a failure:
             # this is a bug, never an answer to pass off as OK.
             log.error("Chat ended without a completion", model=clip(request.model))
-            raise internal_error()
+            raise call.sent.told(internal_error())
         return completion
 
     async def ChatSession(self, request_iterator, context):
@@ -431,6 +442,10 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     # The router's stop, near its grace's end (drain).
                     if not done:
                         raise call.failure(turn_session) from None
+                except MeshgateError:
+                    raise  # the stop's cut, or the key's refusal
+                except Exception:  # noqa: BLE001 - a bug fails its call, saying what of its turn went out
+                    raise call.bug() from None
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
         tenant = await current_tenant()

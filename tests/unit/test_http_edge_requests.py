@@ -25,7 +25,7 @@ from services.router.http_edge import (
     http_error,
 )
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
-from tests.unit.test_router_http_edge import KEY, ScriptedPipeline, posted, streamed
+from tests.unit.test_router_http_edge import KEY, ScriptedPipeline, events_of, posted, streamed
 
 USER = {"role": "user", "content": "hi"}
 # An assistant's tool call as OpenAI's schema has it.
@@ -347,14 +347,6 @@ async def test_a_max_completion_tokens_the_pipeline_refuses_names_the_field_sent
 
 
 # --- streams ------------------------------------------------------------------------------------
-
-
-def events_of(body: bytes) -> list[dict]:
-    return [
-        json.loads(event[len("data: ") :])
-        for event in body.decode().split("\n\n")
-        if event.startswith("data: {")
-    ]
 
 
 async def test_an_answer_in_one_piece_carries_the_role_on_its_first_chunk():

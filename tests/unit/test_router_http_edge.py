@@ -25,10 +25,17 @@ from services.router.admission import TenantCalls
 from services.router.auth import Authenticator
 from services.router.deployments import OpenCalls
 from services.router.http_edge import _TCP_INFO, HttpEdge, _BoundedHeaders, _StalledPeerCut, http_error
-from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Failure
+from services.router.pipeline import Answer, Budget, CacheStatus, Completion, Delta, Failure, Pipeline
 from tests.unit.test_router_context_restart import busy
 from tests.unit.test_router_context_restart import unavailable as unavailable_rpc
 from tests.unit.test_router_embeddings import core as embeddings_core
+from tests.unit.test_router_pipeline import (
+    DELIVERED_BEFORE_THE_BUG,
+    MODELS,
+    BugAfterTwoPieces,
+    FakeCache,
+    FakeContexts,
+)
 
 KEY = "edge-key"
 
@@ -115,6 +122,15 @@ def contents(body: bytes) -> list[str]:
     return out
 
 
+def events_of(body: bytes) -> list[dict]:
+    """Every JSON event in a body, in order."""
+    return [
+        json.loads(event[len("data: ") :])
+        for event in body.decode().split("\n\n")
+        if event.startswith("data: {")
+    ]
+
+
 async def test_the_last_chunk_goes_in_one_write_with_the_streams_end():
     answer = Answer(text="Hello", completion_tokens=2, finish_reason="length", deployment="d1")
     completion = Completion(answer, CacheStatus.MISS, 0.0, "", 0, "", text="lo")
@@ -148,6 +164,63 @@ async def test_a_failure_midway_ends_the_stream_with_an_error_event_after_every_
     whole = b"".join(message.get("body", b"") for message in sent)
     assert contents(whole) == ["Hel", "lo"]
     assert whole.index(b'"content":"lo"') < whole.index(b'"error"')
+    assert b"[DONE]" not in whole
+
+
+class BuggyTurnPipeline(ScriptedPipeline):
+    """The real pipeline, whose generation hits a bug after two pieces."""
+
+    async def run(
+        self, request, tenant, session_id, budget, create_session=False, carry_last_text=False, **rest
+    ):
+        self.carry_last_text = carry_last_text
+        self.whole = rest.get("whole", False)
+        turns = Pipeline(RouterSettings(), MODELS, FakeContexts(), FakeCache(), BugAfterTwoPieces())
+        async for event in turns.run(
+            request, tenant, session_id, Budget(), create_session, carry_last_text, **rest
+        ):
+            yield event
+
+
+async def test_a_bug_in_a_streamed_turn_ends_its_stream_saying_how_much_went_out():
+    sent = await streamed([], pipeline_class=BuggyTurnPipeline)
+    whole = b"".join(message.get("body", b"") for message in sent)
+    assert contents(whole) == ["Hel", "lo "]
+    error = events_of(whole)[-1]["error"]
+    assert error["code"] == Reason.INTERNAL
+    assert error["metadata"] == DELIVERED_BEFORE_THE_BUG
+
+
+async def test_a_bug_in_an_answer_sent_whole_is_a_500_that_names_none_delivered():
+    sent = await streamed([], stream=False, pipeline_class=BuggyTurnPipeline)
+    assert sent[0]["status"] == 500
+    error = json.loads(b"".join(message.get("body", b"") for message in sent))["error"]
+    assert (error["code"], error["metadata"]) == (Reason.INTERNAL, {})
+
+
+class BrokenAfterOneDelta(ScriptedPipeline):
+    """A delta, then a bug of the edge's own (injected here: the events
+    the edge reads raise what no pipeline yields)."""
+
+    async def run(
+        self, request, tenant, session_id, budget, create_session=False, carry_last_text=False, **rest
+    ):
+        self.carry_last_text = carry_last_text
+        self.whole = rest.get("whole", False)
+        for event in self._events:
+            yield event
+        raise RuntimeError("bug")
+
+
+async def test_a_bug_of_the_edges_own_after_a_piece_went_out_ends_its_stream_with_an_error_event():
+    """It ended the stream with no error event: the 200 was out, so the
+    request's handler sent nothing, a short answer that said nothing."""
+    sent = await streamed([Delta("Hel", completion_tokens=1)], pipeline_class=BrokenAfterOneDelta)
+    whole = b"".join(message.get("body", b"") for message in sent)
+    assert contents(whole) == ["Hel"]
+    error = events_of(whole)[-1]["error"]
+    assert error["code"] == Reason.INTERNAL
+    assert error["metadata"] == {"delivered_deltas": "1", "delivered_chars": "3", "delivered_tokens": "1"}
     assert b"[DONE]" not in whole
 
 

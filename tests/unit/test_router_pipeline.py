@@ -688,6 +688,46 @@ async def test_a_bug_in_a_stage_fails_the_turn_as_internal():
     assert "bug" not in events[0].error.message
 
 
+class BugAfterTwoPieces(FakeGenerator):
+    """Counts each piece's tokens, as the inference service does, then hits
+    a bug (an unexpected exception, not a MeshgateError)."""
+
+    async def generate(
+        self, alias, prompt, parameters, budget, answer, session_id="", read_ahead=True, tenant_id=""
+    ):
+        for count, piece in enumerate(("Hel", "lo "), 1):
+            answer.completion_tokens_so_far = count
+            yield piece
+        raise KeyError("bug")
+
+
+DELIVERED_BEFORE_THE_BUG = {"delivered_deltas": "2", "delivered_chars": "6", "delivered_tokens": "2"}
+
+
+@pytest.mark.parametrize(
+    ("options", "delivered"),
+    [
+        ({}, DELIVERED_BEFORE_THE_BUG),
+        ({"carry_last_text": True}, DELIVERED_BEFORE_THE_BUG),
+        # Sent whole or not at all: the caller got none of it.
+        ({"whole": True}, {}),
+    ],
+)
+async def test_a_bug_after_pieces_went_out_says_how_much_went_out(options, delivered):
+    """Its INTERNAL said nothing of the two pieces the caller held: a
+    fragment a client could not tell from a short answer cut by a bug."""
+    admission = RecordingAdmission()
+    turns, _ = pipeline(generator=BugAfterTwoPieces(), admission=admission)
+    events = await events_of(turns.run(request(), TENANT, "s1", Budget(), **options))
+    failure = events[-1]
+    assert isinstance(failure, Failure) and failure.error.reason == Reason.INTERNAL
+    assert "bug" not in failure.error.message
+    said = {name: value for name, value in failure.error.metadata.items() if name.startswith("delivered_")}
+    assert said == delivered
+    [(_, outcome)] = admission.settled
+    assert outcome.delivered_tokens == (2 if delivered else None)
+
+
 @pytest.mark.parametrize(
     ("pause_s", "expected_pieces"),
     [

@@ -27,6 +27,7 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
+from services.router import servicer as servicer_module
 from services.router.admin import AdminServicer
 from services.router.admission import TenantCalls
 from services.router.app import SERVICE_NAMES
@@ -36,7 +37,15 @@ from services.router.ledger import METRICS
 from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Hit, Pipeline, Unlimited
 from services.router.servicer import ADMITTED_METADATA, RouterServicer, add_to_server
 from tests.mesh import bounded_channel, held_back, rpc_outcomes
-from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator, request, user
+from tests.unit.test_router_pipeline import (
+    DELIVERED_BEFORE_THE_BUG,
+    BugAfterTwoPieces,
+    FakeCache,
+    FakeContexts,
+    FakeGenerator,
+    request,
+    user,
+)
 
 KEY = "unit-key"
 NARROW_KEY = "narrow-key"
@@ -220,9 +229,23 @@ def reason_of(trailing_metadata) -> str:
 
 
 def _reason(status: status_pb2.Status) -> str:
+    return _error_info(status).reason
+
+
+def _error_info(status: status_pb2.Status) -> error_details_pb2.ErrorInfo:
     info = error_details_pb2.ErrorInfo()
     status.details[0].Unpack(info)
-    return info.reason
+    return info
+
+
+def delivered_said(status: status_pb2.Status) -> dict[str, str]:
+    """The delivered_* metadata of a failure's ErrorInfo."""
+    metadata = _error_info(status).metadata
+    return {name: value for name, value in metadata.items() if name.startswith("delivered_")}
+
+
+def trailing_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
+    return status_pb2.Status.FromString(dict(error.trailing_metadata())["grpc-status-details-bin"])
 
 
 def test_chat_maps_deltas_and_the_completion(loop):
@@ -564,9 +587,61 @@ async def test_a_chat_that_ends_without_its_completion_is_an_internal_error():
     assert [response.WhichOneof("event") for response in responses] == ["delta"]
     assert failed.value.code() == grpc.StatusCode.INTERNAL
     assert reason_of(failed.value.trailing_metadata()) == Reason.INTERNAL
+    # The caller holds the delta, and is told so (none counted its tokens).
+    assert delivered_said(trailing_status(failed.value)) == {"delivered_deltas": "1", "delivered_chars": "3"}
     errors = [entry for entry in logs if entry["log_level"] == "error"]
     assert [entry["event"] for entry in errors] == ["Chat ended without a completion"]
     assert len(errors[0]["model"]) <= 128
+
+
+async def chat_until_it_fails(stub) -> tuple[list[str], status_pb2.Status]:
+    """A Chat's delta texts and the rich status it failed with."""
+    texts = []
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        async for response in stub.Chat(request(), metadata=AUTH):
+            texts.append(response.delta.text)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    return texts, trailing_status(failed.value)
+
+
+async def test_a_bug_in_a_turn_after_pieces_went_out_says_how_much_in_chat_and_chat_session():
+    async with router_stub(router_servicer(generator=BugAfterTwoPieces())) as stub:
+        texts, status = await chat_until_it_fails(stub)
+        assert texts == ["Hel", "lo "]
+        assert delivered_said(status) == DELIVERED_BEFORE_THE_BUG
+        # A ChatSession turn fails in the stream, which goes on.
+        call = stub.ChatSession(metadata=AUTH)
+        await call.write(pb.ChatSessionRequest(model="m", messages=[user("hi")]))
+        await call.done_writing()
+        responses = [response async for response in call]
+        assert await call.code() == grpc.StatusCode.OK
+    assert [response.delta.text for response in responses[:-1]] == ["Hel", "lo "]
+    failure = status_pb2.Status.FromString(responses[-1].failure)
+    assert _reason(failure) == Reason.INTERNAL
+    assert delivered_said(failure) == DELIVERED_BEFORE_THE_BUG
+
+
+async def test_a_bug_of_the_servicers_own_after_pieces_went_out_says_how_much(monkeypatch):
+    """Mapping the completion to protobuf failed (a bug, injected): the
+    error interceptor's INTERNAL knew nothing of the three deltas sent."""
+
+    def broken(completion):
+        raise ValueError("bug")
+
+    monkeypatch.setattr(servicer_module, "completion_proto", broken)
+    async with router_stub(router_servicer()) as stub:
+        with structlog.testing.capture_logs() as logs:
+            texts, status = await chat_until_it_fails(stub)
+            assert texts == ["Hel", "lo ", "there"]
+            assert delivered_said(status) == {"delivered_deltas": "3", "delivered_chars": "11"}
+            call = stub.ChatSession(metadata=AUTH)
+            await call.write(pb.ChatSessionRequest(model="m", messages=[user("hi")]))
+            await call.done_writing()
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                [response async for response in call]
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert delivered_said(trailing_status(failed.value)) == {"delivered_deltas": "3", "delivered_chars": "11"}
+    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == ["router call failed"] * 2
 
 
 class SettledOutcomes(Unlimited):
