@@ -239,7 +239,8 @@ class Delta:
     # known to be the last.
     last: bool = False
     # A generated piece's Answer.completion_tokens_so_far: the completion
-    # tokens behind it and the pieces before it (0: not counted, a hit's).
+    # tokens behind it and the pieces before it (0: not counted); a replayed
+    # hit's, its entry's count shared out by characters (replayed_tokens).
     completion_tokens: int = 0
 
 
@@ -284,8 +285,8 @@ class Delivered:
     deltas: int = 0
     chars: int = 0
     # The completion tokens behind the pieces written: the last one's
-    # Delta.completion_tokens; 0 with pieces written, not counted (a hit's
-    # replay, an inference service that sends no counts).
+    # Delta.completion_tokens; 0 with pieces written, not counted (an
+    # inference service that sends no counts, a hit whose entry has none).
     tokens: int = 0
 
     def add(self, delta: Delta) -> None:
@@ -541,6 +542,19 @@ def replay_pieces(text: str, piece_chars: int) -> list[str]:
     if current:
         pieces.append(current)
     return pieces
+
+
+def replayed_tokens(completion_tokens: int, chars: int, total_chars: int) -> int:
+    """The completion tokens behind the first ``chars`` characters of a
+    stored answer of ``total_chars`` characters and ``completion_tokens``
+    tokens, for what a replay cut midway says it delivered: the answer's
+    count shared out by characters, rounded up, and the count itself once
+    every character went out. An estimate: the router holds no tokenizer
+    (bench/replay_token_estimate.py measures it against the model's). 0
+    where the entry counted none."""
+    if chars >= total_chars:
+        return completion_tokens
+    return -(-completion_tokens * chars // total_chars)
 
 
 # --- the pipeline --------------------------------------------------------------
@@ -985,8 +999,16 @@ class Pipeline:
             # CPU), as a generation's deltas that arrive together go as one.
             piece_chars = self._settings.replay_piece_chars if pause_s else self._settings.replay_burst_chars
             pieces = replay_pieces(hit.answer.text, piece_chars)
+            replayed_chars = 0
             for index, piece in enumerate(pieces, 1):
-                yield Delta(piece, last=index == len(pieces))
+                replayed_chars += len(piece)
+                yield Delta(
+                    piece,
+                    last=index == len(pieces),
+                    completion_tokens=replayed_tokens(
+                        hit.answer.completion_tokens, replayed_chars, len(hit.answer.text)
+                    ),
+                )
                 delivered += 1
                 if pause_s:
                     await asyncio.sleep(pause_s)

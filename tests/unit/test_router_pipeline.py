@@ -748,6 +748,32 @@ async def test_an_unpaced_hit_goes_in_larger_pieces_than_a_paced_one(pause_s, ex
     assert events[-1].cache_status is CacheStatus.EXACT_HIT
 
 
+async def test_a_replayed_hits_pieces_carry_its_completion_tokens_shared_out_by_characters():
+    """They carried none: a replay cut midway (the router's stop) said no
+    delivered_tokens, though the entry knows its completion's count."""
+    text = "Paris is the capital of France and has been for a long time."
+    hit = Hit(Answer(text=text, completion_tokens=14), CacheStatus.EXACT_HIT, 1.0)
+    turns, _ = pipeline(cache=FakeCache(hit), replay_piece_chars=10, replay_pause_s=0.001)
+    deltas = [e for e in await events_of(turns.run(request(), TENANT, "", Budget())) if isinstance(e, Delta)]
+    # 9, 13, 21, ... of 60 characters: 14 x 9 / 60 = 2.1, rounded up; the
+    # last piece the entry's own count.
+    assert [(len(d.text), d.completion_tokens) for d in deltas] == [
+        (9, 3),
+        (4, 4),
+        (8, 5),
+        (10, 8),
+        (8, 10),
+        (9, 12),
+        (7, 13),
+        (5, 14),
+    ]
+    # An entry that counted none says none.
+    uncounted = Hit(Answer(text=text), CacheStatus.EXACT_HIT, 1.0)
+    turns, _ = pipeline(cache=FakeCache(uncounted), replay_piece_chars=10)
+    events = await events_of(turns.run(request(), TENANT, "", Budget()))
+    assert {e.completion_tokens for e in events if isinstance(e, Delta)} == {0}
+
+
 def test_replay_pieces_keep_whole_words_and_the_exact_text():
     text = "one two  three\nfour supercalifragilistic five "
     pieces = replay_pieces(text, 8)
@@ -782,7 +808,7 @@ async def test_the_exact_lookup_runs_while_admission_waits_and_answers_once_admi
     assert parts["cache"].exact_lookups == [["hello"]]
     assert not first.done()
     round_trip.set()
-    assert (await first) == Delta("Paris.", last=True)
+    assert (await first) == Delta("Paris.", last=True, completion_tokens=2)
     events = await events_of(stream)
     assert events[-1].cache_status is CacheStatus.EXACT_HIT
     assert parts["cache"].exact_lookups == [["hello"]]  # not looked up twice

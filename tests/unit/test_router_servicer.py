@@ -34,7 +34,16 @@ from services.router.app import SERVICE_NAMES
 from services.router.auth import Authenticator, CallerGate
 from services.router.keys import KeyStore
 from services.router.ledger import METRICS
-from services.router.pipeline import Answer, CacheStatus, Completion, Delta, Hit, Pipeline, Unlimited
+from services.router.pipeline import (
+    Answer,
+    CacheStatus,
+    Completion,
+    Delta,
+    Hit,
+    Pipeline,
+    Unlimited,
+    replayed_tokens,
+)
 from services.router.servicer import ADMITTED_METADATA, RouterServicer, add_to_server
 from tests.mesh import bounded_channel, held_back, rpc_outcomes
 from tests.unit.test_router_pipeline import (
@@ -592,6 +601,36 @@ async def test_a_chat_that_ends_without_its_completion_is_an_internal_error():
     errors = [entry for entry in logs if entry["log_level"] == "error"]
     assert [entry["event"] for entry in errors] == ["Chat ended without a completion"]
     assert len(errors[0]["model"]) <= 128
+
+
+async def test_a_hit_replay_the_stop_cuts_midway_says_the_tokens_behind_what_went_out():
+    """A paced replay of a 14-token entry, cut by the router's stop after
+    three pieces: its STREAM_ENDED_EARLY said no delivered_tokens."""
+    settings = router_settings()
+    settings.router.replay_piece_chars, settings.router.replay_pause_s = 10, 0.05
+    text = "Paris is the capital of France and has been for a long time."
+    hit = Hit(Answer(text=text, completion_tokens=14), CacheStatus.EXACT_HIT, 1.0)
+    pipeline = Pipeline(settings.router, settings.models, FakeContexts(), FakeCache(hit), FakeGenerator())
+    servicer = RouterServicer(settings, pipeline, FakeLedger())
+    async with router_stub(servicer) as stub:
+        call = stub.Chat(request(), metadata=AUTH)
+        texts = [(await call.read()).delta.text for _ in range(3)]
+        await servicer.drain(0.0)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            async for response in call:
+                texts.append(response.delta.text)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    said = delivered_said(trailing_status(failed.value))
+    # Three pieces (or a fourth, on a slow machine) of its eight: 21 of its
+    # 60 characters after three, 14 x 21 / 60 tokens, rounded up.
+    sent = "".join(texts)
+    assert texts[:3] == ["Paris is ", "the ", "capital "] and len(texts) < 8
+    assert said == {
+        "delivered_deltas": str(len(texts)),
+        "delivered_chars": str(len(sent)),
+        "delivered_tokens": str(replayed_tokens(14, len(sent), len(text))),
+    }
+    assert replayed_tokens(14, 21, len(text)) == 5
 
 
 async def chat_until_it_fails(stub) -> tuple[list[str], status_pb2.Status]:
