@@ -561,6 +561,16 @@ class RouterSettings:
     # caller's shorter deadline wins.
     downstream_timeout_s: float = 10.0
     max_generation_s: float = 300.0
+    # A gRPC turn (Chat, a ChatSession turn) is ended this much before its
+    # caller's deadline (besides what gRPC's timeout header rounds it up by;
+    # in all at most a tenth of the time it has), so that the router's
+    # DEADLINE_EXCEEDED, saying how much went out (delivered_*), reaches the
+    # caller before its own timer gives it a bare local one: the router's
+    # few ms to send it, plus the network's round trip (the deadline travels
+    # as a timeout, so the router's copy ends a one-way trip after the
+    # caller's). Raise it by the round trip of callers far away.
+    # 0: ended at the deadline as the router reads it.
+    deadline_margin_s: float = 0.02
     # How often the router health-checks each deployment's inference service
     # (grpc.health.v1 over the channel its calls use, each check bounded by
     # 2 s; services/router/deployments.py). Three failed checks in a row take
@@ -1341,6 +1351,7 @@ _ZERO_MEANS: dict[str, str] = {
     "threshold": "every turn to the strong model",
     "max_strong_cost_usd": "every turn the strong model would bill goes to the fast one",
     "replay_pause_s": "unpaced",
+    "deadline_margin_s": "no margin but the header's round-up",
     "prompt_usd_per_million": "free",
     "completion_usd_per_million": "free",
     "cache_hit_fraction": "a cache hit is free",

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import math
 
 import grpc
 import structlog
@@ -126,6 +127,16 @@ class _Call:
         self.session_id = session_id
 
 
+def _timeout_round_up_s(remaining_s: float) -> float:
+    """How much later than its caller's a deadline of ``remaining_s`` may read
+    here: gRPC core (Python's, C++'s clients) sends a timeout in three
+    significant digits, rounded up, so a 4 s deadline reads 4.009 s here and
+    a 60 s one 60.099 s (measured); other clients round finer."""
+    if remaining_s < 1.0:
+        return 0.001
+    return 10.0 ** (math.floor(math.log10(remaining_s)) - 2)
+
+
 class _Turns:
     """The Chat and ChatSession calls open on this router, so that a stop can
     end those still in a turn just before its grace runs out, each with a
@@ -175,6 +186,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     def __init__(self, settings: Settings, pipeline: Pipeline, ledger: Ledger) -> None:
         self._models = settings.models
         self._retention_days = settings.router.usage_retention_days
+        self._deadline_margin_s = settings.router.deadline_margin_s
         self._pipeline = pipeline
         self._ledger = ledger
         self.session_streams = SessionStreams(settings.router.max_session_streams_per_tenant)
@@ -197,6 +209,20 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         # A turn still running near the grace's end (a long generation) is
         # ended here, saying how much went out, before gRPC cancels it bare.
         await self._turns.cut_after(grace_s - min(1.0, grace_s / 4))
+
+    def _turn_budget(self, context) -> Budget:
+        """A turn's budget: its caller's deadline as this call reads it, less
+        router.deadline_margin_s and what gRPC's timeout header may have
+        added to it (_timeout_round_up_s), at most a tenth of the time left
+        (a short deadline keeps its turn). Ended at the deadline itself, the
+        router's status raced the caller's own timer and lost: smollm2 turns
+        cut midway by a 4 s deadline on loopback got the bare local
+        DEADLINE_EXCEEDED 19 times in 19."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return Budget()
+        margin_s = self._deadline_margin_s + _timeout_round_up_s(remaining)
+        return Budget.of(remaining - min(margin_s, max(0.0, remaining) / 10))
 
     def _stopping_future(self) -> asyncio.Future:
         if self._stopping is None:
@@ -232,6 +258,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     def reconfigure(self, settings: Settings) -> None:
         self._models = settings.models
         self._retention_days = settings.router.usage_retention_days
+        self._deadline_margin_s = settings.router.deadline_margin_s
         self.session_streams.reconfigure(settings.router.max_session_streams_per_tenant)
 
     async def Chat(self, request: pb.ChatRequest, context, call: _Call | None = None):
@@ -239,7 +266,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         # may send long after (a call opened before its key was revoked):
         # resolved again now that it is in, as a ChatSession's next turn is.
         tenant = await current_tenant()
-        budget = Budget.of(context.time_remaining())
+        budget = self._turn_budget(context)
         sent = False
 
         async def commit(session_id: str) -> None:
@@ -390,7 +417,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     request,
                     tenant,
                     turn_session,
-                    Budget.of(context.time_remaining()),
+                    self._turn_budget(context),
                     create_session=not turn_session,
                     carry_last_text=request.completion_may_carry_text,
                     before_saving=call.saving_turn,

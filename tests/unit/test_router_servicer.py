@@ -10,6 +10,7 @@ import collections
 import contextlib
 import contextvars
 import datetime
+import math
 import threading
 import types
 
@@ -631,6 +632,45 @@ async def test_a_hit_replay_the_stop_cuts_midway_says_the_tokens_behind_what_wen
         "delivered_tokens": str(replayed_tokens(14, len(sent), len(text))),
     }
     assert replayed_tokens(14, 21, len(text)) == 5
+
+
+class BudgetRecorder(FakeGenerator):
+    """Records the seconds each generation's budget leaves it, at its start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.budgets_s: list[float] = []
+
+    async def generate(self, alias, prompt, parameters, budget, answer, *rest, **options):
+        self.budgets_s.append(budget.within(math.inf))
+        async for piece in super().generate(alias, prompt, parameters, budget, answer, *rest, **options):
+            yield piece
+
+
+# 60 s reads up to 60.1 s here (gRPC's timeout header rounds it up): the
+# margin takes that 0.1 s too. A 1 s deadline gives a tenth at most.
+@pytest.mark.parametrize(("timeout_s", "latest_s"), [(60.0, 59.5), (1.0, 0.9 * 1.01)])
+async def test_a_turn_ends_its_deadline_margin_before_its_callers_deadline(timeout_s, latest_s):
+    """Ended at the caller's deadline itself, the router's DEADLINE_EXCEEDED
+    (with delivered_*) lost the race to the caller's own timer (a bare local
+    status, no ErrorInfo). The margin is at most a tenth of the time left (a
+    1 s deadline keeps 0.9 s of its 1 s), and a turn that completes within it completes."""
+    settings = router_settings()
+    settings.router.deadline_margin_s = 0.5
+    generator = BudgetRecorder()
+    pipeline = Pipeline(settings.router, settings.models, FakeContexts(), FakeCache(), generator)
+    async with router_stub(RouterServicer(settings, pipeline, FakeLedger())) as stub:
+        responses = [r async for r in stub.Chat(request(), metadata=AUTH, timeout=timeout_s)]
+        call = stub.ChatSession(metadata=AUTH, timeout=timeout_s)
+        await call.write(pb.ChatSessionRequest(model="m", messages=[user("hi")]))
+        await call.done_writing()
+        turn = [r async for r in call]
+    assert responses[-1].HasField("completion") and turn[-1].HasField("completion")
+    # What the caller had when the router read it, less the margin: the
+    # call's trip and the test's own steps (well under a second) besides.
+    assert len(generator.budgets_s) == 2
+    for budget_s in generator.budgets_s:
+        assert latest_s - 1.0 < budget_s <= latest_s
 
 
 async def chat_until_it_fails(stub) -> tuple[list[str], status_pb2.Status]:
