@@ -1574,9 +1574,16 @@ def _check_addresses(settings: Settings) -> None:
 
 
 def check_router_models(settings: Settings) -> None:
-    """Limits, prices and templates may only name model aliases that exist: a
-    typo would otherwise silently leave a model unlimited or free (or a
-    template unusable)."""
+    """Limits, prices, templates and tenants may only name model aliases that
+    exist: a typo would otherwise silently leave a model unlimited or free
+    (or a template unusable, or a tenant refused the model it was meant to
+    have, at request time only)."""
+    for tenant in settings.router.tenants:
+        unknown = set(tenant.models) - set(settings.models) - {"*"}
+        if unknown:
+            raise ConfigError(
+                f"router.tenants {tenant.id!r}: models: unknown model alias(es) {sorted(unknown)}"
+            )
     for section in ("model_limits", "prices"):
         unknown = set(getattr(settings.router, section)) - set(settings.models)
         if unknown:

@@ -560,6 +560,26 @@ def test_a_key_or_tenant_named_twice_is_refused_not_won_by_the_last(tmp_path, te
         _tenants_toml(tmp_path, text)
 
 
+def test_a_tenant_allowed_a_model_alias_that_does_not_exist_is_refused_at_load(tmp_path):
+    """A typo in a tenant's models loaded, and the tenant was refused the
+    model it was meant to have on every request (MODEL_NOT_ALLOWED for the
+    real name), with nothing at load to say why."""
+    tenant = f'[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["{DIGEST_A}"]\n'
+    with pytest.raises(
+        ConfigError, match=r"router\.tenants 'acme': models: unknown model alias\(es\) \['smolm2'\]"
+    ):
+        _tenants_toml(tmp_path, tenant + 'models = ["tiny-gpt", "smolm2"]\n')
+    # "*" and configured aliases, selecting ones too, load.
+    settings = _tenants_toml(
+        tmp_path,
+        "[models.tiny-gpt]\n[models.smollm2]\n"
+        '[models.auto]\nselection = { fast = "tiny-gpt", strong = "smollm2" }\n'
+        + tenant
+        + 'models = ["*", "tiny-gpt", "smollm2", "auto"]\n',
+    )
+    assert settings.router.tenants[0].models == ["*", "tiny-gpt", "smollm2", "auto"]
+
+
 @pytest.mark.parametrize(
     ("text", "on"),
     [

@@ -171,3 +171,21 @@ async def test_an_edit_a_hook_refused_is_logged_once_too(tmp_path):
     ]
     # The second reload did not hand the refused settings to the hook again.
     assert taken == [120, 60]
+
+
+async def test_a_reload_allowing_a_tenant_an_alias_that_does_not_exist_is_refused_naming_both(tmp_path):
+    """A reload is judged as a start is (load_settings): a tenant's models
+    naming no configured alias kept the tenant's old models no more than it
+    was refused; it loaded, and the tenant lost the model at request time."""
+    path = tmp_path / "meshgate.toml"
+    tenant = '[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["' + "a" * 64 + '"]\n'
+    path.write_text(tenant + 'models = ["tiny-gpt"]\n')
+    taken: list[list[str]] = []
+    service = service_with(path, lambda settings: taken.append(settings.router.tenants[0].models))
+    path.write_text(tenant + 'models = ["tiny-gtp"]\n')
+    with structlog.testing.capture_logs() as logs:
+        assert not serving.reload_configuration(service)
+    assert taken == []
+    assert service.settings_in_use.router.tenants[0].models == ["tiny-gpt"]
+    assert [entry["event"] for entry in logs] == [REFUSED]
+    assert "router.tenants 'acme': models: unknown model alias(es) ['tiny-gtp']" in logs[0]["error"]
