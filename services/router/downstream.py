@@ -225,6 +225,19 @@ def _tenants_queue_full(error: grpc.aio.AioRpcError) -> bool:
     return info is not None and info.domain == DOMAIN and info.reason == Reason.TOO_MANY_QUEUED_GENERATIONS
 
 
+def _model_not_served(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a deployment's inference service refused a Generate because
+    it does not serve the model the deployment names (NOT_FOUND
+    MODEL_NOT_FOUND, services/inference/servicer.py): the deployment's
+    misconfiguration, never the caller's, who named an alias the router
+    serves and never the deployment's model. Refused as the call's first
+    step, before any of it ran."""
+    if error.code() != grpc.StatusCode.NOT_FOUND:
+        return False
+    info = error_info(error)
+    return info is not None and info.domain == DOMAIN and info.reason == Reason.MODEL_NOT_FOUND
+
+
 def _deployment_fault(error: grpc.aio.AioRpcError) -> bool:
     """Whether a deployment's failed Generate counts against its circuit and
     outlier ejection (meshgate/balancing.Health): its inference service gone
@@ -235,12 +248,15 @@ def _deployment_fault(error: grpc.aio.AioRpcError) -> bool:
     check answered SERVING and whose every generation failed INTERNAL (its
     model's weights broken) kept its share of the turns for good: half of a
     two-deployment alias's (22 of 40 in a bug hunt), its circuit never
-    opened and no outcome of it recorded for ejection. Only UNAVAILABLE
-    before any output goes to the next deployment (Deployments.generate):
-    an INTERNAL may have run the model. The caller's own refusals
-    (INVALID_ARGUMENT), its deadline and a full queue say nothing of the
-    deployment."""
-    return received_code(error) in (
+    opened and no outcome of it recorded for ejection. Only UNAVAILABLE,
+    and refusals made before anything ran, go to the next deployment
+    before any output (Deployments.generate): an INTERNAL may have run the
+    model. A deployment whose inference service does not serve its model
+    (_model_not_served) can take none of the alias's turns: counted, and
+    (nothing ran) passed by. The
+    caller's own refusals (INVALID_ARGUMENT), its deadline and a full queue
+    say nothing of the deployment."""
+    return _model_not_served(error) or received_code(error) in (
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNKNOWN,
@@ -870,17 +886,30 @@ class Deployments:
                 # Another deployment may take it, but only before the caller
                 # saw output. The tenant's full queue at one inference service
                 # is refused before any work began, as a busy replica's call.
+                # So is a refusal for a model the deployment's inference
+                # service does not serve: a misconfiguration, refused before
+                # anything ran, that no retry there would mend.
                 queue_full_here = _tenants_queue_full(error)
-                if (queue_full_here or not_taken(error, "inference")) and not pieces:
-                    log.warning(
-                        "deployment unavailable or busy, trying the next",
-                        deployment=deployment.name,
-                        details=error.details(),
-                    )
+                misconfigured = _model_not_served(error)
+                if (queue_full_here or misconfigured or not_taken(error, "inference")) and not pieces:
+                    if misconfigured:
+                        log.error(
+                            "deployment's inference service does not serve its model; trying the next",
+                            deployment=deployment.name,
+                            address=deployment.address,
+                            model=deployment.model,
+                            details=error.details(),
+                        )
+                    else:
+                        log.warning(
+                            "deployment unavailable or busy, trying the next",
+                            deployment=deployment.name,
+                            details=error.details(),
+                        )
                     # A busy replica (or one full for this tenant) is up: its
                     # circuit must not open for it, nor a half-open probe it
                     # refused hold the slot.
-                    if received_code(error) == grpc.StatusCode.UNAVAILABLE:
+                    if _deployment_fault(error):
                         deployment.health.record_failure()
                     elif probing:
                         deployment.health.release_probe(probing)
@@ -974,8 +1003,14 @@ class Deployments:
             raise busy_unavailable(Reason.NO_DEPLOYMENT_AVAILABLE, f"{no_deployment}: busy; retry later")
         # The last refusal's own message where it carries one (a replica's
         # NO_READY_BACKEND); a transport failure's names the deployment's
-        # host and port, for our logs only (from_rpc_error).
-        detail = from_rpc_error(last_error, "inference").message if last_error else "no deployment configured"
+        # host and port, for our logs only (from_rpc_error), and so does a
+        # misconfigured one's its internal model name (logged above).
+        if last_error is None:
+            detail = "no deployment configured"
+        elif _model_not_served(last_error):
+            detail = "a deployment of it is misconfigured (its inference service does not serve its model)"
+        else:
+            detail = from_rpc_error(last_error, "inference").message
         raise unavailable(Reason.NO_DEPLOYMENT_AVAILABLE, f"{no_deployment}: {detail}")
 
 
