@@ -447,6 +447,10 @@ class KeyStore:
 
     async def _by_id(self, key_id: str) -> tuple[KeyRecord, bytes]:
         """The key's record, and what Redis held for it (for _write to check)."""
+        # An id is hex digits of a digest, the same number in either case;
+        # stored and listed in lower case (hexdigest()), so an operator's
+        # upper-case copy of one (RevokeKey "9F86D081...") found no key.
+        key_id = key_id.lower()
         key_hash = await self._call(self._redis.hget(_IDS, key_id)) if key_id else None
         raw = await self._call(self._redis.get(_RECORD.format(key_hash.decode()))) if key_hash else None
         if raw is None:

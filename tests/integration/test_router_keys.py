@@ -154,6 +154,31 @@ async def test_rotation_issues_a_new_secret_and_retires_the_old_one(replicas):
     assert {k.key_id for k in keys.keys} == {created.key.key_id, rotated.key.key_id}
 
 
+async def test_a_key_id_given_in_upper_case_names_the_same_key(replicas):
+    """A key id is the hex digits of a digest, the same in either case; an
+    operator's upper-case copy of a listed id was answered NOT_FOUND
+    API_KEY_NOT_FOUND, and the key it named went on working."""
+    (router, admin), _ = replicas
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    created = await admin.CreateKey(admin_pb.CreateKeyRequest(tenant_id=tenant), metadata=ADMIN)
+    # An id of digits alone reads the same in either case (about 1 in 1,800).
+    while created.key.key_id.isdigit():
+        created = await admin.CreateKey(admin_pb.CreateKeyRequest(tenant_id=tenant), metadata=ADMIN)
+    rotated = await admin.RotateKey(
+        admin_pb.RotateKeyRequest(key_id=created.key.key_id.upper()), metadata=ADMIN
+    )
+    assert rotated.previous.key_id == created.key.key_id
+    while rotated.key.key_id.isdigit():
+        rotated = await admin.RotateKey(admin_pb.RotateKeyRequest(key_id=rotated.key.key_id), metadata=ADMIN)
+    revoked = await admin.RevokeKey(
+        admin_pb.RevokeKeyRequest(key_id=rotated.key.key_id.upper()), metadata=ADMIN
+    )
+    assert revoked.key.key_id == rotated.key.key_id and revoked.key.HasField("revoked_at")
+    assert await refusal(
+        router.ListModels(pb.ListModelsRequest(), metadata=bearer(rotated.api_key), timeout=10)
+    ) == (grpc.StatusCode.UNAUTHENTICATED, Reason.API_KEY_REVOKED)
+
+
 async def test_the_live_key_spending_under_a_usage_rows_key_id_is_found_by_listing(replicas):
     """A bug hunt's finding: usage and limits of a rotated key go on under
     the first key's id, which ListKeys showed only as that first key's,
