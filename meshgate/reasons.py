@@ -119,7 +119,8 @@ class Reason(enum.StrEnum):
     """A key's limit is zero or negative, or fail_closed names an unknown limit."""
 
     INVALID_KEY_SPEC = enum.auto()
-    """A key's tenant id, label or expiry is not acceptable; the message says which."""
+    """A key's tenant id, models (an empty name), label or expiry is not acceptable;
+    the message says which."""
 
     TENANT_REQUIRED = enum.auto()
     """An internal request names no tenant (was also MISSING_TENANT in cache)."""

@@ -345,6 +345,13 @@ def check_key_request(
     # record is bounded (3,000,000 copies of "*" made a 15 MB record that
     # every call with the key parsed, and a ListKeys too large to send).
     models = tuple(dict.fromkeys(models)) or ("*",)
+    # Malformed, not a name that may or may not be configured: no turn can
+    # use an empty alias (validation.resolve_model refuses one), so it is
+    # the request's fault, not a lookup's that found nothing.
+    if "" in models:
+        raise invalid_argument(
+            Reason.INVALID_KEY_SPEC, 'models: a model name is empty (no models, or "*", allows all)'
+        )
     unknown = sorted({m for m in models if m != "*" and m not in known_models})
     if unknown:
         raise not_found(

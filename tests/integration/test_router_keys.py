@@ -237,6 +237,11 @@ async def test_a_far_expiry_is_answered_and_listed_as_it_was_asked(replicas):
             admin_pb.CreateKeyRequest(tenant_id="x", models=["tiny-gpt", "no-such-model"]),
             (grpc.StatusCode.NOT_FOUND, Reason.MODEL_NOT_FOUND),
         ),
+        # Malformed, not an alias that is not configured (was NOT_FOUND MODEL_NOT_FOUND).
+        (
+            admin_pb.CreateKeyRequest(tenant_id="x", models=["tiny-gpt", ""]),
+            (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_KEY_SPEC),
+        ),
         (
             admin_pb.CreateKeyRequest(tenant_id="x", limits=admin_pb.KeyLimits(requests_per_minute=0)),
             (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_LIMIT),
