@@ -240,10 +240,10 @@ def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) ->
             f"mesh.cert_file {cert_file!r} expired at {certificate.not_valid_after_utc.isoformat()}"
         )
     # Issued by the CA file's, or by an intermediate the certificate file
-    # carries after it that they issued. Any certificate of the file issued
-    # by them passed once: another CA's certificate followed by one of the
-    # mesh's was taken, and every peer refused its handshakes ("unable to
-    # get local issuer certificate").
+    # carries after it that chains up to them (_issuers). Any certificate of
+    # the file issued by them passed once: another CA's certificate followed
+    # by one of the mesh's was taken, and every peer refused its handshakes
+    # ("unable to get local issuer certificate").
     chain = x509.load_pem_x509_certificates(cert)
     vouched = [until for issuer, until in _issuers(authorities, chain) if issued_by(certificate, issuer)]
     if not vouched:
@@ -442,26 +442,41 @@ def _issuers(
 ) -> list[tuple[x509.Certificate, datetime.datetime]]:
     """What may have issued a certificate of ``chain``: the CA file's
     ``authorities``, and the intermediates of ``chain`` (certificates marked
-    as authorities) that they issued; each with until when its chain vouches
-    for what it issued: an intermediate no longer than the CA that issued it
-    (the latest of them)."""
+    as authorities) that they issued, directly or through other
+    intermediates of ``chain`` (root -> int1 -> int2 -> leaf, as openssl
+    verify -untrusted takes it); each with until when its chain vouches for
+    what it issued: an intermediate no longer than the latest of its
+    issuers vouches for it."""
     vouching = [(authority, authority.not_valid_after_utc) for authority in authorities]
-    intermediates = []
-    for link in filter(_is_authority, chain):
-        vouched = [until for authority, until in vouching if issued_by(link, authority)]
-        if vouched:
-            intermediates.append((link, min(link.not_valid_after_utc, max(vouched))))
-    return [*vouching, *intermediates]
+    links = list(filter(_is_authority, chain))
+    until: dict[int, datetime.datetime] = {}
+    # Until nothing changes: an intermediate is trusted once any trusted
+    # issuer issued it, and a later one may vouch for it longer (a link
+    # cross-signed by a longer-lived intermediate). Each pass only moves a
+    # date later, among finitely many, so it ends.
+    changed = True
+    while changed:
+        changed = False
+        trusted = [*vouching, *((links[index], date) for index, date in until.items())]
+        for index, link in enumerate(links):
+            vouched = [date for issuer, date in trusted if issuer is not link and issued_by(link, issuer)]
+            if not vouched:
+                continue
+            date = min(link.not_valid_after_utc, max(vouched))
+            if index not in until or until[index] < date:
+                until[index] = date
+                changed = True
+    return [*vouching, *((links[index], date) for index, date in sorted(until.items()))]
 
 
 def _router_keys(ca_file: str, cert_file: str) -> tuple[RouterKey, ...]:
     """The keys of the router's certificates in ``cert_file``, in the file's
     order: every certificate there that names the router (several while a
     rotation is staged), each issued by the CA file's authorities, directly
-    or by an intermediate the file carries that they issued. Certificates
-    naming something else (intermediates) are skipped; a file naming the
-    router nowhere, or with a certificate naming it from elsewhere, is
-    refused (ConfigError)."""
+    or by an intermediate the file carries that chains up to them.
+    Certificates naming something else (intermediates) are skipped; a file
+    naming the router nowhere, or with a certificate naming it from
+    elsewhere, is refused (ConfigError)."""
     setting = "mesh.router_cert_file"
     pem = _read(cert_file, setting)
     try:

@@ -11,12 +11,17 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import datetime
 import functools
 import pathlib
 import shutil
 import tempfile
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from meshgate import mesh_auth, metrics, serving
 from meshgate.config import MeshSettings
@@ -38,6 +43,28 @@ def renew(directory: pathlib.Path, service: str) -> None:
     service's key file was deleted."""
     certs.key_path(directory, service).unlink()
     certs.ensure(directory, (service,))
+
+
+def authority(
+    name: str, issuer: x509.Certificate | None, issuer_key, not_after: datetime.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A CA certificate and its key, issued by ``issuer`` (None: by itself),
+    without a path length limit (unlike the mesh's own CA), so that it may
+    issue intermediates."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer is not None else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(issuer_key or key, hashes.SHA256())
+    )
+    return key, certificate
 
 
 def mesh_settings(directory: pathlib.Path | None = None) -> MeshSettings:

@@ -24,9 +24,7 @@ import grpc
 import pytest
 import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate import mesh_auth, serving
@@ -41,7 +39,7 @@ from meshgate.router.v1 import router_service_pb2_grpc
 from services.context import app as context_app
 from services.router import app as router_app
 from tests.integration.conftest import running
-from tests.mesh import bounded_channel, certs_dir, mesh_settings, renew, router_channel
+from tests.mesh import authority, bounded_channel, certs_dir, mesh_settings, renew, router_channel
 
 # The tests whose certificate or token overlap lasts seconds are marked serial
 # (make test runs them alone); the others wait only at least so long, and
@@ -191,34 +189,14 @@ async def test_another_cas_certificate_followed_by_one_of_the_mesh_keeps_the_one
     assert "is not issued by mesh.ca_file" in refused[0]["error"]
 
 
-def _authority(
-    name: str, issuer: x509.Certificate | None, issuer_key, not_after: datetime.datetime
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A CA certificate and its key, issued by ``issuer`` (None: by itself)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.subject if issuer is not None else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10))
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(issuer_key or key, hashes.SHA256())
-    )
-    return key, certificate
-
-
 def issued_by_an_expired_intermediate(directory: pathlib.Path) -> None:
     """A new pair for the context service in ``directory``, its certificate
     issued by an intermediate that expired yesterday, which the certificate
     file carries after it; the intermediate's root (one that allows
     intermediates, as the mesh's own CA does not) joins the CA file."""
     now = datetime.datetime.now(datetime.UTC)
-    root_key, root = _authority("root", None, None, now + datetime.timedelta(days=365))
-    intermediate_key, intermediate = _authority(
+    root_key, root = authority("root", None, None, now + datetime.timedelta(days=365))
+    intermediate_key, intermediate = authority(
         "expired intermediate", root, root_key, now - datetime.timedelta(days=1)
     )
     key, leaf = certs._issue(intermediate_key, intermediate, SERVICE)

@@ -30,7 +30,7 @@ from services.cache import app as cache_app
 from services.context import app as context_app
 from services.inference import app as inference_app
 from tests.clocks import Clock
-from tests.mesh import certs_dir, mesh_settings, renew
+from tests.mesh import authority, certs_dir, mesh_settings, renew
 
 # Now, whole seconds: a router certificate vouches for its key while it has
 # not expired, on the verifier's clock.
@@ -281,6 +281,36 @@ def test_a_certificate_file_with_its_intermediate_is_accepted(tmp_path: pathlib.
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     assert mesh_auth.Mesh(mesh_settings(tmp_path), "context").server_credentials() is not None
+
+
+@pytest.mark.parametrize("order", ["nearest first", "root's first"])
+def test_a_certificate_file_with_two_intermediates_is_accepted(tmp_path: pathlib.Path, order):
+    """root -> int1 -> int2 -> leaf, the root without a path length: openssl
+    verify -CAfile root -untrusted int2+int1 takes it, and so must the
+    mesh, whichever order the file carries the intermediates in; it was
+    refused "is not issued by mesh.ca_file" when only intermediates the CA
+    file's issued could issue. An intermediate vouches no longer than the
+    one that issued it: int1 expired, the leaf is refused."""
+    now = certs._now()
+    root_key, root = authority("root", None, None, now + certs.datetime.timedelta(days=365))
+
+    def chained(int1_until: certs.datetime.datetime) -> None:
+        int1_key, int1 = authority("int1", root, root_key, int1_until)
+        int2_key, int2 = authority("int2", int1, int1_key, now + certs.datetime.timedelta(days=365))
+        key, leaf = certs._issue(int2_key, int2, "context")
+        pem = serialization.Encoding.PEM
+        intermediates = [int2, int1] if order == "nearest first" else [int1, int2]
+        (tmp_path / "ca.pem").write_bytes(root.public_bytes(pem))
+        (tmp_path / "context.pem").write_bytes(b"".join(c.public_bytes(pem) for c in [leaf, *intermediates]))
+        (tmp_path / "context.key").write_bytes(
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+
+    chained(now + certs.datetime.timedelta(days=365))
+    assert mesh_auth.Mesh(mesh_settings(tmp_path), "context").server_credentials() is not None
+    chained(now - certs.datetime.timedelta(days=1))
+    with pytest.raises(ConfigError, match="the chain that issued it"):
+        mesh_auth.Mesh(mesh_settings(tmp_path), "context")
 
 
 def _context_files(directory: pathlib.Path) -> mesh_auth.CertificateFiles:
