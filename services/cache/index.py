@@ -566,6 +566,12 @@ class IndexRegistry:
             # ``key`` is last and more than one is resident: never itself.
             self._forget(next(iter(self._indexes)))
 
+    def drop(self, key: str, index: VectorIndex) -> None:
+        """Forgets ``index`` if it is still the one resident under ``key``
+        (not one loaded afresh since)."""
+        if self.holds(key, index):
+            self._forget(key)
+
     def drop_prefix(self, prefix: str) -> None:
         for key in [k for k in self._indexes if k.startswith(prefix)]:
             self._forget(key)

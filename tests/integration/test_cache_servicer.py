@@ -846,6 +846,52 @@ async def test_entries_stored_by_another_replica_are_found(redis_client, embedde
     assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT
 
 
+async def _rows_checked(cache: CacheServicer) -> None:
+    """Waits for the checks of indexes against Redis the last lookup started (_drop_rows_gone)."""
+    if cache._row_checks._running:
+        await asyncio.wait(cache._row_checks._running)
+
+
+async def test_an_index_another_replica_emptied_is_dropped_without_checking_its_rows(
+    redis_client, embedder, tenant, monkeypatch
+):
+    """A review: after another replica's Invalidate, Redis lists no entry of
+    the sub-partition, and this replica checked its whole index against it,
+    1,024 rows a ZMSCORE round trip (a thousand at 1M rows), to drop every
+    row. It drops the index at once now; a partial removal (a report) is
+    still checked row by row."""
+    one, two = make_servicer(redis_client, embedder), make_servicer(redis_client, embedder)
+    s = scope(tenant)
+    for text in (STORED, "Who wrote the play Hamlet?", "How far away is the Moon from the Earth?"):
+        await store(two, s, conversation(text))
+    hit = await lookup(one, s, conversation(PARAPHRASE))
+    assert hit.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and one._indexes.resident_entries == 3
+    checked = []
+    versions_held = one._store.versions_held
+
+    async def counted(partition, context_id, entry_ids):
+        checked.append(len(entry_ids))
+        return await versions_held(partition, context_id, entry_ids)
+
+    monkeypatch.setattr(one._store, "versions_held", counted)
+
+    report = await two.ReportWrongHit(
+        pb.ReportWrongHitRequest(scope=s, messages=conversation(PARAPHRASE), entry_id=hit.entry_id), None
+    )
+    assert report.entry_removed
+    await lookup(one, s, conversation("Who painted the Mona Lisa?"))
+    await _rows_checked(one)
+    assert checked == [3] and one._indexes.resident_entries == 2
+
+    await two.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+    await lookup(one, s, conversation("Who painted the Mona Lisa?"))
+    await _rows_checked(one)
+    assert checked == [3] and one._indexes.resident_entries == 0
+    # Dropped, not lost: what is stored since is found by meaning.
+    await store(two, s, conversation(STORED))
+    assert (await lookup(one, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
 async def test_concurrent_lookups_on_an_index_behind_redis_read_its_backlog_once(
     redis_client, embedder, tenant
 ):
