@@ -1968,6 +1968,40 @@ async def test_an_invalidate_gives_back_every_row_of_a_sub_partition_it_reads_in
     assert len(steps) > 1  # COUNT is a hint: about 16 rows a step
 
 
+async def test_an_entry_living_less_than_the_ttl_is_charged_to_the_window_before_and_given_back_there(
+    redis_client, embedder, tenant
+):
+    """An entry whose ttl_seconds ends before the current window of the
+    count does is charged to the window before (charge_window), which the
+    bound reads while it lives; an Invalidate before it expires finds that
+    window from the entry's expiry, in the answer and in the row, and gives
+    it back there: the count is what it was."""
+    # A window length (cache.ttl_s) whose current window has two minutes
+    # yet, so that an entry of 60 s stored now expires within it.
+    now_s = servicer_module._now_ms() // 1000
+    ttl_s = next(length for length in range(3600, 3700) if length - now_s % length > 120)
+    cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=1 << 20, ttl_s=ttl_s)
+    window = now_s // ttl_s
+
+    async def window_before_holds() -> int:
+        return int(await redis_client.get(keys.stored_bytes_key(tenant, ttl_s, window - 1)) or 0)
+
+    kept, invalidated = scope(tenant, "kept"), scope(tenant, "invalidated")
+    await store(cache, kept, conversation("Who wrote Hamlet?"), text="Shakespeare.")
+    still_charged = await charged_bytes(redis_client, tenant)
+    assert await window_before_holds() == 0
+
+    await store(cache, invalidated, conversation(STORED), text="Practice daily.", ttl_seconds=60)
+    charged = await window_before_holds()
+    assert charged > DIMS * 4  # the answer and its row
+    assert await charged_bytes(redis_client, tenant) == still_charged + charged
+
+    removed = await cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant, model="invalidated"), None)
+    assert removed.entries_removed == 1
+    assert await window_before_holds() == 0
+    assert await charged_bytes(redis_client, tenant) == still_charged
+
+
 class NewRevision(FakeEmbedder):
     """The same model under another revision (meshgate/minilm.py, REVISION):
     an unrelated question lands where STORED's vector of the old one was."""
