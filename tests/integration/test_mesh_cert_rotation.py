@@ -103,6 +103,22 @@ async def answers(address: str, directory: pathlib.Path, tenant: str) -> None:
         assert created.session.session_id
 
 
+async def keeps_the_one_in_use(
+    address: str, directory: pathlib.Path, tenant: str, in_use: x509.Certificate, refusal: str
+) -> None:
+    """Files on disk that fail the start's checks: new connections (three)
+    are still presented ``in_use`` and served, and the service says why it
+    refused the files once (one error log containing ``refusal``), not at
+    each look."""
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            assert (await presented(address, directory)).serial_number == in_use.serial_number
+            await answers(address, directory, tenant)
+    refused = [entry for entry in logs if entry["log_level"] == "error"]
+    assert len(refused) == 1, logs
+    assert refusal in refused[0]["error"]
+
+
 async def test_a_renewed_certificate_is_presented_to_new_connections_and_open_ones_stay(
     context_service, served_certs, tenant
 ):
@@ -141,15 +157,9 @@ async def test_a_key_that_is_not_the_renewed_certificates_keeps_the_one_in_use(
     certs.replace_file(
         certs.cert_path(served_certs, SERVICE), certs.cert_path(scratch, SERVICE).read_bytes(), 0o644
     )
-    with structlog.testing.capture_logs() as logs:
-        for _ in range(3):
-            assert (
-                await presented(context_service, served_certs)
-            ).serial_number == started_with.serial_number
-            await answers(context_service, served_certs, tenant)
-    refused = [entry for entry in logs if entry["log_level"] == "error"]
-    assert len(refused) == 1, logs
-    assert "is not the key of mesh.cert_file" in refused[0]["error"]
+    await keeps_the_one_in_use(
+        context_service, served_certs, tenant, started_with, "is not the key of mesh.cert_file"
+    )
 
     # Its key arrives: the pair is taken.
     certs.replace_file(
@@ -178,15 +188,9 @@ async def test_another_cas_certificate_followed_by_one_of_the_mesh_keeps_the_one
     certs.replace_file(
         certs.key_path(served_certs, SERVICE), certs.key_path(other, SERVICE).read_bytes(), 0o600
     )
-    with structlog.testing.capture_logs() as logs:
-        for _ in range(3):
-            assert (
-                await presented(context_service, served_certs)
-            ).serial_number == started_with.serial_number
-            await answers(context_service, served_certs, tenant)
-    refused = [entry for entry in logs if entry["log_level"] == "error"]
-    assert len(refused) == 1, logs
-    assert "is not issued by mesh.ca_file" in refused[0]["error"]
+    await keeps_the_one_in_use(
+        context_service, served_certs, tenant, started_with, "is not issued by mesh.ca_file"
+    )
 
 
 def issued_by_an_expired_intermediate(directory: pathlib.Path) -> None:
@@ -218,15 +222,9 @@ async def test_a_renewal_from_an_expired_intermediate_keeps_the_one_in_use(
     failed every call (3 of 3 UNAVAILABLE)."""
     started_with = certificate_in(served_certs)
     issued_by_an_expired_intermediate(served_certs)
-    with structlog.testing.capture_logs() as logs:
-        for _ in range(3):
-            assert (
-                await presented(context_service, served_certs)
-            ).serial_number == started_with.serial_number
-            await answers(context_service, served_certs, tenant)
-    refused = [entry for entry in logs if entry["log_level"] == "error"]
-    assert len(refused) == 1, logs
-    assert "the chain that issued it" in refused[0]["error"]
+    await keeps_the_one_in_use(
+        context_service, served_certs, tenant, started_with, "the chain that issued it"
+    )
 
 
 async def test_a_renewal_not_valid_yet_is_served_once_it_is_valid_not_before(
@@ -243,15 +241,7 @@ async def test_a_renewal_not_valid_yet_is_served_once_it_is_valid_not_before(
         renew(served_certs, SERVICE)
     renewed = certificate_in(served_certs)
     assert renewed.not_valid_before_utc > datetime.datetime.now(datetime.UTC)
-    with structlog.testing.capture_logs() as logs:
-        for _ in range(3):
-            assert (
-                await presented(context_service, served_certs)
-            ).serial_number == started_with.serial_number
-            await answers(context_service, served_certs, tenant)
-    refused = [entry for entry in logs if entry["log_level"] == "error"]
-    assert len(refused) == 1, logs
-    assert "is not valid before" in refused[0]["error"]
+    await keeps_the_one_in_use(context_service, served_certs, tenant, started_with, "is not valid before")
 
     # Once valid (on the service's clock, moved: grpc's handshakes keep the
     # real one, so the client below does not check it), the same files are
