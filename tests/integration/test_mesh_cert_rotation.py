@@ -193,25 +193,29 @@ async def test_another_cas_certificate_followed_by_one_of_the_mesh_keeps_the_one
     )
 
 
-def issued_by_an_expired_intermediate(directory: pathlib.Path) -> None:
+def issued_through_intermediates(directory: pathlib.Path, *expiries: datetime.timedelta) -> x509.Certificate:
     """A new pair for the context service in ``directory``, its certificate
-    issued by an intermediate that expired yesterday, which the certificate
-    file carries after it; the intermediate's root (one that allows
-    intermediates, as the mesh's own CA does not) joins the CA file."""
+    issued through a chain of intermediates, one expiring each of
+    ``expiries`` from now (the root's first), which the certificate file
+    carries after it, nearest first; their root (one that allows
+    intermediates, as the mesh's own CA does not) joins the CA file.
+    Returns the new certificate."""
     now = datetime.datetime.now(datetime.UTC)
-    root_key, root = authority("root", None, None, now + datetime.timedelta(days=365))
-    intermediate_key, intermediate = authority(
-        "expired intermediate", root, root_key, now - datetime.timedelta(days=1)
-    )
-    key, leaf = certs._issue(intermediate_key, intermediate, SERVICE)
+    issuer_key, issuer = authority("root", None, None, now + datetime.timedelta(days=365))
+    root = issuer
+    intermediates = []
+    for number, expiry in enumerate(expiries, 1):
+        issuer_key, issuer = authority(f"intermediate {number}", issuer, issuer_key, now + expiry)
+        intermediates.insert(0, issuer)
+    key, leaf = certs._issue(issuer_key, issuer, SERVICE)
     pem = serialization.Encoding.PEM
     ca_file = certs.ca_path(directory)
     certs.replace_file(ca_file, ca_file.read_bytes() + root.public_bytes(pem), 0o644)
     key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     certs.replace_file(certs.key_path(directory, SERVICE), key_pem, 0o600)
-    certs.replace_file(
-        certs.cert_path(directory, SERVICE), leaf.public_bytes(pem) + intermediate.public_bytes(pem), 0o644
-    )
+    chain = b"".join(certificate.public_bytes(pem) for certificate in [leaf, *intermediates])
+    certs.replace_file(certs.cert_path(directory, SERVICE), chain, 0o644)
+    return leaf
 
 
 async def test_a_renewal_from_an_expired_intermediate_keeps_the_one_in_use(
@@ -221,10 +225,23 @@ async def test_a_renewal_from_an_expired_intermediate_keeps_the_one_in_use(
     expired") as they refuse an expired certificate: taken, such a renewal
     failed every call (3 of 3 UNAVAILABLE)."""
     started_with = certificate_in(served_certs)
-    issued_by_an_expired_intermediate(served_certs)
+    issued_through_intermediates(served_certs, -datetime.timedelta(days=1))
     await keeps_the_one_in_use(
         context_service, served_certs, tenant, started_with, "the chain that issued it"
     )
+
+
+async def test_a_renewal_issued_through_two_intermediates_is_presented_and_served(
+    context_service, served_certs, tenant
+):
+    """root -> int1 -> int2 -> leaf, the root without a path length: openssl
+    verify takes it, and so do the service's peers; a renewal of that shape
+    was refused "is not issued by mesh.ca_file" (and kept the certificate
+    in use), as only intermediates the CA file's issued could issue."""
+    year = datetime.timedelta(days=365)
+    renewed = issued_through_intermediates(served_certs, year, year)
+    assert (await presented(context_service, served_certs)).serial_number == renewed.serial_number
+    await answers(context_service, served_certs, tenant)
 
 
 async def test_a_renewal_not_valid_yet_is_served_once_it_is_valid_not_before(
