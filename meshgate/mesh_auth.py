@@ -245,15 +245,15 @@ def _checked_files(service: str, ca_file: str, cert_file: str, key_file: str) ->
     # by one of the mesh's was taken, and every peer refused its handshakes
     # ("unable to get local issuer certificate").
     chain = x509.load_pem_x509_certificates(cert)
-    vouched = [until for issuer, until in _issuers(authorities, chain) if issued_by(certificate, issuer)]
-    if not vouched:
-        raise ConfigError(f"mesh.cert_file {cert_file!r} is not issued by mesh.ca_file {ca_file!r}")
-    if max(vouched) < now:
+    vouched = _vouched_until(
+        certificate, _issuers(authorities, chain), f"mesh.cert_file {cert_file!r}", ca_file
+    )
+    if vouched < now:
         # Peers refuse an expired intermediate or CA as an expired
         # certificate ("certificate has expired").
         raise ConfigError(
             f"mesh.cert_file {cert_file!r}: the chain that issued it (its intermediate or mesh.ca_file) "
-            f"expired at {max(vouched).isoformat()}"
+            f"expired at {vouched.isoformat()}"
         )
     if certificate.not_valid_before_utc > now:
         # Peers refuse it as they refuse an expired one ("certificate is not
@@ -437,36 +437,113 @@ def _is_authority(certificate: x509.Certificate) -> bool:
         return False
 
 
+def _path_length(authority: x509.Certificate) -> int | None:
+    """How many intermediates an authority allows below itself (its
+    basicConstraints pathLenConstraint; the mesh's own CA: 0); None: any number."""
+    try:
+        return authority.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
+    except x509.ExtensionNotFound:
+        return None
+
+
+# Until when an issuer's chain vouches for what it issues, and how many more
+# intermediates that chain allows below it (RFC 5280's max_path_length; None:
+# any number). Below 0, the issuer itself is one intermediate too many: it
+# vouches for nothing (no valid chain runs through it: openssl's "path
+# length constraint exceeded"), and is kept only so that a refusal can say so.
+_Standing = tuple[datetime.datetime, int | None]
+
+
+def _covers(standing: _Standing, other: _Standing) -> bool:
+    """Whether ``standing`` vouches as long as ``other``, for as many intermediates below."""
+    (until, below), (other_until, other_below) = standing, other
+    return until >= other_until and (below is None or (other_below is not None and below >= other_below))
+
+
+def _standing_of(link: x509.Certificate, standing: _Standing) -> _Standing:
+    """An intermediate's standing, issued by an issuer of ``standing``: no
+    longer than either, one intermediate fewer below it, and no more than
+    its own path length allows. A self-issued one (its issuer's name: a
+    CA's new key certified by its old one) takes no place in the count, as
+    RFC 5280 and openssl count."""
+    until, below = standing
+    if below is not None and link.subject != link.issuer:
+        below -= 1
+    limit = _path_length(link)
+    if limit is not None and (below is None or limit < below):
+        below = limit
+    return min(link.not_valid_after_utc, until), below
+
+
 def _issuers(
     authorities: list[x509.Certificate], chain: list[x509.Certificate]
-) -> list[tuple[x509.Certificate, datetime.datetime]]:
+) -> list[tuple[x509.Certificate, list[_Standing]]]:
     """What may have issued a certificate of ``chain``: the CA file's
     ``authorities``, and the intermediates of ``chain`` (certificates marked
     as authorities) that they issued, directly or through other
     intermediates of ``chain`` (root -> int1 -> int2 -> leaf, as openssl
-    verify -untrusted takes it); each with until when its chain vouches for
-    what it issued: an intermediate no longer than the latest of its
-    issuers vouches for it."""
-    vouching = [(authority, authority.not_valid_after_utc) for authority in authorities]
+    verify -untrusted takes it); each with its standings (_Standing): until
+    when its chains vouch for what it issued (an intermediate no longer
+    than its issuer's chain vouches for it) and how many intermediates they
+    allow below it. :func:`_vouched_until` reads them."""
     links = list(filter(_is_authority, chain))
-    until: dict[int, datetime.datetime] = {}
+    candidates = [*authorities, *links]
+    # Who may have issued each intermediate, checked once (a signature each).
+    issuers_of = {
+        index: [
+            issuer
+            for issuer, candidate in enumerate(candidates)
+            if issuer != index and issued_by(candidates[index], candidate)
+        ]
+        for index in range(len(authorities), len(candidates))
+    }
+    standings = [[(a.not_valid_after_utc, _path_length(a))] for a in authorities] + [[] for _ in links]
     # Until nothing changes: an intermediate is trusted once any trusted
-    # issuer issued it, and a later one may vouch for it longer (a link
-    # cross-signed by a longer-lived intermediate). Each pass only moves a
-    # date later, among finitely many, so it ends.
+    # issuer issued it, and another may vouch for it longer or with more
+    # room below (a link cross-signed by a longer-lived intermediate, or by
+    # one nearer the root). Neither beats the other always, so each keeps
+    # every standing no other of its own covers. A standing reached through
+    # a link twice is covered by the one reached before, so only paths
+    # without a loop add any, and it ends.
     changed = True
     while changed:
         changed = False
-        trusted = [*vouching, *((links[index], date) for index, date in until.items())]
-        for index, link in enumerate(links):
-            vouched = [date for issuer, date in trusted if issuer is not link and issued_by(link, issuer)]
-            if not vouched:
-                continue
-            date = min(link.not_valid_after_utc, max(vouched))
-            if index not in until or until[index] < date:
-                until[index] = date
-                changed = True
-    return [*vouching, *((links[index], date) for index, date in sorted(until.items()))]
+        for index, issuers in issuers_of.items():
+            for issuer in issuers:
+                for standing in standings[issuer]:
+                    new = _standing_of(candidates[index], standing)
+                    kept = standings[index]
+                    if not any(_covers(old, new) for old in kept):
+                        standings[index] = [*(old for old in kept if not _covers(new, old)), new]
+                        changed = True
+    return [(candidates[index], kept) for index, kept in enumerate(standings) if kept]
+
+
+def _vouched_until(
+    certificate: x509.Certificate,
+    issuers: list[tuple[x509.Certificate, list[_Standing]]],
+    named: str,
+    ca_file: str,
+) -> datetime.datetime:
+    """Until when a chain of ``issuers`` (:func:`_issuers`) vouches for
+    ``certificate``, the latest of them; ConfigError when none does
+    (``named``: the certificate, as the refusal names it)."""
+    standings = [standing for issuer, kept in issuers if issued_by(certificate, issuer) for standing in kept]
+    within = [until for until, below in standings if below is None or below >= 0]
+    if within:
+        return max(within)
+    if standings:
+        # Not a valid chain (RFC 5280): openssl and Go refuse it. gRPC's
+        # handshakes (BoringSSL) refuse one past an intermediate's limit, so
+        # a service that took it failed every handshake; they leave the CA
+        # file's own limit unchecked, but that limit is the CA's word on
+        # what may chain to it, and other clients of the mesh hold to it.
+        raise ConfigError(
+            f"{named} is issued through more intermediates than mesh.ca_file {ca_file!r} or an "
+            "intermediate allows (its basicConstraints path length): not a valid chain "
+            '(openssl: "path length constraint exceeded")'
+        )
+    raise ConfigError(f"{named} is not issued by mesh.ca_file {ca_file!r}")
 
 
 def _router_keys(ca_file: str, cert_file: str) -> tuple[RouterKey, ...]:
@@ -489,13 +566,9 @@ def _router_keys(ca_file: str, cert_file: str) -> tuple[RouterKey, ...]:
     issuers = _issuers(_authorities(_read(ca_file, "mesh.ca_file"), ca_file), chain)
     keys: dict[str, RouterKey] = {}
     for certificate in routers:
-        vouched = [until for issuer, until in issuers if issued_by(certificate, issuer)]
-        if not vouched:
-            raise ConfigError(
-                f"{setting} {cert_file!r}: the certificate of serial {certificate.serial_number:x} "
-                f"is not issued by mesh.ca_file {ca_file!r}"
-            )
-        key = RouterKey.of(certificate, min(certificate.not_valid_after_utc, max(vouched)))
+        named = f"{setting} {cert_file!r}: the certificate of serial {certificate.serial_number:x}"
+        vouched = _vouched_until(certificate, issuers, named, ca_file)
+        key = RouterKey.of(certificate, min(certificate.not_valid_after_utc, vouched))
         # A renewal that kept the key staged beside the certificate it renews.
         if key.id not in keys or keys[key.id].not_after < key.not_after:
             keys[key.id] = key

@@ -46,11 +46,16 @@ def renew(directory: pathlib.Path, service: str) -> None:
 
 
 def authority(
-    name: str, issuer: x509.Certificate | None, issuer_key, not_after: datetime.datetime
+    name: str,
+    issuer: x509.Certificate | None,
+    issuer_key,
+    not_after: datetime.datetime,
+    path_length: int | None = None,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A CA certificate and its key, issued by ``issuer`` (None: by itself),
-    without a path length limit (unlike the mesh's own CA), so that it may
-    issue intermediates."""
+    allowing ``path_length`` intermediates below it: by default no limit
+    (unlike the mesh's own CA, which allows none), so that it may issue
+    intermediates."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     certificate = (
@@ -61,7 +66,15 @@ def authority(
         .serial_number(x509.random_serial_number())
         .not_valid_before(datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10))
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        # As real CAs' are: without them, openssl builds the chain of an
+        # intermediate named as its issuer (self-issued) by name alone, and
+        # picks the issuer.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key((issuer_key or key).public_key()),
+            critical=False,
+        )
         .sign(issuer_key or key, hashes.SHA256())
     )
     return key, certificate

@@ -250,37 +250,86 @@ def test_a_certificate_not_valid_yet_stops_the_start(tmp_path: pathlib.Path, mon
         mesh_auth.Mesh(mesh_settings(tmp_path), "context")
 
 
+def _root(not_after=None, path_length=None):
+    """A root CA and its key, allowing ``path_length`` intermediates below it
+    (by default any; the mesh's own CA allows none), valid for a year or
+    until ``not_after``."""
+    not_after = not_after or certs._now() + certs.datetime.timedelta(days=365)
+    return authority("root", None, None, not_after, path_length)
+
+
 def _intermediate(root_key, root, not_after=None):
     """A CA certificate issued by ``root``, and its key; valid as a service's
     certificate is, or until ``not_after``."""
-    intermediate_key, intermediate = certs._issue(root_key, root, "context")
-    intermediate = (
-        certs.x509.CertificateBuilder()
-        .subject_name(certs.x509.Name([certs.x509.NameAttribute(certs.NameOID.COMMON_NAME, "intermediate")]))
-        .issuer_name(root.subject)
-        .public_key(intermediate_key.public_key())
-        .serial_number(certs.x509.random_serial_number())
-        .not_valid_before(intermediate.not_valid_before_utc)
-        .not_valid_after(not_after or intermediate.not_valid_after_utc)
-        .add_extension(certs.x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(root_key, certs.hashes.SHA256())
+    not_after = not_after or certs._now() + certs.datetime.timedelta(days=certs.SERVICE_DAYS)
+    return authority("intermediate", root, root_key, not_after)
+
+
+def _write_context_files(directory: pathlib.Path, root, key, leaf, *intermediates) -> None:
+    """Files for context in ``directory``: ``root`` as the CA file, and
+    ``leaf`` followed by ``intermediates`` as its certificate file."""
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(root.public_bytes(pem))
+    (directory / "context.pem").write_bytes(b"".join(c.public_bytes(pem) for c in [leaf, *intermediates]))
+    (directory / "context.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
-    return intermediate_key, intermediate
 
 
 def test_a_certificate_file_with_its_intermediate_is_accepted(tmp_path: pathlib.Path):
     """cert-manager's tls.crt may carry the chain after the certificate; the
     CA file need only hold the root that issued the intermediate."""
-    root_key, root = certs._new_ca()
+    root_key, root = _root()
     intermediate_key, intermediate = _intermediate(root_key, root)
     key, leaf = certs._issue(intermediate_key, intermediate, "context")
-    pem = serialization.Encoding.PEM
-    (tmp_path / "ca.pem").write_bytes(root.public_bytes(pem))
-    (tmp_path / "context.pem").write_bytes(leaf.public_bytes(pem) + intermediate.public_bytes(pem))
-    (tmp_path / "context.key").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
+    _write_context_files(tmp_path, root, key, leaf, intermediate)
     assert mesh_auth.Mesh(mesh_settings(tmp_path), "context").server_credentials() is not None
+
+
+# Chains as (the root's path length, then the intermediates from the root
+# down, each as its name and path length; None: no limit), and whether a
+# leaf issued by the last is taken. openssl verify -CAfile root -untrusted
+# intermediates agrees with each: "path length constraint exceeded" where
+# refused. gRPC's handshakes (BoringSSL, grpcio 1.85) refuse only the one
+# past an intermediate's limit: they do not check the root's.
+CHAINS = {
+    "a root of 0 (the mesh's own CA's), one intermediate": (0, [("int", None)], False),
+    "a root of 1, two intermediates": (1, [("int1", None), ("int2", None)], False),
+    "a root of 2, an intermediate of 0, another below it": (2, [("int1", 0), ("int2", None)], False),
+    "a root of 1, one intermediate": (1, [("int", None)], True),
+    "a root of 0, an intermediate of its own name": (0, [("root", None)], True),
+}
+
+
+def _chained(root_limit, links):
+    """A root allowing ``root_limit`` intermediates, the intermediates
+    ``links`` from it down (:data:`CHAINS`), the nearest first, and the
+    key of the last."""
+    issuer_key, issuer = _root(path_length=root_limit)
+    root, intermediates = issuer, []
+    until = certs._now() + certs.datetime.timedelta(days=365)
+    for name, limit in links:
+        issuer_key, issuer = authority(name, issuer, issuer_key, until, limit)
+        intermediates.insert(0, issuer)
+    return root, intermediates, issuer_key
+
+
+@pytest.mark.parametrize(("root_limit", "links", "taken"), CHAINS.values(), ids=CHAINS.keys())
+def test_a_certificate_issued_past_a_path_length_limit_stops_the_start(tmp_path, root_limit, links, taken):
+    """An authority's path length (basicConstraints) is how many
+    intermediates it allows below itself, a self-issued one not counted
+    (RFC 5280); no valid chain runs past it. Such a certificate was taken
+    at start and at a renewal: past an intermediate's limit, gRPC's
+    handshakes refused it and the service failed every one; past the CA
+    file's, openssl and Go clients refuse it."""
+    root, intermediates, issuer_key = _chained(root_limit, links)
+    key, leaf = certs._issue(issuer_key, intermediates[0], "context")
+    _write_context_files(tmp_path, root, key, leaf, *intermediates)
+    if taken:
+        assert mesh_auth.Mesh(mesh_settings(tmp_path), "context").server_credentials() is not None
+    else:
+        with pytest.raises(ConfigError, match="more intermediates than mesh.ca_file .* allows"):
+            mesh_auth.Mesh(mesh_settings(tmp_path), "context")
 
 
 @pytest.mark.parametrize("order", ["nearest first", "root's first"])
@@ -292,19 +341,14 @@ def test_a_certificate_file_with_two_intermediates_is_accepted(tmp_path: pathlib
     file's issued could issue. An intermediate vouches no longer than the
     one that issued it: int1 expired, the leaf is refused."""
     now = certs._now()
-    root_key, root = authority("root", None, None, now + certs.datetime.timedelta(days=365))
+    root_key, root = _root()
 
     def chained(int1_until: certs.datetime.datetime) -> None:
         int1_key, int1 = authority("int1", root, root_key, int1_until)
         int2_key, int2 = authority("int2", int1, int1_key, now + certs.datetime.timedelta(days=365))
         key, leaf = certs._issue(int2_key, int2, "context")
-        pem = serialization.Encoding.PEM
         intermediates = [int2, int1] if order == "nearest first" else [int1, int2]
-        (tmp_path / "ca.pem").write_bytes(root.public_bytes(pem))
-        (tmp_path / "context.pem").write_bytes(b"".join(c.public_bytes(pem) for c in [leaf, *intermediates]))
-        (tmp_path / "context.key").write_bytes(
-            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
+        _write_context_files(tmp_path, root, key, leaf, *intermediates)
 
     chained(now + certs.datetime.timedelta(days=365))
     assert mesh_auth.Mesh(mesh_settings(tmp_path), "context").server_credentials() is not None
@@ -807,7 +851,7 @@ def test_a_router_certificate_issued_by_an_intermediate_it_carries_is_taken(tmp_
     """As the router's own file may carry its chain (cert-manager's tls.crt),
     so may a verifier's copy of it; an intermediate the CA did not issue
     does not make its certificates the mesh's."""
-    root_key, root = certs._new_ca()
+    root_key, root = _root()
     intermediate_key, intermediate = _intermediate(root_key, root)
     key, router = certs._issue(intermediate_key, intermediate, "router")
     pem = serialization.Encoding.PEM
@@ -818,27 +862,40 @@ def test_a_router_certificate_issued_by_an_intermediate_it_carries_is_taken(tmp_
     token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": mesh_auth.key_id(key.public_key())})
     assert _verifier_of(tmp_path, chain, Clock(NOW)).tenant(token_metadata(token)) == "dev"
 
-    elsewhere_key, elsewhere = _intermediate(*certs._new_ca())
+    elsewhere_key, elsewhere = _intermediate(*_root())
     _, stray = certs._issue(elsewhere_key, elsewhere, "router")
     chain.write_bytes(stray.public_bytes(pem) + elsewhere.public_bytes(pem))
     with pytest.raises(ConfigError, match="is not issued by mesh.ca_file"):
         _verifier_of(tmp_path, chain, Clock(NOW))
 
 
+def test_a_router_certificate_issued_past_a_path_length_limit_is_refused(tmp_path: pathlib.Path):
+    """As a service's own certificate is: its chain is not valid, so its
+    key vouches for no tenant."""
+    root, intermediates, issuer_key = _chained(0, [("int", None)])
+    _, router = certs._issue(issuer_key, intermediates[0], "router")
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.pem").write_bytes(root.public_bytes(pem))
+    chain = tmp_path / "router.pem"
+    chain.write_bytes(router.public_bytes(pem) + intermediates[0].public_bytes(pem))
+    with pytest.raises(
+        ConfigError, match="the certificate of serial .* more intermediates than mesh.ca_file"
+    ):
+        _verifier_of(tmp_path, chain, Clock(NOW))
+
+
 @pytest.mark.parametrize("ending", ["intermediate", "CA"])
-def test_a_router_certificate_vouches_no_longer_than_its_chain(tmp_path: pathlib.Path, monkeypatch, ending):
+def test_a_router_certificate_vouches_no_longer_than_its_chain(tmp_path: pathlib.Path, ending):
     """An intermediate or a CA that expires before the router's certificate
     does ends its vouching for the key then, as it would end the key's TLS
     handshakes: its tokens are refused from then on, tokens verified before
     included; an intermediate already expired vouches for nothing."""
     soon = certs._now() + certs.datetime.timedelta(hours=1)
     if ending == "CA":
-        with monkeypatch.context() as earlier:  # a CA issued ten years less an hour ago
-            earlier.setattr(certs, "_now", lambda: soon - certs.datetime.timedelta(days=certs.CA_DAYS))
-            root_key, root = certs._new_ca()
+        root_key, root = _root(soon)
         intermediate_key, intermediate = _intermediate(root_key, root)
     else:
-        root_key, root = certs._new_ca()
+        root_key, root = _root()
         intermediate_key, intermediate = _intermediate(root_key, root, soon)
     key, router = certs._issue(intermediate_key, intermediate, "router")
     ends = min(root.not_valid_after_utc, intermediate.not_valid_after_utc).timestamp()
