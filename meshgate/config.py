@@ -1578,6 +1578,10 @@ def check_router_models(settings: Settings) -> None:
     exist: a typo would otherwise silently leave a model unlimited or free
     (or a template unusable, or a tenant refused the model it was meant to
     have, at request time only)."""
+    if "" in settings.models:
+        # A request naming no model is refused (validation.resolve_model):
+        # the alias loaded, and no request could ever use it.
+        raise ConfigError('models: a model alias must not be empty ([models.""]): no request can name it')
     for tenant in settings.router.tenants:
         unknown = set(tenant.models) - set(settings.models) - {"*"}
         if unknown:

@@ -117,6 +117,15 @@ def test_a_built_in_alias_given_whole_by_a_variable_keeps_its_settings_too():
     assert served.inference.models["smollm2"].triton_model == "x"
 
 
+def test_an_empty_model_alias_is_refused_at_load(tmp_path):
+    """It loaded (as the only alias of this file), and no request could use
+    it: one that names no model is refused MODEL_NOT_FOUND."""
+    path = tmp_path / "models.toml"
+    path.write_text('[models.""]\ndeployments = [{ name = "a", address = "h:1", model = "m" }]\n')
+    with pytest.raises(ConfigError, match=r"a model alias must not be empty"):
+        load_settings(path, environ={})
+
+
 def test_a_models_default_max_tokens_must_be_within_its_cap():
     """A built-in alias keeps the keys a table leaves out: lowering its cap
     alone left the default of 256 above it, which no request check sees."""
