@@ -175,7 +175,9 @@ class Reason(enum.StrEnum):
     held until acknowledged (TakeSummaryUsage, AcknowledgeSummaryUsage)."""
 
     INVALID_KEY_ID = enum.auto()
-    """An append's key_id is neither empty nor 16 lower-case hex digits (AppendTurns)."""
+    """A key_id is not a key's id: RotateKey's or RevokeKey's is not 16 hex
+    digits (either case); an append's is neither empty nor 16 lower-case hex
+    digits (AppendTurns)."""
 
     INVALID_TOKEN_BUDGET = enum.auto()
     """The prompt token budget is zero or negative."""

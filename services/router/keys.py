@@ -113,6 +113,8 @@ _REQUEST = "mg:router:{{apikeys}}:request:{}"
 _SECRET_PREFIX = "mgk-"
 # new_secret's 32 random bytes are 43 URL-safe base64 characters.
 _STORED_SECRET = re.compile(re.escape(_SECRET_PREFIX) + r"[A-Za-z0-9_-]{43}")
+# A key's id (KeyRecord.key_id): the first 16 hex digits of its SHA-256, in lower case.
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
 _MAX_LABEL = 256
 # 9999-12-31T23:59:59Z, the last instant a google.protobuf.Timestamp holds.
 _LAST_TIMESTAMP_S = 253_402_300_799
@@ -458,7 +460,13 @@ class KeyStore:
         # stored and listed in lower case (hexdigest()), so an operator's
         # upper-case copy of one (RevokeKey "9F86D081...") found no key.
         key_id = key_id.lower()
-        key_hash = await self._call(self._redis.hget(_IDS, key_id)) if key_id else None
+        if not _KEY_ID.fullmatch(key_id):
+            # No key can have it: told NOT_FOUND, the caller would look for
+            # a key gone instead of at the id it sent (empty, cut short).
+            raise invalid_argument(
+                Reason.INVALID_KEY_ID, "key_id must be 16 hex digits, as CreateKey and ListKeys give it"
+            )
+        key_hash = await self._call(self._redis.hget(_IDS, key_id))
         raw = await self._call(self._redis.get(_RECORD.format(key_hash.decode()))) if key_hash else None
         if raw is None:
             if key_hash is not None:

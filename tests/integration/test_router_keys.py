@@ -344,6 +344,23 @@ async def test_admin_reads_naming_a_tenant_id_no_tenant_can_have_are_refused(rep
     assert await refusal(admin.InvalidateCache(invalidate, metadata=ADMIN)) == invalid
 
 
+async def test_rotating_or_revoking_by_an_id_no_key_can_have_is_invalid_and_changes_nothing(replicas):
+    """A key id is 16 hex digits (upper case taken too); an empty, short,
+    long or non-hex one was answered NOT_FOUND API_KEY_NOT_FOUND, as for a
+    key gone, not for the id sent wrong."""
+    router, admin = replicas[0]
+    created = await admin.CreateKey(admin_pb.CreateKeyRequest(tenant_id="t"), metadata=ADMIN)
+    key_id = created.key.key_id
+    invalid = (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_KEY_ID)
+    for malformed in ["", key_id[:15], key_id + "0", key_id[:15] + "g", f" {key_id}", "x" * (512 * 1024)]:
+        revoke = admin.RevokeKey(admin_pb.RevokeKeyRequest(key_id=malformed), metadata=ADMIN)
+        assert await refusal(revoke) == invalid, malformed[:20]
+        rotate = admin.RotateKey(admin_pb.RotateKeyRequest(key_id=malformed), metadata=ADMIN)
+        assert await refusal(rotate) == invalid, malformed[:20]
+    # The key whose id each was cut from is untouched, and works.
+    await router.ListModels(pb.ListModelsRequest(), metadata=bearer(created.api_key))
+
+
 async def test_a_listing_in_pages_lists_each_key_that_stayed_once_whatever_changes_between_pages(
     replicas, redis_url
 ):
