@@ -298,13 +298,34 @@ end
 return total
 """
 
+# What the Invalidate scripts share: an entry's charge added to the window
+# it was charged to (the window before the one it expires in, as
+# ``charge_window`` says in Python), and their reply: ``first``, then window,
+# bytes pairs (_add_charges reads them).
+_CHARGES = """
+local function charge(charged, expires_ms, window_ms, bytes)
+  local window = math.floor(expires_ms / window_ms) - 1
+  charged[window] = (charged[window] or 0) + bytes
+end
+local function charges_reply(first, charged)
+  local reply = {first}
+  for window, bytes in pairs(charged) do
+    reply[#reply + 1] = window
+    reply[#reply + 1] = bytes
+  end
+  return reply
+end
+"""
+
 # Deletes answers (exact keys) of one partition (one slot: a cluster runs a
 # script's keys on one node) and reads, as it deletes each, what its Store
 # was charged for it and in which window (``replaced_charge``,
 # ``charge_window``): whichever Invalidate deletes an answer gives it back,
 # once. An answer expired is gone already and gives back nothing. Reads the
 # expiry alone (GETRANGE), not an answer of up to 32 MiB.
-_INVALIDATE_ANSWERS = """
+_INVALIDATE_ANSWERS = (
+    _CHARGES
+    + """
 -- KEYS: exact keys of one partition; ARGV: a window's length (ms)
 -- Returns: answers deleted, then window, bytes pairs
 local window_ms = tonumber(ARGV[1])
@@ -313,18 +334,14 @@ local removed = 0
 for _, key in ipairs(KEYS) do
   local size = redis.call('STRLEN', key)
   if size >= 8 then
-    local window = math.floor(struct.unpack('<i8', redis.call('GETRANGE', key, 0, 7)) / window_ms) - 1
-    charged[window] = (charged[window] or 0) + size - 8 + ENTRY_OVERHEAD_BYTES
+    local expires_ms = struct.unpack('<i8', redis.call('GETRANGE', key, 0, 7))
+    charge(charged, expires_ms, window_ms, size - 8 + ENTRY_OVERHEAD_BYTES)
     removed = removed + redis.call('UNLINK', key)
   end
 end
-local reply = {removed}
-for window, bytes in pairs(charged) do
-  reply[#reply + 1] = window
-  reply[#reply + 1] = bytes
-end
-return reply
+return charges_reply(removed, charged)
 """.replace("ENTRY_OVERHEAD_BYTES", str(ENTRY_OVERHEAD_BYTES))
+)
 
 # Deletes the rows one HSCAN step of a sub-partition's vectors hash finds,
 # and reads what each was charged and in which window, as
@@ -333,7 +350,9 @@ return reply
 # unrefunded). A step reads at most about _SCAN_COUNT rows (~1.6 MB at 384
 # dimensions), so a partition of a million rows never holds Redis for
 # one long script.
-_INVALIDATE_ROWS = """
+_INVALIDATE_ROWS = (
+    _CHARGES
+    + """
 -- KEYS: a vectors hash; ARGV: HSCAN cursor, count, a window's length (ms)
 -- Returns: the next cursor, then window, bytes pairs
 local window_ms = tonumber(ARGV[3])
@@ -348,8 +367,7 @@ for i = 1, #rows, 2 do
   if #row >= 8 then
     local expires_ms = struct.unpack('<i8', row)
     if expires_ms > now_ms then
-      local window = math.floor(expires_ms / window_ms) - 1
-      charged[window] = (charged[window] or 0) + #row - 8
+      charge(charged, expires_ms, window_ms, #row - 8)
     end
   end
   ids[#ids + 1] = rows[i]
@@ -360,13 +378,9 @@ for i = 1, #rows, 2 do
   end
 end
 if #ids > 0 then redis.call('HDEL', KEYS[1], unpack(ids)) end
-local reply = {step[1]}
-for window, bytes in pairs(charged) do
-  reply[#reply + 1] = window
-  reply[#reply + 1] = bytes
-end
-return reply
+return charges_reply(step[1], charged)
 """
+)
 
 
 # Set before an Invalidate scans (see the module docstring); the key lives
@@ -882,31 +896,32 @@ class CacheStore:
         for key in batch:
             if _ANSWER_MARKER in key:
                 answers[key.split(b"}", 1)[0]].append(key)
-            elif _ROWS_MARKER in key:
-                cursor = b"0"
-                while True:
-                    cursor, *charged = await self._invalidate_rows(
-                        keys=[key], args=[cursor, _SCAN_COUNT, window_ms]
-                    )
-                    _add_charges(removed.charged, charged)
-                    if cursor in (0, b"0"):
-                        break
-                # A row a Store adds during the walk is deleted and given
-                # back if a later step returns it (HSCAN returns what lands
-                # ahead of its cursor: 1,913 of 2,000 added after the first
-                # step of 22). One that lands behind the cursor, or after the
-                # last step (a small hash is one step), is deleted by the
-                # UNLINK below and gives nothing back: its bytes stay counted
-                # for two windows at most, as a failed write's do.
-                others.append(key)
-            else:
-                others.append(key)
+                continue
+            if _ROWS_MARKER in key:
+                await self._give_back_rows(key, window_ms, removed)
+            others.append(key)
         for partition_keys in answers.values():
             deleted, *charged = await self._invalidate_answers(keys=partition_keys, args=[window_ms])
             removed.entries += int(deleted)
             _add_charges(removed.charged, charged)
         if others:
             await self._client.unlink(*others)
+
+    async def _give_back_rows(self, key: bytes, window_ms: int, removed: Invalidated) -> None:
+        """Deletes a vectors hash's rows one HSCAN step a script, adding what
+        the live ones were charged to ``removed``. A row a Store adds during
+        the walk is deleted and given back if a later step returns it (HSCAN
+        returns what lands ahead of its cursor: 1,913 of 2,000 added after
+        the first step of 22). One that lands behind the cursor, or after the
+        last step (a small hash is one step), is deleted by _remove's UNLINK
+        and gives nothing back: its bytes stay counted for two windows at
+        most, as a failed write's do."""
+        cursor = b"0"
+        while True:
+            cursor, *charged = await self._invalidate_rows(keys=[key], args=[cursor, _SCAN_COUNT, window_ms])
+            _add_charges(removed.charged, charged)
+            if cursor in (0, b"0"):
+                return
 
     async def count_entries(self) -> int:
         """Entries of all tenants: a full SCAN, for an operator's GetStats,
