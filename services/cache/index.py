@@ -290,14 +290,9 @@ class VectorIndex:
     ) -> list[Match]:
         """Up to ``count`` live entries at or above ``min_similarity``, most
         similar first; expired rows are dropped on the way."""
-        size = len(self._ids)
+        size = self.live_rows(now_ms)
         if size == 0:
             return []
-        if now_ms >= self._earliest_expiry_ms:
-            self._drop_expired(now_ms)
-            size = len(self._ids)
-            if size == 0:
-                return []
         if self._graph is not None and self._graph_ready():
             found = self._graph.search(query, max(count, GRAPH_CANDIDATES), exact=False).keys.tolist()
             # The graph never returns a removed key; the lookup stays safe if it did.
