@@ -265,6 +265,47 @@ class _AskedOnce:
         self._asked.pop(key, None)
 
 
+class _SessionWork:
+    """Background work on sessions (index repairs, vector backfills): one
+    task a session at a time, at most ``limit`` at once, each asked once
+    per session and count (_AskedOnce). One asked while its session's is
+    running, or past the limit, is dropped unnoted: a later read asks
+    again, as the session still says it is needed. A task that did not
+    settle (failed, or left work) forgets its note, so the next read at
+    that count asks again."""
+
+    def __init__(self, name: str, limit: int, asked: _AskedOnce) -> None:
+        self._name = name
+        self._limit = limit
+        self._asked = asked
+        # Tasks in flight by session key.
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    def start(
+        self,
+        key: str,
+        turns_read: int | None,
+        work: collections.abc.Callable[[], collections.abc.Awaitable[bool]],
+    ) -> None:
+        """Runs ``work`` (returning whether it settled) for the session at
+        ``key``; ``turns_read`` None: not a read's request, never noted."""
+        if key in self.tasks or len(self.tasks) >= self._limit:
+            return
+        if turns_read is not None and not self._asked.first(key, turns_read):
+            return
+
+        async def run() -> None:
+            settled = False
+            try:
+                settled = await work()
+            finally:
+                self.tasks.pop(key, None)
+                if not settled:
+                    self._asked.forget(key)
+
+        self.tasks[key] = asyncio.create_task(run(), name=f"{self._name} {key}")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _SessionView:
     """A session as assembly plans from it."""
@@ -551,12 +592,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         self._prefetches: dict[str, asyncio.Task] = {}
         # Sessions asked to be prefetched again while theirs was in flight.
         self._prefetch_again: set[str] = set()
-        # Turn-index repairs in flight by session key, and what reads asked for.
-        self._index_repairs: dict[str, asyncio.Task] = {}
-        self._index_repairs_asked = _AskedOnce(_INDEX_REPAIRS_ASKED_KEPT)
-        # Vector backfills in flight by session key, and what reads asked for.
-        self._backfills: dict[str, asyncio.Task] = {}
-        self._backfills_asked = _AskedOnce(_BACKFILLS_ASKED_KEPT, BACKFILL_ASKED_FOR_S)
+        self._index_repairs = _SessionWork(
+            "turn index repair", MAX_INDEX_REPAIRS, _AskedOnce(_INDEX_REPAIRS_ASKED_KEPT)
+        )
+        self._backfills = _SessionWork(
+            "turn vector backfill",
+            MAX_VECTOR_BACKFILLS,
+            _AskedOnce(_BACKFILLS_ASKED_KEPT, BACKFILL_ASKED_FOR_S),
+        )
         # Without one (unit tests), nothing is summarized.
         self._summarizer = summarizer
         self._compaction_asked = _AskedOnce(_COMPACTIONS_ASKED_KEPT, COMPACTION_ASKED_FOR_S)
@@ -793,36 +836,22 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         append that began after the read. Asked once per count, as a
         session no repair can cover would otherwise be read again by every
         assembly of it. At most MAX_INDEX_REPAIRS at once, one per session."""
-        key = session_key(tenant_id, session_id)
-        # One in flight or too many: not noted as asked, so a later read asks again.
-        if key in self._index_repairs or len(self._index_repairs) >= MAX_INDEX_REPAIRS:
-            return
-        if turns_read is not None and not self._index_repairs_asked.first(key, turns_read):
-            return
 
-        async def repair() -> None:
-            settled = False
-            try:
-                if turns_read is not None:
-                    await asyncio.sleep(self._append_embed_timeout_s + APPEND_WRITE_MARGIN_S)
-                for pause_s in (*INDEX_REPAIR_DELAYS_S, None):
-                    try:
-                        settled = await self._index_again(tenant_id, session_id, turns_read)
-                        return
-                    except MeshgateError as error:
-                        if error.code != grpc.StatusCode.UNAVAILABLE or pause_s is None:
-                            log.warning(
-                                "turn index repair failed", session_id=session_id, reason=error.reason
-                            )
-                            return
-                    await asyncio.sleep(pause_s)
-            finally:
-                self._index_repairs.pop(key, None)
-                if not settled:
-                    # The next read at this count asks again (Redis may be back).
-                    self._index_repairs_asked.forget(key)
+        async def repair() -> bool:
+            if turns_read is not None:
+                await asyncio.sleep(self._append_embed_timeout_s + APPEND_WRITE_MARGIN_S)
+            pauses = iter(INDEX_REPAIR_DELAYS_S)
+            while True:
+                try:
+                    return await self._index_again(tenant_id, session_id, turns_read)
+                except MeshgateError as error:
+                    pause_s = next(pauses, None)
+                    if error.code != grpc.StatusCode.UNAVAILABLE or pause_s is None:
+                        log.warning("turn index repair failed", session_id=session_id, reason=error.reason)
+                        return False
+                await asyncio.sleep(pause_s)
 
-        self._index_repairs[key] = asyncio.create_task(repair())
+        self._index_repairs.start(session_key(tenant_id, session_id), turns_read, repair)
 
     async def _index_again(self, tenant_id: str, session_id: str, below: int | None) -> bool:
         """Writes the index of the appends unwritten_appends names; returns
@@ -873,25 +902,16 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         BACKFILL_ASKED_FOR_S; at most MAX_VECTOR_BACKFILLS at once, one per
         session (one asked meanwhile is not noted as asked: a later read
         asks again, as the index still says)."""
-        key = session_key(tenant_id, session_id)
-        if key in self._backfills or len(self._backfills) >= MAX_VECTOR_BACKFILLS:
-            return
-        if not self._backfills_asked.first(key, turns_read):
-            return
 
-        async def backfill() -> None:
-            settled = False
+        async def backfill() -> bool:
             try:
-                settled = await self._embed_again(tenant_id, session_id, embedder)
+                return await self._embed_again(tenant_id, session_id, embedder)
             except MeshgateError as error:
                 # Gone (nothing to do) or unreachable (the next read asks again).
                 log.info("turn vector backfill stopped", session_id=session_id, reason=error.reason)
-            finally:
-                self._backfills.pop(key, None)
-                if not settled:
-                    self._backfills_asked.forget(key)
+                return False
 
-        self._backfills[key] = asyncio.create_task(backfill())
+        self._backfills.start(session_key(tenant_id, session_id), turns_read, backfill)
 
     async def _embed_again(self, tenant_id: str, session_id: str, embedder: str | None) -> bool:
         """Embeds the turns TurnIndex.vector_gaps names and stores their rows
@@ -1713,7 +1733,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         closed. A repair or backfill left undone is asked for again by the
         next read that finds it."""
         await cancel_and_wait(
-            *self._prefetches.values(), *self._index_repairs.values(), *self._backfills.values()
+            *self._prefetches.values(), *self._index_repairs.tasks.values(), *self._backfills.tasks.values()
         )
 
     def prefetch(self, tenant_id: str, session_id: str) -> None:

@@ -866,7 +866,7 @@ async def test_after_a_revision_change_a_sessions_turns_are_embedded_again_in_th
         first = await assemble_door_question(servicer, session)
         assert not first.inputs.dense_scored
         assert DOOR_TURN not in [m.content for m in first.messages]
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         indexed = await index.read(*session, None)
         assert indexed.embedder == "fake@2"
         assert indexed.unit_vectors.any(axis=1).all()
@@ -895,7 +895,7 @@ async def test_an_append_during_a_backfill_keeps_the_rows_it_wrote(redis_url: st
         assert before.embedder == "fake@2" and before.unit_vectors[-1].any()
         assert not before.unit_vectors[:-1].any()
         embedder.opened.set()
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         after = await index.read(*session, None)
         assert after.embedder == "fake@2"
         np.testing.assert_array_equal(after.unit_vectors[-1], before.unit_vectors[-1])
@@ -910,7 +910,7 @@ async def deleted_while_its_backfill_is_held(servicer, session, embedder, client
     await asyncio.wait_for(embedder.entered.wait(), 10)
     await servicer.DeleteSession(pb.DeleteSessionRequest(tenant_id=session[0], session_id=session[1]), None)
     embedder.opened.set()
-    await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+    await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
     assert await client.exists(*store.session_keys(*session)) == 0
 
 
@@ -955,7 +955,7 @@ async def test_a_backfill_stopped_midway_is_finished_by_a_later_read(redis_url: 
         servicer, index, session, embedder, _ = opened
         embedder.down = {SMALL_TALK[4]}
         await assemble_door_question(servicer, session)
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         embedder.down = set()
         # The next question, after the conversation went on.
         appended = common_pb2.Message(role=USER, content="And the windows?")
@@ -966,7 +966,7 @@ async def test_a_backfill_stopped_midway_is_finished_by_a_later_read(redis_url: 
             NoDeadline(),
         )
         await assemble_door_question(servicer, session)
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         indexed = await index.read(*session, None)
         assert indexed.embedder == "fake@2"
         assert indexed.unit_vectors.any(axis=1).all(), np.flatnonzero(~indexed.unit_vectors.any(axis=1))
@@ -1021,7 +1021,7 @@ def door_direction() -> np.ndarray:
 async def door_turn_found_by_its_vector(servicer, index, session) -> None:
     """Once the backfills in flight end, every turn has a vector, and the
     door question (which shares no word with DOOR_TURN) finds it by it."""
-    await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+    await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
     indexed = await index.read(*session, None)
     assert indexed.unit_vectors.any(axis=1).all(), np.flatnonzero(~indexed.unit_vectors.any(axis=1))
     answer = await assemble_door_question(servicer, session)
@@ -1051,10 +1051,10 @@ async def test_a_turn_left_without_a_vector_is_embedded_by_a_later_read(redis_ur
     table = {DOOR_QUESTION: door_direction(), DOOR_TURN: door_direction()}
     embedder = UnavailableFor(table, {DOOR_TURN})
     async with session_with_a_gap(redis_url, embedder) as (servicer, index, session, _):
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         before = await assemble_door_question(servicer, session)
         assert DOOR_TURN not in [m.content for m in before.messages]
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         embedder.down = set()
         await assemble_door_question(servicer, session)
         await door_turn_found_by_its_vector(servicer, index, session)
@@ -1183,7 +1183,7 @@ async def test_a_gap_backfill_writes_nothing_into_a_session_reverted_meanwhile(r
         assert not embedder.fail_once, "the replacement's append was given a vector"
         assert not (await stored_rows(client, *session, 5, 16))[4].any()
         embedder.opened.set()
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         rows = await stored_rows(client, *session, 5, 16)
         assert (await servicer._index.read(*session, None)).version == appended.version
     np.testing.assert_array_equal(rows[4], relevance.quantize(embedder._vector(replacement)[None])[0])
@@ -1202,7 +1202,7 @@ async def test_a_gap_left_while_a_backfill_runs_is_still_asked_for_after_it(redi
         await append_one(servicer, session, late)
         assert not embedder.fail_once, "the late turn's append was given a vector"
         embedder.opened.set()
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         indexed = await index.read(*session, None)
         assert indexed.vector_gaps
         assert np.flatnonzero(~indexed.unit_vectors.any(axis=1)).tolist() == [len(indexed.roles) - 1]
@@ -1212,7 +1212,7 @@ async def test_a_gap_left_while_a_backfill_runs_is_still_asked_for_after_it(redi
         held = await index._client.hget(store.key(*session, "ix:postings"), store.GAPS_FIELD)
         assert held == np.array([2], dtype="<u4").tobytes()
         await assemble_door_question(servicer, session)
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         indexed = await index.read(*session, None)
         assert indexed.unit_vectors.any(axis=1).all()
         assert not indexed.vector_gaps
@@ -1230,16 +1230,16 @@ async def test_a_stale_settle_leaves_a_newer_gap_asked_for(redis_url: str, monke
     table = {DOOR_QUESTION: door_direction(), DOOR_TURN: door_direction()}
     embedder = UnavailableFor(table, {DOOR_TURN})
     async with session_with_a_gap(redis_url, embedder) as (servicer, index, session, _):
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         embedder.down = set()
         stale = await index.vector_gaps(*session, None)  # the other replica's read
         assert stale.positions == [4]
         await assemble_door_question(servicer, session)  # this one fills and settles
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         assert not (await index.read(*session, None)).vector_gaps
         embedder.down = {late}
         await append_one(servicer, session, late)
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         assert (await index.read(*session, None)).vector_gaps
         assert await index.settle(*session, stale) == -1
         indexed = await index.read(*session, None)
@@ -1285,12 +1285,12 @@ async def test_a_session_under_two_revisions_side_by_side_follows_the_newer_and_
                 ),
                 NoDeadline(),
             )
-            await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+            await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
             seen.append((await index.read(*session, None)).embedder)
             embedder.embedder = ("fake@2", "fake@3")[step % 2]
             before = embedder.texts
             await assemble_door_question(servicer, session)
-            await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+            await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
             seen.append((await index.read(*session, None)).embedder)
             if step % 2 == 0:
                 embedded_for_older_questions.append(embedder.texts - before)
@@ -1418,7 +1418,7 @@ async def test_a_backfill_keeps_the_chunks_its_revision_embedded_when_another_an
         servicer, index, session, _ = opened
         embedder.embedder, embedder.revisions = "fake@3", ["fake@3", "fake@2"]
         await assemble_door_question(servicer, session)
-        await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+        await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         indexed = await index.read(*session, None)
         assert indexed.embedder == "fake@3"
         # Turn 0's row comes last, once every other gap has one.
@@ -1426,5 +1426,5 @@ async def test_a_backfill_keeps_the_chunks_its_revision_embedded_when_another_an
         # The next read asks for the rest, and the chunks of 3 fill them.
         for _ in range(3):
             await assemble_door_question(servicer, session)
-            await asyncio.wait_for(asyncio.gather(*servicer._backfills.values()), 10)
+            await asyncio.wait_for(asyncio.gather(*servicer._backfills.tasks.values()), 10)
         assert (await index.read(*session, None)).unit_vectors.any(axis=1).all()

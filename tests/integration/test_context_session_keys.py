@@ -424,7 +424,7 @@ async def test_a_stopping_service_ends_its_index_repairs(redis_url, tenant, monk
     have written through a closed client."""
 
     def repairs() -> list[asyncio.Task]:
-        return [t for t in asyncio.all_tasks() if "_repair_index" in t.get_coro().__qualname__]
+        return [t for t in asyncio.all_tasks() if t.get_name().startswith("turn index repair ")]
 
     async with running(make_settings(redis_url)) as stub:
         sid = (await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant))).session.session_id
