@@ -618,7 +618,10 @@ class Service:
 
     def serve_metrics(self, address: str) -> int:
         """Opens the process's Prometheus endpoint; returns its port."""
-        self.metrics_server, port = metrics.serve(address)
+        try:
+            self.metrics_server, port = metrics.serve(address)
+        except OSError as error:
+            raise listen_refusal(f"{self.name} (metrics)", address, error) from None
         log.info("metrics", address=address, port=port)
         return port
 
@@ -704,7 +707,18 @@ def _refuse_unbindable_address(name: str, address: str) -> None:
                 continue
         return
     if refusal is not None:
-        raise OSError(f"{name}: cannot listen on {address}: {refusal.strerror}")
+        raise listen_refusal(name, address, refusal)
+
+
+def listen_refusal(name: str, address: str, error: OSError) -> OSError:
+    """The OSError a start ends with where ``name`` cannot listen on
+    ``address``, in the one line _refuse_start writes. The bind's own error
+    names neither ("[Errno 98] Address already in use"): with a process's
+    several ports (gRPC, health, metrics, HTTP), an operator could not tell
+    which one another process holds. Said by its errno alone: the
+    HTTP port's (socket.create_server) repeats the address in other words."""
+    why = os.strerror(error.errno) if error.errno else str(error)
+    return OSError(f"{name}: cannot listen on {address}: {why}")
 
 
 def _refuse_live_unix_socket(name: str, address: str) -> None:

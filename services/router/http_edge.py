@@ -44,7 +44,7 @@ from google.rpc import error_details_pb2
 from opentelemetry import propagate, trace
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from meshgate import metrics
+from meshgate import metrics, serving
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import (
@@ -1633,7 +1633,10 @@ class HttpServer:
         graceful_s: float = 5.0,
     ) -> None:
         self._app = app
-        self._socket = _listening_socket(listen)
+        try:
+            self._socket = _listening_socket(listen)
+        except OSError as error:
+            raise serving.listen_refusal("router (HTTP)", listen, error) from None
         self.port = self._socket.getsockname()[1]
         self._stopped = False
         config = uvicorn.Config(

@@ -87,13 +87,22 @@ def test_settings_refused_at_load_are_reported_the_same_way() -> None:
 
 
 @pytest.mark.parametrize(
-    ("service", "port_setting"),
-    [("router", "--listen"), ("inference", "MESHGATE_MESH__HEALTH_LISTEN")],
-    ids=["service port", "health port"],
+    ("service", "port_setting", "port_name"),
+    [
+        ("router", "--listen", "router"),
+        ("inference", "MESHGATE_MESH__HEALTH_LISTEN", "inference (health checks)"),
+        ("inference", "MESHGATE_INFERENCE__METRICS_LISTEN", "inference (metrics)"),
+        ("router", "MESHGATE_ROUTER__HTTP_LISTEN", "router (HTTP)"),
+    ],
+    ids=["service port", "health port", "metrics port", "HTTP port"],
 )
-def test_a_port_in_use_is_said_in_the_one_line_without_a_traceback(service, port_setting) -> None:
+def test_a_port_in_use_is_said_in_the_one_line_without_a_traceback(service, port_setting, port_name) -> None:
     """grpc refused the port with a RuntimeError naming no reason, and its
-    cause on a line of plain text: the start ended in a traceback."""
+    cause on a line of plain text: the start ended in a traceback. The
+    metrics and HTTP ports ended in one line naming neither the port nor
+    which it was ("[Errno 98] Address already in use"): a second replica on
+    one host, given its own --listen alone, could not tell it had met the
+    first's metrics_listen."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
@@ -101,12 +110,16 @@ def test_a_port_in_use_is_said_in_the_one_line_without_a_traceback(service, port
         if port_setting == "--listen":
             code, lines = started(service, listen=held)
         else:
-            code, lines = started(service, **{port_setting: held})
+            # Metrics stay off (started) but where their own port is the one held.
+            metrics = (
+                {"MESHGATE_TELEMETRY__METRICS": "true"} if port_setting.endswith("METRICS_LISTEN") else {}
+            )
+            code, lines = started(service, **metrics, **{port_setting: held})
     assert code == serving.START_FAILED
     assert [
         (line["event"], line["error_type"]) for line in lines if line["level"] in ("error", "critical")
     ] == [("cannot start", "OSError")]
-    assert lines[-1]["error"].endswith(f"cannot listen on {held}: Address already in use")
+    assert lines[-1]["error"] == f"{port_name}: cannot listen on {held}: Address already in use"
 
 
 def test_a_listen_host_that_does_not_resolve_is_said_in_the_one_line() -> None:
