@@ -1578,10 +1578,6 @@ def check_router_models(settings: Settings) -> None:
     exist: a typo would otherwise silently leave a model unlimited or free
     (or a template unusable, or a tenant refused the model it was meant to
     have, at request time only)."""
-    if "" in settings.models:
-        # A request naming no model is refused (validation.resolve_model):
-        # the alias loaded, and no request could ever use it.
-        raise ConfigError('models: a model alias must not be empty ([models.""]): no request can name it')
     for tenant in settings.router.tenants:
         unknown = set(tenant.models) - set(settings.models) - {"*"}
         if unknown:
@@ -1752,6 +1748,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     for name, value in raw.items():
         values[name] = _convert(hints[name], value, f"{where}{name}")
         if name in _BUILT_IN_TABLES.get(cls, ()):
+            _check_model_names(f"{where}{name}", values[name])
             values[name] = _over_built_ins(fields[name].default_factory(), value, values[name])
     try:
         return cls(**values)
@@ -1761,6 +1758,17 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         if not path or path in str(error):
             raise
         raise ConfigError(f"{path}: {error}") from None
+
+
+def _check_model_names(table: str, models: dict[str, Any]) -> None:
+    """A table of models (``models``, ``inference.models``) names each model
+    it holds. An empty name loaded: ``[models.""]`` was an alias no request
+    could use (the router refuses a request naming no model,
+    validation.resolve_model), and ``[inference.models.""]`` served every
+    GenerateRequest that names no model, which should be refused
+    MODEL_NOT_FOUND."""
+    if "" in models:
+        raise ConfigError(f'{table}: a model name must not be empty ([{table}.""]): no request can name it')
 
 
 def _over_built_ins(built_ins: dict[str, Any], raw: dict[str, Any], tables: dict[str, Any]) -> dict[str, Any]:

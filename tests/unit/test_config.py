@@ -117,12 +117,21 @@ def test_a_built_in_alias_given_whole_by_a_variable_keeps_its_settings_too():
     assert served.inference.models["smollm2"].triton_model == "x"
 
 
-def test_an_empty_model_alias_is_refused_at_load(tmp_path):
-    """It loaded (as the only alias of this file), and no request could use
-    it: one that names no model is refused MODEL_NOT_FOUND."""
+@pytest.mark.parametrize(
+    ("table", "body"),
+    [
+        ("models", 'deployments = [{ name = "a", address = "h:1", model = "m" }]'),
+        ("inference.models", 'triton_model = "tiny_gpt"'),
+    ],
+)
+def test_an_empty_model_name_is_refused_at_load(tmp_path, table, body):
+    """Each loaded (as the only model of its table). [models.""] was an
+    alias no request could use (one that names no model is refused
+    MODEL_NOT_FOUND); [inference.models.""] served every GenerateRequest
+    that names no model. A reload loads the file the same way."""
     path = tmp_path / "models.toml"
-    path.write_text('[models.""]\ndeployments = [{ name = "a", address = "h:1", model = "m" }]\n')
-    with pytest.raises(ConfigError, match=r"a model alias must not be empty"):
+    path.write_text(f'[{table}.""]\n{body}\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(table)}: a model name must not be empty"):
         load_settings(path, environ={})
 
 
