@@ -107,6 +107,10 @@ def aborted(reason: str, message: str, **metadata: str) -> MeshgateError:
     return MeshgateError(grpc.StatusCode.ABORTED, reason, message, metadata)
 
 
+def deadline_exceeded(reason: str, message: str, **metadata: str) -> MeshgateError:
+    return MeshgateError(grpc.StatusCode.DEADLINE_EXCEEDED, reason, message, metadata)
+
+
 def partly_delivered(
     failure: MeshgateError, deltas: int, chars: int, tokens: int | None = None
 ) -> MeshgateError:

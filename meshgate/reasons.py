@@ -386,7 +386,8 @@ class Reason(enum.StrEnum):
     during the router's call to another service (metadata ``service``), a shared embedding
     call outlived ``inference.embed_timeout_s``, or a generation's or an embeddings
     request's ``router.max_generation_s`` (metadata ``max_generation_s``) passed before
-    another deployment or inference service could be tried, or during a try. A call that
+    another deployment or inference service could be tried, or during a try, or the caller's
+    deadline came while the router replayed a cached answer (no ``service``). A call that
     ran past its own ``router.downstream_timeout_s`` with the caller's time left is
     DOWNSTREAM_FAILED."""
 

@@ -51,6 +51,7 @@ from meshgate.errors import (
     MeshgateError,
     aborted,
     clip,
+    deadline_exceeded,
     internal_error,
     invalid_argument,
     not_found,
@@ -1001,6 +1002,12 @@ class Pipeline:
             pieces = replay_pieces(hit.answer.text, piece_chars)
             replayed_chars = 0
             for index, piece in enumerate(pieces, 1):
+                if turn.budget.within(math.inf) <= 0:
+                    # Replayed on past the budget, a paced or long hit ran
+                    # into the caller's own timer, which ended it bare (no
+                    # ErrorInfo, nothing said of what went out), as a
+                    # generation cut there is not; run() adds delivered_*.
+                    raise _replay_out_of_time()
                 replayed_chars += len(piece)
                 yield Delta(
                     piece,
@@ -1011,7 +1018,7 @@ class Pipeline:
                 )
                 delivered += 1
                 if pause_s:
-                    await asyncio.sleep(pause_s)
+                    await asyncio.sleep(turn.budget.within(pause_s))
 
         if hit is not None:
             cache_status, similarity, entry_id = hit.status, hit.similarity, hit.entry_id
@@ -1270,6 +1277,15 @@ def _undelivered(error: MeshgateError) -> MeshgateError:
     for name in ("delivered_deltas", "delivered_chars", "delivered_tokens"):
         error.metadata.pop(name, None)
     return error
+
+
+def _replay_out_of_time() -> MeshgateError:
+    """What a hit's replay the turn's budget ends midway fails with: the
+    caller's time spent, as a generation cut by it says (downstream
+    failure_within), before the caller's own timer ends the call bare."""
+    return deadline_exceeded(
+        Reason.DEADLINE_EXCEEDED, "the caller's deadline passed while the cached answer was replayed"
+    )
 
 
 def _with_session(turn: Turn, session_id: str) -> Turn:
