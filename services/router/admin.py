@@ -24,8 +24,8 @@ from services.router.keys import (
     check_tenant_id,
     page_size,
 )
-from services.router.pipeline import Budget
 from services.router.request_ids import RequestId
+from services.router.servicer import caller_budget
 
 
 def _limits_request(limits: pb.KeyLimits) -> dict:
@@ -82,14 +82,22 @@ def _expiry(request: pb.CreateKeyRequest) -> float | None:
 
 class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
     def __init__(
-        self, keys: KeyStore, models, embedding_model: str, cache: CacheService | None = None
+        self,
+        keys: KeyStore,
+        models,
+        embedding_model: str,
+        cache: CacheService | None = None,
+        deadline_margin_s: float = 0.0,
     ) -> None:
         self._keys = keys
         # The cache service, for InvalidateCache (None: a router built without one).
         self._cache = cache
-        self.reconfigure(models, embedding_model)
+        self.reconfigure(models, embedding_model, deadline_margin_s)
 
-    def reconfigure(self, models, embedding_model: str) -> None:
+    def reconfigure(self, models, embedding_model: str, deadline_margin_s: float) -> None:
+        # router.deadline_margin_s: a call to the cache ends this long before
+        # its caller's deadline, with our status (servicer.caller_budget).
+        self._deadline_margin_s = deadline_margin_s
         # The configured model aliases (a dict a reload replaces wholesale).
         self._models = models
         # What a key's models may name: the chat aliases and the embedding
@@ -160,7 +168,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         check_tenant_id(request.tenant_id)
         if self._cache is None:
             raise MeshgateError(grpc.StatusCode.UNIMPLEMENTED, Reason.UNKNOWN_ENDPOINT, "no cache here")
-        budget = Budget.of(context.time_remaining())
+        budget = caller_budget(context, self._deadline_margin_s)
         removed = 0
         for model in self._cached_under(request.model):
             removed += await self._cache.invalidate(request.tenant_id, model, budget)

@@ -192,7 +192,9 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     service.drains.append(servicer.drain)
     add_to_server(servicer, service.server)
     # Keys as data, on the same port, behind the admin credential.
-    admin = AdminServicer(keys, settings.models, settings.router.embedding_model, cache)
+    admin = AdminServicer(
+        keys, settings.models, settings.router.embedding_model, cache, settings.router.deadline_margin_s
+    )
     admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, service.server)
     # The OpenAI-compatible HTTP edge: the same pipeline, on this event loop.
     embeddings = Embeddings(settings.router, settings.inference, deployments, admission)
@@ -240,7 +242,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         _warn_of_public_dev_key(new.router)
         ledger.reconfigure(new.router.usage_stream_max_len, new.router.usage_retention_days)
         servicer.reconfigure(new)
-        admin.reconfigure(new.models, new.router.embedding_model)
+        admin.reconfigure(new.models, new.router.embedding_model, new.router.deadline_margin_s)
         edge.reconfigure(new.router, new.models)
         embeddings.reconfigure(new.router, new.inference)
 

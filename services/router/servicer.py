@@ -137,6 +137,24 @@ def _timeout_round_up_s(remaining_s: float) -> float:
     return 10.0 ** (math.floor(math.log10(remaining_s)) - 2)
 
 
+def caller_budget(context, margin_s: float) -> Budget:
+    """A call's budget: its caller's deadline as the call reads it, less
+    ``margin_s`` (router.deadline_margin_s) and what gRPC's timeout header
+    may have added to it (_timeout_round_up_s), at most a tenth of the time
+    left (a short deadline keeps its call). Ended at the deadline itself,
+    the router's status raced the caller's own timer and lost: smollm2 turns
+    cut midway by a 4 s deadline on loopback got the bare local
+    DEADLINE_EXCEEDED 19 times in 19, and so did GetSession, ListSessions
+    and CreateSession with a 1 s deadline while the context service's
+    answers were held back, 9 times in 9, though the router's call to it
+    had been given the caller's time."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return Budget()
+    margin_s += _timeout_round_up_s(remaining)
+    return Budget.of(remaining - min(margin_s, max(0.0, remaining) / 10))
+
+
 class _Turns:
     """The Chat and ChatSession calls open on this router, so that a stop can
     end those still in a turn just before its grace runs out, each with a
@@ -210,19 +228,10 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         # ended here, saying how much went out, before gRPC cancels it bare.
         await self._turns.cut_after(grace_s - min(1.0, grace_s / 4))
 
-    def _turn_budget(self, context) -> Budget:
-        """A turn's budget: its caller's deadline as this call reads it, less
-        router.deadline_margin_s and what gRPC's timeout header may have
-        added to it (_timeout_round_up_s), at most a tenth of the time left
-        (a short deadline keeps its turn). Ended at the deadline itself, the
-        router's status raced the caller's own timer and lost: smollm2 turns
-        cut midway by a 4 s deadline on loopback got the bare local
-        DEADLINE_EXCEEDED 19 times in 19."""
-        remaining = context.time_remaining()
-        if remaining is None:
-            return Budget()
-        margin_s = self._deadline_margin_s + _timeout_round_up_s(remaining)
-        return Budget.of(remaining - min(margin_s, max(0.0, remaining) / 10))
+    def _budget(self, context) -> Budget:
+        """The budget of a turn (Chat, each ChatSession turn), or of a unary
+        call that calls another service: caller_budget."""
+        return caller_budget(context, self._deadline_margin_s)
 
     def _stopping_future(self) -> asyncio.Future:
         if self._stopping is None:
@@ -266,7 +275,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         # may send long after (a call opened before its key was revoked):
         # resolved again now that it is in, as a ChatSession's next turn is.
         tenant = await current_tenant()
-        budget = self._turn_budget(context)
+        budget = self._budget(context)
         sent = False
 
         async def commit(session_id: str) -> None:
@@ -417,7 +426,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     request,
                     tenant,
                     turn_session,
-                    self._turn_budget(context),
+                    self._budget(context),
                     create_session=not turn_session,
                     carry_last_text=request.completion_may_carry_text,
                     before_saving=call.saving_turn,
@@ -476,7 +485,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
 
     async def CreateSession(self, request, context) -> pb.CreateSessionResponse:
         tenant = await current_tenant()
-        budget = Budget.of(context.time_remaining())
+        budget = self._budget(context)
         session_id = await self._pipeline.create_session(tenant, budget, request.request_id)
         return pb.CreateSessionResponse(session_id=session_id)
 
@@ -574,7 +583,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         tenant as CreateSession's: its key resolved again now that the
         request is in, within the call's deadline."""
         tenant = await current_tenant()
-        return await self._pipeline.session_call(method, request, tenant, Budget.of(context.time_remaining()))
+        return await self._pipeline.session_call(method, request, tenant, self._budget(context))
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         tenant = await current_tenant()
@@ -602,7 +611,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             request.request,
             tenant,
             request.cache_entry_id,
-            Budget.of(context.time_remaining()),
+            self._budget(context),
             request.selected_model,
         )
         return pb.ReportWrongHitResponse(entry_removed=removed)
