@@ -165,7 +165,8 @@ class Reason(enum.StrEnum):
     """The session id is not one the context service issues."""
 
     INVALID_VERSION = enum.auto()
-    """A session version is negative."""
+    """A session version is negative, or an assembly without a session names one but 0
+    (at_version)."""
 
     INVALID_TURN_ID = enum.auto()
     """A turn id is too long (over 128 bytes) or holds whitespace (AppendTurns)."""

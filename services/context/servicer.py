@@ -1109,6 +1109,17 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         at_version = request.at_version if request.HasField("at_version") else None
         if at_version is not None:
             _check_version(at_version, "at_version")
+            if not request.session_id and at_version != 0:
+                # A stateless assembly is at version 0, the one its inputs
+                # name (a rebuild from them sends at_version 0). Any other
+                # asks for turns there are none of; ignored, the answer was
+                # the new messages alone, as if that version had been read.
+                raise invalid_argument(
+                    Reason.INVALID_VERSION,
+                    f"at_version {at_version} without a session_id: an assembly without a session"
+                    " is at version 0",
+                    field="at_version",
+                )
         if request.HasField("append_reservation"):
             _check_reservation(request.append_reservation, request.session_id, at_version)
         strategy = self._strategy(request, model)
