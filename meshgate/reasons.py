@@ -190,7 +190,8 @@ class Reason(enum.StrEnum):
     """An assembly request names a strategy this service does not know."""
 
     INVALID_PIN = enum.auto()
-    """A pin names neither a turn nor a fact, or its fact is empty or too large."""
+    """A pin names neither a turn nor a fact, a negative message_index (metadata ``field``),
+    or its fact is empty or too large."""
 
     EMPTY_TEXTS = enum.auto()
     """An embedding request has no texts."""

@@ -137,6 +137,15 @@ def _pin_of(request: pb.PinToSessionRequest | pb.UnpinFromSessionRequest) -> str
     if kind is None:
         raise invalid_argument(Reason.INVALID_PIN, "name a message_index or a fact")
     if kind == "message_index":
+        if request.message_index < 0:
+            # Positions count from 0 (the oldest); no negative one is a turn
+            # of any session, so it is the request that is wrong (AIP-193),
+            # not a turn this session lacks (PIN_TARGET_NOT_FOUND).
+            raise invalid_argument(
+                Reason.INVALID_PIN,
+                f"message_index must not be negative (0 is the oldest turn), got {request.message_index}",
+                field="message_index",
+            )
         return f"t:{request.message_index}"
     fact = request.fact
     if not fact.strip() or len(fact) > MAX_FACT_BYTES or len(fact.encode()) > MAX_FACT_BYTES:

@@ -250,6 +250,7 @@ async def test_a_pin_no_prompt_can_hold_is_removed_by_unpinning_it(stub) -> None
         for request, reason in (
             (pb.UnpinFromSessionRequest(**here, fact=fact), "PIN_NOT_FOUND"),
             (pb.UnpinFromSessionRequest(**here, message_index=0), "PIN_NOT_FOUND"),
+            (pb.UnpinFromSessionRequest(**here, message_index=-1), "INVALID_PIN"),
             (pb.UnpinFromSessionRequest(**here), "INVALID_PIN"),
             (pb.UnpinFromSessionRequest(tenant_id=tenant, session_id="nope", fact="x"), "SESSION_NOT_FOUND"),
         ):
@@ -292,9 +293,11 @@ async def test_pins_refuse_what_does_not_exist(stub) -> None:
                 pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, message_index=99),
                 "PIN_TARGET_NOT_FOUND",
             ),
+            # No turn of any session (0 is the oldest): the request is wrong,
+            # not the session without it (it was NOT_FOUND PIN_TARGET_NOT_FOUND).
             (
                 pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, message_index=-1),
-                "PIN_TARGET_NOT_FOUND",
+                "INVALID_PIN",
             ),
             (pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id), "INVALID_PIN"),
             (pb.PinToSessionRequest(tenant_id=tenant, session_id=session_id, fact="  "), "INVALID_PIN"),

@@ -302,6 +302,11 @@ async def test_bad_input_gets_the_context_services_status_through_the_router(mes
         pb.PinToSessionRequest(session_id=session_id, message_index=3), metadata=auth
     )
     assert (await status_of(no_turn))[:2] == (grpc.StatusCode.NOT_FOUND, "PIN_TARGET_NOT_FOUND")
+    # No session has a turn at -1: the request is invalid, nothing is missing.
+    negative = router.PinToSession(
+        pb.PinToSessionRequest(session_id=session_id, message_index=-1), metadata=auth
+    )
+    assert (await status_of(negative))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PIN")
 
     # Without a key, no call reaches the context service.
     code, reason, _ = await status_of(router.GetSession(pb.GetSessionRequest(session_id=session_id)))
