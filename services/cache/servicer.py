@@ -39,6 +39,7 @@ again, ~5 ms of one core).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import time
@@ -369,7 +370,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             write = functools.partial(self._store.put_exact, partition, entry_id, answer, now_ms, ttl_ms)
 
             def undo(_written):
-                return self._store.undo_store(partition, entry_id, answer, now_ms + ttl_ms)
+                return self._undo_store(partition, entry_id, answer, now_ms + ttl_ms)
 
             replaced, invalidated = await self._fenced_write(partition, request.store_fence, write, undo)
             await self._give_back(partition, replaced, now_ms)
@@ -383,7 +384,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
 
             def undo(written):
                 seq = written[0]
-                return self._store.undo_store(partition, entry_id, answer, now_ms + ttl_ms, context_id, seq)
+                return self._undo_store(partition, entry_id, answer, now_ms + ttl_ms, context_id, seq)
 
             (seq, evicted, replaced), invalidated = await self._fenced_write(
                 partition, request.store_fence, write, undo
@@ -446,6 +447,35 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         except MeshgateError as error:
             log.warning("cache's refund of bytes it does not hold failed", error=error.message)
 
+    async def _give_back_removed(self, tenant_id: str, charged: collections.Counter[int]) -> None:
+        """Gives back to the tenant's counts what the entries an Invalidate or
+        a Store's undo removed were charged (``charged``: bytes by window).
+        A failure is only logged: the entries are gone all the same, and the
+        count errs high, for two windows at most, as for a Store's write that
+        failed."""
+        if not self._settings.max_bytes_per_tenant:
+            return
+        try:
+            await self._store.refund_windows(tenant_id, charged, self._settings.ttl_s, _now_ms())
+        except MeshgateError as error:
+            log.warning("cache's refund of the entries it removed failed", error=error.message)
+
+    async def _undo_store(
+        self,
+        partition: keys.Partition,
+        entry_id: str,
+        answer: bytes,
+        expires_ms: int,
+        context_id: str = "",
+        seq: int = 0,
+    ) -> None:
+        """Undoes a Store whose fence moved (``CacheStore.undo_store``) and
+        gives back what it was charged for what the undo removed."""
+        charged = await self._store.undo_store(
+            partition, entry_id, answer, expires_ms, self._settings.ttl_s * 1000, context_id, seq
+        )
+        await self._give_back_removed(partition.tenant_id, charged)
+
     async def _invalidated_since(self, partition: keys.Partition, store_fence: str) -> bool:
         """Whether the scope was invalidated after the lookup that gave
         ``store_fence``."""
@@ -481,15 +511,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         # After the deletion, so that no index reloaded during the scan keeps
         # rows of deleted entries (those would only cost a GET, not a wrong hit).
         self._indexes.drop_prefix(prefix)
-        if self._settings.max_bytes_per_tenant:
-            try:
-                await self._store.refund_windows(
-                    request.tenant_id, removed.charged, self._settings.ttl_s, _now_ms()
-                )
-            except MeshgateError as error:
-                # The entries are gone all the same: the count errs high, for
-                # two windows at most, as for a Store's write that failed.
-                log.warning("cache's refund of the entries an Invalidate removed failed", error=error.message)
+        await self._give_back_removed(request.tenant_id, removed.charged)
         return pb.InvalidateResponse(entries_removed=removed.entries)
 
     async def GetStats(

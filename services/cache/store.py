@@ -36,10 +36,11 @@
 - ``mg:cache:stored:{<tenant hex>}:<window length>:<window>``: integer,
   the bytes the tenant's Stores charged in one window of
   ``cache.max_bytes_per_tenant``'s count (``charge``), less what the
-  entries they replaced, or that an Invalidate removed, had been charged
-  (``refund``); lives two windows. An entry is charged to the window
-  before the one it expires in (``charge_window``), so an Invalidate
-  finds the window of each entry it removes from the entry's expiry.
+  entries they replaced, or that an Invalidate or a Store's undo removed,
+  had been charged (``refund``); lives two windows. An entry is charged
+  to the window before the one it expires in (``charge_window``), so an
+  Invalidate finds the window of each entry it removes from the entry's
+  expiry.
 
 A semantic Store is one Lua script, so the entry, its vector and the
 eviction of the oldest entries are applied together or not at all. The
@@ -48,8 +49,9 @@ KEYS); a Redis Cluster allows it because they share the partition's slot.
 Invalidate and GetStats SCAN every master of a cluster (redis-py's cluster
 scan_iter walks each in turn). Invalidate removes an entry's answer and its
 row each in a script that reads what it was charged as it deletes it
-(_INVALIDATE_ANSWERS, _INVALIDATE_ROWS): of two Invalidates at once, only
-the one that deletes it gives it back.
+(_INVALIDATE_ANSWERS, _INVALIDATE_ROWS), as a Store's undo does (_UNDO_STORE):
+of two Invalidates at once, or an Invalidate and an undo, only the one
+that deletes it gives it back.
 
 Whatever stops an entry's answer from being the one to serve for a prompt
 (a reported wrong hit, an Invalidate, any Store) is announced on
@@ -298,7 +300,8 @@ end
 return total
 """
 
-# What the Invalidate scripts share: an entry's charge added to the window
+# What the scripts that delete entries (an Invalidate's, a Store's undo)
+# share: an entry's charge added to the window
 # it was charged to (the window before the one it expires in, as
 # ``charge_window`` says in Python), and their reply: ``first``, then window,
 # bytes pairs (_add_charges reads them).
@@ -400,20 +403,40 @@ _MIN_MARK_TTL_MS = 24 * 3600 * 1000
 # Undoes a Store whose fence no longer holds: only what that Store wrote
 # (a later Store of the entry, with its own fence, keeps its answer and row),
 # and announced, as the Store was: a router may have copied the answer since.
-_UNDO_STORE = """
+# Reads, as it deletes them, what the Store was charged for its answer and
+# row and in which window, as the Invalidate scripts do: the Store charged
+# before its write, and an Invalidate whose SCAN passed before the write
+# landed gave none of it back (a bug hunt: each such Store stayed charged,
+# 1,846 bytes for a short answer and its row, for up to two windows). What
+# another Store replaced, or an Invalidate deleted (and gave back), is not
+# deleted here, nor given back twice.
+_UNDO_STORE = (
+    _CHARGES
+    + """
 -- KEYS: exact key[, order zset, vectors hash]
--- ARGV: the entry value stored, notices channel, the entry's notice[, entry id, its sequence number]
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+-- ARGV: a window's length (ms), the entry value stored, notices channel, the entry's notice
+--       [, entry id, its sequence number]
+-- Returns: 1, then window, bytes pairs
+local window_ms = tonumber(ARGV[1])
+local expires_ms = struct.unpack('<i8', ARGV[2])
+local charged = {}
+if redis.call('GET', KEYS[1]) == ARGV[2] then
+  redis.call('DEL', KEYS[1])
+  charge(charged, expires_ms, window_ms, #ARGV[2] - 8 + ENTRY_OVERHEAD_BYTES)
+end
 if #KEYS == 3 then
-  local seq = redis.call('ZSCORE', KEYS[2], ARGV[4])
-  if seq and tonumber(seq) == tonumber(ARGV[5]) then
-    redis.call('ZREM', KEYS[2], ARGV[4])
-    redis.call('HDEL', KEYS[3], ARGV[4])
+  local seq = redis.call('ZSCORE', KEYS[2], ARGV[5])
+  if seq and tonumber(seq) == tonumber(ARGV[6]) then
+    local row = redis.call('HGET', KEYS[3], ARGV[5])
+    redis.call('ZREM', KEYS[2], ARGV[5])
+    redis.call('HDEL', KEYS[3], ARGV[5])
+    if row then charge(charged, expires_ms, window_ms, #row - 8) end
   end
 end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 1
-"""
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return charges_reply(1, charged)
+""".replace("ENTRY_OVERHEAD_BYTES", str(ENTRY_OVERHEAD_BYTES))
+)
 
 
 def _pair(asked_id: str, entry_id: str) -> str:
@@ -528,7 +551,7 @@ class Invalidated:
 
 
 def _add_charges(into: collections.Counter[int], pairs: list) -> None:
-    """Adds a script's window, bytes pairs (_INVALIDATE_ANSWERS) to ``into``."""
+    """Adds a script's window, bytes pairs (_CHARGES' ``charges_reply``) to ``into``."""
     for window, size in zip(pairs[::2], pairs[1::2], strict=True):
         into[int(window)] += int(size)
 
@@ -570,14 +593,18 @@ class CacheStore:
         entry_id: str,
         answer: bytes,
         expires_ms: int,
+        window_ms: int,
         context_id: str = "",
         seq: int = 0,
-    ) -> None:
+    ) -> collections.Counter[int]:
         """Removes what one Store wrote (``answer`` expiring at ``expires_ms``
         under ``entry_id``, and for a semantic one its row of sequence number
-        ``seq`` in ``context_id``'s sub-partition), if nothing replaced it since."""
+        ``seq`` in ``context_id``'s sub-partition), if nothing replaced it
+        since; returns what the Store was charged for what this removed, by
+        window (windows of ``window_ms``, cache.ttl_s: for ``refund_windows``)."""
         keys_ = [partition.exact_key(entry_id)]
         args: list[bytes | str | int] = [
+            window_ms,
             _EXPIRY.pack(expires_ms) + answer,
             cache_notices.CHANNEL,
             cache_notices.entry_notice(entry_id),
@@ -586,9 +613,12 @@ class CacheStore:
             keys_ += [partition.order_key(context_id), partition.vectors_key(context_id)]
             args += [entry_id, seq]
         try:
-            await self._undo_store(keys=keys_, args=args)
+            _, *charged = await self._undo_store(keys=keys_, args=args)
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
+        removed: collections.Counter[int] = collections.Counter()
+        _add_charges(removed, charged)
+        return removed
 
     async def get_unless_reported(
         self, partition: Partition, context_id: str, entry_id: str, asked_id: str

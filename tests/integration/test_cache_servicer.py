@@ -1324,13 +1324,18 @@ def invalidating_before_the_write(cache, semantic: bool, invalidate, after_write
     "semantic", [True, False], ids=["with its question's vector", "exact only (no embedding)"]
 )
 @pytest.mark.parametrize("when", ["before the store", "while it writes"])
-async def test_an_answer_generated_across_an_invalidate_is_not_kept(cache, embedder, tenant, semantic, when):
+async def test_an_answer_generated_across_an_invalidate_is_not_kept(
+    redis_client, embedder, tenant, semantic, when
+):
     """A turn misses, generates, and stores its answer: an Invalidate of its
     tenant or model between the miss and the Store kept that answer from
     before it, served as an exact hit (and by meaning) right after; now the
     Store passes its lookup's fence and writes nothing (the Invalidate came
     before it), or is undone, row included (the Invalidate's SCAN passed
-    before the write landed)."""
+    before the write landed). Either way the tenant is left charged nothing
+    for it: an undone Store kept its charge (1,846 bytes with its row,
+    1,549 without), for two windows of cache.ttl_s."""
+    cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=1 << 20)
     embedder.available = semantic
     s = scope(tenant)
     for invalidated in (tenant, ""), (tenant, "tiny-gpt"):
@@ -1344,6 +1349,7 @@ async def test_an_answer_generated_across_an_invalidate_is_not_kept(cache, embed
             )
         stored = await fenced_store(cache, s, conversation(STORED), "from before", fence)
         assert stored.invalidated_since_lookup
+        assert await charged_bytes(redis_client, tenant) == 0
         assert (await lookup(cache, s, conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
         embedder.available = True
         assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
@@ -1357,6 +1363,7 @@ async def test_an_answer_generated_across_an_invalidate_is_not_kept(cache, embed
     assert not stored.invalidated_since_lookup
     hit = await lookup(cache, s, conversation(STORED))
     assert (hit.status, hit.answer.text) == (pb.LOOKUP_STATUS_EXACT_HIT, "generated after")
+    assert await charged_bytes(redis_client, tenant) > 0
     if semantic:
         assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
 
@@ -1394,10 +1401,12 @@ async def test_a_fence_only_lookup_reads_no_entry_counts_nothing_and_fences_the_
     assert (hit.status, hit.answer.text) == (pb.LOOKUP_STATUS_EXACT_HIT, "generated after")
 
 
-async def test_undoing_a_fenced_store_keeps_a_later_store_of_the_entry(cache, redis_client, tenant):
+async def test_undoing_a_fenced_store_keeps_a_later_store_of_the_entry(redis_client, embedder, tenant):
     """The undo removes what its own Store wrote, not an answer (and row)
-    stored since by a turn whose lookup came after the Invalidate; and it is
-    announced, for the routers' copies fetched in between."""
+    stored since by a turn whose lookup came after the Invalidate, nor gives
+    back what that one was charged; and it is announced, for the routers'
+    copies fetched in between."""
+    cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=1 << 20)
     s = scope(tenant)
     stale_fence = await exact_miss_fence(cache, s, conversation(STORED))
     fresh_fence = []
@@ -1425,6 +1434,9 @@ async def test_undoing_a_fenced_store_keeps_a_later_store_of_the_entry(cache, re
     hit = await lookup(cache, s, conversation(STORED))
     assert (hit.status, hit.answer.text) == (pb.LOOKUP_STATUS_EXACT_HIT, "fresh")
     assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    fresh = pb.CachedAnswer(text="fresh").SerializeToString()
+    one_entry = len(fresh) + store_module.ENTRY_OVERHEAD_BYTES + DIMS * 4 + len(STORED)
+    assert await charged_bytes(redis_client, tenant) == one_entry
 
 
 @pytest.mark.parametrize("cancelled", ["while it writes", "while it undoes"])
