@@ -507,7 +507,12 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             raise invalid_argument(Reason.TENANT_REQUIRED, "tenant_id is required")
         _check_scope_names(request.tenant_id, request.model)
         prefix = keys.tenant_prefix(request.tenant_id, request.model)
-        removed = await self._store.invalidate(request.tenant_id, request.model, self._settings.ttl_s * 1000)
+        removed = await self._store.invalidate(
+            request.tenant_id,
+            request.model,
+            self._settings.ttl_s * 1000,
+            read_row_charges=bool(self._settings.max_bytes_per_tenant),
+        )
         # After the deletion, so that no index reloaded during the scan keeps
         # rows of deleted entries (those would only cost a GET, not a wrong hit).
         self._indexes.drop_prefix(prefix)
