@@ -238,12 +238,25 @@ class VectorIndex:
         return arrays + (self._graph.memory_usage if self._graph is not None else 0)
 
     def upsert(
-        self, entry_id: str, seq: int, expires_ms: int, vector: np.ndarray, question: str = ""
+        self,
+        entry_id: str,
+        seq: int,
+        expires_ms: int,
+        vector: np.ndarray,
+        question: str = "",
+        *,
+        now_ms: int = 0,
     ) -> None:
         """Adds or replaces an entry; a replay of an older version is ignored.
 
-        Evicts the oldest entry when full, as the store does, so both agree
-        on which entries a full sub-partition keeps.
+        When full, drops the rows expired by ``now_ms`` (the caller's clock;
+        0: none has), then evicts the oldest entry if still full, as the
+        store does (a Store trims expired rows before it evicts the oldest),
+        so both agree on which entries a full sub-partition keeps. Evicting
+        the oldest first dropped a live entry Redis kept: a replica's index
+        full with a long-lived entry and one expired gave up the long-lived
+        one for another replica's Store, and missed it for good, though
+        Redis still held it and a fresh replica hit it.
         """
         row = self._rows.get(entry_id)
         if row is not None:
@@ -255,7 +268,7 @@ class VectorIndex:
                 self._index_words(seq, question)
                 self._graph_note(row)
             return
-        if len(self._ids) >= self.max_entries:
+        if len(self._ids) >= self.max_entries and self.live_rows(now_ms) >= self.max_entries:
             oldest = int(np.argmin(self._seqs[: len(self._ids)]))
             if self._seqs[oldest] > seq:
                 return

@@ -398,7 +398,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                     # whose reply came first must keep its row.
                     index.remove(evicted_id, evicted_seq)
                 if not invalidated:
-                    index.upsert(entry_id, seq, now_ms + ttl_ms, vector, text)
+                    index.upsert(entry_id, seq, now_ms + ttl_ms, vector, text, now_ms=now_ms)
                 self._indexes.settle(index_key)
             if invalidated:
                 return pb.StoreResponse(entry_id=entry_id, invalidated_since_lookup=True)
@@ -949,7 +949,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                     if stored is not None:
                         vector, question = stored
                         vector = np.frombuffer(vector, "<f4")
-                        index.upsert(row.entry_id, row.seq, row.expires_ms, vector, question)
+                        index.upsert(row.entry_id, row.seq, row.expires_ms, vector, question, now_ms=now_ms)
                 index.mark_synced(batch.through_seq)
                 # Never pushes out ``index`` itself.
                 self._indexes.settle(index_key)

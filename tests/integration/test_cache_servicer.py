@@ -1675,22 +1675,31 @@ async def test_a_partitions_sequence_counter_expires_with_its_entries_and_number
     assert response.status == pb.LOOKUP_STATUS_SEMANTIC_HIT and response.answer.text == "second"
 
 
-async def test_a_store_trims_its_sub_partitions_expired_rows(cache, redis_client, tenant):
+async def test_a_store_trims_its_sub_partitions_expired_rows(redis_client, embedder, tenant):
     """A sub-partition in use lives as long as its newest entry: without a
     trim, rows of entries long expired stayed in Redis (and in every index
-    load) until max entries pushed them out."""
+    load) until max entries pushed them out. A Store trims them before it
+    evicts the oldest entry of a full sub-partition, and so does a replica's
+    index: it evicted the oldest for another replica's Store, though Redis
+    kept that one, and missed it for good (a fresh replica hit it)."""
+    one, two = (make_servicer(redis_client, embedder, max_entries=3) for _ in range(2))
     s = scope(tenant)
-    # Each Store keeps the sub-partition's keys alive past the entry before it.
-    await store(cache, s, conversation("Who wrote Hamlet?"), ttl_seconds=1)
-    await asyncio.sleep(0.6)
-    await store(cache, s, conversation("How far is the Moon?"), ttl_seconds=1)
-    await asyncio.sleep(0.6)  # Hamlet's entry has expired, the Moon's not
-    await store(cache, s, conversation(STORED), ttl_seconds=60)
+    oldest = await store(one, s, conversation(STORED), ttl_seconds=60)
+    expiring = await store(one, s, conversation("Who wrote Hamlet?"), ttl_seconds=1)
+    moon = await store(one, s, conversation("How far is the Moon?"), ttl_seconds=60)
+    # Replica one's index is full: the three entries.
+    assert (await lookup(one, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    await asyncio.sleep(1.1)  # Hamlet's entry has expired
+    newest = await store(two, s, conversation("Who painted the Mona Lisa?"), ttl_seconds=60)
     partition = keys.partition(s)
     context_id = keys.context_id(partition, EMBEDDER)
-    assert await redis_client.zcard(partition.order_key(context_id)) == 2
-    assert await redis_client.hlen(partition.vectors_key(context_id)) == 2
-    assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    listed = {
+        entry_id.decode() for entry_id in await redis_client.zrange(partition.order_key(context_id), 0, -1)
+    }
+    assert listed == {oldest, moon, newest} and expiring not in listed
+    assert await redis_client.hlen(partition.vectors_key(context_id)) == 3
+    # Replica one reads the newest entry into its full index.
+    assert (await lookup(one, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
 
 
 class StrictnessBlindVerifier(AcceptingVerifier):
