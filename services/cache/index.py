@@ -555,23 +555,28 @@ class IndexRegistry:
         it used."""
         return self._indexes.get(key) is index
 
-    def settle(self, key: str) -> None:
+    def settle(self, key: str, *, used: bool = True) -> None:
         """Accounts for the growth of ``key``'s index, marks it recently
-        used, and pushes out the least recently used others while over the
-        bounds. Marked used: an index loading from Redis settles after each
-        batch, and a long load must not drift to the front of the queue
-        and be pushed out by the very loads it waits beside."""
+        used (unless not ``used``), and pushes out the least recently used
+        others while over the bounds. Marked used: an index loading from
+        Redis settles after each batch, and a long load must not drift to
+        the front of the queue and be pushed out by the very loads it waits
+        beside. Not ``used``: a background check of its rows against Redis
+        (the cache servicer's _drop_rows_gone), which no lookup asked for
+        since the one that started it; marked used, an index checked after
+        another was looked up outlived that one."""
         index = self._indexes.get(key)
         if index is None:
             return
-        self._indexes.move_to_end(key)
+        if used:
+            self._indexes.move_to_end(key)
         weight = index.weight_rows
         self._rows += weight - self._counted_rows[key]
         self._counted_rows[key] = weight
         while len(self._indexes) > 1 and (
             self._rows > self._max_rows or len(self._indexes) > self._max_indexes
         ):
-            # ``key`` is last and more than one is resident: never itself.
+            # Used, ``key`` is last and more than one is resident: never itself.
             self._forget(next(iter(self._indexes)))
 
     def drop(self, key: str, index: VectorIndex) -> None:

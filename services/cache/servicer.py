@@ -1001,7 +1001,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 for entry_id, seq, held_seq in zip(checked, seqs[start : start + SYNC_BATCH].tolist(), held):
                     if held_seq != seq:
                         index.remove(entry_id, seq)
-                self._indexes.settle(index_key)
+                # Its postings shrank; its place among the indexes is its last lookup's.
+                self._indexes.settle(index_key, used=False)
         except MeshgateError as error:
             # The next top-up that finds the index over Redis's count tries again.
             log.warning("cache's check of an index's rows against Redis failed", error=error.message)

@@ -892,6 +892,48 @@ async def test_an_index_another_replica_emptied_is_dropped_without_checking_its_
     assert (await lookup(one, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
 
 
+async def test_a_check_of_an_indexs_rows_leaves_it_where_its_last_lookup_put_it(
+    redis_client, embedder, tenant
+):
+    """The registry pushes out the index least recently looked up. A check
+    of an index's rows against Redis (another replica's report removed one)
+    marked it used as it ended: an index looked up after it was pushed out
+    in its place, and the one nobody had looked up since stayed."""
+    one, two = make_servicer(redis_client, embedder), make_servicer(redis_client, embedder)
+    one._indexes._max_indexes = 2
+    checked, looked_up_since, loaded_last = (
+        scope(tenant, "checked"),
+        scope(tenant, "since"),
+        scope(tenant, "last"),
+    )
+    for s in (checked, looked_up_since, loaded_last):
+        await store(two, s, conversation(STORED))
+    await store(two, checked, conversation("Who wrote the play Hamlet?"))
+    hit = await lookup(one, checked, conversation(PARAPHRASE))
+    request = pb.ReportWrongHitRequest(
+        scope=checked, messages=conversation(PARAPHRASE), entry_id=hit.entry_id
+    )
+    assert (await two.ReportWrongHit(request, None)).entry_removed
+    # The next lookup's top-up finds a row Redis no longer lists and starts the check, held until
+    # another index has been looked up.
+    other_looked_up = asyncio.Event()
+    versions_held = one._store.versions_held
+
+    async def held(*args):
+        await other_looked_up.wait()
+        return await versions_held(*args)
+
+    one._store.versions_held = held
+    await lookup(one, checked, conversation("Who painted the Mona Lisa?"))
+    checked_key = next(reversed(one._indexes._indexes))
+    await lookup(one, looked_up_since, conversation(PARAPHRASE))
+    other_looked_up.set()
+    await _rows_checked(one)
+    assert len(one._indexes._indexes[checked_key]) == 1
+    await lookup(one, loaded_last, conversation(PARAPHRASE))
+    assert checked_key not in one._indexes._indexes and len(one._indexes) == 2
+
+
 async def test_concurrent_lookups_on_an_index_behind_redis_read_its_backlog_once(
     redis_client, embedder, tenant
 ):
