@@ -6,6 +6,7 @@ router's word for a tenant gets nothing, and a poisoned answer is never served.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import pathlib
@@ -35,7 +36,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.context import app as context_app
 from tests.integration.conftest import answer_of, running, running_router, service_settings
-from tests.mesh import bounded_channel, certs_dir, mesh_settings, router_channel
+from tests.mesh import bounded_channel, certs_dir, held_back, mesh_settings, router_channel
 
 pytestmark = pytest.mark.integration
 
@@ -208,6 +209,19 @@ async def test_a_mesh_client_accepts_only_the_service_it_means_not_any_mesh_cert
 
 
 INFERENCE = "meshgate.inference.v1.InferenceService"
+
+
+async def test_a_mesh_service_that_may_not_call_is_refused_before_its_request_is_read(mesh):
+    """The cache's certificate, a GetSession of the context service's, its
+    request held back (never sent): refused at once. Checked after the read,
+    the call waited for its message, holding a place under the context
+    service's max_concurrent_rpcs meanwhile (two such calls made a bound of
+    2 refuse the router SERVICE_BUSY), and a 30 MiB request was read whole
+    before its refusal."""
+    async with as_service("cache", mesh["context"], "context") as channel:
+        call = channel.stream_stream("/meshgate.context.v1.ContextService/GetSession")
+        refused = await refusal(call(held_back(asyncio.Event()), timeout=5).read())
+    assert refused == (PERMISSION_DENIED, "PEER_NOT_ALLOWED")
 
 
 def naming(identity: str, alternative_name: x509.GeneralName | None = None) -> tuple[bytes, bytes]:
