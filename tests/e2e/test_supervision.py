@@ -20,7 +20,7 @@ from tests.integration.conftest import stop_stack
 from tests.mesh import bounded_channel
 
 # Not serial: its one bound is RECOVERY_BOUND_S, 90 s against the ~3-6 s a
-# restart takes here, so it runs in make test's two-worker tier (its stack has
+# restart takes here, so it runs in make test's three-worker tier (its stack has
 # its own ports and state folder). Serial, it added its ~14 s to the phase
 # where every second is the suite's.
 pytestmark = pytest.mark.e2e
