@@ -547,6 +547,10 @@ class Reservation:
     day: str = ""
     # Admitted without Redis: its reservation is nothing (fail open).
     unchecked: bool = False
+    # Admitted failing open where its admit may have run (a timeout): its
+    # checks are only those its settlement finds by its lease (streams,
+    # token windows), and it is not grown (top_up).
+    admit_unsure: bool = False
     # The prices it was admitted at (None: none configured), which it is
     # billed at whenever it ends: a reload's prices apply from the next
     # turn, as its limits do.
@@ -843,9 +847,22 @@ class Admission:
             log.warning("limits unavailable; admitting (fail open)", error=str(error))
             if not never_ran(error):
                 # A timeout, or the connection lost after the call was sent:
-                # the script may have charged the turn, which then stands
-                # (an overcharge); charging its use on top would count it twice.
-                return Reservation(lease_id, tokens, nano_usd, (), day=day, price=price)
+                # the script may have charged the turn. Its budgets' charge
+                # then stands (an overcharge): charging its use on top would
+                # count it twice, and giving the reservation back could refund
+                # what was never charged. Its stream lease and its token
+                # windows' entries bear its lease id, so its settlement frees
+                # and moves them where the script ran and touches nothing
+                # where it did not: left out, the stream was held for
+                # max_generation_s plus a minute after the turn ended (a Redis
+                # stall past redis.timeout_s cost a tenant capped at 2 streams
+                # one of them for 6 minutes).
+                found_by_lease = tuple(
+                    c for c in checks if c.kind != "budget" and c.limit != "requests_per_minute"
+                )
+                return Reservation(
+                    lease_id, tokens, nano_usd, found_by_lease, day=day, price=price, admit_unsure=True
+                )
             budgets = tuple(c for c in checks if c.kind == "budget")
             return Reservation(lease_id, 0, 0, budgets, day=day, unchecked=True, price=price)
         if refused is not None:
@@ -1005,9 +1022,12 @@ class Admission:
         cannot hold it, as admit would have (the reservation then stands as
         admitted: the turn's settlement refunds it). One round trip, only
         where a token or cost limit is charged more; none for a turn whose
-        limits are requests and streams alone, or that was admitted without
-        Redis (fail open: it has no checks)."""
-        if reservation.settled or not reservation.checks or reservation.unchecked:
+        limits are requests and streams alone, or that was admitted failing
+        open (without Redis, or where its admit may have run: its budgets'
+        charge is unknown)."""
+        if reservation.settled or reservation.unchecked or reservation.admit_unsure:
+            return
+        if not reservation.checks:
             return
         reserved_tokens, reserved_nano_usd = reservation.reserved_tokens, reservation.reserved_nano_usd
         tokens, nano_usd = max(tokens, reserved_tokens), max(nano_usd, reserved_nano_usd)

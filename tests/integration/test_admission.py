@@ -250,23 +250,34 @@ async def test_a_turn_admitted_while_redis_was_unreachable_is_charged_its_use_wh
     assert refused.value.reason == "BUDGET_EXHAUSTED"
 
 
-async def test_a_turn_whose_admission_reply_was_lost_is_not_charged_twice(redis_client, monkeypatch):
-    """A timeout (or a connection lost once the call was sent) may come after
-    the script charged the turn: that reservation stands, and the use is not
-    charged on top of it (1,300 for a turn that reserved 1,000 and used 300)."""
-    admission = Admission(redis_client, max_generation_s=60)
-    scope = _scope(tokens_per_day=5000)
-    admit_in_redis = admission._admit_or_refuse
-
-    async def lost_reply(*args, **kwargs):
-        await admit_in_redis(*args, **kwargs)
-        raise redis.exceptions.TimeoutError("Timeout reading from socket")
-
-    monkeypatch.setattr(admission, "_admit_or_refuse", lost_reply)
-    opened = await admission.admit([scope], prompt_tokens=100, max_tokens=900)
-    assert not opened.unchecked and opened.checks == ()
-    await admission.settle(opened, 300, 0)
-    assert int(await redis_client.get(_day_key(scope))) == 1000
+async def test_a_turn_whose_admission_reply_was_lost_is_not_charged_twice_and_frees_its_stream(redis_url):
+    """The admit's reply comes after the client's socket timeout (a proxy
+    holds it back: Redis ran the script), and the turn is admitted failing
+    open. Its budget's charge stands, the use not charged on top of it
+    (1,300 for a turn that reserved 1,000 and used 300); its settlement
+    frees the stream the script leased and moves its window's entry to the
+    use: it had no checks, and the key's one stream stayed held for
+    max_generation_s plus a minute (a bug hunt's repro, a SIGSTOPped Redis)."""
+    proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=0.3)
+    direct = redis_access.connect(redis_url)
+    try:
+        admission = Admission(proxied, max_generation_s=60)
+        scope = _scope(tokens_per_day=5000, tokens_per_minute=5000, concurrent_streams=1)
+        # Loads the script: a turn admitted and settled to nothing.
+        await admission.settle(await admission.admit([scope], prompt_tokens=1, max_tokens=1), 0, 0)
+        proxy.hold()
+        opened = await admission.admit([scope], prompt_tokens=100, max_tokens=900)
+        assert not opened.unchecked
+        proxy.release()
+        await admission.settle(opened, 300, 0)
+        assert int(await direct.get(_day_key(scope))) == 1000
+        assert await direct.zcard(f"{scope.prefix}:streams") == 0
+        assert int(await direct.get(f"{scope.prefix}:tpm:sum")) == 300
+    finally:
+        for client in (proxied, direct):
+            await client.aclose()
+        await proxy.close()
 
 
 @pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
