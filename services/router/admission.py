@@ -881,9 +881,14 @@ class Admission:
         if refused is not None and refused.kind == "streams":
             # The stream that holds the lease may have ended already, its
             # release waiting in some replica's batch (this one's too):
-            # write ours, give the others one flush, ask once more.
+            # write ours, give the others one flush, ask once more. Ours are
+            # written again after the wait: a stream of this replica that
+            # ended during it is released in a batch not yet written, and
+            # the turn was refused with the stream free (5 callers under
+            # concurrent_streams = 5 on one router: 1 to 3 turns in 60).
             await self.flush()
             await asyncio.sleep(SETTLE_AFTER_S * 2)
+            await self.flush()
             refused = await self._try_admit(lease_id, tokens, nano_usd, groups, _MARK_ADMITTED_AGAIN)
         return refused
 

@@ -856,6 +856,29 @@ async def test_a_stream_settled_in_a_batch_is_free_for_the_next_turn_at_once(red
             await client.aclose()
 
 
+async def test_a_stream_ending_while_a_refused_turn_waits_is_free_for_it(redis_client, monkeypatch):
+    """A turn refused for concurrent streams waits out the replicas' flushes
+    and asks again. A stream of its own replica that ended during that wait
+    was still held when it asked, its release in a batch not yet written,
+    and the turn was refused with the stream free (a bug hunt: 5 callers'
+    turns under concurrent_streams = 5 on one router, each asking once its
+    last stream had ended, were refused 1 to 3 in 60)."""
+    admission = Admission(redis_client, max_generation_s=60)
+    scope = _scope(concurrent_streams=1)
+    held = await admission.admit([scope], 1, 1)
+
+    class HeldEndsDuringTheWait:
+        def __getattr__(self, name):
+            return getattr(asyncio, name)
+
+        async def sleep(self, delay):
+            await asyncio.sleep(delay)
+            admission.settle_soon(held, 2, 0)
+
+    monkeypatch.setattr(admission_module, "asyncio", HeldEndsDuringTheWait())
+    await admission.admit([scope], 1, 1)
+
+
 @pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
 async def test_a_batch_of_settlements_settles_each_turn_to_its_use(redis_client, split_by_slot):
     """Many turns of the same scopes settle in one call per slot, each key
