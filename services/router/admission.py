@@ -521,7 +521,7 @@ class _Plan:
             value = getattr(limits, name)
             if value is None:
                 continue
-            limit = round(value * NANO_USD) if charges == "cost" else value
+            limit = budget_nano_usd(value) if charges == "cost" else value
             keys = tuple(f"{prefix}:{suffix}" for suffix in suffixes)
             expires_at_s = second + b if kind == "budget" else 0
             checks.append(_Check(self.scope, name, keys, kind, limit, b, charges, slot, expires_at_s))
@@ -586,6 +586,14 @@ def cost_nano_usd(price: PriceSettings | None, prompt_tokens: int, completion_to
     completion_num, completion_den = _nano_usd_per_token(price.completion_usd_per_million)
     cost = prompt_tokens * prompt_num * completion_den + completion_tokens * completion_num * prompt_den
     return -(-cost // (prompt_den * completion_den))
+
+
+def budget_nano_usd(usd: float) -> int:
+    """A cost limit in whole nano-USD: the decimal written, rounded down, as
+    turns are billed in whole nano-USD. Through a binary float and round(),
+    a budget of $0.000123456789 admitted 123,457 nano-USD, 0.211 over it."""
+    numerator, denominator = _exact(usd)
+    return numerator * NANO_USD // denominator
 
 
 def share_nano_usd(cost: int, fraction: float) -> int:

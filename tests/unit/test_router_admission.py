@@ -35,8 +35,10 @@ from services.router.admission import (
     _SETTLE_ONCE,
     _TOP_UP,
     Admission,
+    Scope,
     TurnAdmission,
     _period_ids,
+    _Plan,
     admission_scopes,
     cost_nano_usd,
     estimate_prompt_tokens,
@@ -87,6 +89,16 @@ def test_costs_and_a_hits_share_are_the_exact_decimal_rounded_up(
     assert cost == math.ceil(exact)
     assert share_nano_usd(cost, price.cache_hit_fraction) == math.ceil(cost * fraction)
     assert cost_nano_usd(PriceSettings(0.1, 0.0), 3, 0) == 300
+
+
+@pytest.mark.parametrize(
+    ("usd", "nano_usd"), [(0.000123456789, 123_456), (0.0000000015, 1), (4.35, 4_350_000_000)]
+)
+def test_a_cost_limit_is_the_decimal_written_in_whole_nano_usd_rounded_down(usd, nano_usd):
+    """round(usd * 1e9) admitted 123,457 nano-USD under a budget of
+    $0.000123456789 (0.211 nano-USD over), and 2 under one of 1.5."""
+    scope = Scope("tenant", "t", LimitSettings(cost_usd_per_day=usd, cost_usd_per_month=usd))
+    assert [check.a for check in _Plan(scope, "", 60_000).checks(1_800_000_000)] == [nano_usd, nano_usd]
 
 
 def test_the_estimate_bounds_tokens_by_utf8_bytes():
