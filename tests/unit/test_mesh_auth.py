@@ -3,6 +3,7 @@ certificates, and the settings that point at them."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -1004,3 +1005,80 @@ def test_a_verified_token_looks_at_no_file_again(monkeypatch, every_look):
     assert len(looked_at) == 2
     assert all(verifier.tenant(metadata) == "dev" for _ in range(1000))
     assert len(looked_at) == 2
+
+
+async def test_a_call_that_ends_before_its_request_came_is_observed_as_what_ended_it():
+    """MeshGuard serves unary methods request-streaming (the peer is checked
+    before the request is read); a call cancelled or timed out while its
+    request is held back ended the requests too, and was observed as
+    INVALID_ARGUMENT MALFORMED_REQUEST. A call whose client sent no message
+    and half-closed is malformed."""
+    from meshgate.context.v1 import context_service_pb2_grpc
+    from meshgate.errors import ErrorInterceptor
+    from meshgate.reasons import Reason
+
+    seen: list[tuple[str, str]] = []
+
+    def observe(method, code, reason, started) -> None:
+        seen.append((code, reason))
+
+    class Context(context_service_pb2_grpc.ContextServiceServicer):
+        async def GetSession(self, request, context):
+            return context_service_pb2.GetSessionResponse()
+
+    directory = certs_dir()
+    guard = mesh_auth.MeshGuard()
+    guard.restrict("context", ["router"])
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(observe), guard])
+    context_service_pb2_grpc.add_ContextServiceServicer_to_server(Context(), server)
+    ca = certs.ca_path(directory).read_bytes()
+    pair = (
+        certs.key_path(directory, "context").read_bytes(),
+        certs.cert_path(directory, "context").read_bytes(),
+    )
+    port = server.add_secure_port(
+        "127.0.0.1:0", grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=True)
+    )
+    await server.start()
+    credentials = grpc.ssl_channel_credentials(
+        ca,
+        certs.key_path(directory, "router").read_bytes(),
+        certs.cert_path(directory, "router").read_bytes(),
+    )
+    method = "/meshgate.context.v1.ContextService/GetSession"
+    never = asyncio.Event()
+
+    async def held_back():
+        await never.wait()
+        yield context_service_pb2.GetSessionRequest()
+
+    async def observed(count: int) -> list[tuple[str, str]]:
+        for _ in range(500):
+            if len(seen) >= count:
+                break
+            await asyncio.sleep(0.01)
+        return seen[:count]
+
+    try:
+        async with grpc.aio.secure_channel(
+            f"127.0.0.1:{port}", credentials, options=[("grpc.ssl_target_name_override", "meshgate-context")]
+        ) as channel:
+            serialize = context_service_pb2.GetSessionRequest.SerializeToString
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.stream_unary(method, request_serializer=serialize)(iter([]), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert await observed(1) == [("INVALID_ARGUMENT", Reason.MALFORMED_REQUEST)]
+
+            call = channel.stream_stream(method, request_serializer=serialize)(held_back())
+            await call.wait_for_connection()
+            await asyncio.sleep(0.1)  # the handler waits on the request
+            call.cancel()
+            assert (await observed(2))[1] == ("CANCELLED", "")
+
+            call = channel.stream_stream(method, request_serializer=serialize)(held_back(), timeout=0.3)
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in call:
+                    pass
+            assert (await observed(3))[2] == ("DEADLINE_EXCEEDED", "")
+    finally:
+        await server.stop(None)
