@@ -717,7 +717,9 @@ def listen_refusal(name: str, address: str, error: OSError) -> OSError:
     several ports (gRPC, health, metrics, HTTP), an operator could not tell
     which one another process holds. Said by its errno alone: the
     HTTP port's (socket.create_server) repeats the address in other words."""
-    why = os.strerror(error.errno) if error.errno else str(error)
+    # A name that does not resolve (getaddrinfo's negative errno) says so
+    # in its own words ("Name or service not known"), not "Unknown error -2".
+    why = os.strerror(error.errno) if error.errno and error.errno > 0 else (error.strerror or str(error))
     return OSError(f"{name}: cannot listen on {address}: {why}")
 
 

@@ -61,3 +61,16 @@ def test_an_address_family_the_kernel_lacks_is_left_to_grpc(monkeypatch) -> None
 
     monkeypatch.setattr(socket, "socket", no_ipv6)
     serving._refuse_unbindable_address("router", "[::]:50051")
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (OSError(errno.EADDRINUSE, "[Errno 98] error while attempting to bind"), "Address already in use"),
+        # getaddrinfo's errors carry negative numbers: os.strerror says "Unknown error -2".
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), "Name or service not known"),
+    ],
+)
+def test_a_port_refused_names_the_address_and_why_in_words(error: OSError, said: str) -> None:
+    refusal = serving.listen_refusal("context (metrics)", "nosuch.invalid:9123", error)
+    assert str(refusal) == f"context (metrics): cannot listen on nosuch.invalid:9123: {said}"
