@@ -1017,7 +1017,7 @@ class Pipeline:
                     ),
                 )
                 delivered += 1
-                if pause_s:
+                if pause_s and index < len(pieces):  # none after the last: the completion follows
                     await asyncio.sleep(turn.budget.within(pause_s))
 
         if hit is not None:
