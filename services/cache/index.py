@@ -251,8 +251,9 @@ class VectorIndex:
 
         When full, drops the rows expired by ``now_ms`` (the caller's clock;
         0: none has), then evicts the oldest entry if still full, as the
-        store does (a Store trims expired rows before it evicts the oldest),
-        so both agree on which entries a full sub-partition keeps. Evicting
+        store does (a Store trims expired rows among its oldest before it
+        evicts the oldest), so both agree on which live entries a full
+        sub-partition keeps. Evicting
         the oldest first dropped a live entry Redis kept: a replica's index
         full with a long-lived entry and one expired gave up the long-lived
         one for another replica's Store, and missed it for good, though
