@@ -585,24 +585,27 @@ async def exact_hits_by_h2load(
 AGAINST = "router-against"
 
 
-def start_router_from(stack: Stack, tree: pathlib.Path) -> None:
-    """One more router, run from the checkout at ``tree`` on the stack's
-    settings file (its Redis, cache, context and inference), on ports of its
-    own; the stack stops it with its own routers."""
-    stack.replica_ports[AGAINST] = free_port()
-    stack.replica_metrics_ports[AGAINST] = free_port()
+def start_router_from(
+    stack: Stack, tree: pathlib.Path, name: str = AGAINST, python_options: tuple[str, ...] = ()
+) -> None:
+    """One more router (``name``), run from the checkout at ``tree`` on the
+    stack's settings file (its Redis, cache, context and inference), on
+    ports of its own; the stack stops it with its own routers.
+    ``python_options`` go before its ``-m`` (router_calls_probe.py: cProfile)."""
+    stack.replica_ports[name] = free_port()
+    stack.replica_metrics_ports[name] = free_port()
     env = dict(
         os.environ,
         MESHGATE_CONFIG=str(stack.config_path),
         PYTHONUNBUFFERED="1",
         PYTHONPATH=str(tree),
-        MESHGATE_ROUTER__METRICS_LISTEN=stack.metrics_address(AGAINST),
+        MESHGATE_ROUTER__METRICS_LISTEN=stack.metrics_address(name),
         MESHGATE_ROUTER__HTTP_LISTEN=f"127.0.0.1:{free_port()}",
     )
     env.pop("REDIS_URL", None)
-    with open(stack.log_dir / f"{AGAINST}.log", "ab") as log:
-        stack.processes[AGAINST] = subprocess.Popen(
-            [sys.executable, "-m", "services.router", "--listen", stack.address(AGAINST)],
+    with open(stack.log_dir / f"{name}.log", "ab") as log:
+        stack.processes[name] = subprocess.Popen(
+            [sys.executable, *python_options, "-m", "services.router", "--listen", stack.address(name)],
             cwd=tree,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -610,7 +613,7 @@ def start_router_from(stack: Stack, tree: pathlib.Path) -> None:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    stack.wait_serving(AGAINST)
+    stack.wait_serving(name)
 
 
 def _h2load_cells(rate: float | None, cpu_ms: float | None) -> str:

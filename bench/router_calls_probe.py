@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import pathlib
 import pstats
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from mesh_bench import API_KEY, run_load, through_router  # noqa: E402
+from mesh_bench import API_KEY, run_load, start_router_from, through_router  # noqa: E402
 
 from meshgate.config import InferenceSettings  # noqa: E402
 from meshgate.local.stack import Ports, Stack, free_port  # noqa: E402
@@ -45,33 +43,6 @@ from meshgate.router.v1 import router_service_pb2_grpc  # noqa: E402
 
 WARM_UP = 8  # answers each router gets first
 PROMPT_NUMBERS = itertools.count()
-
-
-def start_profiled_router(stack: Stack, name: str, tree: pathlib.Path, profile: pathlib.Path) -> None:
-    """A router from ``tree`` on the stack's settings, under cProfile."""
-    stack.replica_ports[name] = free_port()
-    stack.replica_metrics_ports[name] = free_port()
-    env = dict(
-        os.environ,
-        MESHGATE_CONFIG=str(stack.config_path),
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=str(tree),
-        MESHGATE_ROUTER__METRICS_LISTEN=stack.metrics_address(name),
-        MESHGATE_ROUTER__HTTP_LISTEN=f"127.0.0.1:{free_port()}",
-    )
-    env.pop("REDIS_URL", None)
-    with open(stack.log_dir / f"{name}.log", "ab") as log:
-        stack.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "services.router"]
-            + ["--listen", stack.address(name)],
-            cwd=tree,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    stack.wait_serving(name)
 
 
 def calls_by_function(profile: pathlib.Path) -> tuple[int, float, dict[str, int], dict[str, float]]:
@@ -141,7 +112,8 @@ def main() -> None:
         )
         with stack:
             for (side, phase), name in runs.items():
-                start_profiled_router(stack, name, trees[side], profiles[side, phase])
+                profiled = ("-m", "cProfile", "-o", str(profiles[side, phase]))
+                start_router_from(stack, trees[side], name, profiled)
             warm = argparse.Namespace(**{**vars(args), "requests": WARM_UP})
             uvloop.run(drive(stack, warm, dict(runs.items())))  # imports, channels, the model's caches
             tokens = uvloop.run(drive(stack, args, {side: runs[side, "run"] for side in trees}))
