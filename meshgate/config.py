@@ -252,6 +252,10 @@ LIMIT_NAMES = (
 # what the counters hold exactly.
 MAX_LIMIT_COUNT = 2**53
 MAX_COST_USD = 1e9
+# The smallest cost limit: one nano-USD, the unit budgets are counted and
+# turns billed in. A limit below it rounds down to a budget of 0, which
+# refused every priced turn as exceeding it.
+MIN_COST_USD = 1e-9
 
 
 @dataclasses.dataclass
@@ -290,6 +294,13 @@ class LimitSettings:
             most, said = _largest(name)
             if value is not None and value > most:
                 raise ConfigError(f"{name} must be at most {said} (leave it out for no limit), got {value!r}")
+            # Compared as floats, as written: a value below the float 1e-9
+            # is below the decimal 0.000000001 too, the one _exact reads.
+            if value is not None and name.startswith("cost_") and value < MIN_COST_USD:
+                raise ConfigError(
+                    f"{name} must be at least {MIN_COST_USD:g} (one nano-USD, what budgets count in;"
+                    f" leave it out for no limit), got {value!r}"
+                )
         unknown = set(self.fail_closed) - set(LIMIT_NAMES)
         if unknown:
             raise ConfigError(f"fail_closed names unknown limit(s) {sorted(unknown)}")
@@ -300,6 +311,21 @@ class LimitSettings:
 
     def configured(self) -> bool:
         return any(getattr(self, name) is not None for name in LIMIT_NAMES)
+
+    @classmethod
+    def as_stored(cls, fields: dict[str, Any]) -> LimitSettings:
+        """Limits read back from an API key's record. They were checked when
+        the key was created; a bound added since (a cost limit of at least
+        one nano-USD) must not make the stored key unreadable, failing its
+        calls and its tenant's ListKeys. Such a key keeps the limits it was
+        given, with the effect they had (under one nano-USD: a budget of 0)."""
+        try:
+            return cls(**fields)
+        except ConfigError:
+            limits = cls()
+            for name, value in fields.items():
+                setattr(limits, name, value)
+            return limits
 
 
 @dataclasses.dataclass

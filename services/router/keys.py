@@ -233,7 +233,7 @@ class KeyRecord:
     def from_json(cls, raw: bytes | str) -> KeyRecord:
         fields = json.loads(raw)
         fields["models"] = tuple(fields["models"])
-        fields["limits"] = LimitSettings(**fields["limits"])
+        fields["limits"] = LimitSettings.as_stored(fields["limits"])
         return cls(**fields)
 
 

@@ -469,6 +469,20 @@ def test_a_limit_just_past_the_largest_is_refused_naming_the_largest_exactly():
         LimitSettings(tokens_per_day=2**53 + 1)
 
 
+def test_a_cost_limit_under_one_nano_usd_is_refused_naming_the_smallest(tmp_path):
+    """It rounded down to a budget of 0 nano-USD (admission.budget_nano_usd),
+    so every priced turn was refused as exceeding it."""
+    config = tmp_path / "meshgate.toml"
+    config.write_text('[[router.tenants]]\nid = "a"\nlimits = { cost_usd_per_day = 5e-10 }\n')
+    with pytest.raises(
+        ConfigError, match=r"router\.tenants\[0\]\.limits: cost_usd_per_day must be at least 1e-09 .*5e-10"
+    ):
+        load_settings(str(config))
+    with pytest.raises(ConfigError, match=r"cost_usd_per_month must be at least 1e-09"):
+        LimitSettings(cost_usd_per_month=9.999999999999999e-10)
+    assert LimitSettings(cost_usd_per_day=1e-9, cost_usd_per_month=0.000000001).configured()
+
+
 def test_a_session_byte_cap_must_leave_the_session_readable_in_one_answer(tmp_path) -> None:
     # A session under the former 64 MiB default could be stored but never
     # read: GetSession's answer passed gRPC's 32 MiB bound.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 
 import grpc
@@ -196,6 +197,17 @@ async def test_a_long_calls_key_is_resolved_again_in_the_settings_a_reload_made(
         )
 
     await asyncio.create_task(call())
+
+
+def test_a_key_stored_with_a_cost_limit_under_one_nano_usd_still_reads():
+    """CreateKey refuses such a limit now (LimitSettings); a key created
+    before keeps its record readable (its calls, its tenant's ListKeys),
+    with the limit it was given."""
+    record = stored(new_secret())
+    fields = json.loads(record.to_json())
+    fields["limits"]["cost_usd_per_day"] = 5e-10
+    read = KeyRecord.from_json(json.dumps(fields))
+    assert read.limits.cost_usd_per_day == 5e-10 and read.key_hash == record.key_hash
 
 
 def test_a_key_never_rotated_is_stored_as_before_and_a_successor_carries_its_accounting_id():

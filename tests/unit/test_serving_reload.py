@@ -189,3 +189,13 @@ async def test_a_reload_allowing_a_tenant_an_alias_that_does_not_exist_is_refuse
     assert service.settings_in_use.router.tenants[0].models == ["tiny-gpt"]
     assert [entry["event"] for entry in logs] == [REFUSED]
     assert "router.tenants 'acme': models: unknown model alias(es) ['tiny-gtp']" in logs[0]["error"]
+
+
+async def test_a_reload_with_a_cost_limit_under_one_nano_usd_is_refused(tmp_path):
+    path = tmp_path / "meshgate.toml"
+    path.write_text('[[router.tenants]]\nid = "a"\nlimits = { cost_usd_per_day = 1e-9 }\n')
+    taken: list[Settings] = []
+    service = service_with(path, taken.append)
+    path.write_text('[[router.tenants]]\nid = "a"\nlimits = { cost_usd_per_day = 5e-10 }\n')
+    assert not serving.reload_configuration(service)
+    assert not taken and service.settings_in_use.router.tenants[0].limits.cost_usd_per_day == 1e-9
