@@ -4,7 +4,8 @@ Reads every service's Prometheus endpoint (the settings' ``metrics_listen``),
 parses the text format with ``prometheus_client.parser`` and shows request
 and error rates, time to first token p50/p99 (from the histogram's buckets,
 as PromQL's ``histogram_quantile`` does), tokens per second, the cache's hit
-rate, errors by reason and each process's CPU and memory. Rates are over the
+rate, errors by reason and each process's CPU and memory (a service's
+errors leave out CANCELLED, its caller's choice). Rates are over the
 refresh interval; quantiles over it too, or over the whole run (marked
 ``*``) when the interval saw no turn.
 """
@@ -178,6 +179,25 @@ def _rate(now: Scrape, before: Scrape | None, name: str, seconds: float, **match
     return max(0.0, now.total(name, **match) - before.total(name, **match)) / seconds
 
 
+# Codes a service's ERR/s and ERRORS leave out: CANCELLED is its caller's
+# choice ("cancelled, typically by the caller", gRPC's status codes), not a
+# failure of the service: a caller that hung up, or the router dropping its
+# own speculative generation, showed as errors of the inference service.
+# Alerting on gRPC error rates leaves it out too (etcd's mixin counts
+# Unknown, Internal, Unavailable, DeadlineExceeded..., never Canceled). The
+# whole run's errors by reason still list it.
+_NOT_SERVICE_ERRORS = frozenset({"OK", "CANCELLED"})
+
+
+def _errors(scrape: Scrape) -> float:
+    """The RPCs the service failed: those that ended with a code not in _NOT_SERVICE_ERRORS."""
+    return sum(
+        value
+        for labels, value in scrape.series("meshgate_rpc_requests_total").items()
+        if dict(labels).get("code") not in _NOT_SERVICE_ERRORS
+    )
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f}"
 
@@ -189,6 +209,7 @@ def render(now: Mapping[str, Scrape], before: Mapping[str, Scrape] | None) -> st
     earlier = next(iter(before.values()), None) if before else None
     seconds = max(1e-3, first.taken_at - earlier.taken_at) if first and earlier else 1.0
     lines.append(f"rates over the last {seconds:.1f} s; * = over the whole run (no turn in the interval)")
+    lines.append("ERR/s and ERRORS leave out CANCELLED (the caller's choice); errors by reason list it")
     lines.append("")
     lines.append(
         f"{'SERVICE':<10} {'METRICS':<22} {'STATE':<6} {'RPC/s':>8} {'ERR/s':>7} "
@@ -203,16 +224,18 @@ def render(now: Mapping[str, Scrape], before: Mapping[str, Scrape] | None) -> st
             lines.append(f"{name:<10} {current.address:<22} {'DOWN':<6} {current.error}")
             continue
         rpcs = current.total("meshgate_rpc_requests_total")
-        ok = current.total("meshgate_rpc_requests_total", code="OK")
-        errors_rate = _rate(current, previous, "meshgate_rpc_requests_total", seconds) - _rate(
-            current, previous, "meshgate_rpc_requests_total", seconds, code="OK"
+        errors = _errors(current)
+        errors_rate = (
+            max(0.0, errors - _errors(previous)) / seconds
+            if previous is not None and not previous.error
+            else 0.0
         )
         cpu = _rate(current, previous, "process_cpu_seconds_total", seconds) * 100
         rss = current.total("process_resident_memory_bytes") / 2**20
         lines.append(
             f"{name:<10} {current.address:<22} {'up':<6} "
             f"{_rate(current, previous, 'meshgate_rpc_requests_total', seconds):>8.1f} {errors_rate:>7.1f} "
-            f"{rpcs:>9.0f} {rpcs - ok:>7.0f} {cpu:>6.1f} {rss:>8.1f}"
+            f"{rpcs:>9.0f} {errors:>7.0f} {cpu:>6.1f} {rss:>8.1f}"
         )
 
     router = now.get("router")

@@ -64,6 +64,29 @@ def test_the_screen_names_down_services_and_errors_by_reason():
     assert any(line.split()[:2] == ["m", "local"] for line in screen.splitlines())
 
 
+def inference_text(ok: int, cancelled: int, internal: int) -> str:
+    return f"""
+# TYPE meshgate_rpc_requests counter
+meshgate_rpc_requests_total{{service="inference",method="G",code="OK",reason=""}} {ok}
+meshgate_rpc_requests_total{{service="inference",method="G",code="CANCELLED",reason=""}} {cancelled}
+meshgate_rpc_requests_total{{service="inference",method="G",code="INTERNAL",reason=""}} {internal}
+"""
+
+
+def test_a_services_errors_leave_out_cancelled_and_the_whole_runs_table_lists_it():
+    """A router dropping its speculative generation, or a caller hanging up,
+    ends the inference service's Generate CANCELLED: the caller's choice,
+    not the service's failure. They were counted in its ERR/s and ERRORS."""
+    before = {"inference": top.Scrape("inference", "127.0.0.1:3", 0.0, top.parse(inference_text(10, 0, 0)))}
+    now = {"inference": top.Scrape("inference", "127.0.0.1:3", 2.0, top.parse(inference_text(12, 4, 1)))}
+    screen = top.render(now, before).splitlines()
+    (row,) = [line.split() for line in screen if "127.0.0.1:3" in line]
+    # RPC/s, ERR/s, RPCS, ERRORS: 7 RPCs in 2 s, one INTERNAL.
+    assert row[3:7] == ["3.5", "0.5", "17", "1"]
+    assert any(line.split() == ["inference", "CANCELLED", "-", "4"] for line in screen)
+    assert any(line.split() == ["inference", "INTERNAL", "-", "1"] for line in screen)
+
+
 def test_a_service_whose_metrics_are_off_is_a_row_that_says_so():
     """It was left out of the screen without a word; it is no failure."""
     now = top.scrape_all({"context": ""})
