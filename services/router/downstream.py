@@ -605,6 +605,14 @@ class CacheService:
         if len(messages) > MAX_CACHED_PROMPT_MESSAGES:
             # The cache refuses it: a miss, without the call or its warning.
             return None
+        if semantic and not plan.exact_lookup_answered:
+            # The turn's exact lookup failed: the cache's Redis (or every
+            # replica) is failing, and a semantic lookup, which reads the
+            # same Redis first, would fail the same way, with the turn's
+            # generated text held until it did. A bug hunt: with Redis
+            # stopped, a stateless turn's first token came after two
+            # redis.timeout_s (6.0 s), one per lookup, not one.
+            return None
         hot = self._hot
         if hot is not None:
             hot_key = hot.key(plan, messages)

@@ -194,6 +194,12 @@ class CachePlan:
     # (or the turn reads and writes no cache) and the answer is not stored.
     store_fence: list[str] = dataclasses.field(default_factory=list, init=False, compare=False, repr=False)
 
+    @property
+    def exact_lookup_answered(self) -> bool:
+        """Whether the turn's exact lookup (or fence read) was answered: a
+        miss's answer carries the store_fence, a failure leaves none."""
+        return bool(self.store_fence)
+
 
 def _routes(models: dict[str, ModelSettings]) -> dict[str, str]:
     """Every alias's route, made once per configuration, not per turn."""
