@@ -1529,6 +1529,16 @@ def check_listen(name: str, address: str) -> None:
         )
 
 
+def tcp_listen_address(address: str) -> tuple[str, int]:
+    """The host and port a socket binds for a ``host:port`` listen address
+    (one check_listen accepts), an IPv6 host without the brackets gRPC's
+    form puts around it: "[::1]:50062" is ("::1", 50062). The HTTP and
+    metrics servers bind their own sockets, and getaddrinfo takes "[::1]"
+    for a name that does not resolve."""
+    host, _, port = address.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
 def _check_redis_timeout(settings: Settings) -> None:
     """A ReportWrongHit's WAIT blocks for cache.report_replication_timeout_s
     on its connection: a socket timeout no longer than that failed every

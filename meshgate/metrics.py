@@ -31,6 +31,8 @@ import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from meshgate.config import tcp_listen_address
+
 REGISTRY = prometheus_client.REGISTRY
 # A "_created" timestamp series beside every counter and histogram doubles
 # what each scrape carries and nothing here reads it.
@@ -477,8 +479,8 @@ class RpcObserver:
 def serve(address: str) -> tuple[object, int]:
     """Starts the metrics endpoint on ``host:port`` (port 0: any free one) in
     a background thread; returns the server (``shutdown()`` stops it) and its port."""
-    host, _, port = address.rpartition(":")
-    server, _thread = prometheus_client.start_http_server(int(port), addr=host, registry=REGISTRY)
+    host, port = tcp_listen_address(address)
+    server, _thread = prometheus_client.start_http_server(port, addr=host, registry=REGISTRY)
     return server, server.server_address[1]
 
 

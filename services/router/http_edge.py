@@ -46,7 +46,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from meshgate import metrics, serving
 from meshgate.common.v1 import common_pb2
-from meshgate.config import ModelSettings, RouterSettings
+from meshgate.config import ModelSettings, RouterSettings, tcp_listen_address
 from meshgate.errors import (
     MeshgateError,
     internal_error,
@@ -1607,14 +1607,11 @@ def _listening_socket(listen: str) -> socket.socket:
     """A socket listening on ``listen`` (host:port, an IPv6 host in brackets
     as gRPC's listen takes it): IPv6 for an IPv6 host, and for ``[::]``
     IPv4 too where the system can (as gRPC's ``[::]`` does)."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
+    host, port = tcp_listen_address(listen)
     if ":" not in host:
-        return socket.create_server((host, int(port)), backlog=1024)
+        return socket.create_server((host, port), backlog=1024)
     dualstack = host == "::" and socket.has_dualstack_ipv6()
-    return socket.create_server(
-        (host, int(port)), family=socket.AF_INET6, backlog=1024, dualstack_ipv6=dualstack
-    )
+    return socket.create_server((host, port), family=socket.AF_INET6, backlog=1024, dualstack_ipv6=dualstack)
 
 
 class HttpServer:

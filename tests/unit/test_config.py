@@ -11,6 +11,7 @@ from meshgate.config import (
     LimitSettings,
     hash_api_key,
     load_settings,
+    tcp_listen_address,
 )
 
 
@@ -412,6 +413,22 @@ def test_a_listen_address_without_a_host_is_refused_naming_the_setting(setting):
     for address in ("0.0.0.0:50051", "[::]:50051", "127.0.0.1:50051"):
         settings = load_settings(environ={variable: address})
         assert getattr(getattr(settings, section), field) == address
+
+
+@pytest.mark.parametrize(
+    ("address", "bound"),
+    [
+        ("[::1]:50062", ("::1", 50062)),
+        ("[::]:0", ("::", 0)),
+        ("0.0.0.0:50062", ("0.0.0.0", 50062)),
+        ("localhost:8080", ("localhost", 8080)),
+    ],
+)
+def test_a_listen_address_the_settings_accept_is_what_the_http_servers_bind(address, bound):
+    """The metrics and HTTP servers bind their own sockets: "[::1]" reached
+    getaddrinfo as a name (gaierror) though check_listen had accepted it."""
+    load_settings(environ={"MESHGATE_CACHE__METRICS_LISTEN": address})
+    assert tcp_listen_address(address) == bound
 
 
 def test_an_environment_override_finds_a_table_key_whatever_its_case(tmp_path):
