@@ -1506,17 +1506,26 @@ def _check_values(node: Any, where: str) -> None:
             _check_values(value, f"{where.rstrip('.')}[{i}].")
 
 
-def check_listen(name: str, address: str) -> None:
+def check_listen(name: str, address: str, unix_socket: bool = True) -> None:
     """A listen address is ``unix:path`` (or grpc's ``unix-abstract:``) or ``host:port`` with a port of 0
     (any free one) to 65535: grpc binds a larger port modulo 65536 (99999
-    listened on 34463), and says nothing.
+    listened on 34463), and says nothing. A server that listens on TCP alone
+    (``unix_socket`` false: the HTTP and metrics endpoints) takes
+    ``host:port`` only: a unix path loaded, then failed the start with a
+    ValueError naming no setting.
 
     The host is never left out: grpc refuses ``:50051`` ("Failed to bind",
     naming no setting), while the HTTP and metrics servers took it for
     loopback, and Go and Python's own servers read it as every interface.
     An operator writing it may mean either, so it is refused, naming both."""
-    if not address or address.startswith(("unix:", "unix-abstract:")):
+    if not address:
         return
+    if address.startswith(("unix:", "unix-abstract:")):
+        if unix_socket:
+            return
+        raise ConfigError(
+            f"{name} must be host:port (it listens on TCP only, not a unix socket); got {address!r}"
+        )
     host, colon, port = address.rpartition(":")
     if not (colon and port.isdigit() and int(port) <= 65535):
         raise ConfigError(
@@ -1603,7 +1612,7 @@ def _check_addresses(settings: Settings) -> None:
         part = getattr(settings, section)
         for field in ("listen", "metrics_listen", "http_listen"):
             if hasattr(part, field):
-                check_listen(f"{section}.{field}", getattr(part, field))
+                check_listen(f"{section}.{field}", getattr(part, field), unix_socket=field == "listen")
     check_listen("mesh.health_listen", settings.mesh.health_listen)
     if not settings.inference.triton_urls:
         raise ConfigError("inference.triton_urls must name at least one Triton server")

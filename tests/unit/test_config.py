@@ -431,6 +431,27 @@ def test_a_listen_address_the_settings_accept_is_what_the_http_servers_bind(addr
     assert tcp_listen_address(address) == bound
 
 
+def test_a_unix_socket_is_refused_at_load_where_the_server_listens_on_tcp_only():
+    """metrics_listen and http_listen = "unix:..." loaded, then the start
+    failed with int()'s ValueError and a traceback, naming no setting."""
+    for setting in ("cache.metrics_listen", "router.http_listen"):
+        section, field = setting.split(".")
+        with pytest.raises(
+            ConfigError, match=rf"^{re.escape(setting)} must be host:port \(it listens on TCP only"
+        ):
+            load_settings(environ={f"MESHGATE_{section.upper()}__{field.upper()}": "unix:/tmp/meshgate.sock"})
+    settings = load_settings(
+        environ={
+            "MESHGATE_CACHE__LISTEN": "unix:/tmp/cache.sock",
+            "MESHGATE_MESH__HEALTH_LISTEN": "unix:/tmp/health.sock",
+        }
+    )
+    assert (settings.cache.listen, settings.mesh.health_listen) == (
+        "unix:/tmp/cache.sock",
+        "unix:/tmp/health.sock",
+    )
+
+
 def test_an_environment_override_finds_a_table_key_whatever_its_case(tmp_path):
     path = tmp_path / "models.toml"
     path.write_text(
