@@ -173,10 +173,26 @@ def model_rows(now: Scrape, before: Scrape | None, seconds: float) -> list[Model
     return rows
 
 
-def _rate(now: Scrape, before: Scrape | None, name: str, seconds: float, **match: str) -> float:
-    if before is None or before.error:
+def _earlier(before: Mapping[str, Scrape] | None, service: str) -> Scrape | None:
+    """``service``'s earlier scrape, None where there is none or it could not
+    be read: no rate is taken from it."""
+    previous = before.get(service) if before else None
+    return None if previous is None or previous.error else previous
+
+
+def _per_second(now_total: float, before_total: float | None, seconds: float) -> float:
+    """A counter's rate between two scrapes' totals: 0 without an earlier
+    one (``before_total`` None), never below 0 (a restarted service counts
+    from 0 again)."""
+    if before_total is None:
         return 0.0
-    return max(0.0, now.total(name, **match) - before.total(name, **match)) / seconds
+    return max(0.0, now_total - before_total) / seconds
+
+
+def _rate(now: Scrape, before: Scrape | None, name: str, seconds: float, **match: str) -> float:
+    return _per_second(
+        now.total(name, **match), None if before is None else before.total(name, **match), seconds
+    )
 
 
 # Codes a service's ERR/s and ERRORS leave out: CANCELLED is its caller's
@@ -216,7 +232,7 @@ def render(now: Mapping[str, Scrape], before: Mapping[str, Scrape] | None) -> st
         f"{'RPCS':>9} {'ERRORS':>7} {'CPU%':>6} {'RSS MiB':>8}"
     )
     for name, current in now.items():
-        previous = before.get(name) if before else None
+        previous = _earlier(before, name)
         if current.off:
             lines.append(f"{name:<10} {'-':<22} {'OFF':<6} metrics_listen is unset: nothing to read")
             continue
@@ -225,11 +241,7 @@ def render(now: Mapping[str, Scrape], before: Mapping[str, Scrape] | None) -> st
             continue
         rpcs = current.total("meshgate_rpc_requests_total")
         errors = _errors(current)
-        errors_rate = (
-            max(0.0, errors - _errors(previous)) / seconds
-            if previous is not None and not previous.error
-            else 0.0
-        )
+        errors_rate = _per_second(errors, None if previous is None else _errors(previous), seconds)
         cpu = _rate(current, previous, "process_cpu_seconds_total", seconds) * 100
         rss = current.total("process_resident_memory_bytes") / 2**20
         lines.append(
@@ -240,13 +252,13 @@ def render(now: Mapping[str, Scrape], before: Mapping[str, Scrape] | None) -> st
 
     router = now.get("router")
     if router is not None and not router.error:
-        previous = before.get("router") if before else None
+        previous = _earlier(before, "router")
         lines.append("")
         lines.append(
             f"{'MODEL':<14} {'DEPLOYMENT':<12} {'TURNS/s':>8} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
             f"{'TOKENS/s':>9} {'TURNS':>8}"
         )
-        rows = model_rows(router, previous if previous and not previous.error else None, seconds)
+        rows = model_rows(router, previous, seconds)
         for row in rows:
             mark = "*" if row.whole_run else " "
             lines.append(
