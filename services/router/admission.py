@@ -1038,9 +1038,7 @@ class Admission:
         limits are requests and streams alone, or that was admitted failing
         open (without Redis, or where its admit may have run: its budgets'
         charge is unknown)."""
-        if reservation.settled or reservation.unchecked or reservation.admit_unsure:
-            return
-        if not reservation.checks:
+        if reservation.settled or reservation.unchecked or reservation.admit_unsure or not reservation.checks:
             return
         reserved_tokens, reserved_nano_usd = reservation.reserved_tokens, reservation.reserved_nano_usd
         tokens, nano_usd = max(tokens, reserved_tokens), max(nano_usd, reserved_nano_usd)
