@@ -21,6 +21,7 @@ import pathlib
 import re
 import signal
 import socket
+import tomllib
 import typing
 import urllib.parse
 import weakref
@@ -904,6 +905,16 @@ def reload_configuration(service: Service) -> bool:
         return False
     try:
         settings = load_settings(service.config_path)
+        if settings != service.settings_in_use and _holds_no_settings(service.config_path):
+            # Every setting at its default: no tenant, no key, no limit, no
+            # model route of the file, and the dev tenant on with the public
+            # key. A bug hunt: a file emptied by a redirection whose command
+            # failed (`envsubst < missing > meshgate.toml`) was reloaded so
+            # within a second; every tenant's key was refused and
+            # mg-dev-local-key admitted. Defaults are a restart's to take.
+            raise ConfigError(
+                "the settings file holds no settings; restart the service to run on the defaults"
+            )
     except Exception as error:  # noqa: BLE001 - whatever is wrong with the file, the service stays up
         service.refused_config_digest = digest
         log.error("configuration refused; keeping the one in use", path=service.config_path, error=str(error))
@@ -935,6 +946,15 @@ def reload_configuration(service: Service) -> bool:
     service.refused_config_digest = None
     log.info("configuration reloaded", path=service.config_path)
     return True
+
+
+def _holds_no_settings(path: str) -> bool:
+    """Whether the file is empty, blank or comments alone (as it was read
+    just now: load_settings said what else is wrong with it)."""
+    try:
+        return not tomllib.loads(pathlib.Path(path).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
 
 
 def _content_digest(path: str) -> bytes | None:

@@ -199,3 +199,37 @@ async def test_a_reload_with_a_cost_limit_under_one_nano_usd_is_refused(tmp_path
     path.write_text('[[router.tenants]]\nid = "a"\nlimits = { cost_usd_per_day = 5e-10 }\n')
     assert not serving.reload_configuration(service)
     assert not taken and service.settings_in_use.router.tenants[0].limits.cost_usd_per_day == 1e-9
+
+
+async def test_a_file_emptied_while_the_service_runs_is_refused(tmp_path):
+    """An empty file loads as every default: no tenants, and the dev tenant
+    on with the public key. A bug hunt: a router whose file a failed
+    redirection emptied refused its tenants' keys and admitted
+    mg-dev-local-key, within a second (the file watch)."""
+    path = tmp_path / "meshgate.toml"
+    path.write_text(
+        '[router]\ndev_tenant = false\n[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["'
+        + "a" * 64
+        + '"]\n'
+    )
+    taken: list[Settings] = []
+    service = service_with(path, taken.append)
+    for emptied in ("", "\n# nothing here yet\n"):
+        path.write_text(emptied)
+        with structlog.testing.capture_logs() as logs:
+            assert not serving.reload_configuration(service)
+        assert [entry["event"] for entry in logs] == [REFUSED]
+        assert "holds no settings" in logs[0]["error"]
+    assert taken == []
+    assert [tenant.id for tenant in service.settings_in_use.router.tenants] == ["acme"]
+
+
+async def test_an_empty_file_is_reloaded_where_the_service_runs_on_its_defaults(tmp_path):
+    """Settings from the environment alone (an empty file beside them): a
+    SIGHUP changes nothing and is not refused."""
+    path = tmp_path / "meshgate.toml"
+    path.write_text("")
+    service = service_with(path, lambda settings: None)
+    with structlog.testing.capture_logs() as logs:
+        assert serving.reload_configuration(service)
+    assert [entry["event"] for entry in logs] == ["configuration reloaded"]
