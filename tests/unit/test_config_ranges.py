@@ -275,12 +275,11 @@ def test_zero_loads_where_it_means_something(tmp_path, path, hint):
 
 
 def _settings_rows() -> list[str]:
-    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
-    return [line for line in section.splitlines() if line.startswith("| `")]
+    table = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    return [line for line in table.splitlines() if line.startswith("| `")]
 
 
-# Settings that take 0 and have no row of their own in README's tables: the
+# Settings that take 0 and have no row of their own in the settings table: the
 # fields of a table per alias or per template, said in their table's row or
 # section in prose (`models.<alias>`, `router.prices.<alias>`, templates).
 # A setting newly allowed 0 must get a row saying what 0 means, or be added
@@ -298,7 +297,7 @@ NO_ROW_OF_THEIR_OWN = {
 }
 
 
-def test_the_readme_says_what_zero_means_where_it_names_a_setting_that_takes_it():
+def test_the_settings_table_says_what_zero_means_where_it_names_a_setting_that_takes_it():
     rows = _settings_rows()
     unsaid, rowless = [], set()
     for path, _ in ZERO_ALLOWED:
