@@ -7,7 +7,7 @@ a running `meshgate up` (`make run`): how many end with the router's status
 
 One turn at a time, cache bypassed, each a different prompt. A turn that
 completes within its deadline counts as completed. The router's setting is
-router.deadline_margin_s (README).
+router.deadline_margin_s (docs/configuration.md).
 """
 
 from __future__ import annotations

@@ -569,7 +569,7 @@ class RouterSettings:
     context_address: str = "127.0.0.1:50052"
     cache_address: str = "127.0.0.1:50053"
     # Adds a tenant "dev", with every model and no limits, whose key is
-    # MESHGATE_DEV_API_KEY (or the default, printed in the README). Unset:
+    # MESHGATE_DEV_API_KEY (or the default, printed in docs/configuration.md). Unset:
     # on only where the settings name no tenant and no admin credential (a
     # bare local setup), resolved when the settings are built
     # (__post_init__). On by default everywhere, a production file
@@ -1021,7 +1021,7 @@ class CacheSettings:
     # RESOURCE_EXHAUSTED / CACHE_QUOTA_EXCEEDED (the router logs and counts it; the
     # turn is not cached). An entry lives at most ttl_s, so what the tenant
     # holds is within what those windows charged (once the ttl_s before a
-    # change has passed: README says how far past it until then). Approximate: nothing is
+    # change has passed: docs/configuration.md says how far past it until then). Approximate: nothing is
     # refunded (an eviction, an expiry, an Invalidate), so a tenant may be
     # refused below the bound until two windows pass. 0: no bound.
     max_bytes_per_tenant: int = 1024 * 1024 * 1024

@@ -120,7 +120,7 @@ class ChannelSecurity:
         # naming the identity only as its common name, or as a URI or e-mail
         # name, passes. grpc's Python client offers no hook to refuse that
         # (no verify callback, no auth context on a call, none in a metadata
-        # plugin's context); README says so.
+        # plugin's context); docs/mesh-trust.md says so.
         return [("grpc.ssl_target_name_override", self.server_identity)]
 
 
@@ -767,7 +767,7 @@ class TenantVerifier:
         # key within CERTIFICATE_LOOK_S of its files changing (when both read
         # one file), and a token signed just before is good for ttl_s and
         # the leeway more. A router whose files change later than ours needs
-        # the new certificate staged beside the old here first (README).
+        # the new certificate staged beside the old here first (docs/mesh-trust.md).
         self._overlap_s = ttl_s + leeway_s + CERTIFICATE_LOOK_S
         self._clock = clock
         self._reading = router.current

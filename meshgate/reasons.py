@@ -2,7 +2,7 @@
 
 A reason is the machine-readable half of a failure (AIP-193): callers branch
 on it, so one failure has one reason in every service. Each member is
-documented by the string under it; the README's errors table lists the ones
+documented by the string under it; docs/errors.md's table lists the ones
 a router caller meets, with compatibility notes for reasons that were merged.
 New reasons go here, never as string literals at the raise.
 

@@ -263,7 +263,7 @@ CHANNEL_OPTIONS = [
 # channels keep pinging while idle, without the default limit of two pings
 # between two writes of the client's own. Not part of CHANNEL_OPTIONS: those
 # also serve callers of the router's public port (meshgate chat, a client
-# following the README), who may reach it through an ingress or a load
+# following docs/operations.md), who may reach it through an ingress or a load
 # balancer whose ping policy is not ours.
 _MESH_PEER_OPTIONS = [("grpc.http2.max_pings_without_data", 0)]
 

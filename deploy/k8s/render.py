@@ -480,8 +480,8 @@ def key_rotation(service: str) -> str:
     tokens with, but they read it from the router's Secret, which kubelet
     refreshes in each pod at its own moment: a new router key would be
     signing before some replicas know it. So the router keeps its key across
-    renewals; a change of it is staged (README, "The router's key changes
-    without a restart"). Every other key is new at each renewal."""
+    renewals; a change of it is staged (docs/mesh-trust.md, "The router's key
+    changes without a restart"). Every other key is new at each renewal."""
     return "Never" if service == "router" else "Always"
 
 

@@ -646,7 +646,7 @@ class CacheStore:
         so the tenant's live entries were all charged in these two windows;
         but for those charged under another ttl_s (windows of another
         length, not read here), gone within that ttl_s of the change
-        (README, cache.max_bytes_per_tenant, says by how much the tenant may
+        (docs/configuration.md, cache.max_bytes_per_tenant, says by how much the tenant may
         pass the bound meanwhile)."""
         window = now_ms // (window_s * 1000)
         charged = window if expires_ms is None else charge_window(expires_ms, window_s)

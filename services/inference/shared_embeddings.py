@@ -50,7 +50,7 @@ a text embedded (the cache's semantic lookup, context assembly) can be
 that much faster when another tenant asked the same exact text just before.
 The cache's own memo, in front of this, is per tenant and so adds no such
 signal. ``inference.embedding_memo_entries = 0`` removes the memo's part;
-in-flight sharing stays (README: Trust inside the mesh).
+in-flight sharing stays (docs/mesh-trust.md).
 """
 
 from __future__ import annotations

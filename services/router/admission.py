@@ -63,7 +63,7 @@ assembled prompt's bound (``top_up``, one more script call, only for a turn
 a token or cost limit charges), before anything is generated, or the turn
 is refused as admission would have refused it, and settles to nothing. So a
 turn's settlement stays within what its limits were checked for; where it
-cannot (the README lists where: a template that cannot be measured, a cache
+cannot (docs/limits-and-usage.md lists where: a template that cannot be measured, a cache
 hit's share of a longer prompt's answer, fail open), the whole use is still
 charged and the excess logged. The settlement at the end of the turn
 (success, failure or cancellation) replaces the reservation by the real
@@ -1331,7 +1331,7 @@ def _warn_over(reservation: Reservation, tokens: int, nano_usd: int) -> None:
     """A turn billed more than it reserved: its limits were checked against
     less than it used. Its settlement still charges the whole use (later
     turns see it), but the overshoot it may have made is told here: only
-    where the README says it can happen ("Limits, usage and keys")."""
+    where docs/limits-and-usage.md says it can happen."""
     log.warning(
         "a turn used more than admission reserved; its limits may be overshot by the difference",
         reserved_tokens=reservation.reserved_tokens,
@@ -1453,7 +1453,7 @@ class TurnAdmission:
         of ``message_count`` messages (prompt_bound.py: a token is a byte or
         more of the rendering, as of its content). 0 for a template that
         cannot be measured: its turns reserve their content alone (the
-        README says so, and pipeline's prompt_bounds logs it)."""
+        docs/limits-and-usage.md says so, and pipeline's prompt_bounds logs it)."""
         template = turn.model.chat_template
         try:
             bound = self._bounds[template]

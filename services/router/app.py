@@ -108,7 +108,7 @@ def _field(settings: Settings, dotted: str):
 
 def _warn_of_public_dev_key(router: RouterSettings) -> None:
     """Warns where the dev tenant (every model, no limits) is on with the
-    README's key beside configured tenants or an admin credential: settings
+    public key of the docs beside configured tenants or an admin credential: settings
     that serve someone else, where anyone can send that key."""
     public_key = router.dev_tenant and router.dev_api_key == DEFAULT_DEV_API_KEY
     if public_key and (router.tenants or router.admin_api_key_sha256):

@@ -56,7 +56,7 @@ _LENGTH = struct.Struct("<I")
 
 def is_deterministic(parameters: common_pb2.GenerationParameters) -> bool:
     """Greedy (temperature 0) or seeded: the same inputs are meant to give
-    the same tokens (best effort under load: README, "Coalescing"), so one
+    the same tokens (best effort under load: docs/templates.md, "Coalescing"), so one
     generation answers each of them as it could have been answered alone.
 
     An unset temperature is the model's default (1.0, sampled from a fresh

@@ -198,7 +198,7 @@ def error_body(error: MeshgateError, kind: str | None = None) -> dict:
         "code": error.reason,
         "param": metadata.get("param") or _PARAM_OF_REASON.get(error.reason),
     }
-    # Always an object ({} when the error has none), as the README says:
+    # Always an object ({} when the error has none), as docs/http-api.md says:
     # a client reads it without checking that it is there.
     body["metadata"] = {key: value for key, value in metadata.items() if key != "param"}
     return {"error": body}

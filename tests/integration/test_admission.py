@@ -736,7 +736,7 @@ async def test_a_summary_take_the_ledger_holds_already_is_still_charged_to_the_b
 
 
 async def test_a_turn_under_way_when_a_reload_changes_prices_is_billed_at_its_admissions(redis_client):
-    """Prices apply from the next turn (README "Reload"): a turn admitted at
+    """Prices apply from the next turn (docs/limits-and-usage.md, "Reload"): a turn admitted at
     $1 a million tokens and ending after a reload set $100 was billed 100
     times its reservation, to its budget and in the ledger."""
     clock = Clock(datetime.datetime(2026, 5, 12, 12, tzinfo=datetime.UTC).timestamp())

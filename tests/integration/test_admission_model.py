@@ -7,8 +7,9 @@ cancelled; once more), admit while Redis is unreachable, move the clock
 across minutes, days and months, and reload limits and prices. The model
 says, for every admission and growth, whether it is admitted and which
 limit refuses it, and after every step what Redis must hold: each window's
-live entries and sum, each budget, each stream lease (README, "Limits, usage
-and keys"). A divergence is shrunk to its shortest run of steps."""
+live entries and sum, each budget, each stream lease
+(docs/limits-and-usage.md). A divergence is shrunk to its shortest run of
+steps."""
 
 from __future__ import annotations
 
@@ -506,7 +507,7 @@ class AdmissionMachine(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
 def test_admission_keeps_to_its_model(redis_url, split_by_slot):
-    """Every admission, growth and settlement does what the README's model
+    """Every admission, growth and settlement does what docs/limits-and-usage.md's model
     of the limits says, and Redis holds the model's counters after each."""
     run_state_machine_as_test(
         lambda: AdmissionMachine(redis_url, split_by_slot),

@@ -14,7 +14,7 @@ must leave everything as it was.
 
 The clock is Redis's expiry, moved on by a script that takes as long off
 every TTL the run's sessions hold (move_clock): no test sleeps. Reads do
-not renew a session (README: sessions untouched this long expire; the
+not renew a session (docs/configuration.md: sessions untouched this long expire; the
 store renews on writes), and neither does a step that changed nothing (a
 retried append, a pin held already, a compaction of no more turns).
 SummarizedSessionStoreMachine (below) adds summaries, the summarizer's

@@ -1,6 +1,6 @@
 """One tenant's storage against the others': every tenant's sessions,
 cache entries and usage live in one Redis, which, full (maxmemory under
-noeviction, as the README asks), refuses every tenant's writes. A Redis of
+noeviction, as docs/configuration.md asks), refuses every tenant's writes. A Redis of
 this module's own, its memory bounded by the test (CONFIG SET), the cache's
 servicer and the context's store over it."""
 

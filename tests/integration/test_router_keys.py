@@ -635,7 +635,7 @@ async def test_a_chat_session_turn_after_a_reload_meets_the_reloaded_keys_and_li
     """A bug hunt's finding: a ChatSession kept the tenant it opened with,
     so a key taken out of the settings file (a leaked one) went on being
     served turn after turn, and a limit the reload set never applied to it,
-    while every new call with the key was refused: the README says a
+    while every new call with the key was refused: docs/limits-and-usage.md says a
     reload's keys and limits apply from the next turn."""
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     # One router process with a settings file; no other service: a turn
@@ -1036,7 +1036,7 @@ async def test_an_admin_call_whose_request_comes_after_a_reload_took_out_its_cre
 async def test_settings_with_tenants_and_an_admin_credential_refuse_the_public_dev_key(redis_url, tmp_path):
     """A trust gap: the dev tenant was on by default, so a production file
     that configured its tenants and admin credential but had no dev_tenant
-    line served the README's key, mg-dev-local-key, as tenant "dev" with
+    line served the docs' public key, mg-dev-local-key, as tenant "dev" with
     every model and no limits. Now it is refused; set on explicitly beside
     them, it is served, and the router warns at start."""
     group = lone_router(

@@ -300,7 +300,7 @@ def test_a_stop_whose_cleanup_fails_runs_to_its_end_and_exits_stop_failed(tmp_pa
 
 
 def test_one_bad_edit_is_refused_once_though_the_file_watch_and_sighup_both_read_it(tmp_path):
-    """The operator's edit, then the SIGHUP the README says reloads: both
+    """The operator's edit, then the SIGHUP docs/limits-and-usage.md says reloads: both
     read the same file, and two identical refusal lines said it twice."""
     address = f"127.0.0.1:{free_port()}"
     config = tmp_path / "meshgate.toml"

@@ -678,7 +678,7 @@ def test_a_tenant_allowed_a_model_alias_that_does_not_exist_is_refused_at_load(t
 def test_the_dev_tenant_is_on_unless_set_only_where_no_tenant_or_admin_is_configured(tmp_path, text, on):
     """A trust gap: on by default everywhere, a production file that named
     its tenants and admin credential but had no dev_tenant line served the
-    README's public key as tenant "dev", with every model and no limits."""
+    docs' public key as tenant "dev", with every model and no limits."""
     assert _tenants_toml(tmp_path, text).router.dev_tenant is on
 
 

@@ -771,7 +771,7 @@ def test_an_expired_router_certificate_vouches_for_no_key(tmp_path: pathlib.Path
 def test_every_router_certificate_of_a_bundle_is_taken_while_a_rotation_is_staged(
     tmp_path: pathlib.Path, every_look
 ):
-    """README's order: the new certificate staged beside the old in the
+    """docs/mesh-trust.md's order: the new certificate staged beside the old in the
     verifiers' router certificate file, then the router renewed, then the
     old dropped. Tokens of either key verify for as long as both are in the
     file, and the old one's for the overlap once it is dropped."""

@@ -180,7 +180,7 @@ class RouterServiceServicer:
         none) while next_page_token is set. A session whose listing Redis
         failed after making it, or made by a context service from before the
         listing, is missing until the context service's background sweep lists
-        it: within one pass of the sweep (README, ListSessions).
+        it: within one pass of the sweep (docs/request-flow.md, ListSessions).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
