@@ -159,15 +159,32 @@ def _listener(port: int) -> int | None:
     return None
 
 
+def _stopped(pid: int) -> bool:
+    """Whether a process is stopped (SIGSTOP, Ctrl-Z), by its state in /proc."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # "pid (comm) state ...": the command may hold spaces and parentheses.
+    return stat.rpartition(")")[2].split()[:1] == ["T"]
+
+
 def _describe_process(pid: int | None) -> str:
-    """A process as an error names it: its pid and command line."""
+    """A process as an error names it: its pid and command line, and that
+    it is stopped, where it is. A child stopped when its `meshgate up` was
+    killed outright holds the SIGTERM the kernel sent it until it is
+    continued, and its ports for good: waiting, as the refusal advises for
+    a Triton still stopping, never freed them."""
     if pid is None:
         return "a process this user cannot see"
     try:
         arguments = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return f"pid {pid}"
-    return f"pid {pid} ({' '.join(arguments).strip()[:200]})"
+    described = f"pid {pid} ({' '.join(arguments).strip()[:200]})"
+    if _stopped(pid):
+        described += f", stopped: it cannot end until it is continued (kill -CONT {pid})"
+    return described
 
 
 def holder(state_dir: pathlib.Path) -> int | None:

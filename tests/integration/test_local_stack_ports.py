@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -97,6 +99,31 @@ def test_a_port_another_process_listens_on_is_refused_naming_that_process(tmp_pa
         with pytest.raises(RuntimeError) as refused:
             stack.start()
         assert f"triton 127.0.0.1:{ports.triton} (held by pid {listener.pid} (" in str(refused.value)
+    finally:
+        listener.kill()
+        listener.wait()
+
+
+def test_a_stopped_process_holding_a_port_is_named_stopped(tmp_path) -> None:
+    """A stack's child that was stopped (SIGSTOP) when its `meshgate up` was
+    killed outright never takes the SIGTERM the kernel sent it, and holds
+    its ports for good: the refusal says so, not only to try again later."""
+    ports = _ports()
+    listener = _holding(
+        "import socket, sys, time\n"
+        "listener = socket.create_server(('127.0.0.1', int(sys.argv[1])))\n"
+        "print('holding', flush=True)\n"
+        "time.sleep(60)",
+        str(ports.context),
+    )
+    try:
+        listener.send_signal(signal.SIGSTOP)
+        os.waitpid(listener.pid, os.WUNTRACED)  # returns once it is stopped
+        stack = Stack(tmp_path / "state", ports, redis_url="redis://127.0.0.1:1/0")
+        with pytest.raises(RuntimeError) as refused:
+            stack.start()
+        said = str(refused.value)
+        assert f"stopped: it cannot end until it is continued (kill -CONT {listener.pid})" in said
     finally:
         listener.kill()
         listener.wait()
