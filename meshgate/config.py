@@ -1270,6 +1270,14 @@ def load_settings(
     if path:
         with pathlib.Path(path).open("rb") as f:
             raw = tomllib.load(f)
+    return settings_from_document(raw, environ)
+
+
+def settings_from_document(raw: dict[str, Any], environ: typing.Mapping[str, str] | None = None) -> Settings:
+    """The settings a parsed settings file gives with the environment's
+    overrides (``raw`` is changed by them): load_settings' work once the
+    file is read, for a reload that judges the same bytes it loads."""
+    environ = os.environ if environ is None else environ
     _apply_environment(raw, environ)
     settings = _build(Settings, raw, "")
     _check_values(settings, "")

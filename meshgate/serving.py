@@ -33,7 +33,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meshgate import mesh_auth, metrics, telemetry
-from meshgate.config import ConfigError, Settings, TelemetrySettings, check_listen, load_settings
+from meshgate.config import (
+    ConfigError,
+    Settings,
+    TelemetrySettings,
+    check_listen,
+    load_settings,
+    settings_from_document,
+)
 from meshgate.errors import ErrorInterceptor, MeshgateError, UnknownMethods
 from meshgate.tasks import cancel_and_wait
 
@@ -887,7 +894,7 @@ def reload_configuration(service: Service) -> bool:
     once: the file watch and a SIGHUP for one edit both come here, and the
     second says only that it is unchanged.
 
-    load_settings checks what the hooks take, but a hook that raises anyway
+    settings_from_document checks what the hooks take, but a hook that raises anyway
     must not leave a half-applied reload behind (a router's new call cap in
     force, its new keys not), nor end the file watcher: the hooks it reached
     are given the settings in use again, whole."""
@@ -897,15 +904,27 @@ def reload_configuration(service: Service) -> bool:
     # Read before the file is loaded: a change made in between differs from
     # them, so the watcher's next look reloads (and judges) that change too.
     service.config_state = _file_state(service.config_path)
-    digest = _content_digest(service.config_path)
-    if digest is not None and digest == service.refused_config_digest:
+    # Read once: the digest, the emptiness check and the settings are all of
+    # these bytes. Read three times, a rewrite between the reads (a
+    # truncation, then the writes) had the empty file loaded and the full
+    # one judged not empty (the defaults applied), or a good edit's digest
+    # noted as refused for an empty read (never applied).
+    try:
+        content = pathlib.Path(service.config_path).read_bytes()
+    except OSError as error:
+        log.error("configuration refused; keeping the one in use", path=service.config_path, error=str(error))
+        return False
+    digest = hashlib.sha256(content).digest()
+    if digest == service.refused_config_digest:
         log.info(
             "configuration unchanged since it was refused; keeping the one in use", path=service.config_path
         )
         return False
     try:
-        settings = load_settings(service.config_path)
-        if settings != service.settings_in_use and _holds_no_settings(service.config_path):
+        document = tomllib.loads(content.decode())
+        sets_anything = _holds_a_value(document)  # before the environment's overrides go into it
+        settings = settings_from_document(document)
+        if settings != service.settings_in_use and not sets_anything:
             # Every setting at its default: no tenant, no key, no limit, no
             # model route of the file, and the dev tenant on with the public
             # key. A bug hunt: a file emptied by a redirection whose command
@@ -948,22 +967,11 @@ def reload_configuration(service: Service) -> bool:
     return True
 
 
-def _holds_no_settings(path: str) -> bool:
-    """Whether the file is empty, blank or comments alone (as it was read
-    just now: load_settings said what else is wrong with it)."""
-    try:
-        return not tomllib.loads(pathlib.Path(path).read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False
-
-
-def _content_digest(path: str) -> bytes | None:
-    """The SHA-256 of the file's content; None if it cannot be read (the
-    load that follows says why)."""
-    try:
-        return hashlib.sha256(pathlib.Path(path).read_bytes()).digest()
-    except OSError:
-        return None
+def _holds_a_value(table: dict) -> bool:
+    """Whether a settings document sets anything: a file empty, blank,
+    comments alone or table headers alone (``[router]``, as a generator
+    that failed partway may leave) sets nothing, and loads as every default."""
+    return any(not isinstance(value, dict) or _holds_a_value(value) for value in table.values())
 
 
 def _file_state(path: str) -> tuple[int, int] | None:

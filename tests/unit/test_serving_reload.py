@@ -19,7 +19,7 @@ def service_with(path, *hooks) -> serving.Service:
     service.reload_hooks.extend(hooks)
     # As serving.main reads it: the file's state, then its settings.
     service.config_state = serving._file_state(path)
-    service.settings_in_use = load_settings(path, environ={})
+    service.settings_in_use = load_settings(path)
     return service
 
 
@@ -214,7 +214,8 @@ async def test_a_file_emptied_while_the_service_runs_is_refused(tmp_path):
     )
     taken: list[Settings] = []
     service = service_with(path, taken.append)
-    for emptied in ("", "\n# nothing here yet\n"):
+    # Table headers alone set nothing either (a generator that failed partway).
+    for emptied in ("", "\n# nothing here yet\n", "[router]\n", "[router]\n[cache]\n"):
         path.write_text(emptied)
         with structlog.testing.capture_logs() as logs:
             assert not serving.reload_configuration(service)
@@ -233,3 +234,36 @@ async def test_an_empty_file_is_reloaded_where_the_service_runs_on_its_defaults(
     with structlog.testing.capture_logs() as logs:
         assert serving.reload_configuration(service)
     assert [entry["event"] for entry in logs] == ["configuration reloaded"]
+
+
+async def test_a_file_rewritten_while_it_is_reloaded_is_judged_by_the_bytes_loaded(tmp_path, monkeypatch):
+    """A rewrite in place (truncated, then written) that lands between the
+    reload's reads: the review of the emptied-file fix had the empty read
+    loaded and the full file then judged not empty, so the defaults were
+    applied. One read: what is loaded is what is judged."""
+    full = (
+        '[router]\ndev_tenant = false\n[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["'
+        + "a" * 64
+        + '"]\n'
+    )
+    path = tmp_path / "meshgate.toml"
+    path.write_text(full)
+    taken: list[Settings] = []
+    service = service_with(path, taken.append)
+    path.write_text("")
+    built = serving.settings_from_document
+
+    def then_written_again(document, environ=None):
+        settings = built(document, environ)
+        path.write_text(full)  # the rest of the rewrite, after the read
+        return settings
+
+    monkeypatch.setattr(serving, "settings_from_document", then_written_again)
+    with structlog.testing.capture_logs() as logs:
+        assert not serving.reload_configuration(service)
+    assert [entry["event"] for entry in logs] == [REFUSED]
+    assert taken == []
+    monkeypatch.setattr(serving, "settings_from_document", built)
+    # The whole file, read next, is not the refused (empty) content: loaded.
+    assert serving.reload_configuration(service)
+    assert [tenant.id for tenant in taken[-1].router.tenants] == ["acme"]
