@@ -152,22 +152,18 @@ def model_rows(now: Scrape, before: Scrape | None, seconds: float) -> list[Model
         window = _delta(buckets, _buckets(before, ttft, match)) if before is not None else {}
         whole_run = not window or max(window.values(), default=0.0) <= 0
         chosen = buckets if whole_run else window
-        count = now.total(ttft + "_count", **match)
-        count_before = before.total(ttft + "_count", **match) if before is not None else 0.0
-        tokens = now.total("meshgate_router_completion_tokens_total", **match)
-        tokens_before = (
-            before.total("meshgate_router_completion_tokens_total", **match) if before is not None else tokens
-        )
         rows.append(
             ModelRow(
                 model,
                 deployment,
-                (count - count_before) / seconds if before is not None else 0.0,
+                # As every rate here: 0 without an earlier scrape, never
+                # below 0 (a restarted router counts from 0 again).
+                _rate(now, before, ttft + "_count", seconds, **match),
                 histogram_quantile(0.5, chosen.items()),
                 histogram_quantile(0.99, chosen.items()),
                 whole_run,
-                (tokens - tokens_before) / seconds,
-                count,
+                _rate(now, before, "meshgate_router_completion_tokens_total", seconds, **match),
+                now.total(ttft + "_count", **match),
             )
         )
     return rows

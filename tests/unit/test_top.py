@@ -51,6 +51,29 @@ def test_rows_use_the_interval_and_fall_back_to_the_whole_run():
     assert quiet.ttft_p50_s == pytest.approx(0.007)
 
 
+def test_a_restarted_router_counting_from_zero_again_reads_no_negative_rate():
+    """A review: RPC/s read 0.0 after a router's restart, but TURNS/s
+    -495.0 and TOKENS/s -24850.0 (its own arithmetic, unclamped)."""
+    before = top.Scrape("router", "a", 0.0, top.parse(router_text(1000, 0, 50000, 0)))
+    now = top.Scrape("router", "a", 2.0, top.parse(router_text(10, 0, 300, 0)))
+    (row,) = top.model_rows(now, before, 2.0)
+    assert row.turns_per_s == 0.0 and row.tokens_per_s == 0.0 and row.turns == 10
+
+
+def test_an_earlier_scrape_that_failed_gives_no_rate():
+    """No rate is taken from a scrape that could not be read: a review,
+    with that check left out, had a service's RPC/s, ERR/s and CPU read
+    from a failed scrape's empty totals (502.5, 2.5, 1500%)."""
+    before = {"router": top.Scrape("router", "127.0.0.1:1", 0.0, error="connection refused")}
+    now = {"router": top.Scrape("router", "127.0.0.1:1", 2.0, top.parse(router_text(3, 1, 40, 2)))}
+    screen = top.render(now, before).splitlines()
+    (service,) = [line.split() for line in screen if "127.0.0.1:1" in line]
+    # RPC/s, ERR/s: none; RPCS, ERRORS: the totals.
+    assert service[3:7] == ["0.0", "0.0", "6", "2"]
+    (model,) = [line.split() for line in screen if line.startswith("m ")]
+    assert model[2] == "0.0"  # TURNS/s
+
+
 def test_the_screen_names_down_services_and_errors_by_reason():
     now = {
         "router": top.Scrape("router", "127.0.0.1:1", 1.0, top.parse(router_text(3, 1, 40, 2))),
