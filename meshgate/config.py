@@ -1528,21 +1528,37 @@ def check_listen(name: str, address: str, unix_socket: bool = True) -> None:
     An operator writing it may mean either, so it is refused, naming both."""
     if not address:
         return
-    if address.startswith(("unix:", "unix-abstract:")):
+    if address.startswith(("unix:", "unix-abstract:", "vsock:")):
         if unix_socket:
             return
         raise ConfigError(
-            f"{name} must be host:port (it listens on TCP only, not a unix socket); got {address!r}"
+            f"{name} must be host:port (it listens on TCP only, not a unix or vsock socket); got {address!r}"
         )
     host, colon, port = address.rpartition(":")
     if not (colon and port.isdigit() and int(port) <= 65535):
         raise ConfigError(
-            f"{name} must be host:port with a port from 0 to 65535, or unix:path; got {address!r}"
+            f"{name} must be host:port with a port from 0 to 65535"
+            + (", or unix:path" if unix_socket else "")
+            + f"; got {address!r}"
         )
     if not host:
         raise ConfigError(
             f"{name} must name a host; {address!r} names none (0.0.0.0:{port} or [::]:{port} listens "
             f"on every interface, 127.0.0.1:{port} on this host only)"
+        )
+    # An IPv6 host is bracketed, as gRPC and URLs write it: unbracketed,
+    # "::1:0" is read by grpc as ::0.1.0.0 on port 443 ("Failed to bind",
+    # naming no setting) and by the TCP servers as ::1 on port 0; "[::1:0"
+    # bound ::1; "http://127.0.0.1:9090" loaded and failed the start.
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        malformed = host == "[]" or any(mark in host[1:-1] for mark in "[]/")
+    else:
+        malformed = any(mark in host for mark in ":[]/")
+    if malformed:
+        raise ConfigError(
+            f"{name} must be host:port with a host name or address, an IPv6 one in brackets "
+            f"([::1]:{port}); got {address!r}"
         )
 
 

@@ -431,6 +431,43 @@ def test_a_listen_address_the_settings_accept_is_what_the_http_servers_bind(addr
     assert tcp_listen_address(address) == bound
 
 
+@pytest.mark.parametrize(
+    ("setting", "address"),
+    [
+        # grpc read it as ::0.1.0.0 on port 443, the TCP servers as ::1 port 0.
+        ("router.listen", "::1:0"),
+        ("cache.metrics_listen", "::1:0"),
+        ("router.http_listen", "[::1:0"),
+        ("context.metrics_listen", "http://127.0.0.1:9090"),
+        ("router.listen", "[]:50051"),
+        ("mesh.health_listen", "host]:50051"),
+        ("router.http_listen", "vsock:3:5000"),
+    ],
+)
+def test_a_listen_address_read_two_ways_is_refused_naming_the_setting(setting, address):
+    """A review: these loaded, and were read differently by grpc and the TCP
+    servers, or failed only at the start."""
+    section, field = setting.split(".")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(setting)} must be host:port"):
+        load_settings(environ={f"MESHGATE_{section.upper()}__{field.upper()}": address})
+
+
+def test_a_tcp_only_port_refusal_does_not_offer_a_unix_socket():
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ={"MESHGATE_CACHE__METRICS_LISTEN": "127.0.0.1"})
+    assert "unix" not in str(refused.value)
+    with pytest.raises(ConfigError, match="or unix:path"):
+        load_settings(environ={"MESHGATE_CACHE__LISTEN": "127.0.0.1"})
+    # grpc's own forms stay: a vsock listener, an IPv4-mapped IPv6 host.
+    settings = load_settings(
+        environ={
+            "MESHGATE_CACHE__LISTEN": "vsock:3:5000",
+            "MESHGATE_CACHE__METRICS_LISTEN": "[::ffff:127.0.0.1]:0",
+        }
+    )
+    assert settings.cache.listen == "vsock:3:5000"
+
+
 def test_a_unix_socket_is_refused_at_load_where_the_server_listens_on_tcp_only():
     """metrics_listen and http_listen = "unix:..." loaded, then the start
     failed with int()'s ValueError and a traceback, naming no setting."""
