@@ -13,9 +13,12 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import json
 import os
 import pathlib
 import re
+import select
+import signal
 import socket
 import struct
 import subprocess
@@ -41,6 +44,10 @@ SERVICES = ("inference", "context", "cache", "router")
 # state of each child its supervisor keeps there (meshgate/local/supervisor.py).
 LOCK_FILE = "stack.lock"
 STATUS_FILE = "status.json"
+# Each child the stack started last, by name: its pid and what tells that
+# process from a later one given the same pid (_process_identity). The next
+# start on the state directory reads it to end what a killed `up` left.
+CHILDREN_FILE = "children.json"
 
 # How long one readiness check waits for its answer (Stack.ready): a child
 # that takes longer is not ready for work either.
@@ -55,6 +62,12 @@ START_TIMEOUT_S = 180.0
 # SIGKILL: a service drains its calls for up to 10 s (serving.stop). Triton
 # has its own (triton.STOP_GRACE_S).
 STOP_GRACE_S = 20.0
+
+# How long a start waits for the children a killed `up` of its state
+# directory left holding its ports to exit once continued: their SIGTERM
+# (PR_SET_PDEATHSIG) ends a service within its drain (10 s at most, well
+# under a second idle) and Triton within its --exit-timeout-secs (10 s).
+LEFTOVER_EXIT_S = 15.0
 
 
 def _last_lines(path: pathlib.Path, count: int) -> str:
@@ -169,6 +182,20 @@ def _stopped(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[:1] == ["T"]
 
 
+def _process_identity(pid: int) -> str | None:
+    """What tells process ``pid`` from any other that has had or will have
+    that pid: the boot it runs in and its start time since that boot (clock
+    ticks, /proc/PID/stat's 22nd field). None if it is gone (or there is no
+    /proc)."""
+    try:
+        boot = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ...": fields from the state (the 3rd) on.
+    return f"{boot}:{stat.rpartition(')')[2].split()[22 - 3]}"
+
+
 def _describe_process(pid: int | None) -> str:
     """A process as an error names it: its pid and command line, and that
     it is stopped, where it is. A child stopped when its `meshgate up` was
@@ -185,6 +212,42 @@ def _describe_process(pid: int | None) -> str:
     if _stopped(pid):
         described += f", stopped: it cannot end until it is continued (kill -CONT {pid})"
     return described
+
+
+def _end_leftovers(holders: set[int], previous_children: Mapping[int, str]) -> bool:
+    """Continues (SIGCONT) each of ``holders`` that is one of
+    ``previous_children`` (pid -> _process_identity) and waits up to
+    LEFTOVER_EXIT_S for them to exit; True if there was any. A child of a
+    `meshgate up` killed outright got SIGTERM from the kernel
+    (PR_SET_PDEATHSIG), but one stopped then (SIGSTOP, a debugger) takes
+    it only once continued, and held its ports for good; one still
+    stopping (Triton, up to 10 s) is waited for alike. A process that only
+    has a recorded pid, started at another time, is left alone: each is
+    held by a pidfd before its identity is checked, so the pid cannot pass
+    to another process between the check and the signal."""
+    pidfds = []
+    try:
+        for pid in holders & previous_children.keys():
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:  # gone meanwhile
+                continue
+            if _process_identity(pid) != previous_children[pid]:  # the pid is another's now
+                os.close(pidfd)
+                continue
+            pidfds.append(pidfd)
+            with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                signal.pidfd_send_signal(pidfd, signal.SIGCONT)
+        # A pidfd reads as ready once its process has exited.
+        deadline = time.monotonic() + LEFTOVER_EXIT_S
+        waiting = list(pidfds)
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            exited, _, _ = select.select(waiting, [], [], left)
+            waiting = [pidfd for pidfd in waiting if pidfd not in exited]
+        return bool(pidfds)
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
 
 
 def holder(state_dir: pathlib.Path) -> int | None:
@@ -293,6 +356,9 @@ class Stack:
         self.traces_path = self.state_dir / "traces.jsonl"
         self.config_path = self.state_dir / "meshgate.toml"
         self.status_path = self.state_dir / STATUS_FILE
+        self.children_path = self.state_dir / CHILDREN_FILE
+        # What children_path says of this stack's children (_started).
+        self._children_record: dict[str, dict[str, object]] = {}
         # The mesh's CA and each service's certificate: made on the first
         # start, reused by later ones.
         self.certs_dir = self.state_dir / "certs"
@@ -500,21 +566,49 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         # someone cleared the logs while the mesh ran.
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if name == "redis":
-            self.processes["redis"] = redis_server.launch(
-                self.ports.redis,
-                self.state_dir / "redis",
-                self.log_path("redis"),
+            self._started(
+                "redis",
+                redis_server.launch(
+                    self.ports.redis,
+                    self.state_dir / "redis",
+                    self.log_path("redis"),
+                ),
             )
         elif name == "triton":
-            self.processes["triton"] = triton.launch(
-                grpc_port=self.ports.triton,
-                http_port=self.ports.triton_http,
-                state_dir=self.state_dir / "triton",
-                log_file=self.log_path("triton"),
-                models=self.triton_models,
+            self._started(
+                "triton",
+                triton.launch(
+                    grpc_port=self.ports.triton,
+                    http_port=self.ports.triton_http,
+                    state_dir=self.state_dir / "triton",
+                    log_file=self.log_path("triton"),
+                    models=self.triton_models,
+                ),
             )
         else:
             self.start_service(name)
+
+    def _started(self, name: str, process: subprocess.Popen) -> None:
+        """Takes a child just started as ``name`` and records it in
+        children_path, for the next start on this state directory if this
+        process is killed (_end_leftovers)."""
+        self.processes[name] = process
+        self._children_record[name] = {"pid": process.pid, "identity": _process_identity(process.pid)}
+        # A full disk or a removed state folder must not fail a start or a
+        # restart: without the record, a leftover is refused, as any holder.
+        with contextlib.suppress(OSError):
+            record = json.dumps(self._children_record, indent=1).encode()
+            certs.replace_file(self.children_path, record, 0o644)
+
+    def _previous_children(self) -> dict[int, str]:
+        """The children the last stack on this state directory recorded
+        (children_path), as pid -> identity. Read once this stack holds the
+        directory: that stack's process has ended, however."""
+        try:
+            record = json.loads(self.children_path.read_text()).values()
+            return {int(child["pid"]): str(child["identity"]) for child in record if child["identity"]}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return {}
 
     def _hold_state_dir(self) -> None:
         """Takes the state directory for this stack, or fails at once if
@@ -563,7 +657,10 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         stop(); in port order, so of two stacks wanting the same ports the
         first to claim the lowest they share wins them all, and the other
         fails at once. Then the ports are checked for other listeners: a
-        killed stack's Triton still stopping, a system Redis."""
+        killed stack's Triton still stopping, a system Redis. Those that
+        are children of the last stack on this state directory (killed:
+        this one holds the directory) are continued and waited for
+        (_end_leftovers) before the ports are checked again."""
         for port, name in sorted(self.listen_ports().items()):
             claim = _claim_port(port)
             if claim is None:
@@ -572,16 +669,24 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                     f"{_describe_process(_claimant(port))}; stop it first (Ctrl-C in its terminal)"
                 )
             self._port_claims.append(claim)
+        holders = self._port_holders()
+        leftovers = {pid for pid in holders.values() if pid is not None}
+        if _end_leftovers(leftovers, self._previous_children()):
+            holders = self._port_holders()
         taken = [
-            f"{name} 127.0.0.1:{port} (held by {_describe_process(_listener(port))})"
-            for port, name in self.listen_ports().items()
-            if _listened_on(port)
+            f"{self.listen_ports()[port]} 127.0.0.1:{port} (held by {_describe_process(pid)})"
+            for port, pid in holders.items()
         ]
         if taken:
             raise RuntimeError(
                 f"port(s) in use: {', '.join(taken)}. One `meshgate up` that was killed "
                 "leaves its Triton up to ~10 s to exit (--exit-timeout-secs): try again then."
             )
+
+    def _port_holders(self) -> dict[int, int | None]:
+        """The ports the stack listens on that another process listens on,
+        each with its pid (_listener: None where this user cannot see it)."""
+        return {port: _listener(port) for port in self.listen_ports() if _listened_on(port)}
 
     def start_service(self, name: str) -> None:
         """Starts a service's replica ("router", "router-2", ...)."""
@@ -602,7 +707,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                 env[section + "HTTP_LISTEN"] = f"127.0.0.1:{self.replica_http_ports[name]}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path(name), "ab")  # noqa: SIM115 - owned by the child
-        self.processes[name] = children.start(
+        process = children.start(
             command,
             # serving.main installs its own handler; until then a reload
             # asked for must not kill it.
@@ -614,6 +719,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             stderr=subprocess.STDOUT,
         )
         log.close()
+        self._started(name, process)
 
     def log_path(self, name: str) -> pathlib.Path:
         """Where a child's output goes ("redis", "triton", a service's replica)."""

@@ -6,12 +6,15 @@ other process by its listening socket."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -124,6 +127,87 @@ def test_a_stopped_process_holding_a_port_is_named_stopped(tmp_path) -> None:
             stack.start()
         said = str(refused.value)
         assert f"stopped: it cannot end until it is continued (kill -CONT {listener.pid})" in said
+        # Not one the previous `up` on this state directory started: left stopped.
+        assert stack_module._stopped(listener.pid)
     finally:
         listener.kill()
         listener.wait()
+
+
+# A `meshgate up` whose Redis has started, held there (before Triton's start).
+STACK_WITH_ITS_REDIS = """
+import json, pathlib, sys, time
+from meshgate.local import redis_server, stack
+stack.certs.ensure = lambda directory: None
+ports = stack.Ports(**json.loads(sys.argv[2]))
+def build_model_weights():
+    redis_server.wait_ready(ports.redis)
+    print("holding", flush=True)
+    time.sleep(60)
+stack.build_model_weights = build_model_weights
+stack.Stack(pathlib.Path(sys.argv[1]), ports).start()
+"""
+
+
+def _stop_and_orphan(tmp_path, ports: Ports) -> tuple[int, int]:
+    """Starts a stack's Redis from another process, stops the Redis
+    (SIGSTOP) and kills that process outright: the Redis is left stopped,
+    the kernel's SIGTERM (PR_SET_PDEATHSIG) waiting in it, holding its port.
+    Returns the Redis's pid and a pidfd of it (the test's hold on that very
+    process, whatever pid reuse may come)."""
+    previous = _holding(STACK_WITH_ITS_REDIS, str(tmp_path / "state"), json.dumps(dataclasses.asdict(ports)))
+    try:
+        redis = stack_module._listener(ports.redis)
+        assert redis is not None
+        redis_pidfd = os.pidfd_open(redis)
+        os.kill(redis, signal.SIGSTOP)
+        while not stack_module._stopped(redis):
+            time.sleep(0.01)
+    finally:
+        previous.kill()
+        previous.wait()
+    return redis, redis_pidfd
+
+
+def _exited(pidfd: int) -> bool:
+    # A pidfd reads as ready once its process has exited.
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def test_a_stopped_child_of_the_previous_up_on_the_same_state_directory_is_continued_and_the_start_goes_on(
+    tmp_path,
+) -> None:
+    ports = _ports()
+    _, redis_pidfd = _stop_and_orphan(tmp_path, ports)
+    try:
+        assert not _exited(redis_pidfd)
+        # Past the ports: the stopped Redis was continued, took its
+        # SIGTERM and exited, freeing its port.
+        with pytest.raises(PastTheClaims):
+            Stack(tmp_path / "state", ports).start()
+        assert _exited(redis_pidfd)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(redis_pidfd, signal.SIGKILL)
+        os.close(redis_pidfd)
+
+
+def test_a_recorded_pid_now_of_another_process_is_not_signalled(tmp_path) -> None:
+    """The previous `up`'s record names the pid, but a process started at
+    another time holds it now (a pid reused): it is refused, not continued."""
+    ports = _ports()
+    redis, redis_pidfd = _stop_and_orphan(tmp_path, ports)
+    try:
+        record_path = tmp_path / "state" / stack_module.CHILDREN_FILE
+        record = json.loads(record_path.read_text())
+        for child in record.values():
+            child["identity"] = "another boot:0"
+        record_path.write_text(json.dumps(record))
+        with pytest.raises(RuntimeError, match=f"port\\(s\\) in use: redis 127.0.0.1:{ports.redis}"):
+            Stack(tmp_path / "state", ports).start()
+        assert not _exited(redis_pidfd)
+        assert stack_module._stopped(redis)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(redis_pidfd, signal.SIGKILL)
+        os.close(redis_pidfd)
