@@ -982,15 +982,26 @@ def _file_state(path: str) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
-async def watch_configuration(service: Service, poll_s: float = CONFIG_POLL_S) -> None:
+async def watch_configuration(
+    service: Service,
+    poll_s: float = CONFIG_POLL_S,
+    sleep: collections.abc.Callable[[float], collections.abc.Awaitable[object]] = asyncio.sleep,
+) -> None:
     """Reloads whenever the settings file changes from how it was last read
     (Service.config_state; polled: one stat a second, and no dependency, on
-    every platform and file system)."""
+    every platform and file system), once the change has settled: the
+    file's (mtime, size) the same on two looks in a row, so a change is
+    applied 1-2 s after it. A file caught while an editor or `cat >`
+    rewrote it in place could parse (cut before its `[[router.tenants]]`)
+    and was applied: for up to a second, tenants vanished. (A SIGHUP
+    reloads at once: whoever sends it has finished writing.)"""
+    last_look = service.config_state
     while True:
-        await asyncio.sleep(poll_s)
+        await sleep(poll_s)
         current = _file_state(service.config_path)
-        if current is not None and current != service.config_state:
+        if current is not None and current != service.config_state and current == last_look:
             reload_configuration(service)
+        last_look = current
 
 
 class EarlySignals:

@@ -90,6 +90,55 @@ async def test_the_file_watcher_does_not_reload_an_edit_a_sighup_reloaded(tmp_pa
         watcher.cancel()
 
 
+class Looks:
+    """The file watcher's sleep, in the test's hands: look() lets it take
+    one look at the file and returns once it has (it sleeps again)."""
+
+    def __init__(self) -> None:
+        self._go: asyncio.Queue[None] = asyncio.Queue()
+        self._sleeping: asyncio.Queue[None] = asyncio.Queue()
+
+    async def sleep(self, seconds: float) -> None:
+        self._sleeping.put_nowait(None)
+        await self._go.get()
+
+    async def watching(self) -> None:
+        await self._sleeping.get()
+
+    async def look(self) -> None:
+        self._go.put_nowait(None)
+        await self._sleeping.get()
+
+
+async def test_the_file_watcher_applies_a_change_once_it_has_settled(tmp_path):
+    """A file rewritten in place and caught part-way can parse (cut before
+    its tenants): the watch applied it at its next look, and for up to a
+    second every tenant was gone. It now waits for the file to look the
+    same on two looks in a row."""
+    path = tmp_path / "meshgate.toml"
+    settings, tenants = "[cache]\nttl_s = 60\n", '[[router.tenants]]\nid = "acme"\n'
+    path.write_text(settings + tenants)
+    taken: list[tuple[int, list[str]]] = []
+    service = service_with(
+        path, lambda new: taken.append((new.cache.ttl_s, [tenant.id for tenant in new.router.tenants]))
+    )
+    looks = Looks()
+    watcher = asyncio.create_task(serving.watch_configuration(service, sleep=looks.sleep))
+    await looks.watching()
+    try:
+        path.write_text(settings.replace("60", "90"))  # the rewrite, half-way
+        await looks.look()
+        path.write_text(settings.replace("60", "90") + tenants)  # and done
+        await looks.look()
+        assert taken == []  # changed since the look before
+        await looks.look()
+        assert taken == [(90, ["acme"])]
+        await looks.look()
+        assert taken == [(90, ["acme"])]
+    finally:
+        watcher.cancel()
+
+
 async def test_a_service_without_reload_hooks_reloads_nothing(tmp_path):
     path = tmp_path / "meshgate.toml"
     write_ttl(path, 60)
