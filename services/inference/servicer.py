@@ -37,6 +37,12 @@ _HOLD_DEADLINE_MARGIN_S = 0.010
 # A change of the embedding model's revision is logged at most once per
 # change (from one revision to another) and this many seconds.
 _REVISION_WARNING_INTERVAL_S = 60.0
+# A server that refuses generations (UNAVAILABLE before an answer: Triton
+# draining on SIGTERM, a model unloading) is logged at most once per this
+# many seconds, each line counting the refusals it stands for: every call
+# it refused logged one, three for each request its router retried
+# (serving's retry policy), for as long as it refused.
+_UNAVAILABLE_WARNING_INTERVAL_S = 10.0
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
@@ -60,6 +66,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         # a request's texts go to be embedded again by one revision.
         self._revision_served: dict[str, str] = {}
         self._revision_changes = telemetry.ThrottledLog(log, _REVISION_WARNING_INTERVAL_S)
+        # Per server (see _UNAVAILABLE_WARNING_INTERVAL_S).
+        self._unavailable_servers = telemetry.ThrottledLog(log, _UNAVAILABLE_WARNING_INTERVAL_S, clock)
         self._embeddings: SharedEmbeddings[tuple[str, bytes]] = SharedEmbeddings(
             self._embed_texts,
             settings.embedding_memo_entries,
@@ -201,7 +209,12 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         # Refused (its model unloaded, its stub dead) or lost
                         # before an answer: not believed to hold the prompt.
                         take_back_route()
-                        log.warning("triton unavailable, trying another", backend=backend.address)
+                        self._unavailable_servers.warning(
+                            "triton unavailable, trying another",
+                            per=backend.address,
+                            backend=backend.address,
+                            error=error.details(),
+                        )
                         continue
                     failure = triton_failure(error, served.triton_model, Reason.INVALID_GENERATION_REQUEST)
                     raise _with_progress(failure, stream) from error

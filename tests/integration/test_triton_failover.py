@@ -20,6 +20,7 @@ from meshgate.config import Settings
 from meshgate.errors import error_info
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
+from services.inference import servicer
 from services.inference.backends import PROBE_TIMEOUT_S, PROBES_TO_MARK_DOWN
 from tests.integration.conftest import launched_triton, launched_tritons, running_inference
 from tests.mesh import mesh_settings, router_channel
@@ -365,7 +366,7 @@ async def test_a_stopped_triton_takes_requests_again_once_its_probes_answer(two_
     assert stopped_url in backends, f"the server that answers again got none of {backends}"
 
 
-async def test_a_prefix_is_not_believed_held_by_the_server_that_refused_it(two_tritons) -> None:
+async def test_a_prefix_is_not_believed_held_by_the_server_that_refused_it(two_tritons, monkeypatch) -> None:
     """A prefix strategy learns which server holds a prompt's blocks from
     where its requests ran. A server that refused one (its generation model
     unloaded, before the probes take the model out there) computed nothing:
@@ -378,6 +379,9 @@ async def test_a_prefix_is_not_believed_held_by_the_server_that_refused_it(two_t
     # No probe round between the unload and the calls.
     settings.inference.health_interval_s = 60
     settings.inference.models["tiny-gpt"].routing_strategy = "prefix_affinity"
+    # Every refusal logged, none folded into a later line's count: the
+    # lines count the requests refused first.
+    monkeypatch.setattr(servicer, "_UNAVAILABLE_WARNING_INTERVAL_S", 0.0)
     prefix = "policy: " + " ".join(f"rule {n} applies" for n in range(50))
     async with running_inference(settings) as address, router_channel(address, "inference") as channel:
         stub = inference_service_pb2_grpc.InferenceServiceStub(channel)

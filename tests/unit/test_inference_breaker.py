@@ -12,6 +12,7 @@ import asyncio
 
 import grpc
 import pytest
+import structlog.testing
 from tritonclient.grpc import service_pb2
 
 from meshgate import balancing
@@ -266,3 +267,63 @@ async def test_a_half_open_embedding_that_is_no_outcome_of_the_server_frees_the_
         assert other.stub.calls == 1
     assert probed.stub.calls == 1
     assert probed.health.state is balancing.BreakerState.HALF_OPEN and probed.health.admits
+
+
+# What Triton 2.51 answers a generation while it drains on SIGTERM: its
+# models are unloaded at once, before the probes (3 in a row) take them out
+# of rotation.
+UNLOADED = "Request for unknown model: 'tiny_gpt' has no available versions"
+
+
+class RefusingCall(ScriptedCall):
+    """A ModelStreamInfer call that fails UNAVAILABLE at its first request."""
+
+    async def write(self, request) -> None:
+        await super().write(request)
+        metadata = grpc.aio.Metadata()
+        self.send(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, UNLOADED))
+
+
+class RefusingTriton:
+    def ModelStreamInfer(self) -> RefusingCall:
+        return RefusingCall()
+
+
+async def test_a_server_that_refuses_every_generation_is_logged_once_per_interval_with_a_count() -> None:
+    """The only Triton draining: each call refused there logged "triton
+    unavailable, trying another", three lines for each request (its
+    router's channel retries UNAVAILABLE twice) while the probes still held
+    it in rotation. One line per server and interval now, saying what the
+    server answered and how many refusals it stood for."""
+    settings = InferenceSettings(triton_urls=["127.0.0.1:1"])
+    pool = BackendPool(settings.triton_urls, ["tiny_gpt", settings.embedding_triton_model])
+    (draining,) = pool.backends
+    draining.ready_models = {"tiny_gpt", settings.embedding_triton_model}
+    draining.stream_stub = RefusingTriton()
+    clock = Clock()
+    servicer = InferenceServicer(settings, pool, clock=clock)
+
+    async def refused_calls(count: int) -> None:
+        for i in range(count):
+            with pytest.raises(MeshgateError) as refused:
+                await _generate(servicer, f"question {i}")
+            assert (refused.value.code, refused.value.reason) == (
+                grpc.StatusCode.UNAVAILABLE,
+                Reason.NO_READY_BACKEND,
+            )
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await refused_calls(3)  # one request and its router's two retries
+            clock.now += 9.9
+            await refused_calls(3)
+            clock.now += 0.1
+            await refused_calls(1)
+        lines = [entry for entry in logs if entry["event"] == "triton unavailable, trying another"]
+        expected = {"backend": "127.0.0.1:1", "error": UNLOADED, "log_level": "warning"}
+        assert lines == [
+            {"event": "triton unavailable, trying another", "suppressed": 0, **expected},
+            {"event": "triton unavailable, trying another", "suppressed": 5, **expected},
+        ]
+    finally:
+        await pool.close()
