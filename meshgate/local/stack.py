@@ -210,7 +210,7 @@ def _describe_process(pid: int | None) -> str:
         return f"pid {pid}"
     described = f"pid {pid} ({' '.join(arguments).strip()[:200]})"
     if _stopped(pid):
-        described += f", stopped: it cannot end until it is continued (kill -CONT {pid})"
+        described += f", stopped: it takes no SIGTERM until continued (kill -CONT {pid}, or kill -KILL {pid})"
     return described
 
 
@@ -678,9 +678,17 @@ triton_urls = ["127.0.0.1:{p.triton}"]
             for port, pid in holders.items()
         ]
         if taken:
+            # Waiting frees a port a killed stack's Triton still holds, never
+            # one a stopped process holds: the hint is not given for that.
+            waiting_helps = not any(pid is not None and _stopped(pid) for pid in holders.values())
             raise RuntimeError(
-                f"port(s) in use: {', '.join(taken)}. One `meshgate up` that was killed "
-                "leaves its Triton up to ~10 s to exit (--exit-timeout-secs): try again then."
+                f"port(s) in use: {', '.join(taken)}."
+                + (
+                    " One `meshgate up` that was killed leaves its Triton up to ~10 s to exit "
+                    "(--exit-timeout-secs): try again then."
+                    if waiting_helps
+                    else ""
+                )
             )
 
     def _port_holders(self) -> dict[int, int | None]:
