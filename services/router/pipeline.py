@@ -762,7 +762,6 @@ class Pipeline:
         in_flight = metrics.router().streams_in_flight.labels(turn.model_alias)
         in_flight.inc()
         held: Delta | None = None  # the last piece, kept for the completion
-        completed = False  # its Completion went out
         try:
             # Every nested stream is closed explicitly (aclosing): an
             # abandoned async generator's cleanup, such as cancelling its
@@ -796,12 +795,6 @@ class Pipeline:
                         delivered_bytes += len(held.text.encode())
                         event = dataclasses.replace(event, text=held.text)
                         held = None
-                    if isinstance(event, Completion):
-                        # Handed to the front end: the turn is whole, even if
-                        # its caller goes away while that writes it (a hunt:
-                        # ChatSession turns received complete and stored were
-                        # in the ledger as cancelled failures).
-                        completed = True
                     yield event
         except MeshgateError as error:
             failure = error.reason
@@ -816,8 +809,8 @@ class Pipeline:
             yield _failure(sent.told(error), facts)
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away: its task was cancelled, or its front end
-            # closed this stream unfinished (after its Completion: finished).
-            cancelled = not completed
+            # closed this stream unfinished.
+            cancelled = True
             raise
         except Exception:  # noqa: BLE001 - a bug fails its turn, with nothing of its insides
             log.exception("turn failed", model=turn.model_alias)

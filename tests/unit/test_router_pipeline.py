@@ -676,32 +676,6 @@ async def test_settle_sees_a_cancelled_turn_once_and_the_generation_ends():
     assert generator.closed
 
 
-async def test_a_turn_whose_caller_goes_away_once_its_completion_went_out_is_settled_completed():
-    """A hunt: ChatSession turns the client received complete, and stored,
-    were settled (and in the ledger) as cancelled failures, the caller's
-    cancel landing while gRPC wrote the completion (the front end's task
-    cancelled at that write, the turn's stream closed at its Completion)."""
-    admission = RecordingAdmission()
-    turns, _ = pipeline(admission=admission)
-    writing = asyncio.Event()
-
-    async def consume():
-        async with contextlib.aclosing(turns.run(request(), TENANT, "", Budget())) as events:
-            async for event in events:
-                if isinstance(event, Completion):
-                    writing.set()
-                    await asyncio.sleep(3600)  # gRPC writing it when the caller hangs up
-
-    task = asyncio.ensure_future(consume())
-    await asyncio.wait_for(writing.wait(), 5)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    [(_, outcome)] = admission.settled
-    assert (outcome.failure, outcome.cancelled) == (None, False)
-    assert outcome.answer.completion_tokens == 3
-
-
 async def test_a_bug_in_a_stage_fails_the_turn_as_internal():
     class Broken(FakeContexts):
         async def assemble(self, turn):
