@@ -35,7 +35,9 @@ from tests.unit.test_router_pipeline import (
     BugAfterTwoPieces,
     FakeCache,
     FakeContexts,
+    RecordingAdmission,
 )
+from tests.unit.test_router_pipeline import pipeline as real_pipeline
 
 KEY = "edge-key"
 
@@ -572,6 +574,37 @@ async def test_a_requests_place_is_given_back_once_when_its_response_is_complete
     assert waiting_sent[0]["status"] == 200
     await asyncio.sleep(0)
     assert calls.held("dev") == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_client_gone_while_the_last_part_waits_is_settled_cancelled_by_the_real_pipeline(stream):
+    """The rule below, through the real Pipeline (the test below scripts
+    it): a change counting a turn whole once its Completion was handed to
+    the front end (reverted) had such turns recorded completed, and the
+    scripted test could not see it (a review)."""
+    admission = RecordingAdmission()
+    turns, _ = real_pipeline(admission=admission)
+    edge = edge_with(TenantCalls(1), turns)
+    gone = asyncio.Event()
+    scope, body_receive = chat_request(KEY, [], stream=stream)
+    body_read = False
+
+    async def receive():
+        nonlocal body_read
+        if not body_read:
+            body_read = True
+            return await body_receive()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            gone.set()  # uvicorn drops it: the client never gets it
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(edge(scope, receive, send), 5)
+    [(_, outcome)] = admission.settled
+    assert outcome.cancelled and outcome.failure is None
 
 
 async def test_a_client_gone_while_the_last_part_waits_to_be_written_has_its_turn_cancelled():
