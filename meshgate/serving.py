@@ -974,12 +974,21 @@ def _holds_a_value(table: dict) -> bool:
     return any(not isinstance(value, dict) or _holds_a_value(value) for value in table.values())
 
 
-def _file_state(path: str) -> tuple[int, int] | None:
+def _file_state(path: str) -> tuple[int, ...] | None:
+    """What tells the file changed: its mtime and size, and its inode and
+    ctime, which a replacement keeping the old mtime and size changes
+    (`cp -p`, `rsync -t`, `tar x`, an os.replace of a copy: missed by mtime
+    and size alone, a review found), and a chmod too."""
     try:
         stat = os.stat(path)
     except OSError:
         return None
-    return stat.st_mtime_ns, stat.st_size
+    return stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size
+
+
+# Looks in a row at a settings file changed on each before the watch
+# reloads it unsettled (watch_configuration).
+UNSETTLED_LOOKS = 5
 
 
 async def watch_configuration(
@@ -994,13 +1003,19 @@ async def watch_configuration(
     applied 1-2 s after it. A file caught while an editor or `cat >`
     rewrote it in place could parse (cut before its `[[router.tenants]]`)
     and was applied: for up to a second, tenants vanished. (A SIGHUP
-    reloads at once: whoever sends it has finished writing.)"""
+    reloads at once: whoever sends it has finished writing.) A file that
+    never settles (rewritten every second by a loop) is reloaded anyway
+    after UNSETTLED_LOOKS looks, rather than never."""
     last_look = service.config_state
+    unsettled = 0  # looks in a row that found it changed again
     while True:
         await sleep(poll_s)
         current = _file_state(service.config_path)
-        if current is not None and current != service.config_state and current == last_look:
+        changed = current is not None and current != service.config_state
+        unsettled = unsettled + 1 if changed and current != last_look else 0
+        if changed and (current == last_look or unsettled >= UNSETTLED_LOOKS):
             reload_configuration(service)
+            unsettled = 0
         last_look = current
 
 

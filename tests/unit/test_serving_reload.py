@@ -5,6 +5,7 @@ reached, and the file watcher goes on watching."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import structlog
 
@@ -135,6 +136,51 @@ async def test_the_file_watcher_applies_a_change_once_it_has_settled(tmp_path):
         assert taken == [(90, ["acme"])]
         await looks.look()
         assert taken == [(90, ["acme"])]
+    finally:
+        watcher.cancel()
+
+
+async def test_the_file_watcher_sees_a_replacement_that_keeps_mtime_and_size(tmp_path):
+    """`cp -p`, `rsync -t`: a new file put in place with the old one's mtime
+    and size was never applied by the watch (a review)."""
+    path = tmp_path / "meshgate.toml"
+    write_ttl(path, 60)
+    taken: list[int] = []
+    service = service_with(path, lambda new: taken.append(new.cache.ttl_s))
+    before = os.stat(path)
+    replacement = tmp_path / "meshgate.toml.new"
+    write_ttl(replacement, 90)
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(replacement, path)
+    looks = Looks()
+    watcher = asyncio.create_task(serving.watch_configuration(service, sleep=looks.sleep))
+    await looks.watching()
+    try:
+        await looks.look()
+        await looks.look()
+        assert taken == [90]
+    finally:
+        watcher.cancel()
+
+
+async def test_the_file_watcher_reloads_a_file_that_never_settles(tmp_path):
+    """A file rewritten before every look (a loop re-rendering it) never
+    looked the same twice and was never applied (a review): it is after
+    UNSETTLED_LOOKS looks."""
+    path = tmp_path / "meshgate.toml"
+    write_ttl(path, 60)
+    taken: list[int] = []
+    service = service_with(path, lambda new: taken.append(new.cache.ttl_s))
+    looks = Looks()
+    watcher = asyncio.create_task(serving.watch_configuration(service, sleep=looks.sleep))
+    await looks.watching()
+    try:
+        for look in range(serving.UNSETTLED_LOOKS):
+            assert taken == []
+            write_ttl(path, 90 + look % 2)  # another size or mtime each time
+            os.utime(path, ns=(look, look))
+            await looks.look()
+        assert len(taken) == 1 and taken[0] in (90, 91)
     finally:
         watcher.cancel()
 
