@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import logging
 import os
 import pathlib
@@ -1535,7 +1536,10 @@ def check_listen(name: str, address: str, unix_socket: bool = True) -> None:
             f"{name} must be host:port (it listens on TCP only, not a unix or vsock socket); got {address!r}"
         )
     host, colon, port = address.rpartition(":")
-    if not (colon and port.isdigit() and int(port) <= 65535):
+    # ASCII digits: str.isdigit takes "٥٠٠٥١" (grpc: "Failed to parse
+    # port"; the TCP servers bound 50051) and "²" (int() raised, naming no
+    # setting).
+    if not (colon and port.isascii() and port.isdigit() and int(port) <= 65535):
         raise ConfigError(
             f"{name} must be host:port with a port from 0 to 65535"
             + (", or unix:path" if unix_socket else "")
@@ -1552,7 +1556,13 @@ def check_listen(name: str, address: str, unix_socket: bool = True) -> None:
     # bound ::1; "http://127.0.0.1:9090" loaded and failed the start.
     bracketed = host.startswith("[") and host.endswith("]")
     if bracketed:
-        malformed = host == "[]" or any(mark in host[1:-1] for mark in "[]/")
+        # Only an IPv6 address (a zone allowed: [fe80::1%eth0]): grpc
+        # refused "[127.0.0.1]" and "[localhost]", the TCP servers bound them.
+        try:
+            ipaddress.IPv6Address(host[1:-1].partition("%")[0])
+            malformed = False
+        except ValueError:
+            malformed = True
     else:
         malformed = any(mark in host for mark in ":[]/")
     if malformed:

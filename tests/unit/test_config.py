@@ -442,6 +442,10 @@ def test_a_listen_address_the_settings_accept_is_what_the_http_servers_bind(addr
         ("router.listen", "[]:50051"),
         ("mesh.health_listen", "host]:50051"),
         ("router.http_listen", "vsock:3:5000"),
+        ("router.listen", "[127.0.0.1]:0"),
+        ("cache.metrics_listen", "[localhost]:0"),
+        ("router.listen", "127.0.0.1:\u0665\u0660\u0660\u0665\u0661"),
+        ("context.listen", "127.0.0.1:\u00b2"),
     ],
 )
 def test_a_listen_address_read_two_ways_is_refused_naming_the_setting(setting, address):
