@@ -238,12 +238,23 @@ def _end_leftovers(holders: set[int], previous_children: Mapping[int, str]) -> b
             pidfds.append(pidfd)
             with contextlib.suppress(ProcessLookupError):  # exited meanwhile
                 signal.pidfd_send_signal(pidfd, signal.SIGCONT)
-        # A pidfd reads as ready once its process has exited.
+            # Its group too, as children.terminate continues it (Triton's
+            # Python-backend stubs, stopped with it): only where it leads its
+            # own group, which its pidfd shows is still it. SIGCONT alone.
+            with contextlib.suppress(OSError):
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGCONT)
+        # A pidfd reads as ready once its process has exited (poll, not
+        # select: select fails on a descriptor past 1023).
         deadline = time.monotonic() + LEFTOVER_EXIT_S
-        waiting = list(pidfds)
+        poller = select.poll()
+        for pidfd in pidfds:
+            poller.register(pidfd, select.POLLIN)
+        waiting = len(pidfds)
         while waiting and (left := deadline - time.monotonic()) > 0:
-            exited, _, _ = select.select(waiting, [], [], left)
-            waiting = [pidfd for pidfd in waiting if pidfd not in exited]
+            for pidfd, _ in poller.poll(left * 1000):
+                poller.unregister(pidfd)
+                waiting -= 1
         return bool(pidfds)
     finally:
         for pidfd in pidfds:
@@ -607,7 +618,10 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         try:
             record = json.loads(self.children_path.read_text()).values()
             return {int(child["pid"]): str(child["identity"]) for child in record if child["identity"]}
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError):
+            # Whatever is wrong with the file (a "pid" of Infinity, nesting
+            # deeper than json reads: a review), there is nothing of ours to
+            # end, and the ports are checked as for any other holder.
             return {}
 
     def _hold_state_dir(self) -> None:

@@ -275,3 +275,21 @@ def test_a_stopped_child_is_continued_to_stop_in_order_not_killed_at_the_grace(t
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"context": {"pid": Infinity, "identity": "x"}}',  # OverflowError
+        "[" * 100_000 + "]" * 100_000,  # RecursionError
+        "not json",
+        '{"context": {"pid": "7"}}',
+    ],
+)
+def test_a_children_record_that_cannot_be_read_names_no_child_to_end(tmp_path, text):
+    """A review: a record of a "pid" of Infinity or nesting deeper than json
+    reads failed the start with a traceback, not a port check."""
+    stack = Stack(tmp_path / "state", PORTS, redis_url="redis://127.0.0.1:1/0")
+    stack.children_path.parent.mkdir(parents=True, exist_ok=True)
+    stack.children_path.write_text(text)
+    assert stack._previous_children() == {}
