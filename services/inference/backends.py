@@ -34,6 +34,12 @@ CANARY_TEXT = "ok"
 CANARY_SAMPLING = '{"max_tokens":1}'
 # Why the calls TritonBackend.stub_died cancels fail (before the stub's own words).
 STUB_DIED_UNDER_CALL = "the model's stub process died: "
+# Why a model Triton refused as not loaded is out of rotation on that server
+# (TritonBackend.refused_as_not_loaded), for an operator and for the callers
+# that then find no server with it ready.
+REFUSED_AS_NOT_LOADED = (
+    "Triton refused a request of it as not loaded (unloaded, or the server draining on shutdown)"
+)
 # The longest a stream the pool does not keep may take to close cleanly once
 # its request is answered (TritonStreams.retire): Triton ends it a round trip
 # after the half-close; one that has not by then is cancelled.
@@ -286,6 +292,11 @@ class TritonBackend:
         self._stub_deaths: collections.Counter[str] = collections.Counter()
         # The canary in flight for each model, at most one (_start_canaries).
         self._canaries: dict[str, asyncio.Task] = {}
+        # Probe rounds begun here, and for each model Triton refused as not
+        # loaded (refused_as_not_loaded), how many had begun at the refusal:
+        # it stays out until a round begun after it reads it ready.
+        self._probe_rounds = 0
+        self._refused_not_loaded: dict[str, int] = {}
         self._embedding_model = embedding_model
         self._unanswered_canary_s = unanswered_canary_s
         # What the last probe round failed with (a status code's name), if it did.
@@ -362,12 +373,38 @@ class TritonBackend:
         if ended := self.calls.end({model}, STUB_DIED_UNDER_CALL + error_message):
             log.warning("calls ended: the model's stub process died", backend=self.address, calls=ended)
 
+    def refused_as_not_loaded(self, model: str, details: str) -> None:
+        """Triton refused a request of ``model`` here as not loaded
+        (triton_protocol.refused_as_not_loaded): unloaded, or every model
+        unloading at once as the server drains on SIGTERM. Left in rotation
+        until the probes read it not ready PROBES_TO_MARK_DOWN times (~6 s
+        at the default interval), it drew requests all that while, each
+        refused here first and tried elsewhere, and with no other server
+        failed NO_READY_BACKEND while this one still read ready. It leaves
+        rotation at once instead, and is back at the first probe round
+        begun after this refusal that reads it ready (a round already under
+        way may have read it ready just before). The calls it runs here are
+        left to run: Triton finishes them as it drains, and ends them
+        itself on an unload."""
+        if model in self.ready_models:
+            log.warning(
+                "model out of rotation: triton refused it as not loaded",
+                backend=self.address,
+                model=model,
+                error=details,
+            )
+        self._refused_not_loaded[model] = self._probe_rounds
+        self.ready_models.discard(model)
+        self.ready = self.ready and bool(self.ready_models)
+
     def not_ready_reason(self, model: str) -> str:
         """Why requests of ``model`` do not go here, for an operator; "" if they do."""
         if model in self.ready_models:
             return ""
         if model in self.stub_dead:
             return self.stub_dead[model]
+        if model in self._refused_not_loaded:
+            return REFUSED_AS_NOT_LOADED
         if self._probe_failure is not None:
             return f"the server does not answer its health probes ({self._probe_failure})"
         return "Triton reports the model not ready"
@@ -461,6 +498,8 @@ class TritonBackend:
         Python-backend model can answer Triton's own health check late and
         read as not ready for a moment, and one such blip must not take the
         only backend out of rotation."""
+        self._probe_rounds += 1
+        this_round = self._probe_rounds
         try:
             live = await self._probe_stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=PROBE_TIMEOUT_S)
             ready = await self._probe_stub.ServerReady(
@@ -508,8 +547,11 @@ class TritonBackend:
         left: set[str] = set()
         for model, is_ready in answers.items():
             self._misses[model] = 0 if is_ready else self._misses.get(model, 0) + 1
+            if self._refused_not_loaded.get(model, this_round) < this_round:
+                # This round began after the refusal: what it read is newer.
+                del self._refused_not_loaded[model]
             if is_ready:
-                if model not in self.stub_dead:
+                if model not in self.stub_dead and model not in self._refused_not_loaded:
                     self.ready_models.add(model)
             elif self._misses[model] >= PROBES_TO_MARK_DOWN:
                 if model in self.ready_models:
@@ -607,9 +649,12 @@ class BackendPool:
         ready; one whose circuit is open only when no other is left."""
         candidates = [b for b in self.backends if model in b.ready_models and b.address not in exclude]
         if not candidates:
-            raise unavailable(
-                Reason.NO_READY_BACKEND, f"no Triton server has model {model!r} ready", model=model
-            )
+            message = f"no Triton server has model {model!r} ready"
+            if any(b.not_ready_reason(model) == REFUSED_AS_NOT_LOADED for b in self.backends):
+                # What is true during a drain or an unload, where the caller
+                # was told no more than this while the server read ready.
+                message += f": {REFUSED_AS_NOT_LOADED}"
+            raise unavailable(Reason.NO_READY_BACKEND, message, model=model)
         return balancing.order(
             strategy or self._least_outstanding, candidates, request or balancing.RouteRequest(model=model)
         )[0]

@@ -204,6 +204,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         backend.health.release_probe(probing)
                     if triton_protocol.stub_died(error.details() or ""):
                         backend.stub_died(served.triton_model, error.details())
+                    elif triton_protocol.refused_as_not_loaded(
+                        error.code(), error.details() or "", served.triton_model
+                    ):
+                        backend.refused_as_not_loaded(served.triton_model, error.details())
                     # Retry elsewhere only if nothing reached the caller yet (AIP-194).
                     if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
                         # Refused (its model unloaded, its stub dead) or lost
@@ -346,6 +350,8 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                 stub_died = triton_protocol.stub_died(error.details() or "")
                 if stub_died:
                     backend.stub_died(model, error.details())
+                elif triton_protocol.refused_as_not_loaded(error.code(), error.details() or "", model):
+                    backend.refused_as_not_loaded(model, error.details())
                 # A unary call that failed sent nothing back: another server
                 # may answer (AIP-194), as for Generate before its first token.
                 # Triton answers a model whose stub died INTERNAL, and one it

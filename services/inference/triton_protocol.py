@@ -215,6 +215,36 @@ def model_unknown(error_message: str) -> bool:
     return error_message.startswith("Request for unknown model")
 
 
+# How tritonserver refuses a request of a model it has no ready version of
+# (Triton core's ModelRepositoryManager::GetModel puts "Request for unknown
+# model: " before the model lifecycle's words): every version unloaded or
+# still loading, as while the server drains on SIGTERM, which unloads every
+# model at once and refuses each new request so while it finishes those it
+# runs ("has no available versions", tritonserver 2.51); a version asked for
+# by number that is not ready; a model it never had. A unary call gets it
+# as NOT_FOUND (UNAVAILABLE in older releases, whose GetInferenceBackend
+# worded it so; INVALID_ARGUMENT for a model never in the repository), a
+# stream as the text alone.
+_NOT_LOADED_WORDING = r"(?:has no available versions|version \d+ is not at ready state|is not found)\Z"
+_NOT_LOADED_CODES = frozenset(
+    {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT}
+)
+
+
+def refused_as_not_loaded(code: grpc.StatusCode, details: str, triton_model: str) -> bool:
+    """Whether a failed Triton call of ``triton_model`` (its status code,
+    stream_error_code's reading on a stream, and its details) is the server
+    refusing it as not loaded there: the request never ran, the server may
+    serve its other models, and another server may have this one. The
+    wording is anchored and must name ``triton_model``: a model's own error
+    that quotes Triton's words about another model (a composing model's) is
+    not this one missing."""
+    if code not in _NOT_LOADED_CODES:
+        return False
+    wording = f"Request for unknown model: '{re.escape(triton_model)}' {_NOT_LOADED_WORDING}"
+    return re.match(wording, details) is not None
+
+
 # What Triton's Python backend answers, without running the model, to a
 # request for a model instance whose stub process died (killed: the OOM
 # killer's SIGKILL): the instance's name, as tritonserver 2.51 sent it here

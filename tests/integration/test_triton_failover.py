@@ -407,3 +407,55 @@ async def test_a_prefix_is_not_believed_held_by_the_server_that_refused_it(two_t
     # The first, with no overlap anywhere, goes to the refusing server (the
     # least outstanding); the others go where the prefix was computed.
     assert len(refused) == 1, f"{len(refused)} of 4 requests sharing a prefix were refused first"
+
+
+async def exiting(url: str) -> bool:
+    """Whether the Triton at ``url`` has begun its drain (SIGTERM): it then
+    answers its liveness check UNAVAILABLE "Server exiting"."""
+    async with grpc.aio.insecure_channel(url) as channel:
+        triton = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            await triton.ServerLive(service_pb2.ServerLiveRequest(), timeout=5)
+        except grpc.aio.AioRpcError as error:
+            return error.details() == "Server exiting"
+    return False
+
+
+async def test_a_draining_triton_leaves_rotation_at_its_first_refusal(two_tritons, monkeypatch) -> None:
+    """Triton draining on SIGTERM unloads its models at once and refuses each
+    new request as not loaded ("has no available versions") while it
+    finishes those it runs. The model stayed in that server's rotation until
+    the probes read it not ready three times (~6 s at the default interval):
+    ties rotating, every other request went there first and was refused
+    (66 refusals in a drain of 5.6 s here, at the default interval)."""
+    urls, processes = two_tritons
+    settings = Settings(mesh=mesh_settings())
+    settings.inference.triton_urls = urls
+    # No probe round during the drain: only the refusal can take it out.
+    settings.inference.health_interval_s = 60
+    # One long stream on each server: the fresh requests' ties rotate.
+    settings.inference.models["tiny-gpt"].routing_strategy = "least_outstanding"
+    # Every refusal logged, none folded into a later line's count.
+    monkeypatch.setattr(servicer, "_UNAVAILABLE_WARNING_INTERVAL_S", 0.0)
+    draining_url, draining = urls[0], processes[0]
+    async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+        stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+        # Long answers: the drain lasts until the draining server's ends.
+        long_streams = await streaming(stub, 2)
+        assert all(calls == 1 for calls in (await in_flight(stub)).values())
+        draining.send_signal(signal.SIGTERM)
+        await seconds_until(lambda: exiting(draining_url), limit_s=10)
+        with structlog.testing.capture_logs() as logs:
+            answers = [await generate(stub, f"question {n}", 2) for n in range(6)]
+        health = await stub.GetBackendHealth(pb.GetBackendHealthRequest(), timeout=5)
+        finished = await asyncio.gather(*long_streams)
+
+    assert all(error is None for _, _, error in answers), answers
+    assert all(completion.backend == urls[1] for _, completion, _ in answers)
+    refused = [e for e in logs if e["event"] == "triton unavailable, trying another"]
+    assert [e["backend"] for e in refused] == [draining_url], f"{len(refused)} of 6 requests refused first"
+    (drained,) = [b for b in health.backends if b.address == draining_url]
+    (tiny_gpt,) = [m for m in drained.models if m.name == "tiny_gpt"]
+    assert not tiny_gpt.ready and "not loaded" in tiny_gpt.not_ready_reason
+    # Its own calls are left to run: Triton finishes them as it drains.
+    assert all(error is None for _, _, error in finished), finished

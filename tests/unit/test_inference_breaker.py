@@ -269,10 +269,9 @@ async def test_a_half_open_embedding_that_is_no_outcome_of_the_server_frees_the_
     assert probed.health.state is balancing.BreakerState.HALF_OPEN and probed.health.admits
 
 
-# What Triton 2.51 answers a generation while it drains on SIGTERM: its
-# models are unloaded at once, before the probes (3 in a row) take them out
-# of rotation.
-UNLOADED = "Request for unknown model: 'tiny_gpt' has no available versions"
+# A server gone before its probes notice (a refusal as not loaded, as while
+# Triton drains, takes the model out at once: TritonBackend.refused_as_not_loaded).
+REFUSED = "failed to connect to all addresses; last error: UNKNOWN: Connection refused"
 
 
 class RefusingCall(ScriptedCall):
@@ -281,7 +280,7 @@ class RefusingCall(ScriptedCall):
     async def write(self, request) -> None:
         await super().write(request)
         metadata = grpc.aio.Metadata()
-        self.send(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, UNLOADED))
+        self.send(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, REFUSED))
 
 
 class RefusingTriton:
@@ -290,7 +289,7 @@ class RefusingTriton:
 
 
 async def test_a_server_that_refuses_every_generation_is_logged_once_per_interval_with_a_count() -> None:
-    """The only Triton draining: each call refused there logged "triton
+    """The only Triton refusing every call: each one logged "triton
     unavailable, trying another", three lines for each request (its
     router's channel retries UNAVAILABLE twice) while the probes still held
     it in rotation. One line per server and interval now, saying what the
@@ -320,7 +319,7 @@ async def test_a_server_that_refuses_every_generation_is_logged_once_per_interva
             clock.now += 0.1
             await refused_calls(1)
         lines = [entry for entry in logs if entry["event"] == "triton unavailable, trying another"]
-        expected = {"backend": "127.0.0.1:1", "error": UNLOADED, "log_level": "warning"}
+        expected = {"backend": "127.0.0.1:1", "error": REFUSED, "log_level": "warning"}
         assert lines == [
             {"event": "triton unavailable, trying another", "suppressed": 0, **expected},
             {"event": "triton unavailable, trying another", "suppressed": 5, **expected},

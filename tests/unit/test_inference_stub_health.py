@@ -270,3 +270,62 @@ async def test_an_answered_canary_clears_only_a_stub_death_marked_before_it_was_
     assert GENERATION_MODEL in backend.stub_dead
     await probe_round(backend)
     assert GENERATION_MODEL not in backend.stub_dead
+
+
+NOT_LOADED = "Request for unknown model: 'tiny_gpt' has no available versions"
+
+
+class HeldModelReady(ProbedTriton):
+    """Answers each ModelReady once ``release`` is set, ``asked`` set meanwhile."""
+
+    def __init__(self, ready: set[str]) -> None:
+        super().__init__(ready)
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def ModelReady(self, request, timeout):
+        self.asked.set()
+        await self.release.wait()
+        return await super().ModelReady(request, timeout)
+
+
+async def test_a_model_refused_as_not_loaded_is_out_at_once_and_back_at_a_later_round_that_reads_it_ready():
+    """Triton draining on SIGTERM (or unloading the model) refuses its new
+    requests as not loaded: before, it stayed in rotation until the probes
+    read it not ready PROBES_TO_MARK_DOWN times, drawing requests to be refused."""
+    pool = BackendPool(["127.0.0.1:1"], MODELS, embedding_model=EMBEDDING_MODEL)
+    (backend,) = pool.backends
+    try:
+        backend._probe_stub = triton = ProbedTriton(set(MODELS))
+        await backend.probe(MODELS)
+        backend.refused_as_not_loaded(GENERATION_MODEL, NOT_LOADED)
+        assert backend.ready_models == {EMBEDDING_MODEL} and backend.ready
+        assert "not loaded" in backend.not_ready_reason(GENERATION_MODEL)
+        with pytest.raises(MeshgateError) as refused:
+            pool.choose(GENERATION_MODEL)
+        assert refused.value.reason == Reason.NO_READY_BACKEND
+        assert "not loaded" in refused.value.message and "draining" in refused.value.message
+
+        # A round under way at the refusal may have read it ready before it.
+        backend._probe_stub = held = HeldModelReady(set(MODELS))
+        under_way = asyncio.create_task(backend.probe(MODELS))
+        await held.asked.wait()
+        backend.refused_as_not_loaded(GENERATION_MODEL, NOT_LOADED)
+        held.release.set()
+        await under_way
+        assert GENERATION_MODEL not in backend.ready_models
+        backend._probe_stub = triton
+        # A round begun after it that reads it ready puts it back.
+        await backend.probe(MODELS)
+        assert backend.ready_models == set(MODELS) and backend.not_ready_reason(GENERATION_MODEL) == ""
+
+        # One that reads it not ready leaves it out, as the probes do.
+        backend.refused_as_not_loaded(GENERATION_MODEL, NOT_LOADED)
+        triton.ready = {EMBEDDING_MODEL}
+        await backend.probe(MODELS)
+        assert GENERATION_MODEL not in backend.ready_models
+        triton.ready = set(MODELS)
+        await backend.probe(MODELS)
+        assert backend.ready_models == set(MODELS)
+    finally:
+        await pool.close()

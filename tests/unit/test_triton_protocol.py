@@ -414,3 +414,42 @@ _TRTLLM_SHUT_DOWN = (
 )
 def test_the_vllm_and_tensorrt_llm_backends_streamed_errors_read_as_their_wording_says(error_message, code):
     assert triton_protocol.stream_error_code(error_message, "vllm_model") == code
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "not_loaded"),
+    [
+        # A drain's refusal (tritonserver 2.51), as a stream reads it and a unary call gets it.
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "Request for unknown model: 'tiny_gpt' has no available versions",
+            True,
+        ),
+        (grpc.StatusCode.NOT_FOUND, "Request for unknown model: 'tiny_gpt' has no available versions", True),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "Request for unknown model: 'tiny_gpt' version 1 is not at ready state",
+            True,
+        ),
+        (grpc.StatusCode.INVALID_ARGUMENT, "Request for unknown model: 'tiny_gpt' is not found", True),
+        # Another model's words (a composing model's), or more after them.
+        (grpc.StatusCode.UNAVAILABLE, "Request for unknown model: 'minilm' has no available versions", False),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "Request for unknown model: 'tiny_gpt_2' has no available versions",
+            False,
+        ),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "Request for unknown model: 'tiny_gpt' has no available versions!",
+            False,
+        ),
+        # The words under a code that cannot carry them (a model's own failure).
+        (grpc.StatusCode.INTERNAL, "Request for unknown model: 'tiny_gpt' has no available versions", False),
+        (grpc.StatusCode.UNAVAILABLE, "Server not ready", False),
+    ],
+)
+def test_a_refusal_as_not_loaded_is_read_from_its_code_and_wording_naming_the_model(
+    code, details, not_loaded
+):
+    assert triton_protocol.refused_as_not_loaded(code, details, "tiny_gpt") is not_loaded
