@@ -35,11 +35,13 @@ CANARY_SAMPLING = '{"max_tokens":1}'
 # Why the calls TritonBackend.stub_died cancels fail (before the stub's own words).
 STUB_DIED_UNDER_CALL = "the model's stub process died: "
 # Why a model Triton refused as not loaded is out of rotation on that server
-# (TritonBackend.refused_as_not_loaded), for an operator and for the callers
-# that then find no server with it ready.
+# (TritonBackend.refused_as_not_loaded), and why a draining server's models
+# are (TritonBackend.probe): for an operator, and for the callers that then
+# find no server with the model ready.
 REFUSED_AS_NOT_LOADED = (
     "Triton refused a request of it as not loaded (unloaded, or the server draining on shutdown)"
 )
+DRAINING = 'the server is draining on shutdown (Triton answers its probes "Server exiting")'
 # The longest a stream the pool does not keep may take to close cleanly once
 # its request is answered (TritonStreams.retire): Triton ends it a round trip
 # after the half-close; one that has not by then is cancelled.
@@ -293,10 +295,11 @@ class TritonBackend:
         # The canary in flight for each model, at most one (_start_canaries).
         self._canaries: dict[str, asyncio.Task] = {}
         # Probe rounds begun here, and for each model Triton refused as not
-        # loaded (refused_as_not_loaded), how many had begun at the refusal:
-        # it stays out until a round begun after it reads it ready.
+        # loaded (refused_as_not_loaded) or a probe found draining, how many
+        # had begun then, and why: it stays out until a round begun after
+        # that reads it ready.
         self._probe_rounds = 0
-        self._refused_not_loaded: dict[str, int] = {}
+        self._out_until_ready: dict[str, tuple[int, str]] = {}
         self._embedding_model = embedding_model
         self._unanswered_canary_s = unanswered_canary_s
         # What the last probe round failed with (a status code's name), if it did.
@@ -393,9 +396,15 @@ class TritonBackend:
                 model=model,
                 error=details,
             )
-        self._refused_not_loaded[model] = self._probe_rounds
+        self._out_until_ready[model] = (self._probe_rounds, REFUSED_AS_NOT_LOADED)
         self.ready_models.discard(model)
         self.ready = self.ready and bool(self.ready_models)
+
+    def out_until_ready(self, model: str) -> str:
+        """Why ``model`` is out of rotation here until a probe round reads it
+        ready (refused as not loaded, or the server draining); "" if it is not."""
+        marked = self._out_until_ready.get(model)
+        return marked[1] if marked is not None else ""
 
     def not_ready_reason(self, model: str) -> str:
         """Why requests of ``model`` do not go here, for an operator; "" if they do."""
@@ -403,8 +412,8 @@ class TritonBackend:
             return ""
         if model in self.stub_dead:
             return self.stub_dead[model]
-        if model in self._refused_not_loaded:
-            return REFUSED_AS_NOT_LOADED
+        if why := self.out_until_ready(model):
+            return why
         if self._probe_failure is not None:
             return f"the server does not answer its health probes ({self._probe_failure})"
         return "Triton reports the model not ready"
@@ -534,24 +543,33 @@ class TritonBackend:
             failure = error.code().name
             # No answer: the server may be restarting, perhaps with new configs.
             self._config_stale.update(models)
+            # Or it answered that it drains (SIGTERM): its models are unloading
+            # and it refuses new requests, but finishes those it runs.
+            draining = triton_protocol.server_exiting(error.code(), error.details() or "")
         else:
             failure = None
+            draining = False
         self.models = models
         self._probe_failure = failure
         if failure is None:
             await self._read_statistics(models)
             self._start_canaries(answers)
-        self._silent_rounds = 0 if failure is None else self._silent_rounds + 1
+        # A draining server answers: counted as silent, its rounds ended the
+        # calls it was finishing once three had failed (~6 s into the drain).
+        self._silent_rounds = 0 if failure is None or draining else self._silent_rounds + 1
         was_ready = self.ready
         out: set[str] = set()
         left: set[str] = set()
         for model, is_ready in answers.items():
             self._misses[model] = 0 if is_ready else self._misses.get(model, 0) + 1
-            if self._refused_not_loaded.get(model, this_round) < this_round:
-                # This round began after the refusal: what it read is newer.
-                del self._refused_not_loaded[model]
+            if self._out_until_ready.get(model, (this_round,))[0] < this_round:
+                # This round began after the mark: what it read is newer.
+                del self._out_until_ready[model]
+            if draining:
+                self._out_until_ready[model] = (this_round, DRAINING)
+                self.ready_models.discard(model)
             if is_ready:
-                if model not in self.stub_dead and model not in self._refused_not_loaded:
+                if model not in self.stub_dead and model not in self._out_until_ready:
                     self.ready_models.add(model)
             elif self._misses[model] >= PROBES_TO_MARK_DOWN:
                 if model in self.ready_models:
@@ -568,10 +586,11 @@ class TritonBackend:
         silent = self._silent_rounds >= PROBES_TO_MARK_DOWN
         if out and silent and (ended := self.calls.end(out)):
             log.warning("calls ended on a backend out of rotation", backend=self.address, calls=ended)
-        if left or silent:
+        if left or silent or draining:
             # Idle streams on a server leaving rotation are likely dead, and
             # hold its connection's resources if it is not: new ones are
-            # opened when it is back. Only as a model leaves (or while the
+            # opened when it is back. A draining Triton's gRPC server waits
+            # for them to close before it exits. Only as a model leaves (or while the
             # server answers nothing), not on every round a model stays out:
             # a configured model this server does not load (smollm2 beside a
             # tiny_gpt-only Triton) cancelled every idle stream each round.
@@ -650,10 +669,10 @@ class BackendPool:
         candidates = [b for b in self.backends if model in b.ready_models and b.address not in exclude]
         if not candidates:
             message = f"no Triton server has model {model!r} ready"
-            if any(b.not_ready_reason(model) == REFUSED_AS_NOT_LOADED for b in self.backends):
-                # What is true during a drain or an unload, where the caller
-                # was told no more than this while the server read ready.
-                message += f": {REFUSED_AS_NOT_LOADED}"
+            # What is true during a drain or an unload, where the caller was
+            # told no more than this while the server read ready.
+            if whys := sorted({why for b in self.backends if (why := b.out_until_ready(model))}):
+                message += ": " + "; ".join(whys)
             raise unavailable(Reason.NO_READY_BACKEND, message, model=model)
         return balancing.order(
             strategy or self._least_outstanding, candidates, request or balancing.RouteRequest(model=model)

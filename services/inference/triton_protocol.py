@@ -245,6 +245,15 @@ def refused_as_not_loaded(code: grpc.StatusCode, details: str, triton_model: str
     return re.match(wording, details) is not None
 
 
+def server_exiting(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a failed health call (ServerLive, ServerReady) is Triton
+    saying it drains on SIGTERM (core src/server.cc: UNAVAILABLE "Server
+    exiting", tritonserver 2.51): it answers, unloads every model and
+    refuses new requests (refused_as_not_loaded), and finishes those it
+    runs within its --exit-timeout-secs."""
+    return code == grpc.StatusCode.UNAVAILABLE and details == "Server exiting"
+
+
 # What Triton's Python backend answers, without running the model, to a
 # request for a model instance whose stub process died (killed: the OOM
 # killer's SIGKILL): the instance's name, as tritonserver 2.51 sent it here

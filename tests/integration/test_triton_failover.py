@@ -368,15 +368,15 @@ async def test_a_stopped_triton_takes_requests_again_once_its_probes_answer(two_
 
 async def test_a_prefix_is_not_believed_held_by_the_server_that_refused_it(two_tritons, monkeypatch) -> None:
     """A prefix strategy learns which server holds a prompt's blocks from
-    where its requests ran. A server that refused one (its generation model
-    unloaded, before the probes take the model out there) computed nothing:
-    believed to hold the prefix, it drew that prefix's next requests, each
-    refused there first, while the server that answered holds it."""
-    urls, _ = two_tritons
-    refusing, answering = urls
+    where its requests ran. A server that refused one (gone, before the
+    probes take it out) computed nothing: believed to hold the prefix, it
+    drew that prefix's next requests, each refused there first, while the
+    server that answered holds it. (A refusal as not loaded, an unload's,
+    takes the model out of that server's rotation at once instead.)"""
+    urls, processes = two_tritons
     settings = Settings(mesh=mesh_settings())
     settings.inference.triton_urls = urls
-    # No probe round between the unload and the calls.
+    # No probe round between the kill and the calls.
     settings.inference.health_interval_s = 60
     settings.inference.models["tiny-gpt"].routing_strategy = "prefix_affinity"
     # Every refusal logged, none folded into a later line's count: the
@@ -385,15 +385,14 @@ async def test_a_prefix_is_not_believed_held_by_the_server_that_refused_it(two_t
     prefix = "policy: " + " ".join(f"rule {n} applies" for n in range(50))
     async with running_inference(settings) as address, router_channel(address, "inference") as channel:
         stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
-        async with grpc.aio.insecure_channel(refusing) as triton_channel:
-            triton = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
-            unload = service_pb2.RepositoryModelUnloadRequest(model_name="tiny_gpt")
-            await triton.RepositoryModelUnload(unload)
-        # A long generation in flight on the answering server: between equal
-        # overlaps the least outstanding goes first, the refusing server.
+        # A long generation in flight on one server: between equal overlaps
+        # the least outstanding goes first, the other one, which refuses.
         answering_now = asyncio.Event()
         long_stream = asyncio.create_task(generate(stub, "a long story", 400, answering_now.set))
         await asyncio.wait_for(answering_now.wait(), 60)
+        (answering,) = [url for url, calls in (await in_flight(stub)).items() if calls]
+        (refusing,) = [url for url in urls if url != answering]
+        processes[urls.index(refusing)].kill()
         with structlog.testing.capture_logs() as logs:
             for n in range(4):
                 assert (await in_flight(stub))[answering] == 1, "the long generation ended too soon"
@@ -459,3 +458,29 @@ async def test_a_draining_triton_leaves_rotation_at_its_first_refusal(two_triton
     assert not tiny_gpt.ready and "not loaded" in tiny_gpt.not_ready_reason
     # Its own calls are left to run: Triton finishes them as it drains.
     assert all(error is None for _, _, error in finished), finished
+
+
+async def test_a_draining_triton_finishes_its_streams_and_its_callers_are_told_it_drains(tmp_path) -> None:
+    """Triton draining answers its liveness probes UNAVAILABLE "Server
+    exiting". Read as no answer, three such rounds ended the calls it was
+    finishing (its streams failed UNAVAILABLE midway), and a caller with no
+    other server was told only that no server had the model ready."""
+    with launched_tritons(tmp_path, MODELS, 1) as ((url, _, draining),):
+        settings = Settings(mesh=mesh_settings())
+        settings.inference.triton_urls = [url]
+        settings.inference.health_interval_s = 0.2
+        async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            (long_stream,) = await streaming(stub, 1)
+            draining.send_signal(signal.SIGTERM)
+            await seconds_until(lambda: exiting(url), limit_s=10)
+            # More rounds than PROBES_TO_MARK_DOWN while it drains.
+            await asyncio.sleep((PROBES_TO_MARK_DOWN + 2) * settings.inference.health_interval_s)
+            # Still running (or ended by the probes: what it ended with shows).
+            assert not long_stream.done(), long_stream.result()
+            _, _, refused = await generate(stub, "a question while it drains", 2)
+            text, completion, error = await long_stream
+
+    assert error is None and completion is not None and text, error
+    assert refused is not None and error_info(refused).reason == "NO_READY_BACKEND"
+    assert "draining" in refused.details(), refused.details()

@@ -329,3 +329,47 @@ async def test_a_model_refused_as_not_loaded_is_out_at_once_and_back_at_a_later_
         assert backend.ready_models == set(MODELS)
     finally:
         await pool.close()
+
+
+class DrainingTriton(ProbedTriton):
+    """Triton after SIGTERM: its liveness and readiness answered UNAVAILABLE "Server exiting"."""
+
+    def _answer(self, response):
+        metadata = grpc.aio.Metadata()
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, "Server exiting")
+
+
+class OpenCall:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+async def test_a_draining_server_is_out_at_its_first_probe_and_its_calls_are_left_to_finish():
+    pool = BackendPool(["127.0.0.1:1"], MODELS, embedding_model=EMBEDDING_MODEL)
+    (backend,) = pool.backends
+    try:
+        backend._probe_stub = ProbedTriton(set(MODELS))
+        await backend.probe(MODELS)
+        call = OpenCall()
+        backend.calls.add(call, GENERATION_MODEL)
+        backend._probe_stub = DrainingTriton(set(MODELS))
+        await backend.probe(MODELS)
+        assert not backend.ready_models and not backend.ready
+        assert "draining" in backend.not_ready_reason(GENERATION_MODEL)
+        with pytest.raises(MeshgateError) as refused:
+            pool.choose(GENERATION_MODEL)
+        assert "draining" in refused.value.message
+        for _ in range(5):
+            await backend.probe(MODELS)
+        assert not call.cancelled, "a draining server's rounds ended the call it was finishing"
+
+        # Started again: back at the first round that reads it ready.
+        backend._probe_stub = ProbedTriton(set(MODELS))
+        await backend.probe(MODELS)
+        assert backend.ready_models == set(MODELS)
+    finally:
+        await pool.close()
