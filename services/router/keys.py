@@ -16,9 +16,6 @@ Redis keys, all with the hash tag ``{apikeys}``:
   RotateKey that carried a request id (AIP-155), sealed, for a resend to
   get again; named and sealed by values derived from the request id
   (:mod:`services.router.request_ids`), for REQUEST_ID_RETENTION_S.
-- ``mg:router:{apikeys}:write:<token>``: of a create or rotate without a
-  request id, whether its script ran (``written``) or its sender gave up on
-  it first (``void``), for WRITE_TOKEN_RETENTION_S (below).
 
 Every write (create, rotate, revoke) is one script (``_WRITE_IF_UNCHANGED``),
 so a failed write leaves nothing half-applied, and it writes only if the
@@ -30,16 +27,7 @@ script, and writes nothing where a send of that id has stored one: of
 sends of one id at once, on any replicas, the first to write makes the key
 and the others answer as it did (with no pending marker to wait on, nor
 one left behind by a replica that died between making a key and storing
-its answer). A create or rotate without a request id whose script timed out (Redis
-stalled past redis.timeout_s) may still run once Redis goes on, after its
-caller was told UNAVAILABLE: a key listed whose secret nobody got, or a key
-revoked by a rotation whose successor's secret was lost (its caller's retry
-then refused as rotating a revoked key). Such a write carries a token; its
-sender, on the timeout, withdraws it in the background once Redis answers
-(``_WITHDRAW``): a script that ran is undone (its records, where still as it
-wrote them, deleted or put back), one that has not yet is voided and then
-writes nothing. A write with a request id is left to its resend, which gets
-its answer. On a Redis Cluster a script's keys must stay in one slot,
+its answer). On a Redis Cluster a script's keys must stay in one slot,
 hence the one tag for every API key: they are few, written rarely, and
 each replica reads one at most twice a second (below), so one slot carries
 them easily.
@@ -88,7 +76,6 @@ answer that clients refuse by default (4 MiB), after one MGET of them all.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import json
@@ -123,7 +110,6 @@ _RECORD = "mg:router:{{apikeys}}:key:{}"
 _TENANT_KEYS = "mg:router:{{apikeys}}:tenant:{}"
 _IDS = "mg:router:{apikeys}:ids"
 _REQUEST = "mg:router:{{apikeys}}:request:{}"
-_WRITE_TOKEN = "mg:router:{{apikeys}}:write:{}"
 _SECRET_PREFIX = "mgk-"
 # new_secret's 32 random bytes are 43 URL-safe base64 characters.
 _STORED_SECRET = re.compile(re.escape(_SECRET_PREFIX) + r"[A-Za-z0-9_-]{43}")
@@ -158,33 +144,21 @@ _LISTING = "ListKeys"
 # Past it, a resend acts anew (a second key; a rotation refused as revoked).
 REQUEST_ID_RETENTION_S = 24 * 3600
 
-# How long a write token (a create or rotate without a request id) says
-# whether its script ran: far past any stall its sender's withdrawal, retried
-# every WITHDRAW_RETRY_S for up to WITHDRAW_FOR_S, waits out.
-WRITE_TOKEN_RETENTION_S = 3600
-WITHDRAW_RETRY_S = 0.5
-WITHDRAW_FOR_S = 600.0
-
 # Writes records only if one record is still what the writer read (a
 # compare-and-set: Redis runs a script whole, with nothing in between).
 # KEYS[1]: the record checked; ARGV[1]: what the writer read there, "" for
 # absent (a record is never ""). KEYS[2]: the ids hash. KEYS[3]: the record
 # of the call's request id, ARGV[2]: the answer to store there (sealed),
-# ARGV[3]: for how long (s); for a call without one, ARGV[2] is "" and
-# KEYS[3] the write's token, marked written (for ARGV[3] s) unless its
-# sender voided it first, or with ARGV[3] 0 none (KEYS[3] is then not
-# touched: any key of the slot). Then per record written, KEYS:
+# ARGV[3]: for how long (s); ARGV[2] "" for a call without one (KEYS[3] is
+# then not touched: any key of the slot). Then per record written, KEYS:
 # its record and its tenant's set; ARGV: its JSON, creation time, hash, id
 # and when the record goes (unix s; 0: never). Returns 1 when written, 0
-# when the record had changed, -1 when the write was voided, and the answer
-# stored for the request id where a send of it came first (nothing written:
-# the key is that send's).
+# when the record had changed, and the answer stored for the request id
+# where a send of it came first (nothing written: the key is that send's).
 _WRITE_IF_UNCHANGED = """
 if ARGV[2] ~= '' then
   local answered = redis.call('GET', KEYS[3])
   if answered then return answered end
-elseif ARGV[3] ~= '0' and redis.call('EXISTS', KEYS[3]) == 1 then
-  return -1
 end
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
   return 0
@@ -196,43 +170,7 @@ for i = 4, #KEYS, 2 do
   redis.call('ZADD', KEYS[i + 1], ARGV[a + 1], ARGV[a + 2])
   redis.call('HSET', KEYS[2], ARGV[a + 3], ARGV[a + 2])
 end
-if ARGV[2] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3])
-elseif ARGV[3] ~= '0' then
-  redis.call('SET', KEYS[3], 'written', 'EX', ARGV[3])
-end
-return 1
-"""
-
-# Withdraws a write whose sender gave up on it (_WRITE_IF_UNCHANGED without
-# a request id): KEYS[1] its token, KEYS[2] the ids hash, then per record
-# it wrote, its record and its tenant's set; ARGV[1] the token's retention
-# (s), then per record: the JSON written, its hash, its id, the JSON to put
-# back ("" for a record that was new: it goes) and when that one goes (unix
-# s; 0: never). Where the write has not run, voids it (it will write
-# nothing); where it ran, undoes each record still as it wrote it (nobody
-# got a new key's secret, so nothing can have used or changed it since).
-_WITHDRAW = """
-if redis.call('GET', KEYS[1]) ~= 'written' then
-  redis.call('SET', KEYS[1], 'void', 'EX', ARGV[1])
-  return 0
-end
-for i = 3, #KEYS, 2 do
-  local a = 5 * (i - 3) / 2 + 2
-  if redis.call('GET', KEYS[i]) == ARGV[a] then
-    if ARGV[a + 3] == '' then
-      redis.call('DEL', KEYS[i])
-      redis.call('ZREM', KEYS[i + 1], ARGV[a + 1])
-      if redis.call('HGET', KEYS[2], ARGV[a + 2]) == ARGV[a + 1] then
-        redis.call('HDEL', KEYS[2], ARGV[a + 2])
-      end
-    else
-      redis.call('SET', KEYS[i], ARGV[a + 3])
-      if tonumber(ARGV[a + 4]) > 0 then redis.call('EXPIREAT', KEYS[i], ARGV[a + 4]) end
-    end
-  end
-end
-redis.call('SET', KEYS[1], 'void', 'EX', ARGV[1])
+if ARGV[2] ~= '' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[3]) end
 return 1
 """
 
@@ -465,9 +403,6 @@ class KeyStore:
             "API key GET", cancel_when_abandoned=False
         )
         self._write_script = None  # registered on the first write
-        self._withdraw_script = None
-        # Withdrawals under way (_withdraw_later), kept from the collector.
-        self._withdrawals: set[asyncio.Task] = set()
         self._forget_script = None
 
     def now(self) -> float:
@@ -572,31 +507,29 @@ class KeyStore:
         if self._write_script is None:
             self._write_script = self._redis.register_script(_WRITE_IF_UNCHANGED)
         checked = _RECORD.format(checked_hash)
-        # A write that makes a secret (a create, a rotation) and has no
-        # request id for a resend to get it by: withdrawn if it times out.
-        token = secrets.token_hex(16) if request is None and len(records) > (read is not None) else None
-        if token is not None:
-            keys = [checked, _IDS, _WRITE_TOKEN.format(token)]
-            args: list = [read or "", "", WRITE_TOKEN_RETENTION_S]
-        elif request is None:
+        if request is None:
             keys = [checked, _IDS, checked]
-            args = [read or "", "", 0]
+            args: list = [read or "", "", 0]
         else:
             keys = [checked, _IDS, _REQUEST.format(request.name)]
             args = [read or "", request.seal(_answer_fields(answer)), REQUEST_ID_RETENTION_S]
         for record in records:
             keys += [_RECORD.format(record.key_hash), _TENANT_KEYS.format(record.tenant_id)]
-            args += [record.to_json(), record.created_at, record.key_hash, record.key_id]
-            args.append(self._goes_at(record))
-        try:
-            outcome = await self._write_script(keys=keys, args=args)
-        except redis_access.CONNECTION_ERRORS as error:
-            if token is not None:
-                self._withdraw_later(token, checked_hash, read, records)
-            raise redis_access.outage("API keys cannot be reached", error) from error
+            kept_until = record.kept_until
+            args += [
+                record.to_json(),
+                record.created_at,
+                record.key_hash,
+                record.key_id,
+                # At least an hour on: a record written past its retention
+                # (a key stored before it, expired long ago, revoked now) is
+                # still answered and listed for a while, not deleted at once.
+                0 if kept_until is None else math.ceil(max(kept_until, self.now() + 3600)),
+            ]
+        outcome = await self._call(self._write_script(keys=keys, args=args))
         if isinstance(outcome, bytes):
             return _opened(request, outcome)
-        if outcome != 1:
+        if not outcome:
             return None
         for record in records:
             self._found.pop(record.key_hash, None)
@@ -605,54 +538,6 @@ class KeyStore:
             # callers from now on start their own (_read keeps none of it).
             self._reading.forget(record.key_hash)
         return answer
-
-    def _goes_at(self, record: KeyRecord) -> int:
-        """When ``record``, written now, leaves Redis (unix s; 0: never)."""
-        kept_until = record.kept_until
-        # At least an hour on: a record written past its retention (a key
-        # stored before it, expired long ago, revoked now) is still
-        # answered and listed for a while, not deleted at once.
-        return 0 if kept_until is None else math.ceil(max(kept_until, self.now() + 3600))
-
-    def _withdraw_later(
-        self, token: str, checked_hash: str, read: bytes | None, records: tuple[KeyRecord, ...]
-    ) -> None:
-        """Withdraws the write of ``token`` in the background, once Redis
-        answers: its caller was told UNAVAILABLE, and got no secret."""
-        if self._withdraw_script is None:
-            self._withdraw_script = self._redis.register_script(_WITHDRAW)
-        keys = [_WRITE_TOKEN.format(token), _IDS]
-        args: list = [WRITE_TOKEN_RETENTION_S]
-        for record in records:
-            keys += [_RECORD.format(record.key_hash), _TENANT_KEYS.format(record.tenant_id)]
-            # The record checked goes back to what was read; a new one goes.
-            before = read if record.key_hash == checked_hash and read is not None else None
-            goes_at = self._goes_at(KeyRecord.from_json(before)) if before is not None else 0
-            args += [record.to_json(), record.key_hash, record.key_id, before or "", goes_at]
-        task = asyncio.create_task(self._withdraw(keys, args, [r.key_hash for r in records]))
-        self._withdrawals.add(task)
-        task.add_done_callback(self._withdrawals.discard)
-
-    async def _withdraw(self, keys: list, args: list, key_hashes: list[str]) -> None:
-        give_up_at = time.monotonic() + WITHDRAW_FOR_S
-        while True:
-            try:
-                undone = await self._withdraw_script(keys=keys, args=args)
-                break
-            except redis_access.CONNECTION_ERRORS as error:
-                if time.monotonic() > give_up_at:
-                    key_ids = [h[:16] for h in key_hashes]
-                    log.error("API key write not withdrawn", key_ids=key_ids, error=str(error))
-                    return
-            await asyncio.sleep(WITHDRAW_RETRY_S)
-        for key_hash in key_hashes:
-            self._found.pop(key_hash, None)
-            self._reading.forget(key_hash)
-        log.warning(
-            "API key write withdrawn after its caller was told UNAVAILABLE",
-            key_ids=[h[:16] for h in key_hashes],
-            outcome="undone" if undone else "voided",
-        )
 
     async def _change(
         self,
