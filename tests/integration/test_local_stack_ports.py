@@ -56,6 +56,17 @@ def _holding(code: str, *arguments: str) -> subprocess.Popen:
     return process
 
 
+def _listening_on(port: str) -> subprocess.Popen:
+    """A process that listens on ``port`` of 127.0.0.1 (a minute at most)."""
+    return _holding(
+        "import socket, sys, time\n"
+        "listener = socket.create_server(('127.0.0.1', int(sys.argv[1])))\n"
+        "print('holding', flush=True)\n"
+        "time.sleep(60)",
+        port,
+    )
+
+
 # Another stack, on its own state directory, stopped half-way through its start.
 OTHER_STACK = """
 import json, pathlib, sys, time
@@ -90,13 +101,7 @@ def test_ports_another_stack_is_starting_on_are_refused_naming_that_stacks_proce
 
 def test_a_port_another_process_listens_on_is_refused_naming_that_process(tmp_path) -> None:
     ports = _ports()
-    listener = _holding(
-        "import socket, sys, time\n"
-        "listener = socket.create_server(('127.0.0.1', int(sys.argv[1])))\n"
-        "print('holding', flush=True)\n"
-        "time.sleep(60)",
-        str(ports.triton),
-    )
+    listener = _listening_on(str(ports.triton))
     try:
         stack = Stack(tmp_path / "state", ports, redis_url="redis://127.0.0.1:1/0")
         with pytest.raises(RuntimeError) as refused:
@@ -112,13 +117,7 @@ def test_a_stopped_process_holding_a_port_is_named_stopped(tmp_path) -> None:
     killed outright never takes the SIGTERM the kernel sent it, and holds
     its ports for good: the refusal says so, not only to try again later."""
     ports = _ports()
-    listener = _holding(
-        "import socket, sys, time\n"
-        "listener = socket.create_server(('127.0.0.1', int(sys.argv[1])))\n"
-        "print('holding', flush=True)\n"
-        "time.sleep(60)",
-        str(ports.context),
-    )
+    listener = _listening_on(str(ports.context))
     try:
         listener.send_signal(signal.SIGSTOP)
         os.waitpid(listener.pid, os.WUNTRACED)  # returns once it is stopped

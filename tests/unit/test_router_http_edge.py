@@ -576,47 +576,12 @@ async def test_a_requests_place_is_given_back_once_when_its_response_is_complete
     assert calls.held("dev") == 0
 
 
-@pytest.mark.parametrize("stream", [True, False])
-async def test_a_client_gone_while_the_last_part_waits_is_settled_cancelled_by_the_real_pipeline(stream):
-    """The rule below, through the real Pipeline (the test below scripts
-    it): a change counting a turn whole once its Completion was handed to
-    the front end (reverted) had such turns recorded completed, and the
-    scripted test could not see it (a review)."""
-    admission = RecordingAdmission()
-    turns, _ = real_pipeline(admission=admission)
-    edge = edge_with(TenantCalls(1), turns)
+async def gone_while_the_last_part_waits(edge, stream: bool = True) -> None:
+    """Serves one chat request whose client goes while the response's last
+    part waits to be written: uvicorn's send waits for the socket to drain,
+    then drops the message if the client went meanwhile."""
     gone = asyncio.Event()
     scope, body_receive = chat_request(KEY, [], stream=stream)
-    body_read = False
-
-    async def receive():
-        nonlocal body_read
-        if not body_read:
-            body_read = True
-            return await body_receive()
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            gone.set()  # uvicorn drops it: the client never gets it
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(edge(scope, receive, send), 5)
-    [(_, outcome)] = admission.settled
-    assert outcome.cancelled and outcome.failure is None
-
-
-async def test_a_client_gone_while_the_last_part_waits_to_be_written_has_its_turn_cancelled():
-    """uvicorn's send waits for the socket to drain, then drops the message
-    if the client went meanwhile; the client's disconnect must then cancel
-    the turn, not find the response complete (it would be recorded
-    completed, answered to nobody)."""
-    answer = Answer(text="ok", completion_tokens=1, finish_reason="stop")
-    pipeline = ScriptedPipeline([Delta("o"), Completion(answer, CacheStatus.MISS, 0.0, "", 0, "", text="k")])
-    edge = edge_with(TenantCalls(1), pipeline)
-    gone = asyncio.Event()
-    scope, body_receive = chat_request(KEY, [], stream=True)
     body_read = False
 
     async def receive():
@@ -633,7 +598,28 @@ async def test_a_client_gone_while_the_last_part_waits_to_be_written_has_its_tur
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(edge(scope, receive, send), 5)
+
+
+async def test_a_client_gone_while_the_last_part_waits_to_be_written_has_its_turn_cancelled():
+    """The client's disconnect must then cancel the turn, not find the
+    response complete (it would be recorded completed, answered to nobody)."""
+    answer = Answer(text="ok", completion_tokens=1, finish_reason="stop")
+    pipeline = ScriptedPipeline([Delta("o"), Completion(answer, CacheStatus.MISS, 0.0, "", 0, "", text="k")])
+    await gone_while_the_last_part_waits(edge_with(TenantCalls(1), pipeline))
     assert not pipeline.read_to_the_end
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_client_gone_while_the_last_part_waits_is_settled_cancelled_by_the_real_pipeline(stream):
+    """The rule above, through the real Pipeline (the test above scripts
+    it): a change counting a turn whole once its Completion was handed to
+    the front end (reverted) had such turns recorded completed, and the
+    scripted test could not see it (a review)."""
+    admission = RecordingAdmission()
+    turns, _ = real_pipeline(admission=admission)
+    await gone_while_the_last_part_waits(edge_with(TenantCalls(1), turns), stream)
+    [(_, outcome)] = admission.settled
+    assert outcome.cancelled and outcome.failure is None
 
 
 def test_uvicorns_httptools_protocol_still_has_what_the_header_bounds_extend():
