@@ -29,6 +29,7 @@ import base64
 import contextlib
 import functools
 import http
+import ipaddress
 import json
 import math
 import socket
@@ -1610,7 +1611,11 @@ def _listening_socket(listen: str) -> socket.socket:
     host, port = tcp_listen_address(listen)
     if ":" not in host:
         return socket.create_server((host, port), backlog=1024)
-    dualstack = host == "::" and socket.has_dualstack_ipv6()
+    # An IPv4-mapped host ([::ffff:127.0.0.1]) binds only on a socket that
+    # takes IPv4 too: an IPv6-only one refused it (EINVAL) though gRPC's
+    # listen and the metrics endpoint bound it (a review).
+    mapped = ipaddress.IPv6Address(host).ipv4_mapped is not None
+    dualstack = (host == "::" or mapped) and socket.has_dualstack_ipv6()
     return socket.create_server((host, port), family=socket.AF_INET6, backlog=1024, dualstack_ipv6=dualstack)
 
 

@@ -39,6 +39,7 @@ from services.cache import app as cache_app
 from services.context import app as context_app
 from services.context import store as session_store
 from services.router import app as router_app
+from services.router import http_edge
 from tests.integration.conftest import (
     running,
     running_router,
@@ -704,6 +705,15 @@ async def test_the_http_edge_listens_on_ipv6_and_on_both_families_for_the_any_ad
                 base_url=f"http://{host}:{port}/v1", headers=AUTH, timeout=60
             ) as http:
                 assert (await http.get("/models")).status_code == 200
+
+
+def test_the_http_edge_binds_an_ipv4_mapped_ipv6_host_the_settings_accept():
+    """'[::ffff:127.0.0.1]:0' loads, and gRPC and the metrics endpoint bind
+    it; the edge's IPv6-only socket refused it (EINVAL: a review)."""
+    with http_edge._listening_socket("[::ffff:127.0.0.1]:0") as listening:
+        port = listening.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
 
 
 # --- raw SSE framing and disconnects ---------------------------------------------
