@@ -40,6 +40,7 @@ from meshgate.config import (
     check_listen,
     load_settings,
     settings_from_document,
+    tcp_listen_address,
 )
 from meshgate.errors import ErrorInterceptor, MeshgateError, UnknownMethods
 from meshgate.tasks import cancel_and_wait
@@ -688,14 +689,13 @@ def _refuse_unbindable_address(name: str, address: str) -> None:
     refused by grpc, and reported by _add_port)."""
     if address.startswith(("unix:", "unix-abstract:", "vsock:")):
         return
-    host, _, port = address.rpartition(":")
-    if port == "0":
+    host, port = tcp_listen_address(address)  # "[::]:50051" is ("::", 50051)
+    if port == 0:
         # Any free port: none is in use. A host that is not this one's is
         # still refused, by grpc (_add_port), in fewer words.
         return
-    host = host.strip("[]")  # "[::]:50051"
     try:
-        resolved = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        resolved = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, ValueError) as error:
         raise OSError(f"{name}: cannot listen on {address}: {error}") from None
     refusal = None
@@ -999,7 +999,7 @@ async def watch_configuration(
     """Reloads whenever the settings file changes from how it was last read
     (Service.config_state; polled: one stat a second, and no dependency, on
     every platform and file system), once the change has settled: the
-    file's (mtime, size) the same on two looks in a row, so a change is
+    file's state (_file_state) the same on two looks in a row, so a change is
     applied 1-2 s after it. A file caught while an editor or `cat >`
     rewrote it in place could parse (cut before its `[[router.tenants]]`)
     and was applied: for up to a second, tenants vanished. (A SIGHUP

@@ -376,6 +376,18 @@ class TritonBackend:
         if ended := self.calls.end({model}, STUB_DIED_UNDER_CALL + error_message):
             log.warning("calls ended: the model's stub process died", backend=self.address, calls=ended)
 
+    def note_refusal(self, model: str, code: grpc.StatusCode, details: str) -> bool:
+        """A failed call of ``model`` here: a stub's death or a refusal as
+        not loaded takes the model out of this server's rotation (stub_died,
+        refused_as_not_loaded), as Generate and Embed both need. Returns
+        whether its stub died."""
+        if triton_protocol.stub_died(details):
+            self.stub_died(model, details)
+            return True
+        if triton_protocol.refused_as_not_loaded(code, details, model):
+            self.refused_as_not_loaded(model, details)
+        return False
+
     def refused_as_not_loaded(self, model: str, details: str) -> None:
         """Triton refused a request of ``model`` here as not loaded
         (triton_protocol.refused_as_not_loaded): unloaded, or every model

@@ -202,12 +202,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         backend.health.record_failure()
                     elif probing:
                         backend.health.release_probe(probing)
-                    if triton_protocol.stub_died(error.details() or ""):
-                        backend.stub_died(served.triton_model, error.details())
-                    elif triton_protocol.refused_as_not_loaded(
-                        error.code(), error.details() or "", served.triton_model
-                    ):
-                        backend.refused_as_not_loaded(served.triton_model, error.details())
+                    backend.note_refusal(served.triton_model, error.code(), error.details() or "")
                     # Retry elsewhere only if nothing reached the caller yet (AIP-194).
                     if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
                         # Refused (its model unloaded, its stub dead) or lost
@@ -347,11 +342,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     # half-open slot would stay taken for open_for_s, no
                     # trial of any model let in.
                     backend.health.release_probe(probing)
-                stub_died = triton_protocol.stub_died(error.details() or "")
-                if stub_died:
-                    backend.stub_died(model, error.details())
-                elif triton_protocol.refused_as_not_loaded(error.code(), error.details() or "", model):
-                    backend.refused_as_not_loaded(model, error.details())
+                stub_died = backend.note_refusal(model, error.code(), error.details() or "")
                 # A unary call that failed sent nothing back: another server
                 # may answer (AIP-194), as for Generate before its first token.
                 # Triton answers a model whose stub died INTERNAL, and one it
