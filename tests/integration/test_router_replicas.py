@@ -80,9 +80,10 @@ class Replicas:
     def log(self, index: int) -> str:
         return (self.directory / f"router-{index}.log").read_text(errors="replace")
 
-    async def wait_serving(self, timeout_s: float = 90.0) -> None:
+    async def wait_serving(self, timeout_s: float = 90.0, first: int = 0) -> None:
+        """Waits until each process from the ``first`` serves."""
         deadline = time.monotonic() + timeout_s
-        for index, address in enumerate(self.addresses):
+        for index, address in enumerate(self.addresses[first:], first):
             async with bounded_channel(address) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 while True:
@@ -115,16 +116,10 @@ limits = {{ requests_per_minute = {rpm} }}
 """
 
 
-@pytest.fixture(scope="module")
-async def replicas(redis_url, inference_address, tmp_path_factory):
-    mesh = mesh_settings()
-    settings = Settings(mesh=mesh)
-    settings.redis.url = redis_url
-    settings.cache.inference_address = inference_address
-    async with contextlib.AsyncExitStack() as stack:
-        context_address = await stack.enter_async_context(running(context_app, "context", settings))
-        cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
-        base = f"""
+def base_settings(mesh, redis_url: str, inference_address: str, context_address: str, cache_address: str):
+    """The settings file of router processes beside each other on one host,
+    with tiny-gpt at ``inference_address``, before their tenants."""
+    return f"""
 [telemetry]
 exporter = "none"
 
@@ -140,7 +135,7 @@ key_file = {_toml(mesh.key_file)}
 deployments = [{{ name = "live", address = {_toml(inference_address)}, model = "tiny-gpt" }}]
 
 [router]
-# Four processes on one host: no fixed metrics port beside each one's --listen.
+# Processes on one host: no fixed metrics port beside each one's --listen.
 metrics_listen = ""
 context_address = {_toml(context_address)}
 cache_address = {_toml(cache_address)}
@@ -150,6 +145,18 @@ http_listen = ""
 # A hit replays in paced pieces: a stream that stays live for a while.
 replay_pause_s = 0.1
 """
+
+
+@pytest.fixture(scope="module")
+async def replicas(redis_url, inference_address, tmp_path_factory):
+    mesh = mesh_settings()
+    settings = Settings(mesh=mesh)
+    settings.redis.url = redis_url
+    settings.cache.inference_address = inference_address
+    async with contextlib.AsyncExitStack() as stack:
+        context_address = await stack.enter_async_context(running(context_app, "context", settings))
+        cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        base = base_settings(mesh, redis_url, inference_address, context_address, cache_address)
         group = Replicas(tmp_path_factory.mktemp("routers"), base)
         tenant = f"quota-{uuid.uuid4().hex[:8]}"
         group.write(tenant_block(tenant, "key-one"))
