@@ -100,19 +100,31 @@ class UsageRecord:
     # A record of a session's summaries' usage (cache_status SUMMARY_USAGE):
     # how many summaries; 0 for a turn.
     summaries: int = 0
+    # The id the router's turn journal (services/router/turn_journal.py)
+    # named the turn by, where one of its snapshots held the turn; "" for
+    # any other. Such a turn is written once whichever writes it first: its
+    # settlement, or another router's claim of the journal of its router
+    # (killed, or stalled), a mark per turn id set in the same script.
+    turn_id: str = ""
 
 
 _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(UsageRecord))
+# Each field's type (annotations are strings here: __future__), to unpack.
+_FIELD_TYPES = tuple({"str": str, "int": int}[field.type] for field in dataclasses.fields(UsageRecord))
 
 # KEYS: every key written: the stream first when ARGV[4] is "1", then the
 # day hash of each tenant and day whose totals are written (when ARGV[5] is
 # "1"), then the call's marker (marker(), in the slot of the key before
 # it). ARGV: stream max length, retention s, the UTC day (YYYY-MM-DD) of
-# records that name none, the two flags, the marker's TTL in s, then one
-# argument per record: the UsageRecord's values in field order, joined by
-# _SEPARATOR. The aggregates are derived here from the values; a tenant's
-# day hash is named as day_key() names it. Returns 1, or 0 for a call whose
-# marker was set already (written before: nothing is written again).
+# records that name none, the two flags, the marker's TTL in s, the TTL in
+# s of the marks of its records that name a turn id, then one argument per
+# record: the UsageRecord's values in field order, joined by _SEPARATOR.
+# The aggregates are derived here from the values; a tenant's day hash is
+# named as day_key() names it. A record naming a turn id is written only
+# where its mark (turn_marker(), in the slot of what the call writes: the
+# tenant's totals', else the log's) was not set yet. Returns 1, or 0 for a
+# call whose marker was set already (written before: nothing is written
+# again).
 _RECORD = (
     "local names = {"
     + ", ".join(f"'{name}'" for name in _FIELD_NAMES)
@@ -120,7 +132,7 @@ _RECORD = (
     + """
 local log, totals = ARGV[4] == '1', ARGV[5] == '1'
 if not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[6]) then return 0 end
-for r = 7, #ARGV do
+for r = 8, #ARGV do
   local values, entry = {}, {}
   for value in string.gmatch(ARGV[r] .. '\\31', '(.-)\\31') do values[#values + 1] = value end
   for i, name in ipairs(names) do
@@ -128,8 +140,16 @@ for r = 7, #ARGV do
     entry[#entry + 1] = values[i]
     values[name] = values[i]
   end
-  if log then redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(entry)) end
-  if totals then
+  -- A turn's record written already (by its settlement, or by a claim of
+  -- its router's journal) is not written again.
+  local fresh = true
+  if values.turn_id ~= '' then
+    local mark = totals and ('mg:router:usage:{t:' .. values.tenant .. '}:turn:' .. values.turn_id)
+      or ('{' .. KEYS[1] .. '}:turn:' .. values.turn_id)
+    fresh = redis.call('SET', mark, '1', 'NX', 'EX', ARGV[7])
+  end
+  if fresh and log then redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(entry)) end
+  if fresh and totals then
     local summary = values.cache_status == '"""
     + SUMMARY_USAGE
     + """'
@@ -172,6 +192,15 @@ def marker(key: str, name: str) -> str:
     return f"{key.rsplit(':', 1)[0]}:{name}"
 
 
+def turn_marker(key: str, tenant: str, turn_id: str) -> str:
+    """That a journaled turn's record was written by a call whose last key
+    is ``key`` (the script's mark; for tests and operators): in a tenant's
+    slot where the call writes totals, else in the log's."""
+    if key == STREAM:
+        return marker(key, f"turn:{turn_id}")
+    return f"mg:router:usage:{{t:{tenant}}}:turn:{turn_id}"
+
+
 def take_marker(key: str, take_id: str) -> str:
     """That a take's records were written by a call (record_take)."""
     return marker(key, f"take:{take_id}")
@@ -194,6 +223,32 @@ def _call_marker(key: str) -> str:
 # no router sweeping meanwhile, was billed twice). The router passes the
 # configured one (app.py); this is the default configuration's.
 TAKE_MARKER_TTL_S = summary_usage_ttl_s(ContextSettings().session_ttl_s)
+
+
+# How long the mark of a journaled turn's record is kept, set by its
+# settlement: as long as a snapshot of the journal that held the turn may
+# still be claimed (turn_journal.JOURNAL_TTL_S) and a little more; set by a
+# claim: as long as the router whose journal it was may still come back
+# (stalled: SIGSTOP, a machine suspended) and settle the turn itself. A
+# mark per journaled turn (one in flight when a snapshot was taken), not per
+# turn: kept an hour at most, the settlements' bound Redis's memory.
+SETTLED_TURN_MARKER_TTL_S = 2 * 3600
+CLAIMED_TURN_MARKER_TTL_S = 7 * 24 * 3600
+
+
+def pack(usage: UsageRecord) -> str:
+    """A record as the script reads it: its values in field order, joined
+    by _SEPARATOR (one dropped from inside a value: a tenant id could hold
+    one, and would shift every value after it)."""
+    return _SEPARATOR.join(str(getattr(usage, name)).replace(_SEPARATOR, "") for name in _FIELD_NAMES)
+
+
+def unpack(packed: str) -> UsageRecord:
+    """The record :func:`pack` packed (a turn journal's snapshot of it)."""
+    values = packed.split(_SEPARATOR)
+    if len(values) != len(_FIELD_NAMES):
+        raise ValueError(f"a packed usage record has {len(_FIELD_NAMES)} values, not {len(values)}")
+    return UsageRecord(*(kind(value) for kind, value in zip(_FIELD_TYPES, values, strict=True)))
 
 
 # Records submitted within this long of each other go to Redis in one call
@@ -291,6 +346,19 @@ class Ledger:
         # The totals' call is the last: the only one, or the tenant's day hash's.
         return replies[-1] == 1
 
+    async def record_claim(self, records: list[UsageRecord]) -> None:
+        """Writes now the records of the turns of a claimed journal
+        (services/router/turn_journal.py), each once per turn id: a turn
+        its settlement wrote (or a claim before) is not written again.
+        Raises where a call failed (the journal stays, to be claimed again)."""
+        calls = self._calls(
+            [(usage, True) for usage in records], _call_marker, WRITTEN_MARK_TTL_S, CLAIMED_TURN_MARKER_TTL_S
+        )
+        try:
+            await run_scripts(self._script, calls)
+        except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
+            raise redis_access.outage("a lost router's turns cannot be billed", error) from error
+
     async def _write(self, records: list[tuple[UsageRecord, bool]]) -> None:
         # The callers have their answers: a call that failed is sent again
         # later, until Redis answers it (script_calls).
@@ -301,16 +369,14 @@ class Ledger:
         records: list[tuple[UsageRecord, bool]],
         marker_of: Callable[[str], str],
         marker_ttl_s: int,
+        turn_marker_ttl_s: int = SETTLED_TURN_MARKER_TTL_S,
     ) -> list[tuple[list[str], list]]:
         """The script calls that write ``records`` (each with whether it
         goes to the log), each marked by ``marker_of`` its last key, kept
-        ``marker_ttl_s``."""
-        # A separator inside a value (a tenant id could hold one) would shift
-        # every value after it: it is dropped.
-        packed = [
-            _SEPARATOR.join(str(getattr(usage, name)).replace(_SEPARATOR, "") for name in _FIELD_NAMES)
-            for usage, _ in records
-        ]
+        ``marker_ttl_s``; the marks of its records of journaled turns kept
+        ``turn_marker_ttl_s``."""
+        ttls = [marker_ttl_s, turn_marker_ttl_s]
+        packed = [pack(usage) for usage, _ in records]
         today = f"{self.today():%Y-%m-%d}"
         header = [self._stream_max_len, self._retention_s, today]
         # The day hash of each record: its own day's, else today's.
@@ -323,10 +389,10 @@ class Ledger:
             by_hash: dict[str, list[str]] = {}
             for key, values in zip(hashes, packed, strict=True):
                 by_hash.setdefault(key, []).append(values)
-            calls = [([STREAM], [*header, "1", "0", marker_ttl_s, *logged])] if logged else []
-            calls += [([key], [*header, "0", "1", marker_ttl_s, *rows]) for key, rows in by_hash.items()]
+            calls = [([STREAM], [*header, "1", "0", *ttls, *logged])] if logged else []
+            calls += [([key], [*header, "0", "1", *ttls, *rows]) for key, rows in by_hash.items()]
         elif len(logged) == len(packed):
-            calls = [([STREAM, *dict.fromkeys(hashes)], [*header, "1", "1", marker_ttl_s, *packed])]
+            calls = [([STREAM, *dict.fromkeys(hashes)], [*header, "1", "1", *ttls, *packed])]
         else:
             # The script's two flags hold for a whole call: the records that
             # go to the log in one, those that do not in another.
@@ -337,7 +403,7 @@ class Ledger:
                 rows = [values for values, to_log in zip(packed, in_log, strict=True) if to_log is part]
                 if rows:
                     stream = [STREAM] if part else []
-                    calls.append(([*stream, *dict.fromkeys(keys)], [*header, flag, "1", marker_ttl_s, *rows]))
+                    calls.append(([*stream, *dict.fromkeys(keys)], [*header, flag, "1", *ttls, *rows]))
         return [([*keys, marker_of(keys[-1])], args) for keys, args in calls]
 
     async def usage(
