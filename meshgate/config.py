@@ -633,6 +633,13 @@ class RouterSettings:
     # usage no take has billed, and how long such a session has owed before
     # it is taken (services/router/summary_usage.py).
     summary_usage_collect_s: float = 30.0
+    # How often the router writes its journal of the turns it serves, so
+    # that another router bills them were this one killed before they end
+    # (services/router/turn_journal.py); 0 for no journal (such turns then
+    # go unbilled). A journal not written for journal_stale_s is claimed:
+    # its turns billed by the router that claims it.
+    journal_interval_s: float = 1.0
+    journal_stale_s: float = 15.0
     # SHA-256 hex digests of the admin credential(s): Bearer keys that may
     # read any tenant's usage and manage API keys (AdminService). None by
     # default: the admin RPCs then refuse every caller.
@@ -1283,6 +1290,7 @@ def settings_from_document(raw: dict[str, Any], environ: typing.Mapping[str, str
     settings = _build(Settings, raw, "")
     _check_values(settings, "")
     _check_redis_timeout(settings)
+    _check_journal(settings.router)
     _check_redis_urls(settings)
     _check_addresses(settings)
     check_router_models(settings)
@@ -1314,6 +1322,7 @@ _POSITIVE = frozenset(
         "report_replication_timeout_s",
         "summary_timeout_s",
         "summary_usage_collect_s",
+        "journal_stale_s",
         "context_window_tokens",
         "max_output_tokens",
         # A request without max_tokens was sent max_tokens = 0, which the
@@ -1391,6 +1400,7 @@ _ZERO_MEANS: dict[str, str] = {
     "completion_usd_per_million": "free",
     "cache_hit_fraction": "a cache hit is free",
     "hot_exact_entries": "none",
+    "journal_interval_s": "no journal: a router killed outright leaves its turns unbilled",
     "temperature": "greedy",
     "seed": "the seed 0, as any other",
     "session_ttl_s": "kept forever",
@@ -1591,6 +1601,17 @@ def _check_redis_timeout(settings: Settings) -> None:
             f"redis.timeout_s ({settings.redis.timeout_s:g}) must exceed "
             f"cache.report_replication_timeout_s ({settings.cache.report_replication_timeout_s:g}), "
             "which Redis's WAIT blocks for"
+        )
+
+
+def _check_journal(router: RouterSettings) -> None:
+    """A journal claimed as stale within two of its writes would be
+    claimed from a live router between any two (services/router/turn_journal.py):
+    its turns billed as they were then, their ends not billed."""
+    if router.journal_interval_s and router.journal_stale_s < 2 * router.journal_interval_s:
+        raise ConfigError(
+            f"router.journal_stale_s ({router.journal_stale_s:g}) must be at least twice "
+            f"router.journal_interval_s ({router.journal_interval_s:g})"
         )
 
 

@@ -113,6 +113,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from typing import Any
 
 import grpc
 import structlog
@@ -127,6 +128,7 @@ from meshgate.reasons import Reason
 from services.router.ledger import SUMMARY_USAGE, TAKE_MARKER_TTL_S, Ledger, UsageRecord
 from services.router.prompt_bound import PromptBound, bound_of
 from services.router.script_calls import WRITTEN_MARK_TTL_S, Backlog, never_ran, run_scripts
+from services.router.turn_journal import ROUTER_LOST, Tracked, TurnJournal
 
 log = structlog.get_logger(__name__)
 
@@ -1394,11 +1396,20 @@ class TurnAdmission:
     over :class:`Admission`: the scopes, reservation and real use of a turn,
     and its record in the usage ledger."""
 
-    def __init__(self, admission: Admission, settings: RouterSettings, ledger: Ledger | None = None) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        settings: RouterSettings,
+        ledger: Ledger | None = None,
+        journal: TurnJournal | None = None,
+    ) -> None:
         self._admission = admission
         self._settings = settings
         # Records each turn, batched off the caller's critical path.
         self._ledger = ledger
+        # Holds the turns served, for another router to bill were this one
+        # killed (turn_journal.py).
+        self._journal = journal
         # Chat template (ModelSettings.chat_template) -> its PromptBound,
         # measured at its first limited turn; None: it cannot be measured.
         self._bounds: dict[str, PromptBound | None] = {}
@@ -1462,6 +1473,30 @@ class TurnAdmission:
         return 0 if bound is None else bound.template_bytes(message_count)
 
     async def settle(self, grant: Reservation, turn, outcome) -> None:
+        tokens, nano_usd, usage = self._billed(grant, turn, outcome)
+        if self._ledger is not None:
+            self._ledger.submit(usage)
+        # Batched, off the turn's path: it holds for a cancelled turn too.
+        self._admission.settle_soon(grant, tokens, nano_usd)
+
+    def track(self, grant: Reservation, turn, outcome_of: Callable[[str], Any]) -> Tracked | None:
+        """The turn in the router's journal while it is served
+        (turn_journal.py), so that a router killed before it settles does
+        not leave it unbilled: ``outcome_of(failure)`` is its outcome
+        (pipeline.Outcome) were it to end now so. None without a journal."""
+        if self._journal is None or self._ledger is None:
+            return None
+
+        def record_of() -> UsageRecord | None:
+            _, _, usage = self._billed(grant, turn, outcome_of(ROUTER_LOST))
+            # A turn that delivered nothing is billed nothing (used_tokens).
+            return usage if usage.prompt_tokens or usage.completion_tokens or usage.saved_tokens else None
+
+        return self._journal.track(record_of)
+
+    def _billed(self, grant: Reservation, turn, outcome) -> tuple[int, int, UsageRecord]:
+        """What a turn that ended so is billed: the tokens and cost its
+        budgets are charged, and its ledger record."""
         price = grant.price
         prompt_tokens, completion_tokens = used_tokens(turn, outcome)
         full_cost = cost_nano_usd(price, prompt_tokens, completion_tokens)
@@ -1471,10 +1506,8 @@ class TurnAdmission:
             tokens, nano_usd = 0, share_nano_usd(full_cost, price.cache_hit_fraction) if price else 0
         else:
             tokens, nano_usd = prompt_tokens + completion_tokens, full_cost
-        if self._ledger is not None:
-            self._record(turn, outcome, hit, prompt_tokens, completion_tokens, nano_usd, grant.day)
-        # Batched, off the turn's path: it holds for a cancelled turn too.
-        self._admission.settle_soon(grant, tokens, nano_usd)
+        usage = self._usage_record(turn, outcome, hit, prompt_tokens, completion_tokens, nano_usd, grant.day)
+        return tokens, nano_usd, usage
 
     def refused(self, turn, outcome) -> None:
         """Records a turn admission refused: a failure that used nothing, on
@@ -1484,7 +1517,7 @@ class TurnAdmission:
         if self._ledger is not None:
             # In the totals, not the log: a refusal costs its caller nothing,
             # and the log's length is every tenant's (ledger.py).
-            self._record(turn, outcome, False, 0, 0, 0, "", logged=False)
+            self._ledger.submit(self._usage_record(turn, outcome, False, 0, 0, 0, ""), logged=False)
 
     def summaries_spent(self, tenant, spends) -> None:
         """What the summaries of a session of ``tenant`` spent on each model
@@ -1568,7 +1601,7 @@ class TurnAdmission:
             self._ledger.submit(usage)
         self._admission.settle_soon(grant, input_tokens, nano_usd)
 
-    def _record(
+    def _usage_record(
         self,
         turn,
         outcome,
@@ -1577,13 +1610,12 @@ class TurnAdmission:
         completion_tokens: int,
         nano_usd: int,
         day: str,
-        logged: bool = True,
-    ) -> None:
+    ) -> UsageRecord:
         answer = outcome.answer
         status = outcome.cache_status.value if outcome.cache_status is not None else "none"
         # A hang-up is no error reason: the ledger says "cancelled".
         failure = "cancelled" if outcome.cancelled else str(outcome.failure or "")
-        usage = UsageRecord(
+        return UsageRecord(
             tenant=turn.tenant.id,
             key_id=turn.tenant.key_id,
             model=turn.model_alias,
@@ -1600,8 +1632,8 @@ class TurnAdmission:
             latency_ms=round(outcome.elapsed_s * 1000),
             failure=failure,
             day=day,
+            turn_id=outcome.turn_id,
         )
-        self._ledger.submit(usage, logged)
 
     async def drain(self) -> None:
         """Waits for settlements and ledger records still in flight (before

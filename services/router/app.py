@@ -33,6 +33,7 @@ from services.router.model_selection import Selector
 from services.router.pipeline import Pipeline
 from services.router.servicer import RouterServicer, add_to_server
 from services.router.summary_usage import SummaryUsageSweeper
+from services.router.turn_journal import TurnJournal
 
 # Settings a running router cannot take over (reload logs that they changed).
 _RESTART_ONLY = (
@@ -48,6 +49,8 @@ _RESTART_ONLY = (
     "router.max_generation_s",
     "router.deployment_health_interval_s",
     "router.summary_usage_collect_s",
+    "router.journal_interval_s",
+    "router.journal_stale_s",
     "router.hot_exact_entries",
     "router.hot_exact_max_age_s",
     "router.hot_exact_max_bytes",
@@ -139,8 +142,16 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     ledger = Ledger(
         redis, router.usage_stream_max_len, router.usage_retention_days, take_marker_ttl_s=take_marker_ttl_s
     )
+    journal = (
+        TurnJournal(redis, ledger, router.journal_interval_s, router.journal_stale_s)
+        if router.journal_interval_s
+        else None
+    )
     admission = TurnAdmission(
-        Admission(redis, router.max_generation_s, take_marker_ttl_s=take_marker_ttl_s), router, ledger
+        Admission(redis, router.max_generation_s, take_marker_ttl_s=take_marker_ttl_s),
+        router,
+        ledger,
+        journal,
     )
     hot_exact = listener = heartbeat_watch = None
     if router.hot_exact_entries > 0:
@@ -219,6 +230,8 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
     # Started last, so that a failed start leaves no task behind.
     deployment_checks = asyncio.create_task(deployments.watch(router.deployment_health_interval_s))
     summary_usage.start()
+    if journal is not None:
+        journal.start()
 
     started_with = settings
 
@@ -267,5 +280,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         # Settlements and usage records still in flight finish first, though
         # a step before failed: they are what the tenants are billed.
         ("admission", admission.drain),
+        # Its turns settled (admission's drain wrote their records): removed.
+        ("turn journal", journal.close if journal is not None else None),
         ("redis", redis.aclose),
     )

@@ -351,6 +351,11 @@ class Outcome:
     # same count, known before the model's first delta; 0: not assembled
     # (a stateless prompt that surely fits goes out unassembled).
     prompt_tokens_assembled: int = 0
+    # The id the router's turn journal named the turn by in a snapshot
+    # (services/router/turn_journal.py), "" if none did: its ledger record
+    # carries it, so that the turn is billed once, by this settlement or by
+    # a claim of the journal.
+    turn_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,6 +512,12 @@ class Admission(Protocol):
     #     be sent, when they may cost more than admission reserved for the
     #     turn's own (a session's assembled history), or refuses the turn
     #     as admit would (raising); called before anything is generated."""
+    #
+    # def track(self, grant: Any, turn: Turn, outcome_of) -> Tracked | None:
+    #     """Holds the turn while it is served, for a router killed before
+    #     it settles (services/router/turn_journal.py): ``outcome_of(failure)``
+    #     is its Outcome were it to end now so. Returns what ``end()``s the
+    #     hold, naming the turn's journal id for its Outcome (None: none)."""
 
 
 class Unlimited:
@@ -589,6 +600,8 @@ class Pipeline:
         self._admission = admission or Unlimited()
         # Admission's reserve_prompt (Admission), where it has one.
         self._reserve_prompt = getattr(self._admission, "reserve_prompt", None)
+        # Optional too: the router's turn journal (admission.TurnAdmission.track).
+        self._track = getattr(self._admission, "track", None)
         # Without a way to embed, selection decides on cheap features alone.
         self._selector = selector or Selector(_no_embedding)
         self._templates = Templates(settings.templates, settings.max_message_bytes)
@@ -758,10 +771,34 @@ class Pipeline:
         # last counted them (Delta.completion_tokens; 0: not counted): what
         # a failure after them says went out where it cannot say itself.
         sent = Delivered()
+
+        def outcome_so_far(failure: str | None, cancelled: bool = False, turn_id: str = "") -> Outcome:
+            """The turn's outcome were it to end now so: its settlement's,
+            and its journal's snapshots' (as lost with its router)."""
+            return Outcome(
+                answer,
+                facts.status,
+                time.perf_counter() - started,
+                failure,
+                cancelled,
+                delivered_bytes,
+                # The count behind exactly the pieces that went out, which a
+                # failure's may not be (a caller cut off by its own deadline
+                # or hanging up has none; a shared generation's is the
+                # generation's).
+                sent.tokens or delivered_tokens,
+                facts.prompt,
+                answer.prompt_tokens_read,
+                facts.prompt_tokens,
+                turn_id,
+            )
+
         span = telemetry.start_genai_span("chat", turn.model_alias, turn.parameters)
         in_flight = metrics.router().streams_in_flight.labels(turn.model_alias)
         in_flight.inc()
         held: Delta | None = None  # the last piece, kept for the completion
+        # Ended in the finally below, however the turn ends.
+        tracked = self._track(grant, turn, outcome_so_far) if self._track is not None else None
         try:
             # Every nested stream is closed explicitly (aclosing): an
             # abandoned async generator's cleanup, such as cancelling its
@@ -824,23 +861,7 @@ class Pipeline:
             if early is not None and not early.done():
                 early.cancel()
             in_flight.dec()
-            elapsed_s = time.perf_counter() - started
-            outcome = Outcome(
-                answer,
-                facts.status,
-                elapsed_s,
-                failure,
-                cancelled,
-                delivered_bytes,
-                # The count behind exactly the pieces that went out, which a
-                # failure's may not be (a caller cut off by its own deadline
-                # or hanging up has none; a shared generation's is the
-                # generation's).
-                sent.tokens or delivered_tokens,
-                facts.prompt,
-                answer.prompt_tokens_read,
-                facts.prompt_tokens,
-            )
+            outcome = outcome_so_far(failure, cancelled, tracked.end() if tracked is not None else "")
             _record_turn(turn, outcome, span)
             if facts.created_session_id and not facts.saving:
                 # Not awaited: the turn's failure or cancellation goes on at once.

@@ -16,12 +16,11 @@ from meshgate.config import Settings
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 # What an operator reads settings in (bench/README.md also tells of settings
-# tried and dropped, by name; docs/turn-journal.md is a design not built,
-# naming the settings it would add).
+# tried and dropped, by name).
 DOCS = (
     "README.md",
     "deploy/k8s/README.md",
-    *sorted(f"docs/{path.name}" for path in (ROOT / "docs").glob("*.md") if path.name != "turn-journal.md"),
+    *sorted(f"docs/{path.name}" for path in (ROOT / "docs").glob("*.md")),
 )
 SECTIONS = {field.name for field in dataclasses.fields(Settings)}
 

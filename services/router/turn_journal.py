@@ -1,0 +1,284 @@
+"""Billing the turns of a router that stopped without settling them.
+
+A turn is billed when it ends (admission's settlement, a ledger record). A
+router killed outright (SIGKILL, its machine lost) ends none of the turns
+it was serving: they were missing from GetUsage and the ledger. So each
+router keeps a journal in Redis of the turns it serves, and every router
+bills the turns of a journal whose router stopped writing it.
+
+- **The journal.** Every ``router.journal_interval_s`` while it serves
+  turns that delivered something, a router writes what each would be
+  billed if it ended now (the record of a turn failed ``ROUTER_LOST``:
+  admission.used_tokens of what went out) to a hash of its own, replacing
+  the last snapshot, with its heartbeat (Redis's TIME: machines' clocks do
+  not matter) in a sorted set; one script call per interval, none per turn.
+  A turn is named by an id given at its first snapshot (``turn_id``), which
+  its ledger record carries when it settles.
+- **The claim.** Every router, every third of ``router.journal_stale_s``,
+  claims the journals whose heartbeat is older than that (a lease: each is
+  claimed by one router at a time), bills their turns
+  (Ledger.record_claim), then deletes each one whose router did not write
+  it meanwhile.
+- **Billed once.** The ledger's script writes a record naming a turn id
+  only where that turn's mark is not set, and sets it (ledger.py): a turn
+  is billed by its settlement or by a claim of its journal, whichever
+  comes first, never both. A snapshot that reaches Redis after the turn's
+  settlement (they go on different connections), a claimer killed midway
+  (the next claim bills what it did not), a router stalled past the stale
+  time (SIGSTOP, a machine suspended; its turns claimed, then settled when
+  it resumes) and a router cut off from Redis while others reach it are
+  all billed once.
+
+What it bills: what had gone out by the last snapshot (within one interval
+of what was delivered; a turn that delivered nothing is not journaled: it
+is billed nothing, as a turn failed before its first piece is). The
+tenant's budgets are not charged again: admission reserved more than the
+turn used, and that reservation stands. The bounds: a journal no router
+claims within JOURNAL_TTL_S (no router running for an hour) expires, and
+its turns go unbilled; a stalled router that comes back more than
+ledger.CLAIMED_TURN_MARKER_TTL_S after its journal was claimed bills those
+turns again. On a Redis Cluster a claimed turn's record may be logged twice
+(the log's call and the totals' are in different slots, each with its own
+mark): the totals, which GetUsage reads, are written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import secrets
+from collections.abc import Callable
+
+import structlog
+from redis.exceptions import RedisError
+
+from meshgate import redis_access
+from meshgate.errors import MeshgateError
+from meshgate.tasks import cancel_and_wait
+from services.router.ledger import Ledger, UsageRecord, pack, unpack
+
+log = structlog.get_logger(__name__)
+
+# The failure a claimed turn is recorded with (the ledger's failure field;
+# a turn its caller left says "cancelled").
+ROUTER_LOST = "router_lost"
+
+# Every journal's keys share a slot (the hash tag), so that one script call
+# writes a journal and its heartbeat, and one claims several.
+_PREFIX = "mg:router:journal:{journals}:"
+BEATS = _PREFIX + "beats"
+# A snapshot not written again nor claimed within this long expires.
+JOURNAL_TTL_S = 3600
+# Journals one claim takes at most.
+CLAIM_SIZE = 16
+# Fields one HSET of a snapshot sets at most (Lua's unpack has a bound).
+_HSET_CHUNK = 500
+
+
+def journal_key(journal_id: str) -> str:
+    return _PREFIX + journal_id
+
+
+# Redis's TIME in microseconds (a double holds it exactly).
+_NOW_US = "local now = redis.call('TIME')\nlocal us = tonumber(now[1]) * 1000000 + tonumber(now[2])\n"
+
+# KEYS: BEATS, the journal. ARGV: the journal id, its TTL in s, then turn
+# id and packed record pairs. Replaces the snapshot (and a claim's mark on
+# it); with turns, sets the heartbeat to Redis's TIME, else removes the
+# journal.
+_WRITE = (
+    _NOW_US
+    + f"""
+redis.call('DEL', KEYS[2])
+if #ARGV < 3 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 0
+end
+for i = 3, #ARGV, {2 * _HSET_CHUNK} do
+  redis.call('HSET', KEYS[2], unpack(ARGV, i, math.min(i + {2 * _HSET_CHUNK - 1}, #ARGV)))
+end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[1], us, ARGV[1])
+return 1
+"""
+)
+
+# The field of a journal that names the claim under way (a turn id is hex).
+_CLAIM_MARK = "~claim"
+
+# KEYS: BEATS. ARGV: the stale time in us, the most journals, the claim's
+# id. Claims the journals whose heartbeat is older: each one's heartbeat is
+# set to now (no other claim takes it for the stale time) and it is marked
+# with the claim's id (a write of its router's removes the mark). Returns
+# each journal's id and its snapshot (HGETALL's pairs, the mark's with them).
+_CLAIM = (
+    _NOW_US
+    + f"""
+local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', us - tonumber(ARGV[1]), 'LIMIT', 0, ARGV[2])
+local claimed = {{}}
+for _, id in ipairs(stale) do
+  local key = '{_PREFIX}' .. id
+  redis.call('ZADD', KEYS[1], us, id)
+  if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, '{_CLAIM_MARK}', ARGV[3]) end
+  claimed[#claimed + 1] = id
+  claimed[#claimed + 1] = redis.call('HGETALL', key)
+end
+return claimed
+"""
+)
+
+# KEYS: BEATS, the journal. ARGV: its id, the claim's id. Deletes a claimed
+# journal, unless its router wrote it since (a stalled router come back: the
+# claim's mark is gone from it). Returns 1 if deleted.
+_FINISH = f"""
+if redis.call('EXISTS', KEYS[2]) == 1 and redis.call('HGET', KEYS[2], '{_CLAIM_MARK}') ~= ARGV[2] then
+  return 0
+end
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class Tracked:
+    """A turn the journal holds while it is served (TurnJournal.track)."""
+
+    __slots__ = ("_journal", "record_of", "turn_id")
+
+    def __init__(self, journal: TurnJournal, record_of: Callable[[], UsageRecord | None]) -> None:
+        self._journal = journal
+        # What the turn would be billed if it ended now, failed ROUTER_LOST;
+        # None where nothing (it delivered nothing yet).
+        self.record_of = record_of
+        # Given at the turn's first snapshot; "" until then.
+        self.turn_id = ""
+
+    def end(self) -> str:
+        """Out of the journal's next snapshots; the id its snapshots named
+        it by, for its ledger record ("" if none did)."""
+        self._journal._live.pop(self, None)
+        return self.turn_id
+
+
+class TurnJournal:
+    def __init__(self, redis, ledger: Ledger, interval_s: float, stale_s: float) -> None:
+        self._redis = redis
+        self._ledger = ledger
+        self._interval_s = interval_s
+        self._stale_s = stale_s
+        self.journal_id = secrets.token_hex(8)
+        self._write_script = redis.register_script(_WRITE)
+        self._claim_script = redis.register_script(_CLAIM)
+        self._finish_script = redis.register_script(_FINISH)
+        # The turns served now (a dict: insertion order, O(1) removal).
+        self._live: dict[Tracked, None] = {}
+        # Whether the journal in Redis holds turns (so an empty one is
+        # written once, to remove it).
+        self._holds_turns = False
+        self._tasks: list[asyncio.Task] = []
+        self._said_unwritten = False
+
+    def track(self, record_of: Callable[[], UsageRecord | None]) -> Tracked:
+        tracked = Tracked(self, record_of)
+        self._live[tracked] = None
+        return tracked
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._write_every()), loop.create_task(self._claim_every())]
+
+    async def write(self) -> None:
+        """Writes the snapshot of the turns served now (or removes the
+        journal once none is left). Raises where Redis failed."""
+        fields: list[str] = []
+        for tracked in list(self._live):
+            usage = tracked.record_of()
+            if usage is None:
+                continue
+            # The id before the record: a turn that settles from now on
+            # carries it (no await between here and the snapshot's send).
+            tracked.turn_id = tracked.turn_id or secrets.token_hex(8)
+            fields += [tracked.turn_id, pack(dataclasses.replace(usage, turn_id=tracked.turn_id))]
+        if not fields and not self._holds_turns:
+            return
+        # A write that fails may have run: the journal may hold these turns.
+        self._holds_turns = self._holds_turns or bool(fields)
+        await self._write_script(
+            keys=[BEATS, journal_key(self.journal_id)], args=[self.journal_id, JOURNAL_TTL_S, *fields]
+        )
+        self._holds_turns = bool(fields)
+
+    async def claim(self) -> int:
+        """Claims the journals whose router stopped writing them, bills
+        their turns and deletes them; returns how many turns were in them
+        (each billed here or, before, by its settlement). Raises where
+        Redis failed (what was claimed is claimed again after the stale
+        time)."""
+        claim_id = secrets.token_hex(8)
+        reply = await self._claim_script(
+            keys=[BEATS], args=[round(self._stale_s * 1_000_000), CLAIM_SIZE, claim_id]
+        )
+        turns = 0
+        for journal_id, flat in zip(reply[::2], reply[1::2], strict=True):
+            journal_id = journal_id.decode()
+            records = []
+            for field, packed in zip(flat[::2], flat[1::2], strict=True):
+                if field.decode() == _CLAIM_MARK:
+                    continue
+                try:
+                    records.append(unpack(packed.decode()))
+                except ValueError:
+                    # A router of another version's (a rolling upgrade
+                    # that changed the record): not billed, not a claim
+                    # failed for ever.
+                    log.warning("a lost router's turn could not be read", journal=journal_id)
+            if records:
+                await self._ledger.record_claim(records)
+                log.warning(
+                    "billed the turns of a router that stopped writing its journal",
+                    journal=journal_id,
+                    turns=len(records),
+                )
+            await self._finish_script(keys=[BEATS, journal_key(journal_id)], args=[journal_id, claim_id])
+            turns += len(records)
+        return turns
+
+    async def _write_every(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.write()
+                self._said_unwritten = False
+            except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
+                # Said once an outage: the next interval writes it whole again.
+                if not self._said_unwritten:
+                    self._said_unwritten = True
+                    log.warning("the turn journal cannot be written", error=str(error))
+            except Exception:
+                log.exception("the turn journal was not written")
+
+    async def _claim_every(self) -> None:
+        while True:
+            # Routers started together do not claim together.
+            await asyncio.sleep(self._stale_s / 3 * random.uniform(0.5, 1.5))
+            try:
+                await self.claim()
+            except (*redis_access.CONNECTION_ERRORS, RedisError, MeshgateError) as error:
+                # Claimed again once the claim's lease (the stale time) ends.
+                log.warning("lost routers' journals not claimed", error=str(error))
+            except Exception:
+                log.exception("lost routers' journals not claimed")
+
+    async def close(self) -> None:
+        """Stops writing and claiming, and removes the journal: its turns
+        have settled (the router's drain; called after admission's)."""
+        for task in self._tasks:
+            await cancel_and_wait(task)
+        self._live.clear()
+        try:
+            await self.write()
+        except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
+            # Left to expire, or to a claim: each of its turns that settled
+            # was written with its mark, and is not billed again.
+            log.warning("the turn journal was not removed", error=str(error))
