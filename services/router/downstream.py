@@ -802,13 +802,13 @@ class Deployments:
         tenant_token = self._tokens.metadata(tenant_id, "inference") if tenant_id else ()
         spent = (
             f"the generation's time (router.max_generation_s, {self._limit_s:g} s, or the caller's"
-            " shorter deadline) passed before a deployment answered"
+            " shorter deadline) passed before {}"
         )
         ranked = self._table.candidates(alias, route)
         tried: list[Deployment] = []
         while (deployment := self._table.next_to_try(alias, route, ranked, tried)) is not None:
             tried.append(deployment)
-            timeout_s = time_for_a_try(budget, self._limit_s, spent)
+            timeout_s = time_for_a_try(budget, self._limit_s, spent.format("a deployment answered"))
             # Over the untraced channel, with one client span per call (not
             # two more async generators per streamed message); its trace
             # context goes along, so the inference service's spans join.
@@ -944,8 +944,10 @@ class Deployments:
                     # half-open slot would otherwise stay taken for
                     # open_for_s, no trial let in.
                     deployment.health.release_probe(probing)
+                # Cut midway, it did answer: the answer was not complete.
+                spent_on = "the answer was complete" if pieces else "a deployment answered"
                 failure = failure_within(
-                    error, "inference", budget, spent, max_generation_s=f"{self._limit_s:g}"
+                    error, "inference", budget, spent.format(spent_on), max_generation_s=f"{self._limit_s:g}"
                 )
                 if pieces:
                     # Our own count of what reached our caller (every piece

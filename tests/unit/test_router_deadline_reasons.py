@@ -133,6 +133,10 @@ async def test_a_generations_budget_spent_during_its_try_is_deadline_exceeded(li
         "delivered_deltas": "1",
         "delivered_chars": "5",
     }
+    # It answered, and was cut midway: not "before a deployment answered".
+    assert failure.message.endswith("passed before the answer was complete"), failure.message
+    _, before_any = await generate(TimesOutAfter([]), limit_s, Budget.of(budget_s))
+    assert before_any.message.endswith("passed before a deployment answered"), before_any.message
 
 
 async def test_a_deadline_status_with_the_generations_time_left_stays_downstream_failed():
