@@ -1,15 +1,21 @@
-"""Coalescing and prompt templates through real services: the router in
-front of real context, cache and inference services, real Redis and a real
-Triton, whose own statistics count the generations."""
+"""Coalescing and prompt templates through real services: the router (its
+gRPC front end and its HTTP edge) in front of real context, cache and
+inference services, real Redis and a real Triton, whose own statistics
+count the generations."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import socket
+import uuid
 
 import grpc
+import httpx
 import pytest
 import tritonclient.grpc.aio as triton_grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
@@ -18,13 +24,17 @@ from meshgate.config import (
     TemplateMessageSettings,
     TemplateParameterSettings,
     TemplateSettings,
+    TenantSettings,
+    hash_api_key,
 )
 from meshgate.errors import error_info
+from meshgate.local.stack import free_port
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.router import coalescing
 from tests.integration.conftest import running_router, service_settings
+from tests.integration.test_router_accounting import eventually
 from tests.mesh import bounded_channel, router_channel
 
 # Serial (make test runs it alone): a caller's deadline is a third of a solo answer.
@@ -32,17 +42,32 @@ pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 KEY = "coalescing-test-key"
 AUTH = [("authorization", f"Bearer {KEY}")]
+# Two configured tenants (the dev tenant is a third): A's keys bill apart
+# (GetUsage has a row per key), B's turns must never share A's generations.
+TENANT_A, TENANT_B = (f"coalescing-{name}-{uuid.uuid4().hex[:8]}" for name in "ab")
+KEYS = {name: f"coalescing-key-{name}-{uuid.uuid4().hex[:8]}" for name in ("a1", "a2", "a3", "a4", "b1")}
 # Long enough that callers started together overlap (tiny-gpt: a few
 # hundred tokens/s on this machine); identical callers share it anyway.
 MAX_TOKENS = 200
 CALLERS = 4
 
 
+def auth(key: str) -> list[tuple[str, str]]:
+    """The call metadata of one of KEYS."""
+    return [("authorization", f"Bearer {KEYS[key]}")]
+
+
 @pytest.fixture(scope="module")
 async def services(redis_url, inference_address):
-    """A stub of the router's public port, and one of its cache service
-    (with the router's tokens), whose stats count the Stores."""
+    """A stub of the router's public port, one of its cache service (with
+    the router's tokens), whose stats count the Stores, and the address of
+    its HTTP edge."""
     settings = service_settings(redis_url, inference_address, KEY)
+    settings.router.tenants = [
+        TenantSettings(id=TENANT_A, api_key_sha256=[hash_api_key(KEYS[k]) for k in ("a1", "a2", "a3", "a4")]),
+        TenantSettings(id=TENANT_B, api_key_sha256=[hash_api_key(KEYS["b1"])]),
+    ]
+    settings.router.http_listen = f"127.0.0.1:{free_port()}"
     settings.router.templates = [
         TemplateSettings(
             name="explain",
@@ -63,12 +88,35 @@ async def services(redis_url, inference_address):
         yield (
             router_service_pb2_grpc.RouterServiceStub(channel),
             cache_service_pb2_grpc.CacheServiceStub(cache_channel),
+            settings.router.http_listen,
         )
 
 
 @pytest.fixture(scope="module")
 def router(services):
     return services[0]
+
+
+@pytest.fixture(scope="module")
+def http_edge(services) -> str:
+    """The router's HTTP edge, host:port."""
+    return services[2]
+
+
+@pytest.fixture
+def joined(monkeypatch) -> list[bool]:
+    """Whether each generation asked of the router found an identical one
+    under way (the router runs in this process, so its coalescer is this
+    module's class), in the order they were asked for."""
+    joined: list[bool] = []
+    real_generate = coalescing.Coalescer.generate
+
+    def recording_generate(self, flight_key, *args):
+        joined.append(flight_key is not None and flight_key in self._flights)  # noqa: SLF001
+        return real_generate(self, flight_key, *args)
+
+    monkeypatch.setattr(coalescing.Coalescer, "generate", recording_generate)
+    return joined
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +155,20 @@ def ask(text: str, **parameters) -> pb.ChatRequest:
 
 
 class Caller:
-    """One Chat call, read in the background."""
+    """One Chat call, or one ChatSession turn on a stream of its own, read
+    in the background."""
 
-    def __init__(self, router, request: pb.ChatRequest, timeout_s: float = 120) -> None:
-        self.call = router.Chat(request, metadata=AUTH, timeout=timeout_s)
+    def __init__(
+        self, router, request: pb.ChatRequest | pb.ChatSessionRequest, timeout_s: float = 120, metadata=AUTH
+    ) -> None:
+        if isinstance(request, pb.ChatSessionRequest):
+            self.call = router.ChatSession(iter([request]), metadata=metadata, timeout=timeout_s)
+        else:
+            self.call = router.Chat(request, metadata=metadata, timeout=timeout_s)
         self.pieces: list[str] = []
         self.completion: pb.ChatCompletion | None = None
+        # A ChatSession turn's failure, reported in its stream.
+        self.failure: status_pb2.Status | None = None
         self.first_delta = asyncio.Event()
         self.task = asyncio.ensure_future(self._read())
 
@@ -120,9 +176,17 @@ class Caller:
         async for response in self.call:
             if response.HasField("completion"):
                 self.completion = response.completion
-            else:
+            elif response.HasField("delta"):
                 self.pieces.append(response.delta.text)
                 self.first_delta.set()
+            else:
+                self.failure = status_pb2.Status.FromString(response.failure)
+
+    def failure_info(self) -> error_details_pb2.ErrorInfo:
+        info = error_details_pb2.ErrorInfo()
+        assert self.failure is not None
+        assert any(detail.Unpack(info) for detail in self.failure.details)
+        return info
 
     @property
     def text(self) -> str:
@@ -252,7 +316,7 @@ async def test_the_last_caller_cancelling_ends_the_generation(router, triton_gen
 
 
 async def test_a_joiner_cancelled_by_its_deadline_does_not_end_the_shared_generation(
-    router, triton_generations, monkeypatch
+    router, triton_generations, joined
 ):
     """A caller that joined a generation under way and then went away (its
     own client deadline passed, so gRPC cancelled its call) leaves the
@@ -265,16 +329,7 @@ async def test_a_joiner_cancelled_by_its_deadline_does_not_end_the_shared_genera
     alone_s = asyncio.get_running_loop().time() - started
     assert alone_completion.usage.completion_tokens >= 200, "tiny-gpt stopped early; pick another prompt"
 
-    # Whether each call found an identical generation under way (the router
-    # runs in this process, so its coalescer is this module's class).
-    joined: list[bool] = []
-    real_generate = coalescing.Coalescer.generate
-
-    def recording_generate(self, flight_key, *args):
-        joined.append(flight_key is not None and flight_key in self._flights)  # noqa: SLF001
-        return real_generate(self, flight_key, *args)
-
-    monkeypatch.setattr(coalescing.Coalescer, "generate", recording_generate)
+    joined.clear()
     before = await triton_generations()
     patient = Caller(router, request)
     await asyncio.wait_for(patient.first_delta.wait(), 60)
@@ -291,6 +346,225 @@ async def test_a_joiner_cancelled_by_its_deadline_does_not_end_the_shared_genera
     await asyncio.wait_for(patient.task, 120)
     assert patient.text == alone and patient.completion.usage == alone_completion.usage
     assert await settled(triton_generations, before + 1) == before + 1
+
+
+def session_turn(
+    text: str, session_id: str = "", max_tokens: int = MAX_TOKENS, **strict
+) -> pb.ChatSessionRequest:
+    """A greedy turn of the session ``session_id`` (a new one when empty)."""
+    return pb.ChatSessionRequest(
+        model="tiny-gpt",
+        session_id=session_id,
+        messages=[common_pb2.Message(role=common_pb2.ROLE_USER, content=text)],
+        parameters=common_pb2.GenerationParameters(max_tokens=max_tokens, temperature=0.0),
+        cache_policy=pb.CACHE_POLICY_BYPASS,
+        **strict,
+    )
+
+
+async def session_messages(router, session_id: str, metadata=AUTH) -> list[tuple[int, str]]:
+    found = await router.GetSession(
+        pb.GetSessionRequest(session_id=session_id), metadata=metadata, timeout=10
+    )
+    return [(message.role, message.content) for message in found.session.messages]
+
+
+async def billed(router, key: str, key_ids: set[str]) -> dict[str, pb.UsageRow]:
+    """The GetUsage rows of tiny-gpt by key id, of ``key``'s tenant, once
+    each of ``key_ids`` has one (the ledger writes just after each turn)
+    and two reads half a second apart agree (a turn billed twice would
+    have been by then)."""
+
+    async def rows() -> dict[str, pb.UsageRow]:
+        usage = await router.GetUsage(pb.GetUsageRequest(), metadata=auth(key), timeout=10)
+        return {row.key_id: row for row in usage.rows if row.model == "tiny-gpt"}
+
+    async def every_key_billed() -> dict[str, pb.UsageRow] | None:
+        found = await rows()
+        return found if key_ids <= found.keys() else None
+
+    previous = await eventually(every_key_billed)
+    for _ in range(20):
+        await asyncio.sleep(0.5)
+        current = await rows()
+        if current == previous:
+            return current
+        previous = current
+    raise AssertionError("the usage kept changing")
+
+
+def key_id(key: str) -> str:
+    """GetUsage's key id of one of KEYS."""
+    return hash_api_key(KEYS[key])[:16]
+
+
+async def test_turns_of_two_sessions_share_a_generation_and_each_is_stored_and_billed_as_its_own(
+    router, triton_generations
+):
+    """Two new sessions of one tenant (a turn under each of two of its keys)
+    whose prompts are identical share one generation: each session holds its
+    own turn at its own version, and each key is billed the whole answer's
+    usage, once. Another tenant's identical turn at the same moment
+    generates apart: a generation, as a cache entry, is one tenant's."""
+    question = "Tell me a long story about a lighthouse keeper."
+    before = await triton_generations()
+    callers = [Caller(router, session_turn(question), metadata=auth(key)) for key in ("a1", "a2", "b1")]
+    await asyncio.wait_for(asyncio.gather(*(caller.task for caller in callers)), 120)
+    # A1 and A2 shared one, B generated its own (all three shared: 1; none: 3).
+    assert await settled(triton_generations, before + 2) == before + 2
+    reference = callers[0].completion
+    assert reference.usage.completion_tokens >= 50, "tiny-gpt stopped early; pick another prompt"
+    for caller in callers:
+        assert caller.failure is None and caller.text == callers[0].text
+        assert caller.completion.usage == reference.usage and caller.completion.session_version == 1
+    a1, a2, b1 = (caller.completion.session_id for caller in callers)
+    assert len({a1, a2, b1}) == 3
+    for session_id, key in ((a1, "a1"), (a2, "a2"), (b1, "b1")):
+        assert await session_messages(router, session_id, auth(key)) == [
+            (common_pb2.ROLE_USER, question),
+            (common_pb2.ROLE_ASSISTANT, callers[0].text),
+        ]
+    usage = reference.usage
+    rows = await billed(router, "a1", {key_id("a1"), key_id("a2")})
+    rows.update(await billed(router, "b1", {key_id("b1")}))
+    for key in ("a1", "a2", "b1"):
+        row = rows[key_id(key)]
+        assert (row.requests, row.failures) == (1, 0), key
+        assert (row.prompt_tokens, row.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens), (
+            key
+        )
+
+
+async def test_a_turn_refused_at_its_append_fails_alone_beside_the_session_sharing_its_generation(
+    router, triton_generations, joined
+):
+    """Two sessions with the same history ask the same strict turn at once,
+    and one generation answers both. Another turn lands in the second
+    session meanwhile: that session's turn is refused at its append
+    (VERSION_CONFLICT, saying what it delivered), and nothing of it reaches
+    the first, whose turn completes whole and is stored."""
+    opening = [Caller(router, session_turn("Say something about owls.", max_tokens=8)) for _ in range(2)]
+    await asyncio.wait_for(asyncio.gather(*(caller.task for caller in opening)), 60)
+    assert opening[0].text == opening[1].text, "the two sessions' histories differ"
+    (ours_id, version), (theirs_id, _) = (
+        (caller.completion.session_id, caller.completion.session_version) for caller in opening
+    )
+    history = await session_messages(router, ours_id)
+
+    joined.clear()
+    before = await triton_generations()
+    question = "Tell me a long story about a lighthouse keeper, please."
+    ours, theirs = (
+        Caller(router, session_turn(question, session_id, expected_session_version=version))
+        for session_id in (ours_id, theirs_id)
+    )
+    await asyncio.wait_for(asyncio.gather(ours.first_delta.wait(), theirs.first_delta.wait()), 60)
+    assert joined == [False, True], "the two turns did not share a generation"
+    other = Caller(router, session_turn("Hello.", theirs_id, max_tokens=2))
+    await asyncio.wait_for(other.task, 60)
+    assert not ours.task.done(), (
+        "the shared generation ended before the other turn landed; pick a longer answer"
+    )
+    assert other.completion.session_version == version + 1
+    await asyncio.wait_for(asyncio.gather(ours.task, theirs.task), 120)
+    assert await settled(triton_generations, before + 2) == before + 2  # the shared one and the other turn's
+
+    assert theirs.completion is None
+    assert theirs.failure.code == grpc.StatusCode.ABORTED.value[0]
+    info = theirs.failure_info()
+    assert info.reason == Reason.VERSION_CONFLICT
+    assert int(info.metadata["delivered_chars"]) == len(theirs.text) > 0
+    assert ours.failure is None and ours.completion.session_version == version + 1
+    assert ours.text == theirs.text
+    assert await session_messages(router, ours_id) == [
+        *history,
+        (common_pb2.ROLE_USER, question),
+        (common_pb2.ROLE_ASSISTANT, ours.text),
+    ]
+
+
+async def streamed_answer(client: httpx.AsyncClient, body: dict, key: str) -> str:
+    """The text of a streamed /v1/chat/completions answer (its [DONE] seen)."""
+    text, done = [], False
+    headers = {"authorization": f"Bearer {KEYS[key]}"}
+    async with client.stream(
+        "POST", "/chat/completions", json={**body, "stream": True}, headers=headers
+    ) as got:
+        assert got.status_code == 200
+        async for line in got.aiter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                event = json.loads(line.removeprefix("data: "))
+                assert "error" not in event, event  # a failure midway
+                text.extend(choice["delta"].get("content") or "" for choice in event["choices"])
+    assert done, "the stream ended without [DONE]"
+    return "".join(text)
+
+
+async def posted_on_a_socket(address: str, body: dict, key: str) -> socket.socket:
+    """A connection that sent a non-streamed /v1/chat/completions request
+    and reads nothing back: its client can go away by closing it."""
+    host, port = address.rsplit(":", 1)
+    loop = asyncio.get_running_loop()
+    connection = socket.socket()
+    connection.setblocking(False)
+    await loop.sock_connect(connection, (host, int(port)))
+    payload = json.dumps(body)
+    await loop.sock_sendall(
+        connection,
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {KEYS[key]}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n{payload}".encode(),
+    )
+    return connection
+
+
+async def test_a_non_streamed_http_caller_going_away_leaves_those_sharing_its_generation_the_whole_answer(
+    router, http_edge, triton_generations, joined
+):
+    """A gRPC call, a streamed and a non-streamed HTTP request, identical,
+    share one generation. The non-streamed one's client goes away mid-way:
+    the other two get the whole answer, each billed it; the one gone is
+    billed as cancelled before its answer, with no completion tokens."""
+    question = "Tell me about the history of bread, please."
+    alone, alone_completion = await answer(router, ask(question, temperature=0.0))
+    assert alone_completion.usage.completion_tokens >= 50, "tiny-gpt stopped early; pick another prompt"
+    body = {
+        "model": "tiny-gpt",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "cache_policy": "bypass",
+    }
+    joined.clear()
+    before = await triton_generations()
+    over_grpc = Caller(router, ask(question, temperature=0.0), metadata=auth("a4"))
+    await asyncio.wait_for(over_grpc.first_delta.wait(), 60)
+    async with httpx.AsyncClient(base_url=f"http://{http_edge}/v1", timeout=120) as client:
+        streamed = asyncio.ensure_future(streamed_answer(client, body, "a4"))
+        whole = await posted_on_a_socket(http_edge, body, "a3")
+
+        async def all_asked() -> bool:
+            return len(joined) == 3
+
+        await eventually(all_asked)
+        assert joined == [False, True, True], "the HTTP requests did not join the gRPC call's generation"
+        assert not over_grpc.task.done(), (
+            "the generation ended before the client went away; pick a longer answer"
+        )
+        whole.close()
+        streamed_text = await asyncio.wait_for(streamed, 120)
+    await asyncio.wait_for(over_grpc.task, 120)
+    assert over_grpc.text == alone and streamed_text == alone
+    assert over_grpc.completion.usage == alone_completion.usage
+    assert await settled(triton_generations, before + 1) == before + 1
+
+    rows = await billed(router, "a3", {key_id("a3"), key_id("a4")})
+    gone, stayed = rows[key_id("a3")], rows[key_id("a4")]
+    assert (gone.requests, gone.failures, gone.completion_tokens) == (1, 1, 0)
+    assert (stayed.requests, stayed.failures) == (2, 0)
+    assert stayed.completion_tokens == 2 * alone_completion.usage.completion_tokens
+    assert stayed.prompt_tokens == 2 * alone_completion.usage.prompt_tokens
 
 
 async def test_a_template_is_invoked_by_name(router):
