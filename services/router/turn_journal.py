@@ -53,7 +53,7 @@ from collections.abc import Callable
 import structlog
 from redis.exceptions import RedisError
 
-from meshgate import redis_access
+from meshgate import metrics, redis_access
 from meshgate.errors import MeshgateError
 from meshgate.tasks import cancel_and_wait
 from services.router.ledger import Ledger, UsageRecord, pack, unpack
@@ -235,6 +235,7 @@ class TurnJournal:
                     log.warning("a lost router's turn could not be read", journal=journal_id)
             if records:
                 await self._ledger.record_claim(records)
+                metrics.router().lost_turns_billed.inc(len(records))
                 log.warning(
                     "billed the turns of a router that stopped writing its journal",
                     journal=journal_id,
