@@ -226,13 +226,16 @@ TAKE_MARKER_TTL_S = summary_usage_ttl_s(ContextSettings().session_ttl_s)
 
 
 # How long the mark of a journaled turn's record is kept, set by its
-# settlement: as long as a snapshot of the journal that held the turn may
-# still be claimed (turn_journal.JOURNAL_TTL_S) and a little more; set by a
-# claim: as long as the router whose journal it was may still come back
-# (stalled: SIGSTOP, a machine suspended) and settle the turn itself. A
-# mark per journaled turn (one in flight when a snapshot was taken), not per
-# turn: kept an hour at most, the settlements' bound Redis's memory.
-SETTLED_TURN_MARKER_TTL_S = 2 * 3600
+# settlement: longer than a snapshot of the journal that held the turn may
+# still be claimed (turn_journal.JOURNAL_TTL_S: the snapshot was written
+# before the turn settled, and expires first), by the longest a snapshot's
+# write may take to reach Redis (a write is sent within redis.timeout_s);
+# set by a claim: as long as the router whose journal it was may still
+# come back (stalled: SIGSTOP, a machine suspended) and settle the turn
+# itself. A mark (133 B of Redis measured on 6.2) per journaled turn (one in
+# flight when a snapshot was taken: about every streamed answer), not per
+# turn; at 100 such turns a second the settlements' marks hold ~16 MB.
+SETTLED_TURN_MARKER_TTL_S = 20 * 60
 CLAIMED_TURN_MARKER_TTL_S = 7 * 24 * 3600
 
 

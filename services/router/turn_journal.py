@@ -34,8 +34,8 @@ of what was delivered; a turn that delivered nothing is not journaled: it
 is billed nothing, as a turn failed before its first piece is). The
 tenant's budgets are not charged again: admission reserved more than the
 turn used, and that reservation stands. The bounds: a journal no router
-claims within JOURNAL_TTL_S (no router running for an hour) expires, and
-its turns go unbilled; a stalled router that comes back more than
+claims within JOURNAL_TTL_S (no router running for 10 minutes) expires,
+and its turns go unbilled; a stalled router that comes back more than
 ledger.CLAIMED_TURN_MARKER_TTL_S after its journal was claimed bills those
 turns again. On a Redis Cluster a claimed turn's record may be logged twice
 (the log's call and the totals' are in different slots, each with its own
@@ -68,8 +68,10 @@ ROUTER_LOST = "router_lost"
 # writes a journal and its heartbeat, and one claims several.
 _PREFIX = "mg:router:journal:{journals}:"
 BEATS = _PREFIX + "beats"
-# A snapshot not written again nor claimed within this long expires.
-JOURNAL_TTL_S = 3600
+# A snapshot not written again nor claimed within this long expires: before
+# the marks of its turns' settlements (ledger.SETTLED_TURN_MARKER_TTL_S),
+# which a claim of it must find.
+JOURNAL_TTL_S = 600
 # Journals one claim takes at most.
 CLAIM_SIZE = 16
 # Fields one HSET of a snapshot sets at most (Lua's unpack has a bound).
