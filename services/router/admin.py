@@ -5,6 +5,7 @@ CallerGate). The keys themselves live in :mod:`services.router.keys`."""
 from __future__ import annotations
 
 import fractions
+import math
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -114,11 +115,15 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         # answer even where the request would now be refused (its expires_at
         # passed since, a reload took a model out).
         answered = await self._keys.answered(request_id)
-        secret, record = answered or await self._create(request, request_id, authenticator)
+        secret, record = answered or await self._create(request, request_id, authenticator, context)
         return pb.CreateKeyResponse(api_key=secret, key=key_info(record))
 
     async def _create(
-        self, request: pb.CreateKeyRequest, request_id: RequestId | None, authenticator: Authenticator
+        self,
+        request: pb.CreateKeyRequest,
+        request_id: RequestId | None,
+        authenticator: Authenticator,
+        context,
     ) -> tuple[str, KeyRecord]:
         expires_at = _expiry(request)
         models, limits = check_key_request(
@@ -132,7 +137,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             authenticator.tenant_models(request.tenant_id),
         )
         return await self._keys.create(
-            request.tenant_id, models, limits, expires_at, request.label, request_id
+            request.tenant_id, models, limits, expires_at, request.label, request_id, self._time_left(context)
         )
 
     async def ListKeys(self, request: pb.ListKeysRequest, context) -> pb.ListKeysResponse:
@@ -152,12 +157,20 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         admitted_admin()
         # A resend finds the key revoked by its first send; rotate then
         # answers as that send did.
-        secret, successor, previous = await self._keys.rotate(request.key_id, RequestId.of(request))
+        secret, successor, previous = await self._keys.rotate(
+            request.key_id, RequestId.of(request), self._time_left(context)
+        )
         return pb.RotateKeyResponse(api_key=secret, key=key_info(successor), previous=key_info(previous))
 
     async def RevokeKey(self, request: pb.RevokeKeyRequest, context) -> pb.RevokeKeyResponse:
         admitted_admin()
-        return pb.RevokeKeyResponse(key=key_info(await self._keys.revoke(request.key_id)))
+        revoked = await self._keys.revoke(request.key_id, self._time_left(context))
+        return pb.RevokeKeyResponse(key=key_info(revoked))
+
+    def _time_left(self, context) -> float:
+        """How long the caller waits for a key's write (none: inf): one
+        without a request id is not written after it (KeyStore._write)."""
+        return caller_budget(context, self._deadline_margin_s).within(math.inf)
 
     async def InvalidateCache(
         self, request: pb.InvalidateCacheRequest, context

@@ -183,7 +183,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         admission,
         Selector(_PromptEmbeddings(deployments)),
     )
-    keys = KeyStore(redis)
+    keys = KeyStore(redis, timeout_s=settings.redis.timeout_s)
     authenticator = Authenticator(settings.router, keys)
     summary_usage = SummaryUsageSweeper(
         contexts.claim_owed_summary_usage,

@@ -91,7 +91,7 @@ import structlog
 
 from meshgate import paging, redis_access
 from meshgate.config import ConfigError, LimitSettings, hash_api_key, tenant_id_problem
-from meshgate.errors import MeshgateError, invalid_argument, not_found
+from meshgate.errors import MeshgateError, invalid_argument, not_found, unavailable
 from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
 from services.router.request_ids import RequestId
@@ -143,6 +143,10 @@ _LISTING = "ListKeys"
 # overnight batch job's retries, while the sealed secret leaves Redis soon.
 # Past it, a resend acts anew (a second key; a rotation refused as revoked).
 REQUEST_ID_RETENTION_S = 24 * 3600
+# What a write without a request id leaves its reply to come back within
+# the call's timeout (_not_after): a loopback or LAN round trip is well
+# under it.
+_REPLY_MARGIN_S = 0.2
 
 # Writes records only if one record is still what the writer read (a
 # compare-and-set: Redis runs a script whole, with nothing in between).
@@ -150,15 +154,20 @@ REQUEST_ID_RETENTION_S = 24 * 3600
 # absent (a record is never ""). KEYS[2]: the ids hash. KEYS[3]: the record
 # of the call's request id, ARGV[2]: the answer to store there (sealed),
 # ARGV[3]: for how long (s); ARGV[2] "" for a call without one (KEYS[3] is
-# then not touched: any key of the slot). Then per record written, KEYS:
-# its record and its tenant's set; ARGV: its JSON, creation time, hash, id
-# and when the record goes (unix s; 0: never). Returns 1 when written, 0
-# when the record had changed, and the answer stored for the request id
-# where a send of it came first (nothing written: the key is that send's).
+# then not touched: any key of the slot), and ARGV[3] then the time (Redis's
+# TIME, in us) after which it writes nothing (_not_after). Then per record
+# written, KEYS: its record and its tenant's set; ARGV: its JSON, creation
+# time, hash, id and when the record goes (unix s; 0: never). Returns 1 when
+# written, 0 when the record had changed, -1 when too late, and the answer
+# stored for the request id where a send of it came first (nothing
+# written: the key is that send's).
 _WRITE_IF_UNCHANGED = """
 if ARGV[2] ~= '' then
   local answered = redis.call('GET', KEYS[3])
   if answered then return answered end
+else
+  local now = redis.call('TIME')
+  if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[3]) then return -1 end
 end
 if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then
   return 0
@@ -391,9 +400,12 @@ def key_refusal(record: KeyRecord, now: float) -> MeshgateError | None:
 
 
 class KeyStore:
-    def __init__(self, redis, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, redis, clock: Callable[[], float] = time.time, timeout_s: float = 5.0) -> None:
         self._redis = redis
         self._clock = clock
+        # How long a Redis call waits for its reply (redis.timeout_s): a
+        # write without a request id is written only within it (_not_after).
+        self._timeout_s = timeout_s
         # key hash -> (record, monotonic time it was read)
         self._found: dict[str, tuple[KeyRecord, float]] = {}
         # key hash -> monotonic time it was read and found absent
@@ -497,19 +509,23 @@ class KeyStore:
         *records: KeyRecord,
         answer,
         request: RequestId | None = None,
+        answer_within_s: float = math.inf,
     ):
         """Writes the records (new or changed) at once, if the record of
         ``checked_hash`` is still ``read`` (None: still absent), and returns
         ``answer``, the call's; None, and nothing written, where it has
         changed since. With a ``request`` id, stores ``answer`` (a secret,
         then records) for it in the same write; where a send of that id
-        stored its answer first, writes nothing and returns that answer."""
+        stored its answer first, writes nothing and returns that answer.
+        Without one, writes nothing (UNAVAILABLE) past the time its caller
+        can still hear of it: ``answer_within_s``, its deadline, or the
+        Redis call's timeout (_not_after)."""
         if self._write_script is None:
             self._write_script = self._redis.register_script(_WRITE_IF_UNCHANGED)
         checked = _RECORD.format(checked_hash)
         if request is None:
             keys = [checked, _IDS, checked]
-            args: list = [read or "", "", 0]
+            args: list = [read or "", "", await self._not_after(answer_within_s)]
         else:
             keys = [checked, _IDS, _REQUEST.format(request.name)]
             args = [read or "", request.seal(_answer_fields(answer)), REQUEST_ID_RETENTION_S]
@@ -529,6 +545,12 @@ class KeyStore:
         outcome = await self._call(self._write_script(keys=keys, args=args))
         if isinstance(outcome, bytes):
             return _opened(request, outcome)
+        if outcome == -1:
+            raise unavailable(
+                Reason.REDIS_UNAVAILABLE,
+                "API keys: Redis ran the write too late, and wrote nothing; send it again "
+                "(with a request_id, a resend is answered as the first send)",
+            )
         if not outcome:
             return None
         for record in records:
@@ -539,11 +561,29 @@ class KeyStore:
             self._reading.forget(record.key_hash)
         return answer
 
+    async def _not_after(self, answer_within_s: float) -> int:
+        """When, on Redis's clock (TIME, in us), a write without a request id
+        sent now must no longer be written: its reply could no longer reach
+        its caller before the call gives up (redis.timeout_s) or its caller's
+        deadline passes (``answer_within_s`` from now), less a margin for the
+        reply's way back. Such a write answered UNAVAILABLE (Redis
+        stalled, a failover) was written once Redis went on: a key listed
+        whose secret nobody had, or a rotation whose successor's secret was
+        lost and whose old key was revoked (its holder locked out, a resend
+        refused API_KEY_REVOKED). Now Redis writes it only while its caller
+        can still hear of it. A request id's resend is answered as the
+        first send instead, so such writes need no bound."""
+        seconds, microseconds = await self._call(self._redis.time())
+        window_s = min(self._timeout_s, answer_within_s)
+        window_s -= min(_REPLY_MARGIN_S, window_s / 4)
+        return seconds * 1_000_000 + microseconds + max(0, round(window_s * 1_000_000))
+
     async def _change(
         self,
         key_id: str,
         change: Callable[[KeyRecord], tuple[tuple[KeyRecord, ...], object]],
         request: RequestId | None = None,
+        answer_within_s: float = math.inf,
     ):
         """Applies ``change`` to the key's record as one check-and-write:
         ``change`` is given the record as stored and returns the records to
@@ -567,7 +607,14 @@ class KeyStore:
                 return answered
             if not writes:
                 return answer
-            answered = await self._write(record.key_hash, read, *writes, answer=answer, request=request)
+            answered = await self._write(
+                record.key_hash,
+                read,
+                *writes,
+                answer=answer,
+                request=request,
+                answer_within_s=answer_within_s,
+            )
             if answered is not None:
                 return answered
 
@@ -588,6 +635,7 @@ class KeyStore:
         expires_at: float | None,
         label: str,
         request: RequestId | None = None,
+        answer_within_s: float = math.inf,
     ) -> tuple[str, KeyRecord]:
         if len(label) > _MAX_LABEL:
             raise invalid_argument(Reason.INVALID_KEY_SPEC, f"label is longer than {_MAX_LABEL} characters")
@@ -604,7 +652,12 @@ class KeyStore:
             # Written only where no key has this hash: never taken, in
             # practice (256 random bits), and then drawn again.
             answered = await self._write(
-                record.key_hash, None, record, answer=(secret, record), request=request
+                record.key_hash,
+                None,
+                record,
+                answer=(secret, record),
+                request=request,
+                answer_within_s=answer_within_s,
             )
             if answered is not None:
                 return answered
@@ -646,16 +699,18 @@ class KeyStore:
             found += later
         return [(key_hash.decode(), score) for key_hash, score in found[:count]]
 
-    async def revoke(self, key_id: str) -> KeyRecord:
+    async def revoke(self, key_id: str, answer_within_s: float = math.inf) -> KeyRecord:
         def revoke(record: KeyRecord):
             if record.revoked_at is not None:
                 return (), record
             revoked = dataclasses.replace(record, revoked_at=self.now())
             return (revoked,), revoked
 
-        return await self._change(key_id, revoke)
+        return await self._change(key_id, revoke, answer_within_s=answer_within_s)
 
-    async def rotate(self, key_id: str, request: RequestId | None = None) -> tuple[str, KeyRecord, KeyRecord]:
+    async def rotate(
+        self, key_id: str, request: RequestId | None = None, answer_within_s: float = math.inf
+    ) -> tuple[str, KeyRecord, KeyRecord]:
         def rotate(record: KeyRecord):
             refusal = key_refusal(record, self.now())
             if refusal is not None:
@@ -670,4 +725,4 @@ class KeyStore:
             revoked = dataclasses.replace(record, revoked_at=now)
             return (successor, revoked), (secret, successor, revoked)
 
-        return await self._change(key_id, rotate, request)
+        return await self._change(key_id, rotate, request, answer_within_s)

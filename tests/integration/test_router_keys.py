@@ -42,6 +42,7 @@ from services.router.keys import KeyRecord, KeyStore, new_secret
 from tests.integration.conftest import running
 from tests.integration.test_router_replicas import Replicas
 from tests.mesh import bounded_channel, mesh_settings
+from tests.tcp_proxy import TcpProxy, evalsha_marker, unstalled_and_run
 
 pytestmark = pytest.mark.integration
 
@@ -879,6 +880,56 @@ async def test_a_revocation_racing_a_rotation_ends_as_one_after_the_other(redis_
     finally:
         for client in clients:
             await client.aclose()
+
+
+async def test_a_write_without_a_request_id_reaching_redis_after_its_caller_gave_up_writes_nothing(redis_url):
+    """A CreateKey or RotateKey without a request id whose call timed out
+    (Redis stalled, here its script call held on the way) was written once
+    it reached Redis: a key listed whose secret nobody had, or a rotation
+    whose successor's secret was lost and whose old key was revoked, its
+    holder locked out (the retry refused API_KEY_REVOKED); and so was one
+    whose caller's deadline passed first (the admin RPC's, shorter than
+    redis.timeout_s: the caller told DEADLINE_EXCEEDED)."""
+    timeout_s = 0.5
+    direct = redis_access.connect(redis_url)
+    reader = KeyStore(direct)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    try:
+        # The key to rotate (and the script loaded).
+        _, record = await reader.create(tenant, ("*",), LimitSettings(), None, "")
+        for late_write in ("create", "rotate", "create within the caller's deadline"):
+            proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+            # The caller's deadline, 0.4 s, is the shorter: Redis waits 10 s.
+            redis_timeout_s = 10.0 if "deadline" in late_write else timeout_s
+            proxied = redis_access.connect(
+                f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=redis_timeout_s
+            )
+            store = KeyStore(proxied, timeout_s=redis_timeout_s)
+            try:
+                proxy.stall_when_sent(evalsha_marker(keys_module._WRITE_IF_UNCHANGED))
+                if late_write == "create":
+                    with pytest.raises(MeshgateError) as failed:
+                        await store.create(tenant, ("*",), LimitSettings(), None, "")
+                    assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+                elif late_write == "rotate":
+                    with pytest.raises(MeshgateError) as failed:
+                        await store.rotate(record.key_id)
+                    assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+                else:
+                    create = store.create(tenant, ("*",), LimitSettings(), None, "", answer_within_s=0.4)
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(create, 0.5)
+                await unstalled_and_run(proxy, direct)
+            finally:
+                await proxied.aclose()
+                await proxy.close()
+            listed = (await reader.list(tenant)).records
+            # The one key, live: nothing written after its caller gave up.
+            assert [(key.key_id, key.revoked_at) for key in listed] == [(record.key_id, None)], late_write
+        # A write whose reply comes in time is written, as before.
+        assert (await KeyStore(direct, timeout_s=timeout_s).rotate(record.key_id))[2].revoked_at is not None
+    finally:
+        await direct.aclose()
 
 
 async def test_retired_key_records_leave_redis_after_their_retention_and_their_listing_with_them(redis_url):
