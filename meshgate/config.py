@@ -817,6 +817,13 @@ MAX_READABLE_SESSION_BYTES = 28 * 1024 * 1024
 SUMMARY_USAGE_GRACE_S = 7 * 24 * 3600
 
 
+# How long a router's turn journal is kept in Redis after its last write
+# (services/router/turn_journal.py), for another router to claim.
+TURN_JOURNAL_TTL_S = 600
+# The shortest router.journal_interval_s: a write per interval, each O(turns).
+_LEAST_JOURNAL_INTERVAL_S = 0.05
+
+
 def summary_usage_ttl_s(session_ttl_s: int) -> int:
     """How long a session's summaries' usage record lives after its latest
     write: as long as the context service may hold a take of it and offer it
@@ -1605,13 +1612,29 @@ def _check_redis_timeout(settings: Settings) -> None:
 
 
 def _check_journal(router: RouterSettings) -> None:
-    """A journal claimed as stale within two of its writes would be
-    claimed from a live router between any two (services/router/turn_journal.py):
-    its turns billed as they were then, their ends not billed."""
-    if router.journal_interval_s and router.journal_stale_s < 2 * router.journal_interval_s:
+    """The turn journal's timings (services/router/turn_journal.py): a journal
+    claimed as stale within two of its writes would be claimed from a live
+    router between any two (its turns billed as they were then, their ends
+    not billed); one that goes stale only after it expired
+    (TURN_JOURNAL_TTL_S) is never claimed, its router's turns unbilled; and
+    a router writing its journal every microsecond spins."""
+    if not router.journal_interval_s:
+        return
+    if router.journal_interval_s < _LEAST_JOURNAL_INTERVAL_S:
+        raise ConfigError(
+            f"router.journal_interval_s ({router.journal_interval_s:g}) must be 0 (no journal) "
+            f"or at least {_LEAST_JOURNAL_INTERVAL_S:g}"
+        )
+    if router.journal_stale_s < 2 * router.journal_interval_s:
         raise ConfigError(
             f"router.journal_stale_s ({router.journal_stale_s:g}) must be at least twice "
             f"router.journal_interval_s ({router.journal_interval_s:g})"
+        )
+    if router.journal_stale_s > TURN_JOURNAL_TTL_S / 2:
+        raise ConfigError(
+            f"router.journal_stale_s ({router.journal_stale_s:g}) must be at most "
+            f"{TURN_JOURNAL_TTL_S // 2}: a router's journal is kept {TURN_JOURNAL_TTL_S} s after "
+            "its last write, and must go stale well before"
         )
 
 

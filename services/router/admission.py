@@ -1475,24 +1475,54 @@ class TurnAdmission:
     async def settle(self, grant: Reservation, turn, outcome) -> None:
         tokens, nano_usd, usage = self._billed(grant, turn, outcome)
         if self._ledger is not None:
-            self._ledger.submit(usage)
+            tracked = outcome.tracked
+            if tracked is None:
+                self._ledger.submit(usage)
+            else:
+                # A turn its journal named stays there until its record is written.
+                self._ledger.submit(usage, on_written=tracked.settled(usage))
         # Batched, off the turn's path: it holds for a cancelled turn too.
         self._admission.settle_soon(grant, tokens, nano_usd)
 
-    def track(self, grant: Reservation, turn, outcome_of: Callable[[str], Any]) -> Tracked | None:
+    def track(self, grant: Reservation, turn, outcome_of: Callable[..., Any]) -> Tracked | None:
         """The turn in the router's journal while it is served
         (turn_journal.py), so that a router killed before it settles does
-        not leave it unbilled: ``outcome_of(failure)`` is its outcome
-        (pipeline.Outcome) were it to end now so. None without a journal."""
+        not leave it unbilled: ``outcome_of(failure, tracked=...)`` is its
+        outcome (pipeline.Outcome) were it to end now so. None without a
+        journal."""
         if self._journal is None or self._ledger is None:
             return None
+        progress: tuple | None = None
+        record: UsageRecord | None = None
 
         def record_of() -> UsageRecord | None:
-            _, _, usage = self._billed(grant, turn, outcome_of(ROUTER_LOST))
-            # A turn that delivered nothing is billed nothing (used_tokens).
-            return usage if usage.prompt_tokens or usage.completion_tokens or usage.saved_tokens else None
+            nonlocal progress, record
+            outcome = outcome_of(ROUTER_LOST, tracked=tracked)
+            answer = outcome.answer
+            # What the record is computed from, but the time: unchanged
+            # since the last snapshot, the record is (a snapshot of
+            # thousands of turns recomputes only those that moved).
+            now = (
+                outcome.delivered_bytes,
+                outcome.delivered_tokens,
+                outcome.prompt_tokens_read,
+                outcome.prompt_tokens_assembled,
+                outcome.prompt is None,
+                answer.prompt_tokens,
+                answer.completion_tokens,
+                answer.deployment,
+                outcome.cache_status,
+                tracked.turn_id,
+            )
+            if now != progress:
+                _, _, usage = self._billed(grant, turn, outcome)
+                # A turn that delivered nothing is billed nothing (used_tokens).
+                billed = usage.prompt_tokens or usage.completion_tokens or usage.saved_tokens
+                progress, record = now, usage if billed else None
+            return record
 
-        return self._journal.track(record_of)
+        tracked = self._journal.track(record_of)
+        return tracked
 
     def _billed(self, grant: Reservation, turn, outcome) -> tuple[int, int, UsageRecord]:
         """What a turn that ended so is billed: the tokens and cost its
@@ -1632,12 +1662,15 @@ class TurnAdmission:
             latency_ms=round(outcome.elapsed_s * 1000),
             failure=failure,
             day=day,
-            turn_id=outcome.turn_id,
+            turn_id=outcome.tracked.turn_id if outcome.tracked is not None else "",
         )
 
     async def drain(self) -> None:
         """Waits for settlements and ledger records still in flight (before
         Redis closes)."""
+        if self._journal is not None:
+            # Records the ledger gives up now stay in the journal, for a claim.
+            self._journal.stopping = True
         await self._admission.drain()
         if self._ledger is not None:
             await self._ledger.drain()

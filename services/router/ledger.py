@@ -285,6 +285,8 @@ class Ledger:
         self._clock = clock
         # Records to write, each with whether it goes to the log too.
         self._buffer: list[tuple[UsageRecord, bool]] = []
+        # What to tell once the buffer's records are written or given up.
+        self._on_written: list[Callable[[bool], None]] = []
         self._flushing: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -303,11 +305,17 @@ class Ledger:
         """Writes one record now."""
         await self._write([(usage, True)])
 
-    def submit(self, usage: UsageRecord, logged: bool = True) -> None:
+    def submit(
+        self, usage: UsageRecord, logged: bool = True, on_written: Callable[[bool], None] | None = None
+    ) -> None:
         """Writes a record soon (within _FLUSH_AFTER_S), batched with others:
         how the router records turns, off their critical path; one not
-        ``logged`` goes to the totals only, not to the log."""
+        ``logged`` goes to the totals only, not to the log. ``on_written``
+        is told once it is written (True) or given up (False): the turn
+        journal holds the turn until then."""
         self._buffer.append((usage, logged))
+        if on_written is not None:
+            self._on_written.append(on_written)
         if len(self._buffer) >= _BATCH:
             self._flush()
         elif self._timer is None:
@@ -318,8 +326,9 @@ class Ledger:
             self._timer.cancel()
             self._timer = None
         batch, self._buffer = self._buffer, []
+        told, self._on_written = self._on_written, []
         if batch:
-            task = asyncio.get_running_loop().create_task(self._write(batch))
+            task = asyncio.get_running_loop().create_task(self._write(batch, told))
             self._flushing.add(task)
             task.add_done_callback(self._flushing.discard)
 
@@ -362,10 +371,19 @@ class Ledger:
         except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
             raise redis_access.outage("a lost router's turns cannot be billed", error) from error
 
-    async def _write(self, records: list[tuple[UsageRecord, bool]]) -> None:
+    async def _write(
+        self, records: list[tuple[UsageRecord, bool]], told: list[Callable[[bool], None]] = ()
+    ) -> None:
         # The callers have their answers: a call that failed is sent again
         # later, until Redis answers it (script_calls).
-        await self._backlog.run(self._calls(records, _call_marker, WRITTEN_MARK_TTL_S))
+        done = None
+        if told:
+
+            def done(written: bool) -> None:
+                for tell in told:
+                    tell(written)
+
+        await self._backlog.run(self._calls(records, _call_marker, WRITTEN_MARK_TTL_S), done)
 
     def _calls(
         self,

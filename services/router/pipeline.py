@@ -351,11 +351,11 @@ class Outcome:
     # same count, known before the model's first delta; 0: not assembled
     # (a stateless prompt that surely fits goes out unassembled).
     prompt_tokens_assembled: int = 0
-    # The id the router's turn journal named the turn by in a snapshot
-    # (services/router/turn_journal.py), "" if none did: its ledger record
-    # carries it, so that the turn is billed once, by this settlement or by
-    # a claim of the journal.
-    turn_id: str = ""
+    # The turn's hold in the router's turn journal (Admission.track), or
+    # None: its id there, where a snapshot named it, goes on its ledger
+    # record, so that it is billed once, by its settlement or by a claim of
+    # the journal; its settlement releases the hold.
+    tracked: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -515,9 +515,10 @@ class Admission(Protocol):
     #
     # def track(self, grant: Any, turn: Turn, outcome_of) -> Tracked | None:
     #     """Holds the turn while it is served, for a router killed before
-    #     it settles (services/router/turn_journal.py): ``outcome_of(failure)``
-    #     is its Outcome were it to end now so. Returns what ``end()``s the
-    #     hold, naming the turn's journal id for its Outcome (None: none)."""
+    #     it settles (services/router/turn_journal.py):
+    #     ``outcome_of(failure, tracked=...)`` is its Outcome were it to end
+    #     now so. Returns the hold (None: none), for the turn's Outcome
+    #     (``tracked``), which its settlement releases."""
 
 
 class Unlimited:
@@ -772,7 +773,7 @@ class Pipeline:
         # a failure after them says went out where it cannot say itself.
         sent = Delivered()
 
-        def outcome_so_far(failure: str | None, cancelled: bool = False, turn_id: str = "") -> Outcome:
+        def outcome_so_far(failure: str | None, cancelled: bool = False, tracked: Any = None) -> Outcome:
             """The turn's outcome were it to end now so: its settlement's,
             and its journal's snapshots' (as lost with its router)."""
             return Outcome(
@@ -790,7 +791,7 @@ class Pipeline:
                 facts.prompt,
                 answer.prompt_tokens_read,
                 facts.prompt_tokens,
-                turn_id,
+                tracked,
             )
 
         span = telemetry.start_genai_span("chat", turn.model_alias, turn.parameters)
@@ -861,7 +862,7 @@ class Pipeline:
             if early is not None and not early.done():
                 early.cancel()
             in_flight.dec()
-            outcome = outcome_so_far(failure, cancelled, tracked.end() if tracked is not None else "")
+            outcome = outcome_so_far(failure, cancelled, tracked)
             _record_turn(turn, outcome, span)
             if facts.created_session_id and not facts.saving:
                 # Not awaited: the turn's failure or cancellation goes on at once.
@@ -920,6 +921,8 @@ class Pipeline:
             await self._admission.settle(grant, turn, outcome)
         except Exception:  # noqa: BLE001 - the caller has its answer; settling is ours to fix
             log.exception("settling a turn failed", tenant=turn.tenant.id)
+            if outcome.tracked is not None:
+                outcome.tracked.settled(None)  # not held in the journal for ever
 
     async def _admitted(
         self,

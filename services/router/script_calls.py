@@ -181,12 +181,38 @@ def node_of(script) -> Callable[[list[str]], tuple[str, int]]:
     return node
 
 
+class _Done:
+    """What a run's caller is told once each of its calls is written or
+    given up: ``done(written)``, written only if every one was."""
+
+    __slots__ = ("_pending", "_done", "_written")
+
+    def __init__(self, pending: int, done: Callable[[bool], None]) -> None:
+        self._pending = pending
+        self._done: Callable[[bool], None] | None = done
+        self._written = True
+
+    def call_ended(self, written: bool) -> None:
+        self._written = self._written and written
+        self._pending -= 1
+        if self._pending <= 0:
+            self.abandon(self._written)
+
+    def abandon(self, written: bool = False) -> None:
+        """Tells the caller now (once), whatever is still pending."""
+        done, self._done = self._done, None
+        if done is not None:
+            done(written)
+
+
 @dataclasses.dataclass(slots=True)
 class _Held:
     keys: list[str]
     args: list
     # When it first failed (the backlog's clock).
     since: float
+    # Its run's completion, where the caller asked to be told (Backlog.run).
+    done: _Done | None = None
     chars: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -249,15 +275,29 @@ class Backlog:
         # Read when counted (rarely), so the process's metrics setting applies.
         return metrics.router().deferred_writes
 
-    async def run(self, calls: list[tuple[list[str], list]]) -> None:
+    async def run(
+        self, calls: list[tuple[list[str], list]], done: Callable[[bool], None] | None = None
+    ) -> None:
         """Runs ``calls`` at once. Those Redis certainly did not
         run are held and run again later; other failures are logged and
-        given up. Raises nothing: nobody waits on what a turn used."""
-        failures = await self._try(calls)
+        given up. Raises nothing: nobody waits on what a turn used.
+        ``done(written)`` is called once every call is written (True) or
+        given up (False), now or after a later retry."""
+        completion = _Done(len(calls), done) if done is not None else None
+        try:
+            failures = await self._try(calls)
+        except BaseException:
+            if completion is not None:
+                completion.abandon()
+            raise
+        if completion is not None:
+            for failure in failures:
+                if failure is None:
+                    completion.call_ended(True)
         if not any(failures):
             return
         now = self._clock()
-        held = self._unwritten([_Held(keys, args, now) for keys, args in calls], failures)
+        held = self._unwritten([_Held(keys, args, now, completion) for keys, args in calls], failures)
         if held:
             self._outcomes.labels(self._write, "deferred").inc(len(held))
             self._hold(held)
@@ -284,7 +324,7 @@ class Backlog:
                 now = self._clock()
                 expired = [call for call in held if now - call.since > self._max_age_s]
                 if expired:
-                    self._give_up(len(expired), f"not written within {self._max_age_s:g} s")
+                    self._give_up(expired, f"not written within {self._max_age_s:g} s")
                     held = [call for call in held if now - call.since <= self._max_age_s]
                 self._in_round = len(held)
                 # One call at a time, in order. A call still refused keeps
@@ -308,6 +348,8 @@ class Backlog:
                     if failure is None:
                         written += 1
                         self._in_round -= 1
+                        if call.done is not None:
+                            call.done.call_ended(True)
                     elif self._again(failure):
                         again.append(call)
                         if _cluster_wide(failure) or self._stopping.is_set():
@@ -316,7 +358,7 @@ class Backlog:
                         down_nodes.add(node)
                         down_slots.add(slot)
                     else:
-                        self._give_up(1, f"may have been written: {failure}")
+                        self._give_up([call], f"may have been written: {failure}")
                         self._in_round -= 1
                 if written:
                     self._outcomes.labels(self._write, "written_late").inc(written)
@@ -325,7 +367,7 @@ class Backlog:
                 self._in_round = 0
                 self._hold(again, front=True)
                 if self._stopping.is_set():
-                    self._give_up(len(self._take()), "the router stopped")
+                    self._give_up(self._take(), "the router stopped")
         finally:
             self._in_round = 0
             self._retrying = None
@@ -342,13 +384,13 @@ class Backlog:
     def _unwritten(self, calls: list[_Held], failures: list[BaseException | None]) -> list[_Held]:
         """The calls to hold again: those that failed and certainly did not
         run (or any, idempotent). Those that may have run are given up."""
-        again, maybe_run = [], [f for f in failures if f is not None and not self._again(f)]
+        again, maybe_run = [], []
         for call, failure in zip(calls, failures, strict=True):
-            if failure is not None and self._again(failure):
-                again.append(call)
+            if failure is not None:
+                (again if self._again(failure) else maybe_run).append((call, failure))
         if maybe_run:
-            self._give_up(len(maybe_run), f"may have been written: {maybe_run[0]}")
-        return again
+            self._give_up([call for call, _ in maybe_run], f"may have been written: {maybe_run[0][1]}")
+        return [call for call, _ in again]
 
     def _hold(self, calls: list[_Held], front: bool = False) -> None:
         if front:
@@ -356,10 +398,10 @@ class Backlog:
         else:
             self._held.extend(calls)
         self._held_chars += sum(call.chars for call in calls)
-        dropped = 0
+        dropped = []
         while self._held_chars > self._max_held_chars and self._held:
-            self._held_chars -= self._held.popleft().chars
-            dropped += 1
+            dropped.append(self._held.popleft())
+            self._held_chars -= dropped[-1].chars
         if dropped:
             self._give_up(dropped, f"more than {self._max_held_chars} characters held")
 
@@ -369,7 +411,10 @@ class Backlog:
         self._held_chars = 0
         return held
 
-    def _give_up(self, calls: int, why: str) -> None:
+    def _give_up(self, calls: list[_Held], why: str) -> None:
         if calls:
-            self._outcomes.labels(self._write, "given_up").inc(calls)
-            log.error("usage writes given up", write=self._write, calls=calls, why=why)
+            self._outcomes.labels(self._write, "given_up").inc(len(calls))
+            log.error("usage writes given up", write=self._write, calls=len(calls), why=why)
+        for call in calls:
+            if call.done is not None:
+                call.done.call_ended(False)

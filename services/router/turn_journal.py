@@ -3,22 +3,31 @@
 A turn is billed when it ends (admission's settlement, a ledger record). A
 router killed outright (SIGKILL, its machine lost) ends none of the turns
 it was serving: they were missing from GetUsage and the ledger. So each
-router keeps a journal in Redis of the turns it serves, and every router
-bills the turns of a journal whose router stopped writing it.
+router with a journal (``router.journal_interval_s`` > 0, the default) keeps
+one in Redis of the turns it serves, and bills the turns of any journal
+whose router stopped writing it.
 
-- **The journal.** Every ``router.journal_interval_s`` while it serves
-  turns that delivered something, a router writes what each would be
-  billed if it ended now (the record of a turn failed ``ROUTER_LOST``:
-  admission.used_tokens of what went out) to a hash of its own, replacing
-  the last snapshot, with its heartbeat (Redis's TIME: machines' clocks do
-  not matter) in a sorted set; one script call per interval, none per turn.
-  A turn is named by an id given at its first snapshot (``turn_id``), which
-  its ledger record carries when it settles.
-- **The claim.** Every router, every third of ``router.journal_stale_s``,
-  claims the journals whose heartbeat is older than that (a lease: each is
-  claimed by one router at a time), bills their turns
+- **The journal.** Every ``router.journal_interval_s`` while it holds
+  turns, a router writes what each would be billed if it ended now (the
+  record of a turn failed ``ROUTER_LOST``: admission.used_tokens of what
+  went out) to a hash of its own, replacing the last snapshot, with its
+  heartbeat (Redis's TIME: machines' clocks do not matter) in a sorted
+  set; one script call per interval, none per turn. A turn is named by an
+  id given at its first snapshot (``turn_id``), which its ledger record
+  carries when it settles. A turn a snapshot named stays in the journal
+  once it ended, as its settlement's record, until the ledger has written
+  that (a record the ledger holds while Redis refuses it, a shard failing
+  over, is not lost with a router killed meanwhile); one no snapshot named
+  leaves at once (it ended within an interval of its first piece).
+- **The claim.** Every router, every third of ``router.journal_stale_s``
+  or so, claims the journals whose heartbeat is older than that (a lease:
+  each is claimed by one router at a time), never its own (a router
+  stalled alone, whose claim came due before its write), bills their turns
   (Ledger.record_claim), then deletes each one whose router did not write
-  it meanwhile.
+  it meanwhile. A router claims only once it has reached Redis without a
+  failure for the stale time: after an outage every live router's
+  heartbeat is as old as the outage, and the first claim would take them
+  all.
 - **Billed once.** The ledger's script writes a record naming a turn id
   only where that turn's mark is not set, and sets it (ledger.py): a turn
   is billed by its settlement or by a claim of its journal, whichever
@@ -30,16 +39,23 @@ bills the turns of a journal whose router stopped writing it.
   all billed once.
 
 What it bills: what had gone out by the last snapshot (within one interval
-of what was delivered; a turn that delivered nothing is not journaled: it
-is billed nothing, as a turn failed before its first piece is). The
-tenant's budgets are not charged again: admission reserved more than the
-turn used, and that reservation stands. The bounds: a journal no router
-claims within JOURNAL_TTL_S (no router running for 10 minutes) expires,
-and its turns go unbilled; a stalled router that comes back more than
-ledger.CLAIMED_TURN_MARKER_TTL_S after its journal was claimed bills those
-turns again. On a Redis Cluster a claimed turn's record may be logged twice
-(the log's call and the totals' are in different slots, each with its own
-mark): the totals, which GetUsage reads, are written once.
+of what was delivered), or the turn's settlement's record where it had
+ended; a turn the journal's snapshot found billed nothing (it delivered
+nothing yet, used_tokens) is not in it. A claimed turn that then went on
+(its router only stalled) is billed as claimed, its end not. The tenant's
+budgets are not charged again: admission reserved more than the turn
+used, and that reservation stands. A router that stops gracefully writes
+its journal a last time: removed, or kept with the records the ledger
+gave up as it stopped (Redis failing then), for another router to bill.
+The bounds: a journal no router claims within JOURNAL_TTL_S (no router
+running for 10 minutes) expires, and its turns go unbilled; a stalled
+router that comes back more than ledger.CLAIMED_TURN_MARKER_TTL_S after its
+journal was claimed bills those turns again; a turn that ended before any
+snapshot named it is lost with its router while the ledger holds its
+record. On a Redis Cluster each slot a record goes to (the log's, the
+tenant's totals') has its own mark, so each is written once, but they may
+come from different writes: a settlement's log entry beside a claim's
+totals, where the two raced (GetUsage reads the totals).
 """
 
 from __future__ import annotations
@@ -48,12 +64,14 @@ import asyncio
 import dataclasses
 import random
 import secrets
+import time
 from collections.abc import Callable
 
 import structlog
 from redis.exceptions import RedisError
 
 from meshgate import metrics, redis_access
+from meshgate.config import TURN_JOURNAL_TTL_S
 from meshgate.errors import MeshgateError
 from meshgate.tasks import cancel_and_wait
 from services.router.ledger import Ledger, UsageRecord, pack, unpack
@@ -70,8 +88,12 @@ _PREFIX = "mg:router:journal:{journals}:"
 BEATS = _PREFIX + "beats"
 # A snapshot not written again nor claimed within this long expires: before
 # the marks of its turns' settlements (ledger.SETTLED_TURN_MARKER_TTL_S),
-# which a claim of it must find.
-JOURNAL_TTL_S = 600
+# which a claim of it must find (config: router.journal_stale_s stays well
+# under it).
+JOURNAL_TTL_S = TURN_JOURNAL_TTL_S
+# Turns a snapshot's records are computed for between two looks at the
+# event loop: a snapshot of thousands of turns does not hold up their pieces.
+_YIELD_EVERY = 256
 # Journals one claim takes at most.
 CLAIM_SIZE = 16
 # Fields one HSET of a snapshot sets at most (Lua's unpack has a bound).
@@ -110,21 +132,25 @@ return 1
 _CLAIM_MARK = "~claim"
 
 # KEYS: BEATS. ARGV: the stale time in us, the most journals, the claim's
-# id. Claims the journals whose heartbeat is older: each one's heartbeat is
-# set to now (no other claim takes it for the stale time) and it is marked
-# with the claim's id (a write of its router's removes the mark). Returns
-# each journal's id and its snapshot (HGETALL's pairs, the mark's with them).
+# id, the claiming router's own journal id (never its own: a router stalled
+# whose claim runs before its write would bill its own turns as lost).
+# Claims the journals whose heartbeat is older: each one's heartbeat is set
+# to now (no other claim takes it for the stale time) and it is marked with
+# the claim's id (a write of its router's removes the mark). Returns each
+# journal's id and its snapshot (HGETALL's pairs, the mark's with them).
 _CLAIM = (
     _NOW_US
     + f"""
 local stale = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', us - tonumber(ARGV[1]), 'LIMIT', 0, ARGV[2])
 local claimed = {{}}
 for _, id in ipairs(stale) do
-  local key = '{_PREFIX}' .. id
-  redis.call('ZADD', KEYS[1], us, id)
-  if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, '{_CLAIM_MARK}', ARGV[3]) end
-  claimed[#claimed + 1] = id
-  claimed[#claimed + 1] = redis.call('HGETALL', key)
+  if id ~= ARGV[4] then
+    local key = '{_PREFIX}' .. id
+    redis.call('ZADD', KEYS[1], us, id)
+    if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, '{_CLAIM_MARK}', ARGV[3]) end
+    claimed[#claimed + 1] = id
+    claimed[#claimed + 1] = redis.call('HGETALL', key)
+  end
 end
 return claimed
 """
@@ -144,28 +170,66 @@ return 1
 
 
 class Tracked:
-    """A turn the journal holds while it is served (TurnJournal.track)."""
+    """A turn the journal holds while it is served (TurnJournal.track),
+    and once it ended, until the ledger has its record (settled)."""
 
-    __slots__ = ("_journal", "record_of", "turn_id")
+    __slots__ = ("_journal", "_record_of", "turn_id", "_record", "_packed")
 
     def __init__(self, journal: TurnJournal, record_of: Callable[[], UsageRecord | None]) -> None:
         self._journal = journal
-        # What the turn would be billed if it ended now, failed ROUTER_LOST;
-        # None where nothing (it delivered nothing yet).
-        self.record_of = record_of
+        # What the turn would be billed if it ended now, failed ROUTER_LOST
+        # (its turn_id this one's); None where nothing (it delivered nothing
+        # yet). Its settlement's record once it ended.
+        self._record_of = record_of
         # Given at the turn's first snapshot; "" until then.
         self.turn_id = ""
+        # The record last packed, and its packing: a turn whose record did
+        # not change since the last snapshot is not packed again.
+        self._record: UsageRecord | None = None
+        self._packed = ""
 
-    def end(self) -> str:
-        """Out of the journal's next snapshots; the id its snapshots named
-        it by, for its ledger record ("" if none did)."""
-        self._journal._live.pop(self, None)
-        return self.turn_id
+    def packed(self) -> str | None:
+        """The turn's record as a snapshot holds it, None where it has none."""
+        usage = self._record_of()
+        if usage is None:
+            return None
+        if usage is not self._record:
+            # Its turn id on it: the record a claim bills is marked by it.
+            named = dataclasses.replace(usage, turn_id=self.turn_id)
+            self._record, self._packed = usage, pack(named)
+        return self._packed
+
+    def settled(self, usage: UsageRecord | None) -> Callable[[bool], None] | None:
+        """The turn ended, billed ``usage`` (its settlement's record; None
+        where none is written). A turn no snapshot named leaves the journal
+        now; one a snapshot named stays, as ``usage`` says, until the ledger
+        has written it: returns what to tell (Ledger.submit's on_written),
+        so that a router killed while its record is held (a Redis shard
+        failing over) leaves it to a claim, not lost."""
+        if not self.turn_id or usage is None:
+            self._journal._live.pop(self, None)
+            return None
+        self._record_of = lambda: usage
+        return self._written
+
+    def _written(self, written: bool) -> None:
+        # Given up while the router stops (Redis down): left in the journal
+        # that close() keeps, for another router's claim to bill.
+        if written or not self._journal.stopping:
+            self._journal._live.pop(self, None)
 
 
 class TurnJournal:
-    def __init__(self, redis, ledger: Ledger, interval_s: float, stale_s: float) -> None:
+    def __init__(
+        self,
+        redis,
+        ledger: Ledger,
+        interval_s: float,
+        stale_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._redis = redis
+        self._clock = clock
         self._ledger = ledger
         self._interval_s = interval_s
         self._stale_s = stale_s
@@ -173,13 +237,20 @@ class TurnJournal:
         self._write_script = redis.register_script(_WRITE)
         self._claim_script = redis.register_script(_CLAIM)
         self._finish_script = redis.register_script(_FINISH)
-        # The turns served now (a dict: insertion order, O(1) removal).
+        # The turns held (a dict: insertion order, O(1) removal).
         self._live: dict[Tracked, None] = {}
         # Whether the journal in Redis holds turns (so an empty one is
         # written once, to remove it).
         self._holds_turns = False
+        # Since when (monotonic) this router has reached Redis without a
+        # failure; None: not now. A router claims only after stale_s of it,
+        # so that after an outage every live router has written its journal
+        # again before any claims (each one's heartbeat was as old as the
+        # outage, and claimed, their turns went on unbilled past the claim).
+        self._reachable_since: float | None = None
+        self.stopping = False
         self._tasks: list[asyncio.Task] = []
-        self._said_unwritten = False
+        self._said_unwritten = self._said_unclaimed = False
 
     def track(self, record_of: Callable[[], UsageRecord | None]) -> Tracked:
         tracked = Tracked(self, record_of)
@@ -191,17 +262,31 @@ class TurnJournal:
         self._tasks = [loop.create_task(self._write_every()), loop.create_task(self._claim_every())]
 
     async def write(self) -> None:
-        """Writes the snapshot of the turns served now (or removes the
-        journal once none is left). Raises where Redis failed."""
+        """Writes the snapshot of the turns held now (or removes the journal
+        once none is left). Raises where Redis failed."""
         fields: list[str] = []
-        for tracked in list(self._live):
-            usage = tracked.record_of()
-            if usage is None:
+        for index, tracked in enumerate(list(self._live)):
+            if index and not index % _YIELD_EVERY:
+                await asyncio.sleep(0)
+                if tracked not in self._live:
+                    # Ended meanwhile: its settlement may have named no id.
+                    continue
+            elif tracked not in self._live:
                 continue
             # The id before the record: a turn that settles from now on
-            # carries it (no await between here and the snapshot's send).
-            tracked.turn_id = tracked.turn_id or secrets.token_hex(8)
-            fields += [tracked.turn_id, pack(dataclasses.replace(usage, turn_id=tracked.turn_id))]
+            # carries it (no await between here and the snapshot's send
+            # but the yields above, after which an id given stays given).
+            turn_id = tracked.turn_id or secrets.token_hex(8)
+            tracked.turn_id = turn_id
+            try:
+                packed = tracked.packed()
+            except Exception:
+                # One turn's bug leaves it out, not every other turn
+                # unjournaled (and claimed at an old snapshot).
+                log.exception("a turn's journal record failed")
+                continue
+            if packed is not None:
+                fields += [turn_id, packed]
         if not fields and not self._holds_turns:
             return
         # A write that fails may have run: the journal may hold these turns.
@@ -211,17 +296,17 @@ class TurnJournal:
         )
         self._holds_turns = bool(fields)
 
-    async def claim(self) -> int:
-        """Claims the journals whose router stopped writing them, bills
-        their turns and deletes them; returns how many turns were in them
-        (each billed here or, before, by its settlement). Raises where
-        Redis failed (what was claimed is claimed again after the stale
-        time)."""
+    async def claim(self) -> dict[str, int]:
+        """Claims the journals whose router stopped writing them (not this
+        one's), bills their turns and deletes them; returns each one's id
+        and how many turns it held (each billed here or, before, by its
+        settlement). Raises where Redis failed (what was claimed is claimed
+        again after the stale time)."""
         claim_id = secrets.token_hex(8)
         reply = await self._claim_script(
-            keys=[BEATS], args=[round(self._stale_s * 1_000_000), CLAIM_SIZE, claim_id]
+            keys=[BEATS], args=[round(self._stale_s * 1_000_000), CLAIM_SIZE, claim_id, self.journal_id]
         )
-        turns = 0
+        claimed: dict[str, int] = {}
         for journal_id, flat in zip(reply[::2], reply[1::2], strict=True):
             journal_id = journal_id.decode()
             records = []
@@ -229,7 +314,9 @@ class TurnJournal:
                 if field.decode() == _CLAIM_MARK:
                     continue
                 try:
-                    records.append(unpack(packed.decode()))
+                    # Named by its field, whatever its record says: the mark
+                    # that bills it once is its turn id's.
+                    records.append(dataclasses.replace(unpack(packed.decode()), turn_id=field.decode()))
                 except ValueError:
                     # A router of another version's (a rolling upgrade
                     # that changed the record): not billed, not a claim
@@ -244,16 +331,32 @@ class TurnJournal:
                     turns=len(records),
                 )
             await self._finish_script(keys=[BEATS, journal_key(journal_id)], args=[journal_id, claim_id])
-            turns += len(records)
-        return turns
+            claimed[journal_id] = len(records)
+        return claimed
+
+    def reached(self, ok: bool) -> None:
+        """That a call to Redis succeeded (or failed) just now."""
+        if not ok:
+            self._reachable_since = None
+        elif self._reachable_since is None:
+            self._reachable_since = self._clock()
+
+    def may_claim(self) -> bool:
+        """Whether this router has reached Redis without a failure for the
+        stale time: every live router has had the time to write its journal
+        since (after an outage, each one's heartbeat is as old as it was)."""
+        since = self._reachable_since
+        return since is not None and self._clock() - since >= self._stale_s
 
     async def _write_every(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
             try:
                 await self.write()
+                self.reached(True)
                 self._said_unwritten = False
             except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
+                self.reached(False)
                 # Said once an outage: the next interval writes it whole again.
                 if not self._said_unwritten:
                     self._said_unwritten = True
@@ -266,22 +369,33 @@ class TurnJournal:
             # Routers started together do not claim together.
             await asyncio.sleep(self._stale_s / 3 * random.uniform(0.5, 1.5))
             try:
+                if not self.may_claim():
+                    # Not yet: a look at Redis, which starts the count.
+                    await self._redis.ping()
+                    self.reached(True)
+                    continue
                 await self.claim()
+                self._said_unclaimed = False
             except (*redis_access.CONNECTION_ERRORS, RedisError, MeshgateError) as error:
-                # Claimed again once the claim's lease (the stale time) ends.
-                log.warning("lost routers' journals not claimed", error=str(error))
+                self.reached(False)
+                # Claimed again once the claim's lease (the stale time) ends;
+                # said once an outage.
+                if not self._said_unclaimed:
+                    self._said_unclaimed = True
+                    log.warning("lost routers' journals not claimed", error=str(error))
             except Exception:
                 log.exception("lost routers' journals not claimed")
 
     async def close(self) -> None:
-        """Stops writing and claiming, and removes the journal: its turns
-        have settled (the router's drain; called after admission's)."""
+        """Stops writing and claiming, and writes the journal a last time
+        (called after admission's drain): removed where every turn's record
+        was written, else kept with those given up (Redis failing as the
+        router stopped), for another router's claim to bill."""
         for task in self._tasks:
             await cancel_and_wait(task)
-        self._live.clear()
         try:
             await self.write()
         except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
             # Left to expire, or to a claim: each of its turns that settled
             # was written with its mark, and is not billed again.
-            log.warning("the turn journal was not removed", error=str(error))
+            log.warning("the turn journal was not written as the router stopped", error=str(error))

@@ -1,25 +1,27 @@
 """The routers' turn journals against a real Redis (services/router/turn_journal.py):
 a journal its router stopped writing is claimed and its turns billed, each
 turn once whichever of its settlement and a claim writes it first, on one
-instance and with the ledger's calls split by slot (a Redis Cluster's)."""
+instance and with the ledger's calls split by slot (a Redis Cluster's).
+A journal goes stale here by its heartbeat set back (no test waits for
+the stale time: a loaded machine's pauses would claim what a test holds)."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime
 import uuid
 
 import pytest
 
 from meshgate import redis_access
+from meshgate.local.stack import free_port
 from services.router.ledger import Ledger, UsageRecord
 from services.router.turn_journal import BEATS, ROUTER_LOST, TurnJournal, journal_key
 
 pytestmark = pytest.mark.integration
 
-# Short, so that a journal goes stale within a test; claims read Redis's clock.
-STALE_S = 0.3
+# Never stale by time within a test.
+STALE_S = 60.0
 
 
 def lost(tenant: str, completion_tokens: int) -> UsageRecord:
@@ -27,9 +29,32 @@ def lost(tenant: str, completion_tokens: int) -> UsageRecord:
     return UsageRecord(tenant, "k1", "tiny-gpt", "live", 10, completion_tokens, 0, "miss", 0, 5, ROUTER_LOST)
 
 
+def final(tenant: str, tracked, completion_tokens: int) -> UsageRecord:
+    """A turn's settlement's record, naming its journal id as admission's does."""
+    return UsageRecord(
+        tenant, "k1", "tiny-gpt", "live", 10, completion_tokens, 0, "miss", 0, 90, turn_id=tracked.turn_id
+    )
+
+
+async def settle(ledger: Ledger, tracked, usage: UsageRecord) -> bool:
+    """Settles the turn as admission does: its record submitted, the journal
+    told once the ledger wrote it; returns whether it was written."""
+    told = asyncio.get_running_loop().create_future()
+    on_written = tracked.settled(usage)
+    ledger.submit(
+        usage, on_written=lambda written: (on_written and on_written(written), told.set_result(written))
+    )
+    return await asyncio.wait_for(told, 10)
+
+
 async def totals(ledger: Ledger, tenant: str) -> dict[str, int]:
     today = ledger.today()
     return (await ledger.usage(tenant, today - datetime.timedelta(days=1), today))[("k1", "tiny-gpt")]
+
+
+async def gone_stale(redis, journal: TurnJournal) -> None:
+    """The journal's heartbeat set back past any stale time: its router died."""
+    await redis.zadd(BEATS, {journal.journal_id: 0})
 
 
 @pytest.fixture
@@ -61,14 +86,12 @@ async def test_a_lost_routers_turns_are_billed_once_whichever_writes_first(redis
 
     # One turn settles after the snapshot that holds it, as its router dies
     # before writing the next: its settlement's record names its turn id.
-    turn_id = settled_early.end()
-    assert turn_id
-    settled = UsageRecord(tenant, "k1", "tiny-gpt", "live", 10, 40, 0, "miss", 0, 90, turn_id=turn_id)
-    await ledger.record(settled)
+    assert settled_early.turn_id
+    assert await settle(ledger, settled_early, final(tenant, settled_early, 40))
 
-    assert await claimer.claim() == 0  # not stale yet
-    await asyncio.sleep(STALE_S + 0.1)
-    assert await claimer.claim() == 3
+    assert served.journal_id not in await claimer.claim()  # not stale
+    await gone_stale(redis, served)
+    assert (await claimer.claim())[served.journal_id] == 3
     row = await totals(ledger, tenant)
     # The settled turn once (its settlement's 40 tokens), the two others as
     # the snapshot had them, failed.
@@ -79,11 +102,56 @@ async def test_a_lost_routers_turns_are_billed_once_whichever_writes_first(redis
     # The router was only stalled: it comes back and settles the turns the
     # claim billed. Nothing is billed again, nor claimed again.
     for tracked, completion_tokens in ((claimed, 30), (stalled, 50)):
-        record = UsageRecord(tenant, "k1", "tiny-gpt", "live", 10, completion_tokens, 0, "miss", 0, 90)
-        await ledger.record(dataclasses.replace(record, turn_id=tracked.end()))
-    await asyncio.sleep(STALE_S + 0.1)
-    assert await claimer.claim() == 0
+        assert await settle(ledger, tracked, final(tenant, tracked, completion_tokens))
+    assert served.journal_id not in await claimer.claim()
     assert await totals(ledger, tenant) == row
+
+
+async def test_a_router_never_claims_its_own_journal(redis, ledger):
+    """A router stalled past the stale time, alone (a laptop asleep with a
+    stream open), whose claim timer came due before its write timer: it
+    billed its own turn lost, and the turn's end not at all."""
+    tenant = uuid.uuid4().hex[:12]
+    served = journal(redis, ledger)
+    tracked = served.track(lambda: lost(tenant, 5))
+    await served.write()
+    await gone_stale(redis, served)
+    assert served.journal_id not in await served.claim()
+    assert await settle(ledger, tracked, final(tenant, tracked, 40))
+    row = await totals(ledger, tenant)
+    assert (row["requests"], row["failures"], row["completion_tokens"]) == (1, 0, 40)
+
+
+async def test_a_turn_whose_record_the_ledger_holds_stays_in_the_journal_for_a_claim(redis, redis_url):
+    """The turn left the journal when its settlement was submitted: with its
+    record held (Redis refusing the ledger's call: a shard failing over,
+    here a ledger on a port nothing listens on), a router killed then lost
+    it, in neither the journal nor the ledger."""
+    tenant = uuid.uuid4().hex[:12]
+    refused = redis_access.connect(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)
+    try:
+        held = Ledger(refused, stream_max_len=10_000, retention_days=2)
+        served = journal(redis, held)
+        tracked = served.track(lambda: lost(tenant, 5))
+        await served.write()
+        told = []
+        usage = final(tenant, tracked, 40)
+        on_written = tracked.settled(usage)
+        held.submit(usage, on_written=lambda written: (on_written(written), told.append(written)))
+        await asyncio.sleep(0.3)  # the call refused, held to be sent again
+        assert told == []
+        await served.write()
+        # The router is killed here: another claims its journal.
+        await gone_stale(redis, served)
+        writer = Ledger(redis, stream_max_len=10_000, retention_days=2)
+        assert (await journal(redis, writer).claim())[served.journal_id] == 1
+        row = await totals(writer, tenant)
+        # Billed as it ended (its settlement's record), not as lost.
+        assert (row["requests"], row["failures"], row["completion_tokens"]) == (1, 0, 40)
+        await held.drain()
+        assert told == [False]
+    finally:
+        await refused.aclose()
 
 
 async def test_a_router_that_writes_during_a_claim_keeps_its_journal(redis, ledger):
@@ -94,7 +162,7 @@ async def test_a_router_that_writes_during_a_claim_keeps_its_journal(redis, ledg
     served, claimer = journal(redis, ledger), journal(redis, ledger)
     tracked = served.track(lambda: lost(tenant, 5))
     await served.write()
-    await asyncio.sleep(STALE_S + 0.1)
+    await gone_stale(redis, served)
     record_claim = ledger.record_claim
 
     async def router_back_meanwhile(records):
@@ -102,13 +170,11 @@ async def test_a_router_that_writes_during_a_claim_keeps_its_journal(redis, ledg
         await record_claim(records)
 
     ledger.record_claim = router_back_meanwhile
-    assert await claimer.claim() == 1
+    assert (await claimer.claim())[served.journal_id] == 1
     ledger.record_claim = record_claim
     assert await redis.hlen(journal_key(served.journal_id)) == 1
     # Its turn ends: billed by the claim already, and out of the journal.
-    turn_id = tracked.end()
-    settled = UsageRecord(tenant, "k1", "tiny-gpt", "live", 10, 60, 0, "miss", 0, 90, turn_id=turn_id)
-    await ledger.record(settled)
+    assert await settle(ledger, tracked, final(tenant, tracked, 60))
     await served.write()
     assert not await redis.exists(journal_key(served.journal_id))
     assert await redis.zscore(BEATS, served.journal_id) is None
@@ -122,7 +188,7 @@ async def test_a_claimer_that_dies_midway_leaves_the_journal_to_the_next(redis, 
     served.track(lambda: lost(tenant, 5))
     served.track(lambda: lost(tenant, 6))
     await served.write()
-    await asyncio.sleep(STALE_S + 0.1)
+    await gone_stale(redis, served)
     record_claim = ledger.record_claim
 
     async def killed_after_writing(records):
@@ -134,9 +200,9 @@ async def test_a_claimer_that_dies_midway_leaves_the_journal_to_the_next(redis, 
         await journal(redis, ledger).claim()
     ledger.record_claim = record_claim
     # Leased to the dead claimer for the stale time, then claimed again.
-    assert await journal(redis, ledger).claim() == 0
-    await asyncio.sleep(STALE_S + 0.1)
-    assert await journal(redis, ledger).claim() == 2
+    assert served.journal_id not in await journal(redis, ledger).claim()
+    await gone_stale(redis, served)
+    assert (await journal(redis, ledger).claim())[served.journal_id] == 2
     row = await totals(ledger, tenant)
     assert (row["requests"], row["failures"], row["completion_tokens"]) == (2, 2, 11)
     assert not await redis.exists(journal_key(served.journal_id))
@@ -148,7 +214,7 @@ async def test_a_stopping_router_removes_its_journal(redis, ledger):
     tracked = served.track(lambda: lost(tenant, 5))
     await served.write()
     assert await redis.zscore(BEATS, served.journal_id) is not None
-    tracked.end()
+    assert await settle(ledger, tracked, final(tenant, tracked, 40))
     await served.close()
     assert not await redis.exists(journal_key(served.journal_id))
     assert await redis.zscore(BEATS, served.journal_id) is None

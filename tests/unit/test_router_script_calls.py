@@ -130,6 +130,31 @@ async def test_a_call_redis_did_not_run_is_written_once_it_can_be(refusal):
     await backlog.drain()
 
 
+async def test_a_run_is_told_once_each_call_is_written_or_given_up():
+    """What the turn journal waits on (Ledger.submit's on_written): a turn
+    it named stays in it until its record's calls are written."""
+    store = StoreStandIn()
+    backlog = _backlog(store)
+    told: list[tuple[str, bool]] = []
+    await backlog.run([(["a"], [])], lambda written: told.append(("a", written)))
+    assert told == [("a", True)]
+    store.failures["c"] = _refused()
+    await backlog.run([(["b"], []), (["c"], [])], lambda written: told.append(("bc", written)))
+    assert told == [("a", True)]  # c held: not yet
+    del store.failures["c"]
+    await _settled(backlog)
+    assert told == [("a", True), ("bc", True)]
+    # Given up (may have run): told at once, not written.
+    store.failures["d"] = redis_errors.TimeoutError("Timeout reading from socket")
+    await backlog.run([(["d"], [])], lambda written: told.append(("d", written)))
+    assert told[-1] == ("d", False)
+    # Held, then given up as the router stops.
+    store.failures["e"] = _refused()
+    await backlog.run([(["e"], [])], lambda written: told.append(("e", written)))
+    await backlog.drain()
+    assert told[-1] == ("e", False) and len(told) == 4
+
+
 @pytest.mark.parametrize(
     "failure",
     [

@@ -8,10 +8,13 @@ import dataclasses
 
 import pytest
 
-from meshgate.config import ConfigError, settings_from_document
+from meshgate.config import TURN_JOURNAL_TTL_S, ConfigError, settings_from_document
 from services.router import ledger
 from services.router.ledger import UsageRecord, pack, unpack
 from services.router.turn_journal import JOURNAL_TTL_S, ROUTER_LOST, TurnJournal
+from tests.clocks import Clock
+
+RECORD = UsageRecord("t", "k", "tiny-gpt", "live", 10, 7, 0, "miss", 0, 5, ROUTER_LOST)
 
 
 class _Scripts:
@@ -28,11 +31,15 @@ class _Scripts:
         return call
 
 
-def test_a_record_packs_and_unpacks_whole():
-    record = UsageRecord(
-        "t\x1fenant", "k1", "tiny-gpt", "live", 10, 7, 0, "miss", 90, 5, ROUTER_LOST, "2026-12-06"
+def _journal(redis=None, clock=None) -> TurnJournal:
+    return TurnJournal(
+        redis or _Scripts(), ledger=None, interval_s=1.0, stale_s=15.0, clock=clock or (lambda: 0.0)
     )
-    record = dataclasses.replace(record, turn_id="00ff")
+
+
+def test_a_record_packs_and_unpacks_whole():
+    record = UsageRecord("t\x1fenant", "k1", "tiny-gpt", "live", 10, 7, 0, "miss", 90, 5, ROUTER_LOST)
+    record = dataclasses.replace(record, day="2026-12-06", turn_id="00ff")
     # The separator inside a value is dropped, not a value shifted.
     assert unpack(pack(record)) == dataclasses.replace(record, tenant="tenant")
     with pytest.raises(ValueError, match="values"):
@@ -42,31 +49,88 @@ def test_a_record_packs_and_unpacks_whole():
 def test_settled_turns_marks_outlive_every_snapshot_a_claim_may_read():
     # A claim of a snapshot written just before a turn settled must find
     # the settlement's mark, however late within the journal's life it runs.
+    assert TURN_JOURNAL_TTL_S == JOURNAL_TTL_S
     assert ledger.SETTLED_TURN_MARKER_TTL_S > JOURNAL_TTL_S + 60
     assert ledger.CLAIMED_TURN_MARKER_TTL_S >= ledger.SETTLED_TURN_MARKER_TTL_S
 
 
 async def test_turns_cost_no_redis_call_a_snapshot_one_per_interval():
     redis = _Scripts()
-    journal = TurnJournal(redis, ledger=None, interval_s=1.0, stale_s=15.0)
-    record = UsageRecord("t", "k", "tiny-gpt", "live", 10, 7, 0, "miss", 0, 5, ROUTER_LOST)
+    journal = _journal(redis)
     for _ in range(1_000):
-        journal.track(lambda: record).end()
+        journal.track(lambda: RECORD).settled(RECORD)
     assert redis.calls == []
     # Nothing served, nothing ever written: no call.
     await journal.write()
     assert redis.calls == []
-    held = [journal.track(lambda: record) for _ in range(300)]
+    held = [journal.track(lambda: RECORD) for _ in range(300)]
     journal.track(lambda: None)  # delivered nothing: not in the snapshot
     await journal.write()
     [snapshot] = redis.calls
     assert len(snapshot) == 2 + 2 * 300
     # The ids the snapshot named the turns by are what they settle with.
-    assert [tracked.end() for tracked in held] == snapshot[2::2]
-    # The last turns gone: one write removes the journal, then none.
+    assert [tracked.turn_id for tracked in held] == snapshot[2::2]
+    # Written at once (their ledger calls done): the journal is removed by
+    # one write, then no more.
+    for tracked in held:
+        tracked.settled(RECORD)(True)
     await journal.write()
     await journal.write()
     assert len(redis.calls) == 2 and redis.calls[1] == [journal.journal_id, JOURNAL_TTL_S]
+
+
+async def test_a_named_turn_stays_as_settled_until_its_record_is_written():
+    """Its settlement's record held (a Redis shard failing over), the turn
+    left the journal at once: a router killed then lost it."""
+    redis = _Scripts()
+    journal = _journal(redis)
+    unnamed = journal.track(lambda: RECORD)
+    assert unnamed.settled(RECORD) is None  # no snapshot named it: gone at once
+    named = journal.track(lambda: RECORD)
+    await journal.write()
+    final = dataclasses.replace(RECORD, completion_tokens=40, failure="", turn_id=named.turn_id)
+    written = named.settled(final)
+    await journal.write()
+    assert redis.calls[-1][2:] == [named.turn_id, pack(final)]
+    written(False)  # given up while the router runs: lost, as counted
+    await journal.write()
+    assert redis.calls[-1] == [journal.journal_id, JOURNAL_TTL_S]
+
+
+async def test_records_given_up_as_the_router_stops_stay_in_its_journal_for_a_claim():
+    redis = _Scripts()
+    journal = _journal(redis)
+    named = journal.track(lambda: RECORD)
+    await journal.write()
+    written = named.settled(dataclasses.replace(RECORD, turn_id=named.turn_id))
+    journal.stopping = True
+    written(False)
+    await asyncio.wait_for(journal.close(), 5)
+    assert redis.calls[-1][2] == named.turn_id
+
+
+async def test_one_turns_failing_record_leaves_the_others_in_the_snapshot():
+    redis = _Scripts()
+    journal = _journal(redis)
+
+    def broken():
+        raise RuntimeError("a bug")
+
+    journal.track(broken)
+    kept = journal.track(lambda: RECORD)
+    await journal.write()
+    assert redis.calls[-1][2:] == [kept.turn_id, pack(dataclasses.replace(RECORD, turn_id=kept.turn_id))]
+
+
+async def test_an_unchanged_record_is_not_packed_again(monkeypatch):
+    packed = []
+    monkeypatch.setattr("services.router.turn_journal.pack", lambda usage: packed.append(usage) or "x")
+    journal = _journal()
+    tracked = journal.track(lambda: RECORD)
+    for _ in range(3):
+        await journal.write()
+    # Once, named by its turn id.
+    assert packed == [dataclasses.replace(RECORD, turn_id=tracked.turn_id)]
 
 
 async def test_a_failed_write_is_removed_at_close_as_one_that_ran():
@@ -83,23 +147,51 @@ async def test_a_failed_write_is_removed_at_close_as_one_that_ran():
             return failing
 
     redis = _Failing()
-    journal = TurnJournal(redis, ledger=None, interval_s=1.0, stale_s=15.0)
-    record = UsageRecord("t", "k", "tiny-gpt", "live", 10, 7, 0, "miss", 0, 5, ROUTER_LOST)
-    tracked = journal.track(lambda: record)
+    journal = _journal(redis)
+    tracked = journal.track(lambda: RECORD)
     with pytest.raises(ConnectionError):
         await journal.write()  # may have run: Redis may hold the turn
-    tracked.end()
+    tracked.settled(RECORD)(True)
     await asyncio.wait_for(journal.close(), 5)
     assert redis.calls[-1] == [journal.journal_id, JOURNAL_TTL_S]
 
 
+def test_a_router_claims_only_once_it_reached_redis_for_the_stale_time():
+    """After an outage every live router's heartbeat is as old as it was: a
+    router claiming as soon as Redis answered again took live routers'
+    journals (3 of 6 tries, a review's reproduction), their turns billed as
+    lost and their ends not billed."""
+    clock = Clock()
+    journal = _journal(clock=clock)
+    assert not journal.may_claim()
+    journal.reached(True)
+    clock.now += 14.9
+    assert not journal.may_claim()
+    clock.now += 0.2
+    assert journal.may_claim()
+    journal.reached(False)  # an outage
+    journal.reached(True)
+    assert not journal.may_claim()
+    clock.now += 15.1
+    assert journal.may_claim()
+
+
 @pytest.mark.parametrize(
-    ("interval_s", "stale_s", "loads"), [(1.0, 15.0, True), (1.0, 1.5, False), (0, 1.0, True)]
+    ("interval_s", "stale_s", "refused"),
+    [
+        (1.0, 15.0, None),
+        (0, 1.0, None),
+        (1.0, 1.5, "twice"),
+        (1e-9, 1.0, "at least 0.05"),
+        (1.0, 7200.0, "at most"),
+    ],
 )
-def test_a_journal_claimed_within_two_writes_is_refused(interval_s, stale_s, loads):
+def test_journal_timings_that_would_claim_live_routers_or_never_claim_are_refused(
+    interval_s, stale_s, refused
+):
     document = {"router": {"journal_interval_s": interval_s, "journal_stale_s": stale_s}}
-    if loads:
+    if refused is None:
         settings_from_document(document)
     else:
-        with pytest.raises(ConfigError, match="journal_stale_s"):
+        with pytest.raises(ConfigError, match=refused):
             settings_from_document(document)
