@@ -28,6 +28,7 @@ import typing
 from collections.abc import Mapping
 
 import grpc
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate import mesh_auth
@@ -37,6 +38,8 @@ from meshgate.local.ports import free_port
 
 if typing.TYPE_CHECKING:
     import tritonclient.grpc
+
+log = structlog.get_logger(__name__)
 
 SERVICES = ("inference", "context", "cache", "router")
 
@@ -196,6 +199,16 @@ def _process_identity(pid: int) -> str | None:
     return f"{boot}:{stat.rpartition(')')[2].split()[22 - 3]}"
 
 
+def _command_line(pid: int) -> str | None:
+    """Process ``pid``'s command line (its first 200 characters), or None
+    where /proc does not show it."""
+    try:
+        arguments = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    return " ".join(arguments).strip()[:200]
+
+
 def _describe_process(pid: int | None) -> str:
     """A process as an error names it: its pid and command line, and that
     it is stopped, where it is. A child stopped when its `meshgate up` was
@@ -204,11 +217,10 @@ def _describe_process(pid: int | None) -> str:
     a Triton still stopping, never freed them."""
     if pid is None:
         return "a process this user cannot see"
-    try:
-        arguments = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
+    command = _command_line(pid)
+    if command is None:
         return f"pid {pid}"
-    described = f"pid {pid} ({' '.join(arguments).strip()[:200]})"
+    described = f"pid {pid} ({command})"
     if _stopped(pid):
         described += f", stopped: it takes no SIGTERM until continued (kill -CONT {pid}, or kill -KILL {pid})"
     return described
@@ -236,6 +248,15 @@ def _end_leftovers(holders: set[int], previous_children: Mapping[int, str]) -> b
                 os.close(pidfd)
                 continue
             pidfds.append(pidfd)
+            # A start that waits says what for: up to LEFTOVER_EXIT_S of
+            # silence read as a hung start.
+            log.warning(
+                "waiting for a process the last `meshgate up` on this state folder left on its ports to end",
+                pid=pid,
+                command=_command_line(pid),
+                stopped=_stopped(pid),
+                wait_up_to_s=LEFTOVER_EXIT_S,
+            )
             with contextlib.suppress(ProcessLookupError):  # exited meanwhile
                 signal.pidfd_send_signal(pidfd, signal.SIGCONT)
             # Its group too, as children.terminate continues it (Triton's

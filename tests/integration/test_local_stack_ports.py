@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+import structlog
 
 from meshgate.local import stack as stack_module
 from meshgate.local.stack import REPO_ROOT, Ports, Stack, free_port
@@ -179,14 +180,17 @@ def test_a_stopped_child_of_the_previous_up_on_the_same_state_directory_is_conti
     tmp_path,
 ) -> None:
     ports = _ports()
-    _, redis_pidfd = _stop_and_orphan(tmp_path, ports)
+    redis, redis_pidfd = _stop_and_orphan(tmp_path, ports)
     try:
         assert not _exited(redis_pidfd)
         # Past the ports: the stopped Redis was continued, took its
         # SIGTERM and exited, freeing its port.
-        with pytest.raises(PastTheClaims):
+        with structlog.testing.capture_logs() as logs, pytest.raises(PastTheClaims):
             Stack(tmp_path / "state", ports).start()
         assert _exited(redis_pidfd)
+        # What the start waited for (up to 15 s) is said: it was silent.
+        (said,) = [line for line in logs if "left on its ports" in line["event"]]
+        assert said["pid"] == redis and "redis-server" in said["command"] and said["stopped"]
     finally:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(redis_pidfd, signal.SIGKILL)
