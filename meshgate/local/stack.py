@@ -66,10 +66,10 @@ START_TIMEOUT_S = 180.0
 # has its own (triton.STOP_GRACE_S).
 STOP_GRACE_S = 20.0
 
-# How long a start waits for the children a killed `up` of its state
-# directory left holding its ports to exit once continued: their SIGTERM
-# (PR_SET_PDEATHSIG) ends a service within its drain (10 s at most, well
-# under a second idle) and Triton within its --exit-timeout-secs (10 s).
+# How long a start waits for the children the last `up` of its state
+# directory left holding its ports to exit once sent SIGTERM and SIGCONT
+# (_end_leftovers): SIGTERM ends a service within its drain (10 s at most,
+# well under a second idle) and Triton within its --exit-timeout-secs (10 s).
 LEFTOVER_EXIT_S = 15.0
 
 
@@ -227,16 +227,22 @@ def _describe_process(pid: int | None) -> str:
 
 
 def _end_leftovers(holders: set[int], previous_children: Mapping[int, str]) -> bool:
-    """Continues (SIGCONT) each of ``holders`` that is one of
-    ``previous_children`` (pid -> _process_identity) and waits up to
-    LEFTOVER_EXIT_S for them to exit; True if there was any. A child of a
-    `meshgate up` killed outright got SIGTERM from the kernel
-    (PR_SET_PDEATHSIG), but one stopped then (SIGSTOP, a debugger) takes
-    it only once continued, and held its ports for good; one still
-    stopping (Triton, up to 10 s) is waited for alike. A process that only
-    has a recorded pid, started at another time, is left alone: each is
-    held by a pidfd before its identity is checked, so the pid cannot pass
-    to another process between the check and the signal."""
+    """Stops each of ``holders`` that is one of ``previous_children`` (pid
+    -> _process_identity) as the stack's own stop would (SIGTERM, then
+    SIGCONT: children.terminate), and waits up to LEFTOVER_EXIT_S
+    for them to exit; True if there was any. A child of a `meshgate up`
+    killed outright got SIGTERM from the kernel (PR_SET_PDEATHSIG), but one
+    stopped then (SIGSTOP, a debugger) takes it only once continued, and
+    held its ports for good; one still stopping (Triton, up to 10 s) is
+    waited for alike, and a second SIGTERM changes nothing for it. The
+    SIGTERM is for a child whose owner lives on: a stop that failed
+    released the state directory (Stack.stop's finally) with children
+    still running, which no kernel signal will end; only continued, each
+    was waited for 15 s and then refused with "try again then", as often
+    as it was tried. A process that only has a recorded pid, started at
+    another time, is left alone: each is held by a pidfd before its
+    identity is checked, so the pid cannot pass to another process between
+    the check and the signal."""
     pidfds = []
     try:
         for pid in holders & previous_children.keys():
@@ -258,6 +264,7 @@ def _end_leftovers(holders: set[int], previous_children: Mapping[int, str]) -> b
                 wait_up_to_s=LEFTOVER_EXIT_S,
             )
             with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
                 signal.pidfd_send_signal(pidfd, signal.SIGCONT)
             # Its group too, as children.terminate continues it (Triton's
             # Python-backend stubs, stopped with it): only where it leads its
@@ -623,7 +630,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
     def _started(self, name: str, process: subprocess.Popen) -> None:
         """Takes a child just started as ``name`` and records it in
         children_path, for the next start on this state directory if this
-        process is killed (_end_leftovers)."""
+        process is killed, or its stop fails (_end_leftovers)."""
         self.processes[name] = process
         self._children_record[name] = {"pid": process.pid, "identity": _process_identity(process.pid)}
         # A full disk or a removed state folder must not fail a start or a
@@ -693,9 +700,9 @@ triton_urls = ["127.0.0.1:{p.triton}"]
         first to claim the lowest they share wins them all, and the other
         fails at once. Then the ports are checked for other listeners: a
         killed stack's Triton still stopping, a system Redis. Those that
-        are children of the last stack on this state directory (killed:
-        this one holds the directory) are continued and waited for
-        (_end_leftovers) before the ports are checked again."""
+        are children of the last stack on this state directory (killed, or
+        its stop failed: this one holds the directory) are stopped and
+        waited for (_end_leftovers) before the ports are checked again."""
         for port, name in sorted(self.listen_ports().items()):
             claim = _claim_port(port)
             if claim is None:

@@ -136,7 +136,10 @@ def test_a_stopped_process_holding_a_port_is_named_stopped(tmp_path) -> None:
         listener.wait()
 
 
-# A `meshgate up` whose Redis has started, held there (before Triton's start).
+# A `meshgate up` whose Redis has started, held there (before Triton's
+# start). With a third argument, "stop failed": the state directory and the
+# ports released as Stack.stop's finally releases them after a failed stop,
+# its Redis left running, the process alive.
 STACK_WITH_ITS_REDIS = """
 import json, pathlib, sys, time
 from meshgate.local import redis_server, stack
@@ -144,10 +147,15 @@ stack.certs.ensure = lambda directory: None
 ports = stack.Ports(**json.loads(sys.argv[2]))
 def build_model_weights():
     redis_server.wait_ready(ports.redis)
+    if sys.argv[3:] == ["stop failed"]:
+        up._state_lock.close()
+        for claim in up._port_claims:
+            claim.close()
     print("holding", flush=True)
     time.sleep(60)
 stack.build_model_weights = build_model_weights
-stack.Stack(pathlib.Path(sys.argv[1]), ports).start()
+up = stack.Stack(pathlib.Path(sys.argv[1]), ports)
+up.start()
 """
 
 
@@ -195,6 +203,35 @@ def test_a_stopped_child_of_the_previous_up_on_the_same_state_directory_is_conti
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(redis_pidfd, signal.SIGKILL)
         os.close(redis_pidfd)
+
+
+def test_a_running_child_left_by_a_failed_stop_whose_process_lives_on_is_stopped_and_the_start_goes_on(
+    tmp_path,
+) -> None:
+    """A stop that failed releases the state directory (Stack.stop's
+    finally) with children still running, and no kernel SIGTERM comes to
+    them while its process lives on. The next start only continued such a
+    Redis: it waited 15.1 s, and was refused "try again then" as often as
+    it was tried. Now it is sent SIGTERM, as the stop would have."""
+    ports = _ports()
+    previous = _holding(
+        STACK_WITH_ITS_REDIS, str(tmp_path / "state"), json.dumps(dataclasses.asdict(ports)), "stop failed"
+    )
+    redis = stack_module._listener(ports.redis)
+    assert redis is not None
+    redis_pidfd = os.pidfd_open(redis)
+    try:
+        with pytest.raises(PastTheClaims):
+            Stack(tmp_path / "state", ports).start()
+        assert _exited(redis_pidfd)
+        # Stopped in order: Redis's own shutdown, not a kill.
+        assert "ready to exit, bye bye" in (tmp_path / "state" / "logs" / "redis.log").read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(redis_pidfd, signal.SIGKILL)
+        os.close(redis_pidfd)
+        previous.kill()
+        previous.wait()
 
 
 def test_a_recorded_pid_now_of_another_process_is_not_signalled(tmp_path) -> None:
