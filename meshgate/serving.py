@@ -1029,18 +1029,24 @@ class EarlySignals:
     is nothing to drain): as a container's entry point (PID 1) a service
     ignored it, having no handler yet, and a pod deleted while it waited on
     its Redis was killed only when its whole grace period had passed.
+    A SIGINT, which stops a serving service as SIGTERM does, ends a start
+    the same way: left to Python's own handler, asyncio cancelled the
+    setup and the process died of KeyboardInterrupt, with two tracebacks
+    of plain text in a log of JSON lines (a `kill -INT` of a local stack's
+    router a second after its restart).
     Made first thing in :func:`main`; its constructor takes the signals."""
 
     def __init__(self) -> None:
         self.hangup_came = False
         signal.signal(signal.SIGHUP, self._note_hangup)
-        signal.signal(signal.SIGTERM, self._end_start)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._end_start)
 
     def _note_hangup(self, signum: int, frame) -> None:
         self.hangup_came = True
 
     def _end_start(self, signum: int, frame) -> None:
-        log.warning("SIGTERM during the start: exiting without serving")
+        log.warning(f"{signal.Signals(signum).name} during the start: exiting without serving")
         raise SystemExit(128 + signum)
 
 

@@ -258,6 +258,33 @@ def test_sigterm_during_the_start_of_a_service_running_as_pid_1_ends_it(tmp_path
         namespace.wait()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda signum: signum.name)
+def test_a_stop_signal_during_the_start_ends_it_with_one_line_and_its_exit_status(tmp_path, signum):
+    """SIGINT stops a serving service as SIGTERM does, but during the start
+    it was left to Python: asyncio cancelled the setup and the process died
+    of KeyboardInterrupt (exit -2), two tracebacks of plain text in its log."""
+    config = tmp_path / "meshgate.toml"
+    config.write_text("[mesh]\ntls = false\n[telemetry]\nmetrics = false\n")
+    log = tmp_path / "service.log"
+    service = launched(
+        ["-c", _ENDLESS_START, f"unix:{tmp_path / 'service.sock'}", str(config)],
+        log,
+        env=service_environment(),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while "setting up" not in log.read_text():
+            assert service.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        service.send_signal(signum)
+        assert service.wait(10) == 128 + signum, log.read_text()
+        said = log.read_text()
+        assert f"{signum.name} during the start: exiting without serving" in said
+        assert "Traceback" not in said
+    finally:
+        ended(service)
+
+
 # A service whose cleanup fails as it stops (argv: listen address, settings file).
 _FAILING_CLEANUP = """
 import sys
