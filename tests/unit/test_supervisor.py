@@ -143,6 +143,37 @@ def test_a_killed_child_is_restarted_after_its_delay(stack) -> None:
     assert stack.launched.count("cache") == 3
 
 
+def test_a_child_that_stopped_in_order_on_its_own_signal_is_restarted_as_a_crashed_one(
+    stack, tmp_path
+) -> None:
+    """`kill -INT` (or -TERM) sent to one service alone, not to `meshgate
+    up`: the service drains and exits 0. That is no stop of the stack's: it
+    is restarted, and the status says how it ended, rather than left down
+    while the rest of the stack runs (driven live: a router's 8 streams
+    finished within its drain, the router up again 6 s after the SIGINT)."""
+    stack.launch("router")
+    # Its thread would pass on its own clock: the passes here are the test's.
+    supervisor = Supervisor(stack, Backoff(initial_s=1.0), poll_interval_s=3600, asker=InlineExecutor())
+    supervisor.start()
+    try:
+        _kill(stack.processes["router"])
+        # In its place, one that ended as a drained service ends: exit status 0.
+        stack.processes["router"] = subprocess.Popen(["true"])
+        stack.processes["router"].wait()
+
+        with structlog.testing.capture_logs() as logs:
+            supervisor.check(now=10.0)
+        said = [(entry["event"], entry.get("exit_code")) for entry in logs]
+        assert said == [("child exited, restarting", 0)]
+        down = read_status(tmp_path)["children"]["router"]
+        assert (down["state"], down["last_exit"]) == ("down", {"exit_code": 0})
+        supervisor.check(now=11.0)
+        assert stack.launched == ["router", "router"]
+        assert read_status(tmp_path)["children"]["router"]["state"] == "starting"
+    finally:
+        supervisor.stop()
+
+
 def test_nothing_is_restarted_once_stopped(stack) -> None:
     stack.launch("triton")
     supervisor = Supervisor(stack, Backoff(initial_s=0.1), asker=InlineExecutor())
