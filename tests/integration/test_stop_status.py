@@ -101,13 +101,31 @@ async def test_a_context_call_left_unhandled_by_its_stop_is_unavailable_through_
     """Reproduced: the router's CreateSession answered CANCELLED (reason
     DOWNSTREAM_FAILED, code CANCELLED) for the context calls the context
     service's stop left unhandled. The router did not cancel them: they are
-    UNAVAILABLE to its caller, as any call a stopping service did not take."""
+    UNAVAILABLE to its caller, as any call a stopping service did not take.
+    Whether core ends a waiting call CANCELLED or UNAVAILABLE at the stop is
+    a race (a CI run, three workers beside it, saw UNAVAILABLE for all 3
+    once): tried up to three times for a stop that ended one CANCELLED,
+    every try's callers told UNAVAILABLE."""
     # CreateSession needs the context service alone.
     settings = service_settings(redis_url, "127.0.0.1:1", KEY)
     settings.router.http_listen = ""
     # The router waits this long for a stopped context service to come back
     # before failing the call (it does not here): 3 s by default.
     monkeypatch.setattr(downstream, "_CONTEXT_RESTART_GRACE_S", 0.5)
+    tries = []
+    while len(tries) < 3 and not any("CANCELLED" in received for received, _ in tries):
+        tries.append(await _stop_with_creates_waiting(settings))
+    assert any("CANCELLED" in received for received, _ in tries), f"no context call ended CANCELLED: {tries}"
+    for _, statuses in tries:
+        assert statuses and all(
+            status == (grpc.StatusCode.UNAVAILABLE, "DOWNSTREAM_FAILED") for status in statuses
+        ), statuses
+
+
+async def _stop_with_creates_waiting(settings) -> tuple[list[str], list[tuple]]:
+    """A context service stopped with CALLS CreateSession calls through the
+    router waiting in its core: the codes the router received from it, and
+    the statuses its callers got."""
     listen = f"127.0.0.1:{free_port()}"
     async with service_in_thread(context_app, "context", settings, listen) as context:
         settings.router.context_address = listen
@@ -134,8 +152,5 @@ async def test_a_context_call_left_unhandled_by_its_stop_is_unavailable_through_
                 failures = [error for error in await asyncio.gather(*creating) if error is not None]
 
     received = [entry["code"] for entry in logs if entry["event"] == "downstream call failed"]
-    assert "CANCELLED" in received, f"no context call ended CANCELLED at the router: {received}"
     statuses = [(error.code(), error_info(error) and error_info(error).reason) for error in failures]
-    assert statuses and all(
-        status == (grpc.StatusCode.UNAVAILABLE, "DOWNSTREAM_FAILED") for status in statuses
-    ), statuses
+    return received, statuses
