@@ -1630,11 +1630,14 @@ def _check_journal(router: RouterSettings) -> None:
             f"router.journal_stale_s ({router.journal_stale_s:g}) must be at least twice "
             f"router.journal_interval_s ({router.journal_interval_s:g})"
         )
-    if router.journal_stale_s > TURN_JOURNAL_TTL_S / 2:
+    # A router started after another was killed claims its journal up to
+    # about 2.5 stale times after the kill (its own stale time reaching
+    # Redis, a claim period's jitter, the journal's stale time).
+    if router.journal_stale_s > TURN_JOURNAL_TTL_S / 3:
         raise ConfigError(
             f"router.journal_stale_s ({router.journal_stale_s:g}) must be at most "
-            f"{TURN_JOURNAL_TTL_S // 2}: a router's journal is kept {TURN_JOURNAL_TTL_S} s after "
-            "its last write, and must go stale well before"
+            f"{TURN_JOURNAL_TTL_S // 3}: a router's journal is kept {TURN_JOURNAL_TTL_S} s after "
+            "its last write, and is claimed up to about 2.5 stale times after it"
         )
 
 

@@ -5,7 +5,6 @@ CallerGate). The keys themselves live in :mod:`services.router.keys`."""
 from __future__ import annotations
 
 import fractions
-import math
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -137,7 +136,7 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
             authenticator.tenant_models(request.tenant_id),
         )
         return await self._keys.create(
-            request.tenant_id, models, limits, expires_at, request.label, request_id, self._time_left(context)
+            request.tenant_id, models, limits, expires_at, request.label, request_id, self._deadline(context)
         )
 
     async def ListKeys(self, request: pb.ListKeysRequest, context) -> pb.ListKeysResponse:
@@ -158,19 +157,19 @@ class AdminServicer(admin_service_pb2_grpc.AdminServiceServicer):
         # A resend finds the key revoked by its first send; rotate then
         # answers as that send did.
         secret, successor, previous = await self._keys.rotate(
-            request.key_id, RequestId.of(request), self._time_left(context)
+            request.key_id, RequestId.of(request), self._deadline(context)
         )
         return pb.RotateKeyResponse(api_key=secret, key=key_info(successor), previous=key_info(previous))
 
     async def RevokeKey(self, request: pb.RevokeKeyRequest, context) -> pb.RevokeKeyResponse:
         admitted_admin()
-        revoked = await self._keys.revoke(request.key_id, self._time_left(context))
-        return pb.RevokeKeyResponse(key=key_info(revoked))
+        return pb.RevokeKeyResponse(key=key_info(await self._keys.revoke(request.key_id)))
 
-    def _time_left(self, context) -> float:
-        """How long the caller waits for a key's write (none: inf): one
-        without a request id is not written after it (KeyStore._write)."""
-        return caller_budget(context, self._deadline_margin_s).within(math.inf)
+    def _deadline(self, context) -> float | None:
+        """When (monotonic) the caller stops waiting for a key's write (None:
+        it set no deadline): one without a request id is not written after
+        it (KeyStore._write)."""
+        return caller_budget(context, self._deadline_margin_s).deadline
 
     async def InvalidateCache(
         self, request: pb.InvalidateCacheRequest, context

@@ -155,7 +155,7 @@ _REPLY_MARGIN_S = 0.2
 # of the call's request id, ARGV[2]: the answer to store there (sealed),
 # ARGV[3]: for how long (s); ARGV[2] "" for a call without one (KEYS[3] is
 # then not touched: any key of the slot), and ARGV[3] then the time (Redis's
-# TIME, in us) after which it writes nothing (_not_after). Then per record
+# TIME, in us) after which it writes nothing (_not_after; 0: none). Then per record
 # written, KEYS: its record and its tenant's set; ARGV: its JSON, creation
 # time, hash, id and when the record goes (unix s; 0: never). Returns 1 when
 # written, 0 when the record had changed, -1 when too late, and the answer
@@ -165,7 +165,7 @@ _WRITE_IF_UNCHANGED = """
 if ARGV[2] ~= '' then
   local answered = redis.call('GET', KEYS[3])
   if answered then return answered end
-else
+elseif tonumber(ARGV[3]) > 0 then
   local now = redis.call('TIME')
   if tonumber(now[1]) * 1000000 + tonumber(now[2]) > tonumber(ARGV[3]) then return -1 end
 end
@@ -509,7 +509,8 @@ class KeyStore:
         *records: KeyRecord,
         answer,
         request: RequestId | None = None,
-        answer_within_s: float = math.inf,
+        answer_by: float | None = None,
+        bounded: bool = True,
     ):
         """Writes the records (new or changed) at once, if the record of
         ``checked_hash`` is still ``read`` (None: still absent), and returns
@@ -517,15 +518,17 @@ class KeyStore:
         changed since. With a ``request`` id, stores ``answer`` (a secret,
         then records) for it in the same write; where a send of that id
         stored its answer first, writes nothing and returns that answer.
-        Without one, writes nothing (UNAVAILABLE) past the time its caller
-        can still hear of it: ``answer_within_s``, its deadline, or the
-        Redis call's timeout (_not_after)."""
+        Without one, and ``bounded`` (a revocation is not: made late, it is
+        still what was asked), writes nothing (UNAVAILABLE) past the time
+        its caller can still hear of it: ``answer_by`` (its deadline, on the
+        monotonic clock; None: none), or the Redis call's timeout
+        (_not_after)."""
         if self._write_script is None:
             self._write_script = self._redis.register_script(_WRITE_IF_UNCHANGED)
         checked = _RECORD.format(checked_hash)
         if request is None:
             keys = [checked, _IDS, checked]
-            args: list = [read or "", "", await self._not_after(answer_within_s)]
+            args: list = [read or "", "", await self._not_after(answer_by) if bounded else 0]
         else:
             keys = [checked, _IDS, _REQUEST.format(request.name)]
             args = [read or "", request.seal(_answer_fields(answer)), REQUEST_ID_RETENTION_S]
@@ -561,11 +564,11 @@ class KeyStore:
             self._reading.forget(record.key_hash)
         return answer
 
-    async def _not_after(self, answer_within_s: float) -> int:
+    async def _not_after(self, answer_by: float | None) -> int:
         """When, on Redis's clock (TIME, in us), a write without a request id
         sent now must no longer be written: its reply could no longer reach
         its caller before the call gives up (redis.timeout_s) or its caller's
-        deadline passes (``answer_within_s`` from now), less a margin for the
+        deadline passes (``answer_by``, monotonic), less a margin for the
         reply's way back. Such a write answered UNAVAILABLE (Redis
         stalled, a failover) was written once Redis went on: a key listed
         whose secret nobody had, or a rotation whose successor's secret was
@@ -574,16 +577,22 @@ class KeyStore:
         can still hear of it. A request id's resend is answered as the
         first send instead, so such writes need no bound."""
         seconds, microseconds = await self._call(self._redis.time())
-        window_s = min(self._timeout_s, answer_within_s)
+        # The caller's time left measured now, once Redis's clock was read
+        # (that reading is older than now: the window errs short), after
+        # whatever the call did before (a rotation's reads).
+        window_s = self._timeout_s
+        if answer_by is not None:
+            window_s = max(0.0, min(window_s, answer_by - time.monotonic()))
         window_s -= min(_REPLY_MARGIN_S, window_s / 4)
-        return seconds * 1_000_000 + microseconds + max(0, round(window_s * 1_000_000))
+        return seconds * 1_000_000 + microseconds + round(window_s * 1_000_000)
 
     async def _change(
         self,
         key_id: str,
         change: Callable[[KeyRecord], tuple[tuple[KeyRecord, ...], object]],
         request: RequestId | None = None,
-        answer_within_s: float = math.inf,
+        answer_by: float | None = None,
+        bounded: bool = True,
     ):
         """Applies ``change`` to the key's record as one check-and-write:
         ``change`` is given the record as stored and returns the records to
@@ -613,7 +622,8 @@ class KeyStore:
                 *writes,
                 answer=answer,
                 request=request,
-                answer_within_s=answer_within_s,
+                answer_by=answer_by,
+                bounded=bounded,
             )
             if answered is not None:
                 return answered
@@ -635,7 +645,7 @@ class KeyStore:
         expires_at: float | None,
         label: str,
         request: RequestId | None = None,
-        answer_within_s: float = math.inf,
+        answer_by: float | None = None,
     ) -> tuple[str, KeyRecord]:
         if len(label) > _MAX_LABEL:
             raise invalid_argument(Reason.INVALID_KEY_SPEC, f"label is longer than {_MAX_LABEL} characters")
@@ -657,7 +667,7 @@ class KeyStore:
                 record,
                 answer=(secret, record),
                 request=request,
-                answer_within_s=answer_within_s,
+                answer_by=answer_by,
             )
             if answered is not None:
                 return answered
@@ -699,17 +709,19 @@ class KeyStore:
             found += later
         return [(key_hash.decode(), score) for key_hash, score in found[:count]]
 
-    async def revoke(self, key_id: str, answer_within_s: float = math.inf) -> KeyRecord:
+    async def revoke(self, key_id: str) -> KeyRecord:
         def revoke(record: KeyRecord):
             if record.revoked_at is not None:
                 return (), record
             revoked = dataclasses.replace(record, revoked_at=self.now())
             return (revoked,), revoked
 
-        return await self._change(key_id, revoke, answer_within_s=answer_within_s)
+        # Not bounded by its caller's time: a revocation made late is still
+        # what was asked (a leaked key's), and sending it again changes nothing.
+        return await self._change(key_id, revoke, bounded=False)
 
     async def rotate(
-        self, key_id: str, request: RequestId | None = None, answer_within_s: float = math.inf
+        self, key_id: str, request: RequestId | None = None, answer_by: float | None = None
     ) -> tuple[str, KeyRecord, KeyRecord]:
         def rotate(record: KeyRecord):
             refusal = key_refusal(record, self.now())
@@ -725,4 +737,4 @@ class KeyStore:
             revoked = dataclasses.replace(record, revoked_at=now)
             return (successor, revoked), (secret, successor, revoked)
 
-        return await self._change(key_id, rotate, request, answer_within_s)
+        return await self._change(key_id, rotate, request, answer_by)

@@ -46,7 +46,8 @@ nothing yet, used_tokens) is not in it. A claimed turn that then went on
 budgets are not charged again: admission reserved more than the turn
 used, and that reservation stands. A router that stops gracefully writes
 its journal a last time: removed, or kept with the records the ledger
-gave up as it stopped (Redis failing then), for another router to bill.
+gave up as it stopped (Redis failing then) of turns a snapshot named, for
+another router to bill.
 The bounds: a journal no router claims within JOURNAL_TTL_S (no router
 running for 10 minutes) expires, and its turns go unbilled; a stalled
 router that comes back more than ledger.CLAIMED_TURN_MARKER_TTL_S after its
@@ -261,9 +262,10 @@ class TurnJournal:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._write_every()), loop.create_task(self._claim_every())]
 
-    async def write(self) -> None:
+    async def write(self) -> bool:
         """Writes the snapshot of the turns held now (or removes the journal
-        once none is left). Raises where Redis failed."""
+        once none is left); returns whether it called Redis (not when
+        nothing was held, nor written before). Raises where Redis failed."""
         fields: list[str] = []
         for index, tracked in enumerate(list(self._live)):
             if index and not index % _YIELD_EVERY:
@@ -276,25 +278,30 @@ class TurnJournal:
             # The id before the record: a turn that settles from now on
             # carries it (no await between here and the snapshot's send
             # but the yields above, after which an id given stays given).
-            turn_id = tracked.turn_id or secrets.token_hex(8)
-            tracked.turn_id = turn_id
+            named = tracked.turn_id
+            tracked.turn_id = named or secrets.token_hex(8)
             try:
                 packed = tracked.packed()
             except Exception:
                 # One turn's bug leaves it out, not every other turn
                 # unjournaled (and claimed at an old snapshot).
                 log.exception("a turn's journal record failed")
-                continue
+                packed = None
             if packed is not None:
-                fields += [turn_id, packed]
+                fields += [tracked.turn_id, packed]
+            elif not named:
+                # In no snapshot (it delivered nothing yet): no id, so no
+                # mark for its record and no hold once it ends.
+                tracked.turn_id = ""
         if not fields and not self._holds_turns:
-            return
+            return False
         # A write that fails may have run: the journal may hold these turns.
         self._holds_turns = self._holds_turns or bool(fields)
         await self._write_script(
             keys=[BEATS, journal_key(self.journal_id)], args=[self.journal_id, JOURNAL_TTL_S, *fields]
         )
         self._holds_turns = bool(fields)
+        return True
 
     async def claim(self) -> dict[str, int]:
         """Claims the journals whose router stopped writing them (not this
@@ -352,8 +359,11 @@ class TurnJournal:
         while True:
             await asyncio.sleep(self._interval_s)
             try:
-                await self.write()
-                self.reached(True)
+                # Reached only where it called Redis: an idle router's
+                # write calls nothing, and must not count an outage as
+                # reachable time.
+                if await self.write():
+                    self.reached(True)
                 self._said_unwritten = False
             except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
                 self.reached(False)

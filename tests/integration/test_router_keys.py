@@ -889,24 +889,28 @@ async def test_a_write_without_a_request_id_reaching_redis_after_its_caller_gave
     whose successor's secret was lost and whose old key was revoked, its
     holder locked out (the retry refused API_KEY_REVOKED); and so was one
     whose caller's deadline passed first (the admin RPC's, shorter than
-    redis.timeout_s: the caller told DEADLINE_EXCEEDED)."""
+    redis.timeout_s: the caller told DEADLINE_EXCEEDED), also where the
+    rotation's reads had taken some of that time (a review's reproduction:
+    the deadline was counted from after them). A revocation is written
+    however late: it is still what was asked."""
     timeout_s = 0.5
     direct = redis_access.connect(redis_url)
     reader = KeyStore(direct)
     tenant = f"t-{uuid.uuid4().hex[:8]}"
+    script = evalsha_marker(keys_module._WRITE_IF_UNCHANGED)
     try:
         # The key to rotate (and the script loaded).
         _, record = await reader.create(tenant, ("*",), LimitSettings(), None, "")
-        for late_write in ("create", "rotate", "create within the caller's deadline"):
+        for late_write in ("create", "rotate", "create by a deadline", "rotate by a deadline, reads slow"):
             proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
-            # The caller's deadline, 0.4 s, is the shorter: Redis waits 10 s.
+            # With a caller's deadline, it is the shorter: Redis waits 10 s.
             redis_timeout_s = 10.0 if "deadline" in late_write else timeout_s
             proxied = redis_access.connect(
                 f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=redis_timeout_s
             )
             store = KeyStore(proxied, timeout_s=redis_timeout_s)
             try:
-                proxy.stall_when_sent(evalsha_marker(keys_module._WRITE_IF_UNCHANGED))
+                proxy.stall_when_sent(script)
                 if late_write == "create":
                     with pytest.raises(MeshgateError) as failed:
                         await store.create(tenant, ("*",), LimitSettings(), None, "")
@@ -915,10 +919,18 @@ async def test_a_write_without_a_request_id_reaching_redis_after_its_caller_gave
                     with pytest.raises(MeshgateError) as failed:
                         await store.rotate(record.key_id)
                     assert failed.value.code == grpc.StatusCode.UNAVAILABLE
-                else:
-                    create = store.create(tenant, ("*",), LimitSettings(), None, "", answer_within_s=0.4)
+                elif late_write == "create by a deadline":
+                    answer_by = time.monotonic() + 0.4
+                    create = store.create(tenant, ("*",), LimitSettings(), None, "", answer_by=answer_by)
                     with pytest.raises(TimeoutError):
                         await asyncio.wait_for(create, 0.5)
+                else:
+                    # The record's read answered 0.4 s late, of a 0.6 s deadline.
+                    proxy.hold_when_sent(b"HGET")
+                    asyncio.get_running_loop().call_later(0.4, proxy.release)
+                    rotate = store.rotate(record.key_id, answer_by=time.monotonic() + 0.6)
+                    with pytest.raises(TimeoutError):
+                        await asyncio.wait_for(rotate, 0.65)
                 await unstalled_and_run(proxy, direct)
             finally:
                 await proxied.aclose()
@@ -926,8 +938,18 @@ async def test_a_write_without_a_request_id_reaching_redis_after_its_caller_gave
             listed = (await reader.list(tenant)).records
             # The one key, live: nothing written after its caller gave up.
             assert [(key.key_id, key.revoked_at) for key in listed] == [(record.key_id, None)], late_write
-        # A write whose reply comes in time is written, as before.
-        assert (await KeyStore(direct, timeout_s=timeout_s).rotate(record.key_id))[2].revoked_at is not None
+        # A revocation whose caller gave up is written when it reaches Redis.
+        proxy = TcpProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+        proxied = redis_access.connect(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=timeout_s)
+        try:
+            proxy.stall_when_sent(script)
+            with pytest.raises(MeshgateError):
+                await KeyStore(proxied, timeout_s=timeout_s).revoke(record.key_id)
+            await unstalled_and_run(proxy, direct)
+        finally:
+            await proxied.aclose()
+            await proxy.close()
+        assert [key.revoked_at is not None for key in (await reader.list(tenant)).records] == [True]
     finally:
         await direct.aclose()
 

@@ -156,6 +156,28 @@ async def test_a_failed_write_is_removed_at_close_as_one_that_ran():
     assert redis.calls[-1] == [journal.journal_id, JOURNAL_TTL_S]
 
 
+async def test_an_idle_router_does_not_count_redis_reachable_without_calling_it():
+    """An idle router's write calls nothing: counted as reaching Redis, it
+    started the claim's count during an outage (a review's finding)."""
+    journal = _journal()
+    assert await journal.write() is False
+    journal._interval_s = 0.001
+    writing = asyncio.create_task(journal._write_every())
+    await asyncio.sleep(0.05)
+    writing.cancel()
+    assert not journal.may_claim() and journal._reachable_since is None
+
+
+async def test_a_turn_no_snapshot_holds_keeps_no_id():
+    """Named though in no snapshot (waiting for its first piece), its record
+    set a mark and its settlement was held in the journal for nothing."""
+    journal = _journal()
+    waiting = journal.track(lambda: None)
+    await journal.write()
+    assert waiting.turn_id == ""
+    assert waiting.settled(RECORD) is None and not journal._live
+
+
 def test_a_router_claims_only_once_it_reached_redis_for_the_stale_time():
     """After an outage every live router's heartbeat is as old as it was: a
     router claiming as soon as Redis answered again took live routers'
