@@ -1473,6 +1473,11 @@ class TurnAdmission:
         return 0 if bound is None else bound.template_bytes(message_count)
 
     async def settle(self, grant: Reservation, turn, outcome) -> None:
+        if outcome.tracked is not None and self._ledger is not None and self._ledger.holding:
+            # Redis refusing the ledger's calls (a shard failing over): its
+            # record may be held too, so the journal keeps the turn until it
+            # is written, were this router killed meanwhile.
+            outcome.tracked.name()
         tokens, nano_usd, usage = self._billed(grant, turn, outcome)
         if self._ledger is not None:
             tracked = outcome.tracked

@@ -332,6 +332,13 @@ class Ledger:
             self._flushing.add(task)
             task.add_done_callback(self._flushing.discard)
 
+    @property
+    def holding(self) -> bool:
+        """Whether calls Redis refused are held to be written again (an
+        outage, a shard failing over): a turn ending now is kept in the
+        turn journal until its record is written (TurnAdmission.settle)."""
+        return len(self._backlog) > 0
+
     async def drain(self) -> None:
         """Writes every submitted record (before Redis closes)."""
         self._flush()

@@ -18,7 +18,9 @@ whose router stopped writing it.
   once it ended, as its settlement's record, until the ledger has written
   that (a record the ledger holds while Redis refuses it, a shard failing
   over, is not lost with a router killed meanwhile); one no snapshot named
-  leaves at once (it ended within an interval of its first piece).
+  leaves at once (it ended within an interval of its first piece), but
+  where the ledger already holds records Redis refused: then it is named
+  at its settlement and kept alike (TurnAdmission.settle).
 - **The claim.** Every router, every third of ``router.journal_stale_s``
   or so, claims the journals whose heartbeat is older than that (a lease:
   each is claimed by one router at a time), never its own (a router
@@ -52,8 +54,8 @@ The bounds: a journal no router claims within JOURNAL_TTL_S (no router
 running for 10 minutes) expires, and its turns go unbilled; a stalled
 router that comes back more than ledger.CLAIMED_TURN_MARKER_TTL_S after its
 journal was claimed bills those turns again; a turn that ended before any
-snapshot named it is lost with its router while the ledger holds its
-record. On a Redis Cluster each slot a record goes to (the log's, the
+snapshot named it, its record the first the ledger held, is lost with its
+router while the ledger holds it. On a Redis Cluster each slot a record goes to (the log's, the
 tenant's totals') has its own mark, so each is written once, but they may
 come from different writes: a settlement's log entry beside a claim's
 totals, where the two raced (GetUsage reads the totals).
@@ -199,6 +201,14 @@ class Tracked:
             named = dataclasses.replace(usage, turn_id=self.turn_id)
             self._record, self._packed = usage, pack(named)
         return self._packed
+
+    def name(self) -> str:
+        """Names the turn (as its first snapshot would): a turn ending while
+        the ledger holds records Redis refused is kept in the journal until
+        its own is written (TurnAdmission.settle), though no snapshot named
+        it yet. Returns its id."""
+        self.turn_id = self.turn_id or secrets.token_hex(8)
+        return self.turn_id
 
     def settled(self, usage: UsageRecord | None) -> Callable[[bool], None] | None:
         """The turn ended, billed ``usage`` (its settlement's record; None

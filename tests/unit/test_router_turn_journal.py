@@ -8,11 +8,15 @@ import dataclasses
 
 import pytest
 
-from meshgate.config import TURN_JOURNAL_TTL_S, ConfigError, settings_from_document
+from meshgate.config import TURN_JOURNAL_TTL_S, ConfigError, RouterSettings, settings_from_document
 from services.router import ledger
+from services.router.admission import Reservation, TurnAdmission
 from services.router.ledger import UsageRecord, pack, unpack
+from services.router.pipeline import Pipeline
 from services.router.turn_journal import JOURNAL_TTL_S, ROUTER_LOST, TurnJournal
 from tests.clocks import Clock
+from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator
+from tests.unit.test_router_turn_billing import MODELS, PRICES, SettledAdmission, events_of
 
 RECORD = UsageRecord("t", "k", "tiny-gpt", "live", 10, 7, 0, "miss", 0, 5, ROUTER_LOST)
 
@@ -217,3 +221,47 @@ def test_journal_timings_that_would_claim_live_routers_or_never_claim_are_refuse
     else:
         with pytest.raises(ConfigError, match=refused):
             settings_from_document(document)
+
+
+class _HoldingLedger:
+    """A ledger whose calls Redis refuses (held: ``holding``), recording
+    what each submit would tell once written."""
+
+    def __init__(self, holding: bool) -> None:
+        self.holding = holding
+        self.records: list[UsageRecord] = []
+        self.told: list = []
+
+    def submit(self, usage, logged: bool = True, on_written=None) -> None:
+        self.records.append(usage)
+        self.told.append(on_written)
+
+
+@pytest.mark.parametrize("holding", [True, False], ids=["ledger-holding", "ledger-writing"])
+async def test_a_turn_ending_while_the_ledger_holds_records_stays_in_the_journal_until_written(holding):
+    """A turn ended within an interval of its first piece (no snapshot named
+    it) left the journal at once: with the ledger holding what Redis
+    refused (a shard failing over), a router killed then lost it. While the
+    ledger holds records, such a turn is named at its settlement and kept
+    until its record is written; otherwise it leaves at once, unmarked."""
+    redis = _Scripts()
+    journal = _journal(redis)
+    settings = RouterSettings(prices=PRICES)
+    ledger = _HoldingLedger(holding)
+    stages = TurnAdmission(SettledAdmission(), settings, ledger, journal)
+
+    async def admit(turn):
+        return Reservation("lease", 0, 0, (), day="2026-12-06", price=PRICES["m"])
+
+    stages.admit = admit
+    turns = Pipeline(settings, MODELS, FakeContexts(), FakeCache(), FakeGenerator(("a ", "b ")), stages)
+    await events_of(turns)
+    [record] = ledger.records
+    if not holding:
+        assert record.turn_id == "" and ledger.told == [None] and not journal._live
+        return
+    assert record.turn_id and list(journal._live)
+    await journal.write()
+    assert redis.calls[-1][2:] == [record.turn_id, pack(record)]
+    ledger.told[0](True)
+    assert not journal._live
