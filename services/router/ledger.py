@@ -254,6 +254,10 @@ def unpack(packed: str) -> UsageRecord:
     return UsageRecord(*(kind(value) for kind, value in zip(_FIELD_TYPES, values, strict=True)))
 
 
+# A ledger write unanswered this long says Redis hangs (a healthy one
+# answers within milliseconds): Ledger.holding.
+_SLOW_WRITE_S = 0.1
+
 # Records submitted within this long of each other go to Redis in one call
 # (at most _BATCH of them): the call's fixed cost, most of the router's CPU
 # per record, is shared. A router killed outright loses at most this much.
@@ -287,7 +291,9 @@ class Ledger:
         self._buffer: list[tuple[UsageRecord, bool]] = []
         # What to tell once the buffer's records are written or given up.
         self._on_written: list[Callable[[bool], None]] = []
-        self._flushing: set[asyncio.Task] = set()
+        # Each write under way, and when it began (monotonic): one slow to
+        # answer says Redis hangs before any call failed (holding).
+        self._flushing: dict[asyncio.Task, float] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def reconfigure(self, stream_max_len: int, retention_days: int) -> None:
@@ -329,15 +335,21 @@ class Ledger:
         told, self._on_written = self._on_written, []
         if batch:
             task = asyncio.get_running_loop().create_task(self._write(batch, told))
-            self._flushing.add(task)
-            task.add_done_callback(self._flushing.discard)
+            self._flushing[task] = time.monotonic()
+            task.add_done_callback(self._flushing.pop)
 
     @property
     def holding(self) -> bool:
-        """Whether calls Redis refused are held to be written again (an
-        outage, a shard failing over): a turn ending now is kept in the
-        turn journal until its record is written (TurnAdmission.settle)."""
-        return len(self._backlog) > 0
+        """Whether records may wait a while to be written: calls Redis
+        refused are held to be written again (an outage, a shard failing
+        over), or a write has gone unanswered for _SLOW_WRITE_S (a Redis
+        that hangs: nothing failed before its timeout, redis.timeout_s). A
+        turn ending now is kept in the turn journal until its record is
+        written (TurnAdmission.settle)."""
+        if len(self._backlog):
+            return True
+        oldest = min(self._flushing.values(), default=None)
+        return oldest is not None and time.monotonic() - oldest > _SLOW_WRITE_S
 
     async def drain(self) -> None:
         """Writes every submitted record (before Redis closes)."""

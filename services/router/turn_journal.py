@@ -19,8 +19,9 @@ whose router stopped writing it.
   that (a record the ledger holds while Redis refuses it, a shard failing
   over, is not lost with a router killed meanwhile); one no snapshot named
   leaves at once (it ended within an interval of its first piece), but
-  where the ledger already holds records Redis refused: then it is named
-  at its settlement and kept alike (TurnAdmission.settle).
+  where the ledger holds records Redis refused or has a write unanswered
+  for 0.1 s (Ledger.holding): then it is named at its settlement and kept
+  alike (TurnAdmission.settle).
 - **The claim.** Every router, every third of ``router.journal_stale_s``
   or so, claims the journals whose heartbeat is older than that (a lease:
   each is claimed by one router at a time), never its own (a router
@@ -54,8 +55,9 @@ The bounds: a journal no router claims within JOURNAL_TTL_S (no router
 running for 10 minutes) expires, and its turns go unbilled; a stalled
 router that comes back more than ledger.CLAIMED_TURN_MARKER_TTL_S after its
 journal was claimed bills those turns again; a turn that ended before any
-snapshot named it, its record the first the ledger held, is lost with its
-router while the ledger holds it. On a Redis Cluster each slot a record goes to (the log's, the
+snapshot named it, settled before the ledger held records or had a write
+unanswered for 0.1 s, is lost with its router while the ledger holds it.
+On a Redis Cluster each slot a record goes to (the log's, the
 tenant's totals') has its own mark, so each is written once, but they may
 come from different writes: a settlement's log entry beside a claim's
 totals, where the two raced (GetUsage reads the totals).

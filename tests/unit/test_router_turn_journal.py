@@ -7,11 +7,12 @@ import asyncio
 import dataclasses
 
 import pytest
+from redis import exceptions as redis_errors
 
 from meshgate.config import TURN_JOURNAL_TTL_S, ConfigError, RouterSettings, settings_from_document
 from services.router import ledger
 from services.router.admission import Reservation, TurnAdmission
-from services.router.ledger import UsageRecord, pack, unpack
+from services.router.ledger import Ledger, UsageRecord, pack, unpack
 from services.router.pipeline import Pipeline
 from services.router.turn_journal import JOURNAL_TTL_S, ROUTER_LOST, TurnJournal
 from tests.clocks import Clock
@@ -166,8 +167,18 @@ async def test_an_idle_router_does_not_count_redis_reachable_without_calling_it(
     journal = _journal()
     assert await journal.write() is False
     journal._interval_s = 0.001
+    wrote = asyncio.Event()
+    write = journal.write
+
+    async def counted_write() -> bool:
+        called = await write()
+        wrote.set()
+        return called
+
+    journal.write = counted_write
     writing = asyncio.create_task(journal._write_every())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(wrote.wait(), 5)
+    await asyncio.sleep(0)  # the loop's step after the write
     writing.cancel()
     assert not journal.may_claim() and journal._reachable_since is None
 
@@ -209,7 +220,8 @@ def test_a_router_claims_only_once_it_reached_redis_for_the_stale_time():
         (0, 1.0, None),
         (1.0, 1.5, "twice"),
         (1e-9, 1.0, "at least 0.05"),
-        (1.0, 7200.0, "at most"),
+        (1.0, 7200.0, "at most 200"),
+        (1.0, 250.0, "at most 200"),
     ],
 )
 def test_journal_timings_that_would_claim_live_routers_or_never_claim_are_refused(
@@ -265,3 +277,57 @@ async def test_a_turn_ending_while_the_ledger_holds_records_stays_in_the_journal
     assert redis.calls[-1][2:] == [record.turn_id, pack(record)]
     ledger.told[0](True)
     assert not journal._live
+
+
+class _HangingScript:
+    """A ledger's Redis: its script refuses the first call (out of memory:
+    not run, held), then each call waits for ``answer``."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+        self.calls = 0
+
+    def register_script(self, _body: str):
+        async def call(keys, args):
+            self.calls += 1
+            if self.calls == 1:
+                raise redis_errors.OutOfMemoryError("OOM command not allowed")
+            await self.answer.wait()
+            return 1
+
+        return call
+
+
+async def test_the_ledger_holds_records_while_a_call_is_held_or_a_write_goes_unanswered(monkeypatch):
+    """Ledger.holding, which keeps an ending turn in the journal: true while
+    a refused call is held (also during its retry round), and while a write
+    has gone unanswered for _SLOW_WRITE_S, before any call failed (a Redis
+    that hangs: 21 of 40 turns settled before its first timeout, a review's
+    reproduction)."""
+    redis = _HangingScript()
+    ledger_ = Ledger(redis, 1000, 2)
+    told: list[bool] = []
+    ledger_.submit(RECORD, on_written=told.append)
+    await asyncio.wait_for(_until(lambda: len(ledger_._backlog) == 1), 5)  # refused, held
+    assert ledger_.holding and told == []
+    await asyncio.wait_for(_until(lambda: redis.calls == 2), 5)  # the retry round's call, waiting
+    assert ledger_.holding
+    redis.answer.set()
+    await asyncio.wait_for(_until(lambda: told == [True]), 5)
+    assert not ledger_.holding
+    # A write that hangs, nothing failed yet: holding once it is old enough.
+    redis.answer.clear()
+    ledger_.submit(RECORD, on_written=told.append)
+    await asyncio.wait_for(_until(lambda: redis.calls == 3), 5)
+    monkeypatch.setattr(ledger, "_SLOW_WRITE_S", 3600.0)
+    assert not ledger_.holding
+    monkeypatch.setattr(ledger, "_SLOW_WRITE_S", 0.0)
+    assert ledger_.holding
+    redis.answer.set()
+    await asyncio.wait_for(_until(lambda: told == [True, True]), 5)
+    assert not ledger_.holding
+
+
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
