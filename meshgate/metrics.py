@@ -188,11 +188,11 @@ class RouterMetrics:
             "have been written).",
             ("write", "outcome"),
         )
-        self.lost_turns_billed = make.counter(
-            "meshgate_router_lost_turns_billed",
+        self.lost_turns_claimed = make.counter(
+            "meshgate_router_lost_turns_claimed",
             "Turns of another router's journal (one killed, or stalled past "
-            "router.journal_stale_s) this router claimed and billed; each billed once, by its "
-            "own router's settlement or by a claim (services/router/turn_journal.py).",
+            "router.journal_stale_s) this router claimed: billed here, unless their own "
+            "router's settlement wrote them first (services/router/turn_journal.py).",
             (),
         )
 

@@ -238,8 +238,8 @@ def _end_leftovers(holders: set[int], previous_children: Mapping[int, str]) -> b
     SIGTERM is for a child whose owner lives on: a stop that failed
     released the state directory (Stack.stop's finally) with children
     still running, which no kernel signal will end; only continued, each
-    was waited for 15 s and then refused with "try again then", as often
-    as it was tried. A process that only has a recorded pid, started at
+    was waited for LEFTOVER_EXIT_S and then refused with "try again then",
+    as often as it was tried. A process that only has a recorded pid, started at
     another time, is left alone: each is held by a pidfd before its
     identity is checked, so the pid cannot pass to another process between
     the check and the signal."""

@@ -1473,7 +1473,7 @@ class TurnAdmission:
         return 0 if bound is None else bound.template_bytes(message_count)
 
     async def settle(self, grant: Reservation, turn, outcome) -> None:
-        if outcome.tracked is not None and self._ledger is not None and self._ledger.holding:
+        if outcome.tracked is not None and self._ledger.holding:
             # Redis refusing the ledger's calls (a shard failing over): its
             # record may be held too, so the journal keeps the turn until it
             # is written, were this router killed meanwhile.
@@ -1674,8 +1674,7 @@ class TurnAdmission:
         """Waits for settlements and ledger records still in flight (before
         Redis closes)."""
         if self._journal is not None:
-            # Records the ledger gives up now stay in the journal, for a claim.
-            self._journal.stopping = True
+            self._journal.stop_settling()
         await self._admission.drain()
         if self._ledger is not None:
             await self._ledger.drain()

@@ -32,6 +32,13 @@ hence the one tag for every API key: they are few, written rarely, and
 each replica reads one at most twice a second (below), so one slot carries
 them easily.
 
+A write without a request id (a CreateKey or RotateKey a client cannot
+send again safely) is made only while its caller can still hear of it:
+the script reads Redis's TIME and writes nothing past a deadline the router
+took from a TIME read just before (redis.timeout_s, or the caller's gRPC
+deadline if sooner: _not_after). A RevokeKey has none: made late, a
+revocation is still what was asked.
+
 A key's limits and usage are counted under its accounting id
 (:attr:`KeyRecord.accounting_id`): its own key id, but for a key rotated
 from another, the first key's id, carried to every successor, so that
@@ -90,7 +97,7 @@ import grpc
 import structlog
 
 from meshgate import paging, redis_access
-from meshgate.config import ConfigError, LimitSettings, hash_api_key, tenant_id_problem
+from meshgate.config import ConfigError, LimitSettings, RedisSettings, hash_api_key, tenant_id_problem
 from meshgate.errors import MeshgateError, invalid_argument, not_found, unavailable
 from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
@@ -400,7 +407,9 @@ def key_refusal(record: KeyRecord, now: float) -> MeshgateError | None:
 
 
 class KeyStore:
-    def __init__(self, redis, clock: Callable[[], float] = time.time, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, redis, clock: Callable[[], float] = time.time, timeout_s: float = RedisSettings.timeout_s
+    ) -> None:
         self._redis = redis
         self._clock = clock
         # How long a Redis call waits for its reply (redis.timeout_s): a
@@ -569,13 +578,14 @@ class KeyStore:
         sent now must no longer be written: its reply could no longer reach
         its caller before the call gives up (redis.timeout_s) or its caller's
         deadline passes (``answer_by``, monotonic), less a margin for the
-        reply's way back. Such a write answered UNAVAILABLE (Redis
-        stalled, a failover) was written once Redis went on: a key listed
-        whose secret nobody had, or a rotation whose successor's secret was
-        lost and whose old key was revoked (its holder locked out, a resend
-        refused API_KEY_REVOKED). Now Redis writes it only while its caller
-        can still hear of it. A request id's resend is answered as the
-        first send instead, so such writes need no bound."""
+        reply's way back (_REPLY_MARGIN_S, a quarter of a shorter window).
+        Written once its caller was told UNAVAILABLE (Redis stalled, a
+        failover) or DEADLINE_EXCEEDED, such a write would list a key whose
+        secret nobody has, or revoke a rotated key whose successor's secret
+        was lost (its holder locked out, a resend refused API_KEY_REVOKED):
+        so Redis writes it only while its caller can still hear of it. A
+        request id's resend is answered as the first send instead, so such
+        writes need no bound."""
         seconds, microseconds = await self._call(self._time())
         # The caller's time left measured now, once Redis's clock was read
         # (that reading is older than now: the window errs short), after

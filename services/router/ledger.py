@@ -32,7 +32,13 @@ given up and the turn missing from GetUsage. The records of a take of a
 session's summaries' usage are marked per take id (record_take:
 ``...:take:<take id>``): the take may be offered again to another router,
 its taker killed before acknowledging it, so its marker is kept as long as
-the context service may hold the take (TAKE_MARKER_TTL_S).
+the context service may hold the take (TAKE_MARKER_TTL_S). A record of a
+turn the router's turn journal named (services/router/turn_journal.py)
+carries its turn id, and is written once per turn whichever call writes it
+first, its settlement's or a claim of the journal's: a mark per turn id in
+the slot of the call (``...{t:<tenant>}:turn:<turn id>`` beside the totals,
+``{mg:router:usage:log}:turn:<turn id>`` beside the log), kept
+SETTLED_TURN_MARKER_TTL_S, or CLAIMED_TURN_MARKER_TTL_S when a claim set it.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import dataclasses
 import datetime
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
@@ -101,8 +107,9 @@ class UsageRecord:
     # how many summaries; 0 for a turn.
     summaries: int = 0
     # The id the router's turn journal (services/router/turn_journal.py)
-    # named the turn by, where one of its snapshots held the turn; "" for
-    # any other. Such a turn is written once whichever writes it first: its
+    # named the turn by, where one of its snapshots held the turn or its
+    # settlement came while the ledger held records; "" for any other.
+    # Such a turn is written once whichever writes it first: its
     # settlement, or another router's claim of the journal of its router
     # (killed, or stalled), a mark per turn id set in the same script.
     turn_id: str = ""
@@ -192,12 +199,13 @@ def marker(key: str, name: str) -> str:
     return f"{key.rsplit(':', 1)[0]}:{name}"
 
 
-def turn_marker(key: str, tenant: str, turn_id: str) -> str:
-    """That a journaled turn's record was written by a call whose last key
-    is ``key`` (the script's mark; for tests and operators): in a tenant's
-    slot where the call writes totals, else in the log's."""
-    if key == STREAM:
-        return marker(key, f"turn:{turn_id}")
+def turn_marker(tenant: str, turn_id: str, in_log: bool = False) -> str:
+    """That a journaled turn's record was written (the script's mark, as it
+    names it: for tests and operators): in the tenant's slot by a call that
+    writes its totals, else (``in_log``: a Cluster's log-only call) in the
+    log's."""
+    if in_log:
+        return marker(STREAM, f"turn:{turn_id}")
     return f"mg:router:usage:{{t:{tenant}}}:turn:{turn_id}"
 
 
@@ -232,9 +240,11 @@ TAKE_MARKER_TTL_S = summary_usage_ttl_s(ContextSettings().session_ttl_s)
 # write may take to reach Redis (a write is sent within redis.timeout_s);
 # set by a claim: as long as the router whose journal it was may still
 # come back (stalled: SIGSTOP, a machine suspended) and settle the turn
-# itself. A mark (133 B of Redis measured on 6.2) per journaled turn (one in
+# itself. A mark (133 B of Redis measured on 6.2) per slot written (one; two
+# on a Redis Cluster, the log's and the totals') per journaled turn (one in
 # flight when a snapshot was taken: about every streamed answer), not per
-# turn; at 100 such turns a second the settlements' marks hold ~16 MB.
+# turn; at 100 such turns a second the settlements' marks hold ~16 MB (32
+# MB on a Cluster, the log's half on one shard).
 SETTLED_TURN_MARKER_TTL_S = 20 * 60
 CLAIMED_TURN_MARKER_TTL_S = 7 * 24 * 3600
 
@@ -391,7 +401,7 @@ class Ledger:
             raise redis_access.outage("a lost router's turns cannot be billed", error) from error
 
     async def _write(
-        self, records: list[tuple[UsageRecord, bool]], told: list[Callable[[bool], None]] = ()
+        self, records: list[tuple[UsageRecord, bool]], told: Sequence[Callable[[bool], None]] = ()
     ) -> None:
         # The callers have their answers: a call that failed is sent again
         # later, until Redis answers it (script_calls).

@@ -352,7 +352,8 @@ class Outcome:
     # (a stateless prompt that surely fits goes out unassembled).
     prompt_tokens_assembled: int = 0
     # The turn's hold in the router's turn journal (Admission.track), or
-    # None: its id there, where a snapshot named it, goes on its ledger
+    # None: its id there, where a snapshot named it (or its settlement,
+    # while the ledger held records), goes on its ledger
     # record, so that it is billed once, by its settlement or by a claim of
     # the journal; its settlement releases the hold.
     tracked: Any = None
@@ -798,7 +799,7 @@ class Pipeline:
         in_flight = metrics.router().streams_in_flight.labels(turn.model_alias)
         in_flight.inc()
         held: Delta | None = None  # the last piece, kept for the completion
-        # Ended in the finally below, however the turn ends.
+        # Released by its settlement (_settle), however the turn ends.
         tracked = self._track(grant, turn, outcome_so_far) if self._track is not None else None
         try:
             # Every nested stream is closed explicitly (aclosing): an

@@ -22,7 +22,10 @@ the same script as their writes (kept WRITTEN_MARK_TTL_S) and write nothing
 where it is set: admission's settlements of turns' ends and the ledger's
 records (a mark per call each). Of the writes of what turns
 used, only a give-back under a lease a turn's end settles later
-(admission's _SETTLE) is still given up so.
+(admission's _SETTLE) is still given up so. A run's caller may ask to be
+told once each of its calls is written or given up (Backlog.run's
+``done``): the router's turn journal keeps a turn until its ledger record
+is written.
 """
 
 from __future__ import annotations
@@ -181,7 +184,7 @@ def node_of(script) -> Callable[[list[str]], tuple[str, int]]:
     return node
 
 
-class _Done:
+class _Completion:
     """What a run's caller is told once each of its calls is written or
     given up: ``done(written)``, written only if every one was."""
 
@@ -196,9 +199,9 @@ class _Done:
         self._written = self._written and written
         self._pending -= 1
         if self._pending <= 0:
-            self.abandon(self._written)
+            self.tell(self._written)
 
-    def abandon(self, written: bool = False) -> None:
+    def tell(self, written: bool = False) -> None:
         """Tells the caller now (once), whatever is still pending."""
         done, self._done = self._done, None
         if done is not None:
@@ -212,7 +215,7 @@ class _Held:
     # When it first failed (the backlog's clock).
     since: float
     # Its run's completion, where the caller asked to be told (Backlog.run).
-    done: _Done | None = None
+    done: _Completion | None = None
     chars: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -283,12 +286,12 @@ class Backlog:
         given up. Raises nothing: nobody waits on what a turn used.
         ``done(written)`` is called once every call is written (True) or
         given up (False), now or after a later retry."""
-        completion = _Done(len(calls), done) if done is not None else None
+        completion = _Completion(len(calls), done) if done is not None else None
         try:
             failures = await self._try(calls)
         except BaseException:
             if completion is not None:
-                completion.abandon()
+                completion.tell(False)
             raise
         if completion is not None:
             for failure in failures:

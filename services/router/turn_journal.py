@@ -51,7 +51,7 @@ used, and that reservation stands. A router that stops gracefully writes
 its journal a last time: removed, or kept with the records the ledger
 gave up as it stopped (Redis failing then) of turns a snapshot named, for
 another router to bill.
-The bounds: a journal no router claims within JOURNAL_TTL_S (no router
+The bounds: a journal no router claims within TURN_JOURNAL_TTL_S (no router
 running for 10 minutes) expires, and its turns go unbilled; a stalled
 router that comes back more than ledger.CLAIMED_TURN_MARKER_TTL_S after its
 journal was claimed bills those turns again; a turn that ended before any
@@ -91,11 +91,6 @@ ROUTER_LOST = "router_lost"
 # writes a journal and its heartbeat, and one claims several.
 _PREFIX = "mg:router:journal:{journals}:"
 BEATS = _PREFIX + "beats"
-# A snapshot not written again nor claimed within this long expires: before
-# the marks of its turns' settlements (ledger.SETTLED_TURN_MARKER_TTL_S),
-# which a claim of it must find (config: router.journal_stale_s stays well
-# under it).
-JOURNAL_TTL_S = TURN_JOURNAL_TTL_S
 # Turns a snapshot's records are computed for between two looks at the
 # event loop: a snapshot of thousands of turns does not hold up their pieces.
 _YIELD_EVERY = 256
@@ -204,13 +199,11 @@ class Tracked:
             self._record, self._packed = usage, pack(named)
         return self._packed
 
-    def name(self) -> str:
-        """Names the turn (as its first snapshot would): a turn ending while
-        the ledger holds records Redis refused is kept in the journal until
-        its own is written (TurnAdmission.settle), though no snapshot named
-        it yet. Returns its id."""
+    def name(self) -> None:
+        """Gives the turn its id, where it has none: at a snapshot that
+        holds it, or at its settlement while the ledger holds records
+        (TurnAdmission.settle), so that it is kept until its own is written."""
         self.turn_id = self.turn_id or secrets.token_hex(8)
-        return self.turn_id
 
     def settled(self, usage: UsageRecord | None) -> Callable[[bool], None] | None:
         """The turn ended, billed ``usage`` (its settlement's record; None
@@ -228,7 +221,7 @@ class Tracked:
     def _written(self, written: bool) -> None:
         # Given up while the router stops (Redis down): left in the journal
         # that close() keeps, for another router's claim to bill.
-        if written or not self._journal.stopping:
+        if written or not self._journal._stopping:
             self._journal._live.pop(self, None)
 
 
@@ -261,9 +254,17 @@ class TurnJournal:
         # again before any claims (each one's heartbeat was as old as the
         # outage, and claimed, their turns went on unbilled past the claim).
         self._reachable_since: float | None = None
-        self.stopping = False
+        # Set as the router stops (stop_settling): records the ledger gives
+        # up then stay in the journal.
+        self._stopping = False
         self._tasks: list[asyncio.Task] = []
         self._said_unwritten = self._said_unclaimed = False
+
+    def stop_settling(self) -> None:
+        """The router stops (TurnAdmission.drain, before the ledger's): a
+        record the ledger gives up from now on stays in the journal that
+        close() writes, for another router's claim to bill."""
+        self._stopping = True
 
     def track(self, record_of: Callable[[], UsageRecord | None]) -> Tracked:
         tracked = Tracked(self, record_of)
@@ -282,16 +283,15 @@ class TurnJournal:
         for index, tracked in enumerate(list(self._live)):
             if index and not index % _YIELD_EVERY:
                 await asyncio.sleep(0)
-                if tracked not in self._live:
-                    # Ended meanwhile: its settlement may have named no id.
-                    continue
-            elif tracked not in self._live:
+            if tracked not in self._live:
+                # Ended since the list was taken (a yield): its settlement
+                # may have named no id, and it is not to be named now.
                 continue
             # The id before the record: a turn that settles from now on
             # carries it (no await between here and the snapshot's send
             # but the yields above, after which an id given stays given).
-            named = tracked.turn_id
-            tracked.turn_id = named or secrets.token_hex(8)
+            named = bool(tracked.turn_id)
+            tracked.name()
             try:
                 packed = tracked.packed()
             except Exception:
@@ -310,7 +310,7 @@ class TurnJournal:
         # A write that fails may have run: the journal may hold these turns.
         self._holds_turns = self._holds_turns or bool(fields)
         await self._write_script(
-            keys=[BEATS, journal_key(self.journal_id)], args=[self.journal_id, JOURNAL_TTL_S, *fields]
+            keys=[BEATS, journal_key(self.journal_id)], args=[self.journal_id, TURN_JOURNAL_TTL_S, *fields]
         )
         self._holds_turns = bool(fields)
         return True
@@ -343,9 +343,9 @@ class TurnJournal:
                     log.warning("a lost router's turn could not be read", journal=journal_id)
             if records:
                 await self._ledger.record_claim(records)
-                metrics.router().lost_turns_billed.inc(len(records))
+                metrics.router().lost_turns_claimed.inc(len(records))
                 log.warning(
-                    "billed the turns of a router that stopped writing its journal",
+                    "claimed the turns of a router that stopped writing its journal",
                     journal=journal_id,
                     turns=len(records),
                 )

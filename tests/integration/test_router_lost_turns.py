@@ -22,7 +22,7 @@ from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
 from services.context import app as context_app
 from tests.integration.conftest import running
-from tests.integration.test_router_replicas import Replicas, _toml, base_settings
+from tests.integration.test_router_replicas import Replicas, base_settings, toml_string
 from tests.mesh import bounded_channel, mesh_settings
 from tests.tcp_proxy import TcpProxy
 
@@ -56,8 +56,8 @@ journal_stale_s = {STALE_S}
 deployment_health_interval_s = 60
 
 [[router.tenants]]
-id = {_toml(tenant)}
-api_key_sha256 = [{_toml(hash_api_key(key))}]
+id = {toml_string(tenant)}
+api_key_sha256 = [{toml_string(hash_api_key(key))}]
 """)
         stack.callback(group.stop)
         group.start(1)

@@ -39,7 +39,7 @@ REPLICAS = 4
 LIMIT_RPM = 40
 
 
-def _toml(value: str) -> str:
+def toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -110,8 +110,8 @@ class Replicas:
 def tenant_block(tenant: str, key: str, rpm: int = LIMIT_RPM) -> str:
     return f"""
 [[router.tenants]]
-id = {_toml(tenant)}
-api_key_sha256 = [{_toml(hash_api_key(key))}]
+id = {toml_string(tenant)}
+api_key_sha256 = [{toml_string(hash_api_key(key))}]
 limits = {{ requests_per_minute = {rpm} }}
 """
 
@@ -124,21 +124,21 @@ def base_settings(mesh, redis_url: str, inference_address: str, context_address:
 exporter = "none"
 
 [redis]
-url = {_toml(redis_url)}
+url = {toml_string(redis_url)}
 
 [mesh]
-ca_file = {_toml(mesh.ca_file)}
-cert_file = {_toml(mesh.cert_file)}
-key_file = {_toml(mesh.key_file)}
+ca_file = {toml_string(mesh.ca_file)}
+cert_file = {toml_string(mesh.cert_file)}
+key_file = {toml_string(mesh.key_file)}
 
 [models.tiny-gpt]
-deployments = [{{ name = "live", address = {_toml(inference_address)}, model = "tiny-gpt" }}]
+deployments = [{{ name = "live", address = {toml_string(inference_address)}, model = "tiny-gpt" }}]
 
 [router]
 # Processes on one host: no fixed metrics port beside each one's --listen.
 metrics_listen = ""
-context_address = {_toml(context_address)}
-cache_address = {_toml(cache_address)}
+context_address = {toml_string(context_address)}
+cache_address = {toml_string(cache_address)}
 dev_tenant = false
 # Replicas on one machine: no HTTP edge (its default port is one for all).
 http_listen = ""

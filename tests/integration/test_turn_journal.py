@@ -15,7 +15,13 @@ import pytest
 
 from meshgate import redis_access
 from meshgate.local.stack import free_port
-from services.router.ledger import Ledger, UsageRecord
+from services.router.ledger import (
+    CLAIMED_TURN_MARKER_TTL_S,
+    SETTLED_TURN_MARKER_TTL_S,
+    Ledger,
+    UsageRecord,
+    turn_marker,
+)
 from services.router.turn_journal import BEATS, ROUTER_LOST, TurnJournal, journal_key
 
 pytestmark = pytest.mark.integration
@@ -30,7 +36,7 @@ def lost(tenant: str, completion_tokens: int) -> UsageRecord:
 
 
 def final(tenant: str, tracked, completion_tokens: int) -> UsageRecord:
-    """A turn's settlement's record, naming its journal id as admission's does."""
+    """A turn's settlement's record, naming its turn id as admission's does."""
     return UsageRecord(
         tenant, "k1", "tiny-gpt", "live", 10, completion_tokens, 0, "miss", 0, 90, turn_id=tracked.turn_id
     )
@@ -96,6 +102,15 @@ async def test_a_lost_routers_turns_are_billed_once_whichever_writes_first(redis
     # The settled turn once (its settlement's 40 tokens), the two others as
     # the snapshot had them, failed.
     assert (row["requests"], row["failures"], row["completion_tokens"]) == (3, 2, 40 + 7 + 11)
+    # Each turn's marks (one a slot written: two on a Cluster), kept as long
+    # as a claim of them, or a stalled router's settlement, may come.
+    for tracked, ttl_s in ((settled_early, SETTLED_TURN_MARKER_TTL_S), (claimed, CLAIMED_TURN_MARKER_TTL_S)):
+        slots = (False, True) if ledger._split_by_slot else (False,)
+        for in_log in slots:
+            left_s = await redis.ttl(turn_marker(tenant, tracked.turn_id, in_log))
+            assert ttl_s - 60 < left_s <= ttl_s, (in_log, left_s)
+        if not ledger._split_by_slot:
+            assert not await redis.exists(turn_marker(tenant, tracked.turn_id, in_log=True))
     assert not await redis.exists(journal_key(served.journal_id))
     assert await redis.zscore(BEATS, served.journal_id) is None
 

@@ -14,7 +14,7 @@ from services.router import ledger
 from services.router.admission import Reservation, TurnAdmission
 from services.router.ledger import Ledger, UsageRecord, pack, unpack
 from services.router.pipeline import Pipeline
-from services.router.turn_journal import JOURNAL_TTL_S, ROUTER_LOST, TurnJournal
+from services.router.turn_journal import ROUTER_LOST, TurnJournal
 from tests.clocks import Clock
 from tests.unit.test_router_pipeline import FakeCache, FakeContexts, FakeGenerator
 from tests.unit.test_router_turn_billing import MODELS, PRICES, SettledAdmission, events_of
@@ -54,12 +54,11 @@ def test_a_record_packs_and_unpacks_whole():
 def test_settled_turns_marks_outlive_every_snapshot_a_claim_may_read():
     # A claim of a snapshot written just before a turn settled must find
     # the settlement's mark, however late within the journal's life it runs.
-    assert TURN_JOURNAL_TTL_S == JOURNAL_TTL_S
-    assert ledger.SETTLED_TURN_MARKER_TTL_S > JOURNAL_TTL_S + 60
+    assert ledger.SETTLED_TURN_MARKER_TTL_S > TURN_JOURNAL_TTL_S + 60
     assert ledger.CLAIMED_TURN_MARKER_TTL_S >= ledger.SETTLED_TURN_MARKER_TTL_S
 
 
-async def test_turns_cost_no_redis_call_a_snapshot_one_per_interval():
+async def test_turns_cost_no_redis_call_a_snapshot_one_call():
     redis = _Scripts()
     journal = _journal(redis)
     for _ in range(1_000):
@@ -81,7 +80,7 @@ async def test_turns_cost_no_redis_call_a_snapshot_one_per_interval():
         tracked.settled(RECORD)(True)
     await journal.write()
     await journal.write()
-    assert len(redis.calls) == 2 and redis.calls[1] == [journal.journal_id, JOURNAL_TTL_S]
+    assert len(redis.calls) == 2 and redis.calls[1] == [journal.journal_id, TURN_JOURNAL_TTL_S]
 
 
 async def test_a_named_turn_stays_as_settled_until_its_record_is_written():
@@ -99,7 +98,7 @@ async def test_a_named_turn_stays_as_settled_until_its_record_is_written():
     assert redis.calls[-1][2:] == [named.turn_id, pack(final)]
     written(False)  # given up while the router runs: lost, as counted
     await journal.write()
-    assert redis.calls[-1] == [journal.journal_id, JOURNAL_TTL_S]
+    assert redis.calls[-1] == [journal.journal_id, TURN_JOURNAL_TTL_S]
 
 
 async def test_records_given_up_as_the_router_stops_stay_in_its_journal_for_a_claim():
@@ -108,7 +107,7 @@ async def test_records_given_up_as_the_router_stops_stay_in_its_journal_for_a_cl
     named = journal.track(lambda: RECORD)
     await journal.write()
     written = named.settled(dataclasses.replace(RECORD, turn_id=named.turn_id))
-    journal.stopping = True
+    journal.stop_settling()
     written(False)
     await asyncio.wait_for(journal.close(), 5)
     assert redis.calls[-1][2] == named.turn_id
@@ -158,7 +157,7 @@ async def test_a_failed_write_is_removed_at_close_as_one_that_ran():
         await journal.write()  # may have run: Redis may hold the turn
     tracked.settled(RECORD)(True)
     await asyncio.wait_for(journal.close(), 5)
-    assert redis.calls[-1] == [journal.journal_id, JOURNAL_TTL_S]
+    assert redis.calls[-1] == [journal.journal_id, TURN_JOURNAL_TTL_S]
 
 
 async def test_an_idle_router_does_not_count_redis_reachable_without_calling_it():
