@@ -105,7 +105,7 @@ def launch_cluster(
         for port in ports:
             node_dir = data_dir / str(port)
             node_dir.mkdir(parents=True, exist_ok=True)
-            processes.append(_launch_cluster_node(port, node_dir))
+            processes.append(launch_cluster_node(port, node_dir))
         for port in ports:
             wait_ready(port)
         _form_cluster(ports, len(ports) // (1 + replicas_per_master), timeout_s)
@@ -115,7 +115,9 @@ def launch_cluster(
     return processes
 
 
-def _launch_cluster_node(port: int, node_dir: pathlib.Path) -> subprocess.Popen:
+def launch_cluster_node(port: int, node_dir: pathlib.Path) -> subprocess.Popen:
+    """One node of a cluster; started again on a node_dir it ran on (its
+    nodes.conf), it rejoins the cluster it was in."""
     command = _command(
         port,
         node_dir,

@@ -27,10 +27,10 @@ whose router stopped writing it.
   each is claimed by one router at a time), never its own (a router
   stalled alone, whose claim came due before its write), bills their turns
   (Ledger.record_claim), then deletes each one whose router did not write
-  it meanwhile. A router claims only once it has reached Redis without a
-  failure for the stale time: after an outage every live router's
-  heartbeat is as old as the outage, and the first claim would take them
-  all.
+  it meanwhile. A router claims only once it has reached the journals'
+  slot (on a Redis Cluster, its master) without a failure for the stale
+  time: after an outage every live router's heartbeat is as old as the
+  outage, and the first claim would take them all.
 - **Billed once.** The ledger's script writes a record naming a turn id
   only where that turn's mark is not set, and sets it (ledger.py): a turn
   is billed by its settlement or by a claim of its journal, whichever
@@ -361,9 +361,10 @@ class TurnJournal:
             self._reachable_since = self._clock()
 
     def may_claim(self) -> bool:
-        """Whether this router has reached Redis without a failure for the
-        stale time: every live router has had the time to write its journal
-        since (after an outage, each one's heartbeat is as old as it was)."""
+        """Whether this router has reached the journals' slot without a
+        failure for the stale time: every live router has had the time to
+        write its journal since (after an outage, each one's heartbeat is as
+        old as it was)."""
         since = self._reachable_since
         return since is not None and self._clock() - since >= self._stale_s
 
@@ -390,23 +391,33 @@ class TurnJournal:
         while True:
             # Routers started together do not claim together.
             await asyncio.sleep(self._stale_s / 3 * random.uniform(0.5, 1.5))
-            try:
-                if not self.may_claim():
-                    # Not yet: a look at Redis, which starts the count.
-                    await self._redis.ping()
-                    self.reached(True)
-                    continue
-                await self.claim()
-                self._said_unclaimed = False
-            except (*redis_access.CONNECTION_ERRORS, RedisError, MeshgateError) as error:
-                self.reached(False)
-                # Claimed again once the claim's lease (the stale time) ends;
-                # said once an outage.
-                if not self._said_unclaimed:
-                    self._said_unclaimed = True
-                    log.warning("lost routers' journals not claimed", error=str(error))
-            except Exception:
-                log.exception("lost routers' journals not claimed")
+            await self.claim_when_due()
+
+    async def claim_when_due(self) -> None:
+        """One pass of the claim loop: claims where this router may
+        (may_claim), else looks at the journals' slot, which starts the
+        count."""
+        try:
+            if not self.may_claim():
+                # The journals' own slot, not a PING: a cluster answers a
+                # PING from any node, so during a failover of the journals'
+                # master the count ran while no router could write its
+                # journal, and the first claim once it was back took the
+                # live routers' (their turns billed as lost, their ends not).
+                await self._redis.exists(BEATS)
+                self.reached(True)
+                return
+            await self.claim()
+            self._said_unclaimed = False
+        except (*redis_access.CONNECTION_ERRORS, RedisError, MeshgateError) as error:
+            self.reached(False)
+            # Claimed again once the claim's lease (the stale time) ends;
+            # said once an outage.
+            if not self._said_unclaimed:
+                self._said_unclaimed = True
+                log.warning("lost routers' journals not claimed", error=str(error))
+        except Exception:
+            log.exception("lost routers' journals not claimed")
 
     async def close(self) -> None:
         """Stops writing and claiming, and writes the journal a last time

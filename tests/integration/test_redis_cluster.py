@@ -15,6 +15,7 @@ import itertools
 import json
 import pathlib
 import signal
+import subprocess
 import time
 import uuid
 
@@ -49,6 +50,7 @@ from services.router.pipeline import Answer, CachePlan, CacheStatus, Hit, Summar
 from services.router.request_ids import RequestId
 from services.router.script_calls import WRITTEN_MARK_TTL_S, node_of, run_scripts
 from services.router.turn_journal import BEATS, ROUTER_LOST, TurnJournal
+from tests.clocks import Clock
 from tests.integration.test_cache_servicer import (
     PARAPHRASE,
     STORED,
@@ -74,13 +76,21 @@ pytestmark = pytest.mark.integration
 class Cluster:
     url: str
     ports: list[int]
+    # Each port's redis-server, in the ports' order (kill_master, restart).
+    processes: list[subprocess.Popen]
+    data_dir: pathlib.Path
 
     def node(self, port: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
 
+    def _running(self) -> list[int]:
+        return [
+            port for port, process in zip(self.ports, self.processes, strict=True) if process.poll() is None
+        ]
+
     def master_of(self, slot: int) -> int:
         """The port of the master serving ``slot``, as the cluster says now."""
-        with self.node(self.ports[0]) as node:
+        with self.node(self._running()[0]) as node:
             for first, end, master, *_ in node.execute_command("CLUSTER SLOTS"):
                 if first <= slot <= end:
                     return int(master[1])
@@ -105,6 +115,45 @@ class Cluster:
                     return False
         return True
 
+    def _epochs_agree(self) -> bool:
+        views = []
+        for port in self._running():
+            with self.node(port) as node:
+                nodes = node.execute_command("CLUSTER NODES").values()
+            views.append(sorted((seen["node_id"], seen["epoch"]) for seen in nodes))
+        return all(view == views[0] for view in views)
+
+    def kill_master(self, port: int) -> None:
+        """SIGKILLs the master on ``port``; its replica takes over after the
+        node timeout (2 s here). Only once every node agrees on each one's
+        config epoch: a replica whose view of them is older (a cluster just
+        formed) is refused the failover for good ("Failover auth denied")."""
+        deadline = time.monotonic() + 15
+        while not self._epochs_agree():
+            assert time.monotonic() < deadline, "the nodes never agreed on their epochs"
+            time.sleep(0.05)
+        process = self.processes[self.ports.index(port)]
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    async def promoted(self, slot: int, killed: int) -> None:
+        """Waits until a master other than ``killed`` serves ``slot``."""
+        deadline = time.monotonic() + 30
+        while self.master_of(slot) == killed:
+            assert time.monotonic() < deadline, "the replica never took over"
+            await asyncio.sleep(0.05)
+
+    async def restart(self, port: int) -> None:
+        """Starts the node killed on ``port`` again: it rejoins as a replica
+        of the master that took over, and the cluster is whole again."""
+        index = self.ports.index(port)
+        self.processes[index] = redis_server.launch_cluster_node(port, self.data_dir / str(port))
+        redis_server.wait_ready(port)
+        deadline = time.monotonic() + 30
+        while not (self.all_ok() and port in [self.replica_of(master) for master in self.masters()]):
+            assert time.monotonic() < deadline, "the restarted node never rejoined"
+            await asyncio.sleep(0.05)
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
@@ -113,7 +162,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     processes = redis_server.launch_cluster(ports, data_dir)
     try:
         # Two startup nodes: the client finds the other four itself.
-        yield Cluster(f"redis+cluster://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}", ports)
+        yield Cluster(
+            f"redis+cluster://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}", ports, processes, data_dir
+        )
     finally:
         redis_server.stop_all(processes)
 
@@ -796,6 +847,77 @@ async def test_a_lost_routers_turns_are_billed_once_on_the_cluster(client) -> No
             failures,
             completion_tokens,
         )
+
+
+@pytest.mark.serial  # kills a master and waits for its replica to take over
+async def test_no_live_routers_journal_is_claimed_after_the_journals_master_fails_over(
+    cluster: Cluster, client
+) -> None:
+    """While the journals' master is down no router can write its journal,
+    so a router claims only after reaching that slot for the stale time.
+    Its look at Redis was a PING, which a cluster answers from any node: the
+    count ran through the failover, and its first claim after it took a live
+    router's journal (reproduced: the 3 live turns billed as lost, 5
+    completion tokens each, their ends' 9 not)."""
+    journals_slot = key_slot(BEATS.encode())
+    killed = cluster.master_of(journals_slot)
+    tenant = next(
+        tenant
+        for tenant in (f"tenant-{uuid.uuid4().hex[:8]}" for _ in itertools.count())
+        if cluster.master_of(key_slot(ledger_module.day_key(tenant, "").encode())) != killed
+    )
+    ledger = Ledger(client, stream_max_len=1000, retention_days=2)
+    live = TurnJournal(client, ledger, interval_s=0.2, stale_s=1.0)
+    lost = UsageRecord(tenant, "key1", "tiny-gpt", "d", 10, 5, 0, "miss", 0, 20, ROUTER_LOST)
+    turns = [live.track(lambda: lost) for _ in range(3)]
+    await live.write()
+    clock = Clock()
+    claimer_client = await redis_access.connect_checked(cluster.url)
+    claimer_ledger = Ledger(claimer_client, stream_max_len=1000, retention_days=2)
+    claimer = TurnJournal(claimer_client, claimer_ledger, interval_s=0.2, stale_s=1.0, clock=clock)
+    claimer.reached(True)
+    clock.now += 1.0
+    assert claimer.may_claim()
+    try:
+        cluster.kill_master(killed)
+        # Its passes during the failover: its claim fails, then it looks.
+        for _ in range(2):
+            await claimer.claim_when_due()
+        # The failover outlasts the stale time (the node timeout is 2 s here;
+        # by default 15 s, router.journal_stale_s's default).
+        clock.now += 1.0
+        await cluster.promoted(journals_slot, killed)
+        with cluster.node(cluster.master_of(journals_slot)) as master:
+            assert master.zscore(BEATS, live.journal_id) is not None  # the replica had it
+        # Both clients find the new master (a router's other calls do that),
+        # the claimer's pass first: the live router's write comes after it.
+        for found in (claimer_client, client):
+            await until_answered(lambda found=found: found.exists(BEATS))
+        await claimer.claim_when_due()
+        await live.write()
+        for turn in turns:
+            await ledger.record(
+                dataclasses.replace(lost, completion_tokens=9, failure="", turn_id=turn.turn_id)
+            )
+        await ledger.drain()
+        totals = (await ledger.usage(tenant, ledger.today(), ledger.today()))[("key1", "tiny-gpt")]
+        assert (totals["requests"], totals["failures"], totals["completion_tokens"]) == (3, 0, 27)
+    finally:
+        await claimer_client.aclose()
+        await cluster.restart(killed)
+
+
+async def until_answered(call, timeout_s: float = 10) -> None:
+    """Calls until Redis answers: a client's first call after a failover may
+    fail on a connection to the master that is gone."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await call()
+            return
+        except redis_access.CONNECTION_ERRORS:
+            assert time.monotonic() < deadline, "Redis never answered"
+            await asyncio.sleep(0.1)
 
 
 async def test_the_backlog_names_the_master_serving_a_calls_slot(cluster: Cluster, client) -> None:
