@@ -49,7 +49,7 @@ from services.router.ledger import SUMMARY_USAGE, Ledger, UsageRecord
 from services.router.pipeline import Answer, CachePlan, CacheStatus, Hit, SummarySpend
 from services.router.request_ids import RequestId
 from services.router.script_calls import WRITTEN_MARK_TTL_S, node_of, run_scripts
-from services.router.turn_journal import BEATS, ROUTER_LOST, TurnJournal
+from services.router.turn_journal import BEATS, ROUTER_LOST, TurnJournal, journal_key
 from tests.clocks import Clock
 from tests.integration.test_cache_servicer import (
     PARAPHRASE,
@@ -145,14 +145,28 @@ class Cluster:
 
     async def restart(self, port: int) -> None:
         """Starts the node killed on ``port`` again: it rejoins as a replica
-        of the master that took over, and the cluster is whole again."""
+        of the master that took over (or, killed too briefly for a failover,
+        as the master it was), and the cluster is whole again."""
         index = self.ports.index(port)
         self.processes[index] = redis_server.launch_cluster_node(port, self.data_dir / str(port))
         redis_server.wait_ready(port)
         deadline = time.monotonic() + 30
-        while not (self.all_ok() and port in [self.replica_of(master) for master in self.masters()]):
+        while not self._whole():
             assert time.monotonic() < deadline, "the restarted node never rejoined"
             await asyncio.sleep(0.05)
+
+    def _whole(self) -> bool:
+        """Every node answers, the cluster is ok, and each master has a
+        replica linked to it."""
+        if not self.all_ok():
+            return False
+        linked = set()
+        for port in self.ports:
+            with self.node(port) as node:
+                info = node.info("replication")
+            if info["role"] == "slave" and info["master_link_status"] == "up":
+                linked.add(int(info["master_port"]))
+        return linked == self.masters()
 
 
 @pytest.fixture(scope="module")
@@ -904,6 +918,91 @@ async def test_no_live_routers_journal_is_claimed_after_the_journals_master_fail
         assert (totals["requests"], totals["failures"], totals["completion_tokens"]) == (3, 0, 27)
     finally:
         await claimer_client.aclose()
+        await cluster.restart(killed)
+
+
+@pytest.mark.serial  # kills a master and waits for its replica to take over
+@pytest.mark.parametrize("router_killed", [True, False], ids=["router-killed", "router-lives"])
+async def test_turns_settled_while_their_tenants_master_fails_over_are_billed_once(
+    cluster: Cluster, client, router_killed: bool
+) -> None:
+    """Turns end while the master of their tenant's totals is down (killed,
+    not handed over): the ledger's calls there are refused and held, and
+    the journal keeps each turn as its settlement's record until it is
+    written (one that ended before any snapshot named it too, once the
+    ledger holds records). A router killed then loses what it held; after
+    the failover another router's claim bills those turns, each once. A
+    router that lives writes them itself after the failover, and a later
+    claim finds nothing to bill."""
+    journals_slot = key_slot(BEATS.encode())
+    tenant = next(
+        tenant
+        for tenant in (f"tenant-{uuid.uuid4().hex[:8]}" for _ in itertools.count())
+        if cluster.master_of(key_slot(ledger_module.day_key(tenant, "").encode()))
+        != cluster.master_of(journals_slot)
+    )
+    killed = cluster.master_of(key_slot(ledger_module.day_key(tenant, "").encode()))
+    ledger = Ledger(client, stream_max_len=1000, retention_days=2)
+    served = TurnJournal(client, ledger, interval_s=0.2, stale_s=60)
+    lost = UsageRecord(tenant, "key1", "tiny-gpt", "d", 10, 5, 0, "miss", 0, 20, ROUTER_LOST)
+    turns = [served.track(lambda: lost) for _ in range(4)]
+    await served.write()
+    # Served from after the last snapshot: in none when it ends.
+    turns.append(served.track(lambda: lost))
+
+    def settle(tracked) -> None:
+        # As TurnAdmission.settle does: named where the ledger holds records.
+        if ledger.holding:
+            tracked.name()
+        usage = dataclasses.replace(lost, completion_tokens=9, failure="", turn_id=tracked.turn_id)
+        ledger.submit(usage, on_written=tracked.settled(usage))
+
+    cluster.kill_master(killed)
+    try:
+        settle(turns[0])
+        deadline = time.monotonic() + 10
+        while not ledger.holding:
+            assert time.monotonic() < deadline, "the ledger's call was never refused"
+            await asyncio.sleep(0.02)
+        for tracked in turns[1:]:
+            settle(tracked)
+        await served.write()
+        assert len(served._live) == len(turns)  # each kept, as it ended
+        if router_killed:
+            # What it held in memory is lost with it: nothing is written later.
+            if ledger._timer is not None:
+                ledger._timer.cancel()
+            for task in (ledger._backlog._retrying, *ledger._flushing):
+                if task is not None:
+                    task.cancel()
+        await cluster.promoted(key_slot(ledger_module.day_key(tenant, "").encode()), killed)
+        if not router_killed:
+            deadline = time.monotonic() + 30
+            while ledger.holding:
+                assert time.monotonic() < deadline, "the held records were never written"
+                await asyncio.sleep(0.1)
+            await served.write()
+            assert not served._live and not await client.exists(journal_key(served.journal_id))
+        # Stale (its router died), if it is still there.
+        await client.zadd(BEATS, {served.journal_id: 0}, xx=True)
+        claimer_ledger = Ledger(client, stream_max_len=1000, retention_days=2)
+        claimer = TurnJournal(client, claimer_ledger, interval_s=0.2, stale_s=60)
+        # The client finds the new master of the tenant's slot (its first call
+        # there may fail on a connection to the one that is gone).
+        await until_answered(lambda: client.exists(ledger_module.day_key(tenant, "")))
+        claimed = await claimer.claim()
+        assert claimed.get(served.journal_id, 0) == (len(turns) if router_killed else 0)
+        for _ in range(2):  # the claim, and a later one that finds nothing
+            totals = (await claimer_ledger.usage(tenant, ledger.today(), ledger.today()))[
+                ("key1", "tiny-gpt")
+            ]
+            assert (totals["requests"], totals["failures"], totals["completion_tokens"]) == (5, 0, 45)
+            assert served.journal_id not in await claimer.claim()
+        logged = collections.Counter(
+            fields.get(b"turn_id", b"").decode() for _, fields in await client.xrange(ledger_module.STREAM)
+        )
+        assert [logged[tracked.turn_id] for tracked in turns] == [1] * len(turns)
+    finally:
         await cluster.restart(killed)
 
 
