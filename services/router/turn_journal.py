@@ -56,11 +56,15 @@ running for 10 minutes) expires, and its turns go unbilled; a stalled
 router that comes back more than ledger.CLAIMED_TURN_MARKER_TTL_S after its
 journal was claimed bills those turns again; a turn that ended before any
 snapshot named it, settled before the ledger held records or had a write
-unanswered for 0.1 s, is lost with its router while the ledger holds it.
-On a Redis Cluster each slot a record goes to (the log's, the
-tenant's totals') has its own mark, so each is written once, but they may
-come from different writes: a settlement's log entry beside a claim's
-totals, where the two raced (GetUsage reads the totals).
+unanswered for 0.1 s, is lost with its router while the ledger holds it;
+so is one named at its settlement while the journal cannot be written
+(on a Redis Cluster, the journals' master down with the slot the ledger
+holds records for: the log's shares it on the cluster the tests build),
+and the record a snapshot named a turn by is what a claim writes there.
+On a Redis Cluster each slot a record goes to (the log's, the tenant's
+totals') has its own mark, so each is written once, but they may come
+from different writes: a settlement's log entry beside a claim's totals,
+where the two raced (GetUsage reads the totals).
 """
 
 from __future__ import annotations
