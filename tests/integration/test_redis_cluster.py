@@ -137,11 +137,21 @@ class Cluster:
         process.wait()
 
     async def promoted(self, slot: int, killed: int) -> None:
-        """Waits until a master other than ``killed`` serves ``slot``."""
+        """Waits until a master other than ``killed`` serves ``slot``, and
+        every running node says the cluster is ok again (until each has
+        heard of the promotion, a node answers any call CLUSTERDOWN: a CI
+        run's call to another master's slot met it)."""
         deadline = time.monotonic() + 30
-        while self.master_of(slot) == killed:
+        while self.master_of(slot) == killed or not self._running_ok():
             assert time.monotonic() < deadline, "the replica never took over"
             await asyncio.sleep(0.05)
+
+    def _running_ok(self) -> bool:
+        for port in self._running():
+            with self.node(port) as node:
+                if not redis_server.cluster_state_ok(node):
+                    return False
+        return True
 
     async def restart(self, port: int) -> None:
         """Starts the node killed on ``port`` again: it rejoins as a replica
