@@ -12,7 +12,8 @@ separates them. A candidate is therefore served only when
    different words, and often says a little more or less): a number, date
    or unit replaced by another; negation and polarity flipped; a name
    replaced by another in the same place; roles reversed around
-   "from/to/than/..."; a scope word (only, all, first, except ...) added,
+   "from/to/than/...", or two spans of the same words exchanged ("dogs
+   chase cats" vs "cats chase dogs"); a scope word (only, all, first, except ...) added,
    dropped or swapped. What one side merely adds (a number, a name, "most")
    is no veto but a feature of the learned stage, which weighs it.
 2. a learned verifier scores the pair at or above a threshold. It is a
@@ -671,7 +672,11 @@ def role_veto(a: Analysis, b: Analysis) -> bool:
     """Reversed roles: the same words fill a role marker's slot in a different
     order ("from Paris to London" vs "from London to Paris", "Python faster
     than Java" vs "Java faster than Python"). Only fillers both questions
-    contain count, so a paraphrase with another word after "to" passes."""
+    contain count, so a paraphrase with another word after "to" passes.
+    Also who does what to whom turned around with no marker to say so
+    (_spans_swapped)."""
+    if _spans_swapped(a.tokens, b.tokens):
+        return True
     for marker in {m for m, _ in a.roles} & {m for m, _ in b.roles}:
         fillers_a = Counter(f for m, f in a.roles if m == marker)
         fillers_b = Counter(f for m, f in b.roles if m == marker)
@@ -681,6 +686,52 @@ def role_veto(a: Analysis, b: Analysis) -> bool:
         changed = only_a | only_b
         if only_a and only_b and all(_fills_both(f, a, b) for f in changed):
             return True
+    return False
+
+
+# The most tokens _spans_swapped compares (its search is cubic in the
+# differing stretch where many words repeat): a question is rarely over 40,
+# and one of thousands of words is no question turned around.
+_MAX_SWAP_TOKENS = 64
+# Between two swapped spans, words that make the two read the same either
+# way: a list or a pair ("Obama or Biden", "between the cat and the dog").
+_SYMMETRIC_JOINERS = _words("and or nor the a an")
+_JOINING = _words("and or nor")
+
+
+def _spans_swapped(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
+    """The same words, but two spans of them exchanged around a middle that
+    stays: "why do dogs chase cats" vs "why do cats chase dogs", "did Japan
+    attack the United States" vs "did the United States attack Japan".
+    Both spans must hold a word that is not a stop word ("is it" vs "it
+    is" turns nothing around), and a middle of "and"/"or" alone (with
+    articles) makes a list, which reads the same in either order."""
+    if x == y or len(x) != len(y) or len(x) > _MAX_SWAP_TOKENS or sorted(x) != sorted(y):
+        return False
+    start, end = 0, len(x)
+    while x[start] == y[start]:
+        start += 1
+    while x[end - 1] == y[end - 1]:
+        end -= 1
+    mx, my = x[start:end], y[start:end]
+    n = len(mx)
+    # Only lengths at which the spans' first and last words line up are
+    # compared in full: a few, for a question whose words mostly differ.
+    firsts = [f for f in range(1, n - 1) if my[n - f] == mx[0]]
+    lasts = [k for k in range(1, n - 1) if my[k - 1] == mx[n - 1]]
+    for first in firsts:
+        for last in lasts:
+            if first + last < n and (
+                mx[:first] == my[n - first :]
+                and mx[n - last :] == my[:last]
+                and mx[first : n - last] == my[last : n - first]
+            ):
+                middle = set(mx[first : n - last])
+                spans = (mx[:first], mx[n - last :])
+                if middle <= _SYMMETRIC_JOINERS and middle & _JOINING:
+                    continue
+                if all(any(t not in STOPWORDS for t in span) for span in spans):
+                    return True
     return False
 
 
