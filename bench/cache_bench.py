@@ -545,12 +545,28 @@ async def miss_path(stack: Stack, cache: Cache, inference_channel, args) -> list
     return rows
 
 
+def trap_table(pairs: list[cache_data.Pair], served: list[bool], title: str) -> list[str]:
+    """Per category, the share of pairs served: wrong for the traps, right for
+    paraphrases and repeats."""
+    rows = [f"| {title} | pairs | served | should be served |", "|---|---|---|---|"]
+    by_category: dict[str, list[bool]] = collections.defaultdict(list)
+    for p, hit in zip(pairs, served):
+        by_category[p.category].append(hit)
+    for category in TRAP_ORDER:
+        outcomes = by_category.get(category, [])
+        should = "yes" if category in ("paraphrase", "repeat") else "no"
+        rows.append(f"| {category} | {len(outcomes)} | {rate(sum(outcomes), len(outcomes))} | {should} |")
+    return rows
+
+
 async def main_async(args, stack: Stack) -> list[str]:
     qqp = [p for p in cache_data.load_qqp() if p.portion == "test"]
     traps = [p for p in cache_data.load_traps() if p.portion == "test"]
+    natural = cache_data.load_natural()
     scenarios = cache_conversations.load(("test",))
     if args.limit:
         qqp, traps, scenarios = qqp[: args.limit], traps[: args.limit], scenarios[: args.limit]
+        natural = natural[: args.limit]
     rows: list[str] = []
     async with (
         router_channel(stack.address("cache"), "cache", stack.mesh_settings) as cache_channel,
@@ -563,6 +579,7 @@ async def main_async(args, stack: Stack) -> list[str]:
         one = await one_partition(cache, qqp, args.concurrency)
         alone = await own_partitions(cache, qqp, args.concurrency, "qqp")
         trapped = await own_partitions(cache, traps, args.concurrency, "trap")
+        natural_served = await own_partitions(cache, natural, args.concurrency, "natural")
         conversed = await conversations(cache, scenarios, args.concurrency)
         elapsed = time.perf_counter() - started
         stats = await cache.stub.GetStats(pb.GetStatsRequest(), timeout=30)
@@ -603,15 +620,11 @@ async def main_async(args, stack: Stack) -> list[str]:
         "\n¹ wrong hits over lookups without a labelled duplicate stored; wrong hits include unlabelled "
         "duplicates, so this is an upper bound and precision a lower bound.\n"
     )
-    rows.append("| trap category (each pair alone) | pairs | served | should be served |")
-    rows.append("|---|---|---|---|")
-    by_category: dict[str, list[bool]] = collections.defaultdict(list)
-    for p, hit in zip(traps, trapped):
-        by_category[p.category].append(hit)
-    for category in TRAP_ORDER:
-        outcomes = by_category.get(category, [])
-        should = "yes" if category in ("paraphrase", "repeat") else "no"
-        rows.append(f"| {category} | {len(outcomes)} | {rate(sum(outcomes), len(outcomes))} | {should} |")
+    rows.extend(trap_table(traps, trapped, "trap category (each pair alone)"))
+    rows.append("")
+    rows.extend(
+        trap_table(natural, natural_served, "hand-written natural phrasing, held out (each pair alone)")
+    )
     rows.append(
         f"\n| conversation variant (all {len(scenarios)} stored in one partition) | lookups | "
         "served its own entry | served another's | should be served |"

@@ -32,6 +32,7 @@ from services.cache.keys import normalize_text  # noqa: E402
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "semantic-pairs"
 QQP_CSV = DATA_DIR / "qqp_val.csv"
 TRAPS_JSONL = REPO_ROOT / "bench" / "data" / "cache_traps.jsonl"
+NATURAL_JSONL = REPO_ROOT / "bench" / "data" / "cache_natural_pairs.jsonl"
 CACHE_DIR = REPO_ROOT / "bench" / ".cache"
 EMBEDDINGS_NPZ = CACHE_DIR / "minilm_embeddings.npz"
 
@@ -39,6 +40,8 @@ EMBEDDINGS_NPZ = CACHE_DIR / "minilm_embeddings.npz"
 TRAIN_BUCKETS = 60
 CALIBRATION_BUCKETS = 80
 PORTIONS = ("train", "calibration", "test")
+# The portion of the hand-written natural pairs (load_natural).
+HELD_OUT = "held_out"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,6 +89,20 @@ def load_qqp(path: pathlib.Path = QQP_CSV) -> list[Pair]:
 
 
 def load_traps(path: pathlib.Path = TRAPS_JSONL) -> list[Pair]:
+    return _load_jsonl(path)
+
+
+def load_natural(path: pathlib.Path = NATURAL_JSONL) -> list[Pair]:
+    """Pairs written by hand in everyday phrasing, each labelled by its
+    category as the trap set is (bench/README.md, "Natural phrasing, held
+    out"). All in the ``held_out`` portion: nothing trains or calibrates on
+    them. The trap set's paraphrases are mostly rule-made rewrites of QQP
+    questions ("Can you tell me what X is?"), which its train portion taught
+    the verifier; these say how it does on paraphrases no rule made."""
+    return _load_jsonl(path, HELD_OUT)
+
+
+def _load_jsonl(path: pathlib.Path, portion: str | None = None) -> list[Pair]:
     pairs = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
@@ -96,7 +113,7 @@ def load_traps(path: pathlib.Path = TRAPS_JSONL) -> list[Pair]:
                     normalize_text(row["asked"]),
                     bool(row["duplicate"]),
                     row["category"],
-                    row["portion"],
+                    portion or row["portion"],
                 )
             )
     return pairs

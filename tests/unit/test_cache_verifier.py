@@ -622,3 +622,23 @@ def test_a_run_of_full_stops_before_a_letter_is_analysed_in_time_linear_in_it():
     assert _fastest_of_three(analyze_uncached, one_run) < 4 * _fastest_of_three(analyze_uncached, short_runs)
     assert verifier.analyze_uncached(one_run).sentences == 1
     assert verifier.analyze_uncached("Wait... what?! ok." + one_run).sentences == 2
+
+
+def test_the_natural_pairs_are_held_out_from_everything_the_verifier_learns_from():
+    # bench/data/cache_natural_pairs.jsonl measures how the verifier does on
+    # phrasing no rule made: none of its questions may be in the trap set or
+    # QQP's pairs (whose train and calibration portions train and calibrate
+    # it; the test portion is cache_bench's other held-out set), and
+    # every category is one the benches report.
+    import cache_bench
+    import cache_data
+
+    natural = cache_data.load_natural()
+    assert natural and {p.portion for p in natural} == {cache_data.HELD_OUT}
+    assert {p.category for p in natural} <= set(cache_bench.TRAP_ORDER)
+    assert all(p.duplicate == (p.category in ("paraphrase", "repeat")) for p in natural)
+    learned_from = cache_data.load_traps()
+    if cache_data.QQP_CSV.exists():  # ../shared/data, beside the checkout
+        learned_from += cache_data.load_qqp()
+    seen = {q for p in learned_from for q in (p.stored, p.asked)}
+    assert not seen & {q for p in natural for q in (p.stored, p.asked)}
