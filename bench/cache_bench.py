@@ -21,7 +21,8 @@ used. Then:
    calibrated on).
 3. Traps, each pair alone: per category, the share served (a wrong hit for
    negations, numbers, entities and scope; a hit for paraphrases and
-   retyped repeats).
+   retyped repeats); then the same for the hand-written natural pairs
+   (``cache_data.load_natural``), held out from training and calibration.
 4. Conversations (``cache_conversations``: the test portion of the
    multi-turn scenarios): every stored conversation in ONE partition, then
    each variant asked. A same-context variant (reworded, extra small talk,
