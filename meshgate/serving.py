@@ -185,13 +185,16 @@ RETRYABLE_METHODS = {
         "GetUsage",
     ),
     "meshgate.router.v1.AdminService": ("ListKeys",),
-    # Reads; CreateSession and PinToSession as the router's.
+    # Reads; CreateSession and PinToSession as the router's; AssembleContext's
+    # append hold is replaced by its resend's (the same hold id), and a
+    # second ReleaseAppendHold finds nothing to release.
     "meshgate.context.v1.ContextService": (
         "CreateSession",
         "GetSession",
         "ListSessions",
         "PinToSession",
         "AssembleContext",
+        "ReleaseAppendHold",
     ),
     # Store writes the same entry under the same key again.
     "meshgate.cache.v1.CacheService": ("Lookup", "Store", "GetStats"),

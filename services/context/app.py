@@ -26,6 +26,7 @@ TENANT_OF = {
     "ListSessions": lambda request: request.tenant_id,
     "AppendTurns": lambda request: request.tenant_id,
     "AssembleContext": lambda request: request.tenant_id,
+    "ReleaseAppendHold": lambda request: request.tenant_id,
     "ForkSession": lambda request: request.tenant_id,
     "RevertSession": lambda request: request.tenant_id,
     "PinToSession": lambda request: request.tenant_id,

@@ -541,6 +541,12 @@ def _check_reservation(reservation: pb.AppendReservation, session_id: str, at_ve
         )
     if reservation.HasField("expected_version"):
         _check_version(reservation.expected_version, "append_reservation.expected_version")
+    if reservation.hold_for_ms < 0:
+        raise invalid_argument(
+            Reason.INVALID_APPEND_RESERVATION, "append_reservation's hold_for_ms must not be negative"
+        )
+    # The append's turn id, as AppendTurns takes it.
+    _check_request_id(reservation.hold_id, "append_reservation.hold_id", Reason.INVALID_TURN_ID)
 
 
 def _check_messages(messages: list[common_pb2.Message], field: str) -> None:
@@ -696,6 +702,17 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             sessions=[pb.SessionSummary(**listed._asdict()) for listed in page.sessions],
             next_page_token=listing_token(request.tenant_id, page.following) if page.following else "",
         )
+
+    async def ReleaseAppendHold(
+        self, request: pb.ReleaseAppendHoldRequest, context
+    ) -> pb.ReleaseAppendHoldResponse:
+        _check_tenant(request.tenant_id)
+        _check_session_id(request.session_id)
+        if not request.hold_id:
+            raise invalid_argument(Reason.INVALID_TURN_ID, "hold_id must not be empty")
+        _check_request_id(request.hold_id, "hold_id", Reason.INVALID_TURN_ID)
+        await self._store.release_hold(request.tenant_id, request.session_id, request.hold_id)
+        return pb.ReleaseAppendHoldResponse()
 
     async def AppendTurns(self, request: pb.AppendTurnsRequest, context) -> pb.AppendTurnsResponse:
         _check_tenant(request.tenant_id)
@@ -1498,7 +1515,31 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 )
         rendered = assembly.render(chosen, costs, texts, new, facts, scores)
         rendered.inputs.MergeFrom(scoring)
+        if request.HasField("append_reservation"):
+            await self._hold_room(request)
         return rendered, view, costs, chosen
+
+    async def _hold_room(self, request: pb.AssembleContextRequest) -> None:
+        """Holds the room the reservation asks for until its append, where
+        it names a hold (AppendReservation.hold_id) and a cap is set:
+        checked in Redis against what the session stores and every other
+        turn's hold, so that turns assembled at once on a nearly full
+        session are refused here, not after they are generated. Last, once
+        nothing else can fail: an assembly refused or failed holds nothing.
+        A lone turn meets the check check_room made already, on the counts
+        Redis holds (a concurrent append may have filled it since)."""
+        reservation = request.append_reservation
+        if not (reservation.hold_id and reservation.hold_for_ms and self._store.holds_room):
+            return
+        with self._compacting_when_full(request.tenant_id, request.session_id):
+            await self._store.hold_room(
+                request.tenant_id,
+                request.session_id,
+                reservation.hold_id,
+                reservation.hold_for_ms,
+                reservation.turn_count,
+                reservation.size_bytes,
+            )
 
     async def _session_view(
         self,

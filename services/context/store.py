@@ -86,6 +86,25 @@ expires on its own, SUMMARY_USAGE_GRACE_S after the session could have
 (config.summary_usage_ttl_s, from the latest summary's usage or take), by when a sweep
 (every ``router.summary_usage_collect_s``) has long taken it.
 
+The append holds, ``...:holds`` (holds_key()), a hash in the session's
+slot but not one of its parts: the room assemblies hold for their turns'
+appends (AssembleContextRequest.append_reservation's ``hold_id``), field
+the hold id (the append's turn id), value ``<until, ms of Redis's clock>
+<turns> <bytes>``. ``_HOLD`` checks an assembly's reservation against
+what the session stores plus every hold in force, and writes its hold,
+in one script, so that of turns assembled at once on a nearly full
+session (through any replica, for any router) only those that fit
+together are granted; the rest are refused SESSION_FULL before anything
+is generated for them. ``_APPEND`` deletes the hold of its turn id,
+whatever it answers; ``_RELEASE_HOLD`` one whose turn ended without an
+append; and every ``_HOLD`` the holds whose time has passed (a router
+killed mid-turn), as the key itself expires with its latest hold. An
+append does not count the holds: its own was granted within the caps
+beside the others', and one that finds its hold expired, or never had
+one (a direct AppendTurns), appends where the caps allow, as before the
+holds. Not renewed or deleted with the session: it lives at most as
+long as its latest hold (MAX_APPEND_HOLD_MS).
+
 A fork's request record, ``...:fork_request`` (fork_request_key()), is
 what replicas of before kept of a ForkSession's request id, which they
 drew a fork's id from apart from a create's: ``<digest of the request>
@@ -391,8 +410,9 @@ local function turn_bytes(turns_key, first, last)
 end
 """
 
-# KEYS: session_keys, then the usage record. ARGV: expected version ("" =
-# append at the end whatever the version), turn id ("" = none), ttl_s, turn
+# KEYS: session_keys, then the usage record, then the append holds. ARGV:
+# expected version ("" = append at the end whatever the version), turn id
+# ("" = none; also the hold it releases, whatever it answers), ttl_s, turn
 # count n, the most turns the session may hold (0 = no cap), the most bytes
 # its turns may hold (0 = no cap; -1 = no cap, but count them: for the
 # tenant's bound, TenantHoldings), the SHA-256 of the turn's API key ("" =
@@ -410,19 +430,29 @@ _APPEND = (
     _TURN_BYTES
     + RENEW
     + """
+-- The turn's hold (_HOLD) ends with its append, whatever the append
+-- answers: the turn is stored, or refused for good. Deleted last on the
+-- path that writes (OOM_FIRST: an HDEL first would let the RPUSH pass a
+-- full Redis).
+local function released(reply)
+  if ARGV[2] ~= '' then redis.call('HDEL', KEYS[12], ARGV[2]) end
+  return reply
+end
 local version = redis.call('HGET', KEYS[1], 'version')
-if not version then return {0} end
+if not version then return released({0}) end
 if ARGV[2] ~= '' then
   local applied = redis.call('HGET', KEYS[3], ARGV[2])
-  if applied then return {2, tonumber(applied), redis.call('HGET', KEYS[1], 'create_time_ms')} end
+  if applied then return released({2, tonumber(applied), redis.call('HGET', KEYS[1], 'create_time_ms')}) end
 end
-if ARGV[1] ~= '' and version ~= ARGV[1] then return {-1, tonumber(version)} end
+if ARGV[1] ~= '' and version ~= ARGV[1] then return released({-1, tonumber(version)}) end
 local n = tonumber(ARGV[4])
 local stored = redis.call('LLEN', KEYS[2])
 local cap = tonumber(ARGV[5])
 -- The cap counts live turns: compacted ones no longer weigh on anything.
+-- Not the holds (the module's docstring): this append's own was granted
+-- beside them, and one that has none appends where the caps allow.
 local live = stored - tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
-if cap > 0 and live + n > cap then return {-2, live} end
+if cap > 0 and live + n > cap then return released({-2, live}) end
 local max_bytes = tonumber(ARGV[6])
 local added = 0
 for i = 8, 7 + n do added = added + #ARGV[i] end
@@ -432,7 +462,7 @@ if not held_bytes and max_bytes ~= 0 then
   held_bytes = turn_bytes(KEYS[2], 0, -1)
   redis.call('HSET', KEYS[1], 'bytes', held_bytes)
 end
-if max_bytes > 0 and held_bytes + added > max_bytes then return {-6, held_bytes} end
+if max_bytes > 0 and held_bytes + added > max_bytes then return released({-6, held_bytes}) end
 -- One RPUSH: the turn's messages stay adjacent whatever else is appended.
 redis.call('RPUSH', KEYS[2], unpack(ARGV, 8, 7 + n))
 -- Uncounted (an old session, no cap) stays uncounted until a cap needs it.
@@ -464,16 +494,82 @@ renew(tonumber(ARGV[3]))
 -- add sizes of its own to a count a compaction may have changed since.
 -- The life it landed in, for the index write that follows (turn_index._WRITE).
 -- Whether summaries' usage waits, for the owed set's backstop (the module's docstring).
-return {
+return released({
   1, new_version, held_bytes or false, redis.call('HGET', KEYS[1], 'create_time_ms'),
   math.max(
     redis.call('HEXISTS', KEYS[11], 'unbilled'), redis.call('HEXISTS', KEYS[11], 'unbilled_held'),
     redis.call('HEXISTS', KEYS[1], 'unbilled')
   ),
   stored + n
-}
+})
 """
 )
+
+# The longest an append hold lasts (AppendReservation.hold_for_ms; longer
+# is taken as this): an hour, twelve times the longest turn the router
+# runs by default (router.max_generation_s, 300 s, then its append's
+# tries), so no turn of a router configured sanely loses its hold early,
+# and the room of one whose router died comes back within the hour at
+# the latest, where its deadline did not bring it back sooner. A hold
+# that ends early costs nothing stored: its append lands where the caps
+# allow, as before the holds.
+MAX_APPEND_HOLD_MS = 3600 * 1000
+
+# KEYS: meta, turns, the append holds. ARGV: hold id, how long it holds
+# (ms, at most MAX_APPEND_HOLD_MS), turn count n, size in bytes, the most
+# turns the session may hold (0 = no cap), the most bytes its turns may
+# hold (0 = no cap). Counts the holds in force but any of this hold id (a
+# resend of its assembly replaces it), deletes those whose time has passed,
+# and holds n turns of that size for the hold id unless, with the holds,
+# they would take the session past a cap: the append's check (_APPEND),
+# with the turns and bytes held for appends still to come. Returns {1} when
+# it holds them, {0} if there is no session, {-2, live turns, turns held}
+# or {-6, bytes, bytes held} past the cap of turns or of bytes (nothing
+# held). A session whose bytes were never counted is not checked by bytes
+# (its append counts them, once: _APPEND).
+_HOLD = """
+local version = redis.call('HGET', KEYS[1], 'version')
+if not version then return {0} end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local held_turns, held_bytes, latest, expired = 0, 0, 0, {}
+local holds = redis.call('HGETALL', KEYS[3])
+for i = 1, #holds, 2 do
+  if holds[i] ~= ARGV[1] then
+    local untils, turns, bytes = string.match(holds[i + 1], '^(%d+) (%d+) (%d+)$')
+    if untils and tonumber(untils) > now then
+      held_turns = held_turns + tonumber(turns)
+      held_bytes = held_bytes + tonumber(bytes)
+      latest = math.max(latest, tonumber(untils))
+    else
+      table.insert(expired, holds[i])
+    end
+  end
+end
+local n, size = tonumber(ARGV[3]), tonumber(ARGV[4])
+local max_turns, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
+local live = redis.call('LLEN', KEYS[2]) - tonumber(redis.call('HGET', KEYS[1], 'compacted') or '0')
+local reply
+if max_turns > 0 and live + held_turns + n > max_turns then reply = {-2, live, held_turns} end
+local stored_bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes'))
+if not reply and max_bytes > 0 and stored_bytes and stored_bytes + held_bytes + size > max_bytes then
+  reply = {-6, stored_bytes, held_bytes}
+end
+if not reply then
+  -- Written first (OOM_FIRST); the key lives as long as its latest hold.
+  local untils = now + tonumber(ARGV[2])
+  redis.call('HSET', KEYS[3], ARGV[1], untils .. ' ' .. n .. ' ' .. size)
+  redis.call('PEXPIREAT', KEYS[3], math.max(latest, untils))
+  reply = {1}
+end
+if #expired > 0 then redis.call('HDEL', KEYS[3], unpack(expired)) end
+return reply
+"""
+
+# KEYS: the append holds. ARGV: a hold id. Ends that hold, if it is there.
+_RELEASE_HOLD = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+"""
 
 # KEYS: the usage record, meta. ARGV: the take id ("" = none), the
 # record's TTL (config.summary_usage_ttl_s), "1" to hold what it takes until acknowledged.
@@ -1306,6 +1402,12 @@ def unbilled_key(tenant_id: str, session_id: str) -> str:
     return key(tenant_id, session_id, "unbilled")
 
 
+def holds_key(tenant_id: str, session_id: str) -> str:
+    """The session's append holds (the module's docstring): in its slot,
+    not one of its parts."""
+    return key(tenant_id, session_id, "holds")
+
+
 def fork_request_key(tenant_id: str, fork_id: str) -> str:
     """The record of the request id whose fork is ``fork_id``, as replicas
     of before kept it (the module's docstring): in the fork's slot, not one
@@ -1862,6 +1964,8 @@ class SessionStore:
         self._take_unbilled = client.register_script(_TAKE_UNBILLED)
         self._acknowledge_take = client.register_script(_ACKNOWLEDGE_TAKE)
         self._held = client.register_script(_HELD)
+        self._hold = client.register_script(_HOLD)
+        self._release_hold = client.register_script(_RELEASE_HOLD)
         self.owed = OwedSessions(client)
         # context.max_bytes_per_tenant (0: no bound).
         self.holdings = TenantHoldings(client, ttl_s, max_bytes_per_tenant)
@@ -2024,7 +2128,11 @@ class SessionStore:
                 raise
             return replay
         with redis_reachable():
-            keys = [*session_keys(tenant_id, session_id), unbilled_key(tenant_id, session_id)]
+            keys = [
+                *session_keys(tenant_id, session_id),
+                unbilled_key(tenant_id, session_id),
+                holds_key(tenant_id, session_id),
+            ]
             outcome = await self._append(keys=keys, args=args)
         full = {-2: ("turns", self._max_turns), -6: ("bytes", self._max_session_bytes)}.get(outcome[0])
         if full is not None:
@@ -2086,6 +2194,48 @@ class SessionStore:
         max_bytes = self._max_session_bytes
         if max_bytes > 0 and held_bytes is not None and held_bytes + size_bytes > max_bytes:
             raise _session_full(session_id, "bytes", max_bytes, str(held_bytes), turn_count)
+
+    @property
+    def holds_room(self) -> bool:
+        """Whether a cap is configured, so that an append hold means anything."""
+        return self._max_turns > 0 or self._max_session_bytes > 0
+
+    async def hold_room(
+        self,
+        tenant_id: str,
+        session_id: str,
+        hold_id: str,
+        hold_for_ms: int,
+        turn_count: int,
+        size_bytes: int,
+    ) -> None:
+        """Holds room for an append of ``turn_count`` turns of ``size_bytes``
+        under ``hold_id`` (its turn id) for ``hold_for_ms`` (at most
+        MAX_APPEND_HOLD_MS), or raises SESSION_FULL where, with the holds in
+        force on the session, they would pass a cap (_HOLD): made after
+        check_room, which answers a lone turn the same from what this
+        replica read, with no Redis call. Raises SESSION_NOT_FOUND for a
+        session gone since it was read."""
+        hold_for_ms = min(hold_for_ms, MAX_APPEND_HOLD_MS)
+        args = [hold_id, hold_for_ms, turn_count, size_bytes, self._max_turns, self._max_session_bytes]
+        keys = [
+            session_key(tenant_id, session_id),
+            key(tenant_id, session_id, "turns"),
+            holds_key(tenant_id, session_id),
+        ]
+        with redis_reachable():
+            outcome = await self._hold(keys=keys, args=args)
+        if outcome[0] == 0:
+            raise session_not_found(session_id)
+        full = {-2: ("turns", self._max_turns), -6: ("bytes", self._max_session_bytes)}.get(outcome[0])
+        if full is not None:
+            _, stored, in_flight = outcome
+            raise _session_full(session_id, *full, str(stored), turn_count, int(in_flight))
+
+    async def release_hold(self, tenant_id: str, session_id: str, hold_id: str) -> None:
+        """Ends the append hold ``hold_id`` of the session, if it holds it."""
+        with redis_reachable():
+            await self._release_hold(keys=[holds_key(tenant_id, session_id)], args=[hold_id])
 
     async def history(self, tenant_id: str, session_id: str) -> list[int | None]:
         """How many turns the session held at each version; None for the
@@ -2392,15 +2542,22 @@ _FULL_WORDING = {
 }
 
 
-def _session_full(session_id: str, unit: str, limit: int, held: str, count: int) -> MeshgateError:
+def _session_full(
+    session_id: str, unit: str, limit: int, held: str, count: int, in_flight: int = 0
+) -> MeshgateError:
     """SESSION_FULL, alike for either cap; its metadata: ``unit`` (``turns``
     or ``bytes``), ``limit`` and what the session holds in that unit; and,
     for the turn cap, ``max_turns``, as callers have read it since before
-    the byte cap."""
+    the byte cap; and ``in_flight_<unit>``, what turns still to be appended
+    hold of it (_HOLD), where they hold any: room that comes back when a
+    turn in flight ends without its append."""
     metadata = {"session_id": session_id, "unit": unit, "limit": str(limit), unit: held}
     if unit == "turns":
         metadata["max_turns"] = str(limit)
     wording = _FULL_WORDING[unit].format(held=held, count=count, limit=limit)
+    if in_flight:
+        metadata[f"in_flight_{unit}"] = str(in_flight)
+        wording += f" with the {in_flight} held for turns in flight on it"
     return MeshgateError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         Reason.SESSION_FULL,

@@ -278,6 +278,20 @@ class AssembleContextRequest(_message.Message):
     append_reservation: AppendReservation
     def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., new_messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., at_version: _Optional[int] = ..., rebuild_summaries: _Optional[_Union[RebuildSummaries, _Mapping]] = ..., strategy: _Optional[_Union[AssemblyStrategy, str]] = ..., append_reservation: _Optional[_Union[AppendReservation, _Mapping]] = ...) -> None: ...
 
+class ReleaseAppendHoldRequest(_message.Message):
+    __slots__ = ("tenant_id", "session_id", "hold_id")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    session_id: str
+    hold_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., hold_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseAppendHoldResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class RebuildSummaries(_message.Message):
     __slots__ = ("summary_ids",)
     SUMMARY_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -285,14 +299,18 @@ class RebuildSummaries(_message.Message):
     def __init__(self, summary_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AppendReservation(_message.Message):
-    __slots__ = ("turn_count", "size_bytes", "expected_version")
+    __slots__ = ("turn_count", "size_bytes", "expected_version", "hold_id", "hold_for_ms")
     TURN_COUNT_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FOR_MS_FIELD_NUMBER: _ClassVar[int]
     turn_count: int
     size_bytes: int
     expected_version: int
-    def __init__(self, turn_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., expected_version: _Optional[int] = ...) -> None: ...
+    hold_id: str
+    hold_for_ms: int
+    def __init__(self, turn_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., expected_version: _Optional[int] = ..., hold_id: _Optional[str] = ..., hold_for_ms: _Optional[int] = ...) -> None: ...
 
 class PinToSessionRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "message_index", "fact", "expected_version")

@@ -66,6 +66,11 @@ class ContextServiceStub:
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AssembleContextRequest.SerializeToString,
                 response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AssembleContextResponse.FromString,
                 _registered_method=True)
+        self.ReleaseAppendHold = channel.unary_unary(
+                '/meshgate.context.v1.ContextService/ReleaseAppendHold',
+                request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ReleaseAppendHoldRequest.SerializeToString,
+                response_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ReleaseAppendHoldResponse.FromString,
+                _registered_method=True)
         self.ForkSession = channel.unary_unary(
                 '/meshgate.context.v1.ContextService/ForkSession',
                 request_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ForkSessionRequest.SerializeToString,
@@ -161,6 +166,17 @@ class ContextServiceServicer:
     def AssembleContext(self, request, context):
         """Builds the prompt for a model and a token budget from the session's
         turns and the new messages, and reports what it kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseAppendHold(self, request, context):
+        """Gives back the room an assembly held for a turn's append
+        (AppendReservation.hold_id) before that append, for a turn that ended
+        without one (failed, cut off, its caller gone): otherwise held until
+        its hold_for_ms passes. Idempotent: a hold released, expired, never
+        made or taken by its append is answered alike.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -293,6 +309,11 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.AssembleContext,
                     request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AssembleContextRequest.FromString,
                     response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.AssembleContextResponse.SerializeToString,
+            ),
+            'ReleaseAppendHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseAppendHold,
+                    request_deserializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ReleaseAppendHoldRequest.FromString,
+                    response_serializer=meshgate_dot_context_dot_v1_dot_context__service__pb2.ReleaseAppendHoldResponse.SerializeToString,
             ),
             'ForkSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ForkSession,
@@ -499,6 +520,33 @@ class ContextService:
             '/meshgate.context.v1.ContextService/AssembleContext',
             meshgate_dot_context_dot_v1_dot_context__service__pb2.AssembleContextRequest.SerializeToString,
             meshgate_dot_context_dot_v1_dot_context__service__pb2.AssembleContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseAppendHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshgate.context.v1.ContextService/ReleaseAppendHold',
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.ReleaseAppendHoldRequest.SerializeToString,
+            meshgate_dot_context_dot_v1_dot_context__service__pb2.ReleaseAppendHoldResponse.FromString,
             options,
             channel_credentials,
             insecure,
