@@ -287,6 +287,13 @@ class ContextService:
         # The context service acts only for the tenant these tokens assert.
         self._tokens = tenant_tokens
         self._timeout_s = settings.downstream_timeout_s
+        # The longest a session turn may take from its assembly until its
+        # append lands, without a deadline of its caller's: the lookups and
+        # the prompt's reservation (one call), its generation
+        # (max_generation_s), then its append's tries: how long its
+        # assembly holds room for that append (AppendReservation.hold_for_ms).
+        appending_s = (_APPEND_ATTEMPTS + 1) * settings.downstream_timeout_s
+        self._hold_limit_s = settings.max_generation_s + appending_s
 
     def _call_options(self, tenant_id: str, budget: Budget) -> dict:
         return {
@@ -435,6 +442,13 @@ class ContextService:
                 # first, as the append checks it, so a stale turn on a full
                 # session is told VERSION_CONFLICT, not SESSION_FULL.
                 request.append_reservation.expected_version = turn.expected_version
+            # The room is held for this turn's append (its turn id) while the
+            # turn may still make it, so that turns sent beside it on the
+            # session are checked against it too; a router that dies
+            # mid-turn holds it no longer than that.
+            request.append_reservation.hold_id = turn.turn_id
+            hold_for_s = turn.budget.within(self._hold_limit_s)
+            request.append_reservation.hold_for_ms = max(1, math.ceil(hold_for_s * 1000))
         try:
             response = await self._call(
                 self._stub.AssembleContext,
@@ -478,7 +492,8 @@ class ContextService:
             session_id=session_id,
             expected_version=after_version,
             any_version=turn.expected_version is None,
-            turn_id=uuid.uuid4().hex,
+            # Also the hold its assembly made, which the append releases.
+            turn_id=turn.turn_id,
             key_id=turn.tenant.own_key_id,
             messages=[
                 *turn.messages,
@@ -516,6 +531,14 @@ class ContextService:
                     failure.metadata["turn_may_be_stored"] = "true"
                 raise failure from error
         raise AssertionError("unreachable")
+
+    async def release_hold(self, turn: Turn, session_id: str) -> None:
+        """Gives back the room the turn's assembly held for its append, for
+        a turn that ended without one. Within the router's own timeout, not
+        the turn's budget (it may have ended for want of time); sent again
+        after an UNAVAILABLE (a second release finds nothing)."""
+        request = context_pb.ReleaseAppendHoldRequest(session_id=session_id, hold_id=turn.turn_id)
+        await self.session_call("ReleaseAppendHold", request, turn.tenant, Budget())
 
     async def claim_owed_summary_usage(self, owed_for_s: float, most: int) -> list[OwedSummaries]:
         """Sessions of any tenant whose summaries' usage waits for a take,

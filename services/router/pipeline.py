@@ -39,6 +39,7 @@ import enum
 import math
 import re
 import time
+import uuid
 from typing import Any, Protocol
 
 import structlog
@@ -230,6 +231,10 @@ class Turn:
     # How model_alias was chosen, when the requested alias selects among
     # models (model_selection.py); None when it was the requested one.
     selection: Selection | None = None
+    # A session turn's append's turn id (one for every attempt: a retry
+    # after a lost reply is answered, not applied twice), and the hold its
+    # assembly makes for that append (AppendReservation.hold_id).
+    turn_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex, compare=False)
 
     @property
     def max_tokens(self) -> int:
@@ -385,6 +390,10 @@ class _TurnFacts:
     status: CacheStatus | None = None
     created_session_id: str = ""
     saving: bool = False
+    # The session whose assembly may hold room for this turn's append
+    # (AppendReservation.hold_id): given back if the turn ends before it
+    # begins to be stored.
+    holding_session_id: str = ""
     # The session's assembled prompt, once it is.
     prompt: list[common_pb2.Message] | None = None
     # The assembled prompt's tokens as the context service counted them
@@ -441,6 +450,10 @@ class Contexts(Protocol):
 
     async def prefetch(self, tenant: Tenant, session_id: str) -> None:
         """Asks that the session be readied for its next assembly; never fails."""
+
+    async def release_hold(self, turn: Turn, session_id: str) -> None:
+        """Gives back the room the turn's assembly held for its append, the
+        turn having ended without one."""
 
 
 class Cache(Protocol):
@@ -660,6 +673,17 @@ class Pipeline:
         except Exception:  # noqa: BLE001 - a bug: the turn has ended, and nothing waits for this
             log.exception("deleting the session a failed turn created failed", tenant=tenant.id)
 
+    async def _release_hold(self, turn: Turn, session_id: str) -> None:
+        """Room a turn that ended before its append held in its session
+        comes back now rather than when its hold expires. A failure is
+        logged: the hold then expires on its own."""
+        try:
+            await self._contexts.release_hold(turn, session_id)
+        except MeshgateError as error:  # the context service away, say
+            log.warning("an append hold was not released", session_id=session_id, reason=error.reason)
+        except Exception:  # noqa: BLE001 - a bug: the turn has ended, and nothing waits for this
+            log.exception("releasing an append hold failed", tenant=turn.tenant.id)
+
     async def _create_turns_session(self, turn: Turn) -> str:
         """The session ``turn`` creates (Turn.create_session). A caller that
         goes away while the context service creates it (a ChatSession
@@ -868,6 +892,8 @@ class Pipeline:
             if facts.created_session_id and not facts.saving:
                 # Not awaited: the turn's failure or cancellation goes on at once.
                 self._in_background(self._delete_unused_session(turn.tenant, facts.created_session_id))
+            elif facts.holding_session_id and not facts.saving:
+                self._in_background(self._release_hold(turn, facts.holding_session_id))
             await self._settle(grant, turn, outcome)
 
     def _exact_lookup_beside_admission(self, turn: Turn) -> asyncio.Future | None:
@@ -961,7 +987,14 @@ class Pipeline:
                 generation = self._generate_stateless(turn, answer, facts)
         else:
             turn = _with_session(turn, session_id)
-            assembled = await self._contexts.assemble(turn)
+            facts.holding_session_id = session_id
+            try:
+                assembled = await self._contexts.assemble(turn)
+            except MeshgateError as error:
+                if error.reason == Reason.SESSION_FULL:
+                    # Refused: the hold is the assembly's last step, so none was made.
+                    facts.holding_session_id = ""
+                raise
             if assembled is not None:
                 prompt, version = assembled.messages, assembled.version
             # The assembly refuses a strict turn at another version itself

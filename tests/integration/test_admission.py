@@ -1082,6 +1082,9 @@ class _SessionContexts:
     async def prefetch(self, tenant, session_id) -> None:
         return None
 
+    async def release_hold(self, turn, session_id) -> None:
+        return None
+
 
 class _BillingGenerator:
     """Stands in for the inference service: one piece, then the completion,

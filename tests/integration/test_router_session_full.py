@@ -203,3 +203,50 @@ async def test_a_stale_strict_turn_on_a_full_session_is_refused_as_its_append_wo
     code, reason, metadata = await refused(router.Chat(current, metadata=auth))
     assert (code, reason, metadata["unit"]) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL", "turns")
     assert await stored(context, tenant, session_id) == (1, [f"t{n}" for n in range(MAX_TURNS)])
+
+
+async def test_turns_sent_at_once_on_a_nearly_full_session_are_refused_up_front_but_what_fits(mesh) -> None:
+    """Each assembly holds room for its turn's append until that append, so
+    of 6 turns sent at once on a session 2 messages under its cap, 1 is
+    answered and stored and 5 are refused before anything is generated for
+    them (before the holds: 1 stored, 5 answered in full and then refused by
+    their appends, their streams ending SESSION_FULL with delivered_*)."""
+    router, context, tenant, auth, _ = mesh
+    session_id = (await router.CreateSession(pb.CreateSessionRequest(), metadata=auth)).session_id
+    await context.AppendTurns(
+        context_pb.AppendTurnsRequest(
+            tenant_id=tenant,
+            session_id=session_id,
+            any_version=True,
+            messages=[
+                common_pb2.Message(role=USER, content="t0"),
+                common_pb2.Message(role=ASSISTANT, content="t1"),
+            ],
+        )
+    )
+    before = await usage(router, auth)
+
+    async def outcome(n: int):
+        deltas = 0
+        try:
+            async for response in router.Chat(turn(session_id, f"at once {n}"), metadata=auth):
+                if response.HasField("delta"):
+                    deltas += 1
+                elif response.HasField("completion"):
+                    return "stored", response.completion
+        except grpc.aio.AioRpcError as error:
+            info = error_info(error)
+            return (error.code(), info.reason, deltas, "delivered_deltas" in info.metadata), None
+        pytest.fail("a Chat stream ended with neither a completion nor an error")
+
+    outcomes = await asyncio.gather(*(outcome(n) for n in range(6)))
+    stored_turns = [completion for kind, completion in outcomes if kind == "stored"]
+    refusals = [kind for kind, _ in outcomes if kind != "stored"]
+    assert len(stored_turns) == 1, outcomes
+    assert refusals == [(grpc.StatusCode.RESOURCE_EXHAUSTED, "SESSION_FULL", 0, False)] * 5
+    version, messages = await stored(context, tenant, session_id)
+    assert (version, len(messages)) == (2, MAX_TURNS)
+    # Nothing was generated for the 5: the ledger bills only the stored turn's tokens.
+    row = await until_requests(router, auth, before.requests + 6)
+    assert row.failures == before.failures + 5
+    assert row.completion_tokens == before.completion_tokens + stored_turns[0].usage.completion_tokens

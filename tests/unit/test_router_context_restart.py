@@ -136,6 +136,7 @@ def turn(session_id: str, budget_s: float = 5.0) -> types.SimpleNamespace:
         max_tokens=16,
         expected_version=None,
         budget=Budget.of(budget_s),
+        turn_id="turn-1",
     )
 
 
@@ -423,3 +424,30 @@ def test_a_cancelled_status_with_error_info_keeps_its_reason_as_unavailable():
         {"model": "m"},
     )
     assert downstream.not_taken(received, "inference")
+
+
+@pytest.mark.parametrize(
+    ("deadline_s", "held_ms"),
+    [
+        # The caller's deadline bounds it: the turn cannot append after it.
+        (7.0, 7000),
+        # Without one, the longest the router lets the turn take: its
+        # generation (max_generation_s, 300 s), one call before it and its
+        # append's three tries (downstream_timeout_s, 10 s each).
+        (None, 340_000),
+    ],
+)
+async def test_an_assembly_holds_room_for_its_append_no_longer_than_the_turn_may_take(deadline_s, held_ms):
+    """A router killed mid-turn never releases its hold: the hold's own
+    time is what gives the room back."""
+    context, stub = service(Channel(0.0), failures=0)
+    stub.AppendTurns = Method(context_pb.AppendTurnsResponse(version=5), 0, context._channel)
+    held = turn("s1")
+    # A clock that stands still: the deadline is exactly this far off.
+    held.budget = Budget(None if deadline_s is None else 100.0 + deadline_s, lambda: 100.0)
+    await context.assemble(held)
+    [request] = stub.AssembleContext.requests
+    assert (request.append_reservation.hold_id, request.append_reservation.hold_for_ms) == ("turn-1", held_ms)
+    # The append names the hold, which its script releases.
+    await context.append(held, "s1", 4, Answer(text="hello"))
+    assert stub.AppendTurns.requests[0].turn_id == "turn-1"

@@ -58,6 +58,10 @@ class FakeContexts:
         self.assembled: list[str] = []
         self.appended: list[tuple[str, int, str]] = []
         self.append_error: MeshgateError | None = None
+        # (session, turn id) of every assembly, and of every hold released.
+        self.holds: list[tuple[str, str]] = []
+        self.released: list[tuple[str, str]] = []
+        self.appended_turn_ids: list[str] = []
         # Sessions an assembly finds none of (SESSION_NOT_FOUND).
         self.missing: set[str] = set()
         # What the session's summaries spent, for the next append to report.
@@ -72,6 +76,7 @@ class FakeContexts:
 
     async def assemble(self, turn):
         self.assembled.append(turn.session_id)
+        self.holds.append((turn.session_id, turn.turn_id))
         if turn.session_id in self.missing:
             raise not_found(Reason.SESSION_NOT_FOUND, f"no session {turn.session_id}")
         if self.outage and not turn.session_id:
@@ -83,8 +88,12 @@ class FakeContexts:
         if self.append_error is not None:
             raise self.append_error
         self.appended.append((session_id, after_version, answer.text))
+        self.appended_turn_ids.append(turn.turn_id)
         spend, self.summary_spend = self.summary_spend, ()
         return Appended(after_version + 1, spend)
+
+    async def release_hold(self, turn, session_id) -> None:
+        self.released.append((session_id, turn.turn_id))
 
 
 class FakeCache:
@@ -897,3 +906,49 @@ async def test_a_turn_cancelled_as_a_hit_stops_its_generation_stays_cancelled() 
     with pytest.raises(asyncio.CancelledError):
         await running
     assert served == []
+
+
+async def _released_soon(contexts: FakeContexts) -> list[tuple[str, str]]:
+    """The holds released (in a task of the pipeline's, after the turn ended)."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+    return contexts.released
+
+
+async def test_a_session_turn_appends_under_the_turn_id_its_assembly_held_room_for():
+    """The append names the hold (its turn id): the context service's append
+    script releases it, and nothing else need be sent."""
+    turns, parts = pipeline()
+    events = await events_of(turns.run(request(), TENANT, "s1", Budget()))
+    assert isinstance(events[-1], Completion)
+    contexts = parts["contexts"]
+    [(session_id, hold_id)] = contexts.holds
+    assert session_id == "s1" and hold_id
+    assert contexts.appended_turn_ids == [hold_id]
+    assert await _released_soon(contexts) == []
+
+
+async def test_a_session_turn_that_fails_before_its_append_releases_its_hold():
+    """Otherwise its room stays held until the hold expires (the turn's
+    deadline, or router.max_generation_s and its append's tries), and turns
+    sent after it on a nearly full session are refused for room no turn uses."""
+    turns, parts = pipeline(generator=FakeGenerator(fail_after=1))
+    events = await events_of(turns.run(request(), TENANT, "s1", Budget()))
+    assert isinstance(events[-1], Failure)
+    contexts = parts["contexts"]
+    assert contexts.appended == []
+    assert await _released_soon(contexts) == contexts.holds == [("s1", contexts.holds[0][1])]
+
+
+async def test_a_session_turn_its_assembly_refused_as_full_releases_nothing():
+    """The hold is the assembly's last step: a refusal made none."""
+
+    class Full(FakeContexts):
+        async def assemble(self, turn):
+            await super().assemble(turn)
+            raise MeshgateError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.SESSION_FULL, "full")
+
+    turns, parts = pipeline(contexts=Full())
+    events = await events_of(turns.run(request(), TENANT, "s1", Budget()))
+    assert isinstance(events[-1], Failure) and events[-1].error.reason == Reason.SESSION_FULL
+    assert await _released_soon(parts["contexts"]) == []
