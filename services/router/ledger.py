@@ -39,6 +39,10 @@ first, its settlement's or a claim of the journal's: a mark per turn id in
 the slot of the call (``...{t:<tenant>}:turn:<turn id>`` beside the totals,
 ``{mg:router:usage:log}:turn:<turn id>`` beside the log), kept
 SETTLED_TURN_MARKER_TTL_S, or CLAIMED_TURN_MARKER_TTL_S when a claim set it.
+A claim's mark keeps what it billed (AMOUNTS): the router whose journal it
+claimed may only have stalled, and its turns go on; a later record of the
+turn (its settlement, a claim of a later snapshot) writes the rest, what it
+has beyond the mark's (a CLAIMED_REST record: no request again), once.
 """
 
 from __future__ import annotations
@@ -111,7 +115,8 @@ class UsageRecord:
     # settlement came while the ledger held records; "" for any other.
     # Such a turn is written once whichever writes it first: its
     # settlement, or another router's claim of the journal of its router
-    # (killed, or stalled), a mark per turn id set in the same script.
+    # (killed, or stalled), a mark per turn id set in the same script; after
+    # a claim, a later record writes only its rest (CLAIMED_REST).
     turn_id: str = ""
 
 
@@ -119,54 +124,110 @@ _FIELD_NAMES = tuple(field.name for field in dataclasses.fields(UsageRecord))
 # Each field's type (annotations are strings here: __future__), to unpack.
 _FIELD_TYPES = tuple({"str": str, "int": int}[field.type] for field in dataclasses.fields(UsageRecord))
 
+# The numbers of a record its tenant's totals add up as they are (the
+# counts, requests and the others, come once per turn, from its first
+# record): what a claim's mark of a turn keeps of what it billed, so that a
+# later record of the turn adds only the rest (the claimed router had only
+# stalled, and its turns went on).
+AMOUNTS = ("prompt_tokens", "completion_tokens", "saved_tokens", "cost_nano_usd", "latency_ms")
+# The cache status of the record that bills the rest of a claimed turn: not
+# a turn (no request: the claim's record counted it), the AMOUNTS its
+# settlement (or a later claim's snapshot) had beyond what was billed, its
+# failure that record's (how the turn ended; router_lost from a claim).
+CLAIMED_REST = "claimed_rest"
+
 # KEYS: every key written: the stream first when ARGV[4] is "1", then the
 # day hash of each tenant and day whose totals are written (when ARGV[5] is
 # "1"), then the call's marker (marker(), in the slot of the key before
 # it). ARGV: stream max length, retention s, the UTC day (YYYY-MM-DD) of
 # records that name none, the two flags, the marker's TTL in s, the TTL in
-# s of the marks of its records that name a turn id, then one argument per
-# record: the UsageRecord's values in field order, joined by _SEPARATOR.
-# The aggregates are derived here from the values; a tenant's day hash is
-# named as day_key() names it. A record naming a turn id is written only
-# where its mark (turn_marker(), in the slot of what the call writes: the
-# tenant's totals', else the log's) was not set yet. Returns 1, or 0 for a
-# call whose marker was set already (written before: nothing is written
-# again).
+# s of the marks of its records that name a turn id, "1" for a claim's
+# call (else "0"), then one argument per record: the UsageRecord's values
+# in field order, joined by _SEPARATOR. The aggregates are derived here
+# from the values; a tenant's day hash is named as day_key() names it. A
+# record naming a turn id is written whole only where its mark
+# (turn_marker(), in the slot of what the call writes: the tenant's
+# totals', else the log's) was not set yet; where a claim set it, as its
+# AMOUNTS (joined by ':'), only what the record has beyond them (the rest,
+# a CLAIMED_REST record: none where it has nothing more), the mark then
+# holding what is billed now; where a settlement set it ('1'), not at all.
+# A settlement's mark is '1' (the turn billed as it ended: nothing more to
+# bill), a claim's its AMOUNTS. Returns 1, or 0 for a call whose marker was
+# set already (written before: nothing is written again).
 _RECORD = (
     "local names = {"
     + ", ".join(f"'{name}'" for name in _FIELD_NAMES)
+    + "}\nlocal amounts = {"
+    + ", ".join(f"'{name}'" for name in AMOUNTS)
     + "}"
     + """
-local log, totals = ARGV[4] == '1', ARGV[5] == '1'
+local log, totals, claim = ARGV[4] == '1', ARGV[5] == '1', ARGV[8] == '1'
 if not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[6]) then return 0 end
-for r = 8, #ARGV do
-  local values, entry = {}, {}
-  for value in string.gmatch(ARGV[r] .. '\\31', '(.-)\\31') do values[#values + 1] = value end
-  for i, name in ipairs(names) do
-    entry[#entry + 1] = name
-    entry[#entry + 1] = values[i]
-    values[name] = values[i]
-  end
-  -- A turn's record written already (by its settlement, or by a claim of
-  -- its router's journal) is not written again.
-  local fresh = true
+for r = 9, #ARGV do
+  local values, fields = {}, {}
+  for value in string.gmatch(ARGV[r] .. '\\31', '(.-)\\31') do fields[#fields + 1] = value end
+  for i, name in ipairs(names) do values[name] = fields[i] end
+  -- Whether the record is written whole (a turn's first), or its rest only.
+  local whole, rest = true, false
   if values.turn_id ~= '' then
     local mark = totals and ('mg:router:usage:{t:' .. values.tenant .. '}:turn:' .. values.turn_id)
       or ('{' .. KEYS[1] .. '}:turn:' .. values.turn_id)
-    fresh = redis.call('SET', mark, '1', 'NX', 'EX', ARGV[7])
+    local billed = redis.call('GET', mark)
+    if not billed then
+      local kept = '1'
+      if claim then
+        kept = {}
+        for i, name in ipairs(amounts) do kept[i] = values[name] end
+        kept = table.concat(kept, ':')
+      end
+      redis.call('SET', mark, kept, 'EX', ARGV[7])
+    else
+      whole = false
+      local before = {}
+      for number in string.gmatch(billed, '[^:]+') do before[#before + 1] = tonumber(number) end
+      -- A claim's mark: what it billed. A settlement's ('1', as an older
+      -- version's claim's was) says the turn is billed: nothing more.
+      if #before == #amounts then
+        local now = {}
+        for i, name in ipairs(amounts) do
+          local amount = tonumber(values[name])
+          now[i] = string.format('%d', math.max(amount, before[i]))
+          values[name] = string.format('%d', math.max(amount - before[i], 0))
+          rest = rest or amount > before[i]
+        end
+        -- A claim's mark holds what is billed now; a settlement's says the
+        -- turn ended, billed whole.
+        if not claim then
+          redis.call('SET', mark, '1', 'EX', ARGV[7])
+        elseif rest then
+          redis.call('SET', mark, table.concat(now, ':'), 'EX', ARGV[7])
+        end
+      end
+    end
   end
-  if fresh and log then redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(entry)) end
-  if fresh and totals then
+  if rest then values.cache_status = '"""
+    + CLAIMED_REST
+    + """' end
+  if (whole or rest) and log then
+    local entry = {}
+    for _, name in ipairs(names) do
+      entry[#entry + 1] = name
+      entry[#entry + 1] = values[name]
+    end
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(entry))
+  end
+  if (whole or rest) and totals then
     local summary = values.cache_status == '"""
     + SUMMARY_USAGE
     + """'
+    -- The counts once per turn, by its first record (a rest's are 0).
     local increments = {
-      requests = summary and 0 or 1,
+      requests = (summary or rest) and 0 or 1,
       summaries = values.summaries,
       summary_prompt_tokens = summary and values.prompt_tokens or 0,
       summary_completion_tokens = summary and values.completion_tokens or 0,
-      failures = values.failure ~= '' and 1 or 0,
-      cache_hits = string.sub(values.cache_status, -3) == 'hit' and 1 or 0,
+      failures = (whole and values.failure ~= '') and 1 or 0,
+      cache_hits = (whole and string.sub(values.cache_status, -3) == 'hit') and 1 or 0,
       prompt_tokens = values.prompt_tokens, completion_tokens = values.completion_tokens,
       saved_tokens = values.saved_tokens, cost_nano_usd = values.cost_nano_usd,
       latency_ms = values.latency_ms,
@@ -240,11 +301,15 @@ TAKE_MARKER_TTL_S = summary_usage_ttl_s(ContextSettings().session_ttl_s)
 # write may take to reach Redis (a write is sent within redis.timeout_s);
 # set by a claim: as long as the router whose journal it was may still
 # come back (stalled: SIGSTOP, a machine suspended) and settle the turn
-# itself. A mark (133 B of Redis measured on 6.2) per slot written (one; two
-# on a Redis Cluster, the log's and the totals') per journaled turn (one in
-# flight when a snapshot was taken: about every streamed answer), not per
-# turn; at 100 such turns a second the settlements' marks hold ~16 MB (32
-# MB on a Cluster, the log's half on one shard).
+# itself, its rest billed then (the mark holds what the claim billed; the
+# settlement's then, as any settlement's, is kept SETTLED_TURN_MARKER_TTL_S).
+# A mark (133 B of Redis measured on 6.2: used_memory over 100,000 keys)
+# per slot written (one; two on a Redis Cluster, the log's and the totals')
+# per journaled turn (one in flight when a snapshot was taken: about every
+# streamed answer), not per turn; at 100 such turns a second the
+# settlements' marks hold ~16 MB (32 MB on a Cluster, the log's half on one
+# shard). A claim's, holding its AMOUNTS, 173-181 B (measured alike), only
+# for the turns of lost routers.
 SETTLED_TURN_MARKER_TTL_S = 20 * 60
 CLAIMED_TURN_MARKER_TTL_S = 7 * 24 * 3600
 
@@ -393,7 +458,11 @@ class Ledger:
         its settlement wrote (or a claim before) is not written again.
         Raises where a call failed (the journal stays, to be claimed again)."""
         calls = self._calls(
-            [(usage, True) for usage in records], _call_marker, WRITTEN_MARK_TTL_S, CLAIMED_TURN_MARKER_TTL_S
+            [(usage, True) for usage in records],
+            _call_marker,
+            WRITTEN_MARK_TTL_S,
+            CLAIMED_TURN_MARKER_TTL_S,
+            claim=True,
         )
         try:
             await run_scripts(self._script, calls)
@@ -420,12 +489,14 @@ class Ledger:
         marker_of: Callable[[str], str],
         marker_ttl_s: int,
         turn_marker_ttl_s: int = SETTLED_TURN_MARKER_TTL_S,
+        claim: bool = False,
     ) -> list[tuple[list[str], list]]:
         """The script calls that write ``records`` (each with whether it
         goes to the log), each marked by ``marker_of`` its last key, kept
         ``marker_ttl_s``; the marks of its records of journaled turns kept
-        ``turn_marker_ttl_s``."""
-        ttls = [marker_ttl_s, turn_marker_ttl_s]
+        ``turn_marker_ttl_s``, holding what they billed where ``claim``
+        (a claim of a journal's: its turns may go on, and settle later)."""
+        ttls = [marker_ttl_s, turn_marker_ttl_s, "1" if claim else "0"]
         packed = [pack(usage) for usage, _ in records]
         today = f"{self.today():%Y-%m-%d}"
         header = [self._stream_max_len, self._retention_s, today]

@@ -32,25 +32,29 @@ whose router stopped writing it.
   time: after an outage every live router's heartbeat is as old as the
   outage, and the first claim would take them all.
 - **Billed once.** The ledger's script writes a record naming a turn id
-  only where that turn's mark is not set, and sets it (ledger.py): a turn
-  is billed by its settlement or by a claim of its journal, whichever
-  comes first, never both. A snapshot that reaches Redis after the turn's
-  settlement (they go on different connections), a claimer killed midway
-  (the next claim bills what it did not), a router stalled past the stale
-  time (SIGSTOP, a machine suspended; its turns claimed, then settled when
-  it resumes) and a router cut off from Redis while others reach it are
-  all billed once.
+  whole only where that turn's mark is not set, and sets it (ledger.py): a
+  turn is billed by its settlement or by a claim of its journal, whichever
+  comes first. A claim's mark keeps what it billed, and a later record of
+  the turn writes only its rest (ledger.CLAIMED_REST): a router stalled
+  past the stale time (SIGSTOP, a machine suspended, a long GC pause), its
+  turns claimed, resumes and serves them on, and their settlements bill
+  what they used beyond the claim's snapshot. A snapshot that reaches
+  Redis after the turn's settlement (they go on different connections), a
+  claimer killed midway (the next claim bills what it did not), a stalled
+  router and a router cut off from Redis while others reach it are all
+  billed once.
 
 What it bills: what had gone out by the last snapshot (within one interval
 of what was delivered), or the turn's settlement's record where it had
 ended; a turn the journal's snapshot found billed nothing (it delivered
 nothing yet, used_tokens) is not in it. A claimed turn that then went on
-(its router only stalled) is billed as claimed, its end not. The tenant's
-budgets are not charged again: admission reserved more than the turn
-used, and that reservation stands. A router that stops gracefully writes
-its journal a last time: removed, or kept with the records the ledger
-gave up as it stopped (Redis failing then) of turns a snapshot named, for
-another router to bill.
+(its router only stalled) is billed its rest when it ends (counted failed,
+as the claim found it). A claim charges the tenant's budgets nothing:
+admission reserved more than the turn used, and that reservation stands
+(settled to what the turn used where its router resumes and ends it). A
+router that stops gracefully writes its journal a last time: removed, or
+kept with the records the ledger gave up as it stopped (Redis failing
+then) of turns a snapshot named, for another router to bill.
 The bounds: a journal no router claims within TURN_JOURNAL_TTL_S (no router
 running for 10 minutes) expires, and its turns go unbilled; a stalled
 router that comes back more than ledger.CLAIMED_TURN_MARKER_TTL_S after its
@@ -62,9 +66,9 @@ so is one named at its settlement while the journal cannot be written
 holds records for: the log's shares it on the cluster the tests build),
 and the record a snapshot named a turn by is what a claim writes there.
 On a Redis Cluster each slot a record goes to (the log's, the tenant's
-totals') has its own mark, so each is written once, but they may come
-from different writes: a settlement's log entry beside a claim's totals,
-where the two raced (GetUsage reads the totals).
+totals') has its own mark, so each bills the turn once and in full, but
+where the two raced one may count it failed (a claim's record first) and
+the other not.
 """
 
 from __future__ import annotations

@@ -864,13 +864,21 @@ async def test_a_lost_routers_turns_are_billed_once_on_the_cluster(client) -> No
     # Its router died: its heartbeat set back past the stale time.
     await client.zadd(BEATS, {served.journal_id: 0})
     assert (await claimer.claim())[served.journal_id] == 2
-    for tenant, completion_tokens, failures in ((tenants[0], 9, 0), (tenants[1], 5, 1)):
+    # The other's router was only stalled: it ends the turn, which bills
+    # the rest of what it used (9 completion tokens, the claim's 5 billed).
+    await ledger.record(
+        UsageRecord(tenants[1], "key1", "tiny-gpt", "d", 10, 9, 0, "miss", 0, 20, turn_id=tracked[1].turn_id)
+    )
+    for tenant in tenants:
         totals = (await ledger.usage(tenant, ledger.today(), ledger.today()))[("key1", "tiny-gpt")]
-        assert (totals["requests"], totals["failures"], totals["completion_tokens"]) == (
-            1,
-            failures,
-            completion_tokens,
-        )
+        failures = 0 if tenant == tenants[0] else 1
+        assert (totals["requests"], totals["failures"], totals["completion_tokens"]) == (1, failures, 9)
+        logged = [
+            int(fields[b"completion_tokens"])
+            for _, fields in await client.xrange(ledger_module.STREAM)
+            if fields[b"tenant"] == tenant.encode()
+        ]
+        assert logged == ([9] if tenant == tenants[0] else [5, 4])
 
 
 @pytest.mark.serial  # kills a master and waits for its replica to take over

@@ -15,12 +15,15 @@ import uuid
 import grpc
 import pytest
 
+from meshgate import redis_access
 from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings, hash_api_key
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
 from services.context import app as context_app
+from services.router import ledger
+from services.router.turn_journal import ROUTER_LOST
 from tests.integration.conftest import running
 from tests.integration.test_router_replicas import Replicas, base_settings, toml_string
 from tests.mesh import bounded_channel, mesh_settings
@@ -31,6 +34,10 @@ pytestmark = pytest.mark.integration
 STREAMS = 3
 INTERVAL_S = 0.2
 STALE_S = 1.5
+# tiny-gpt's prices here (router.prices): whole nano-USD a token, so a
+# turn's cost is exact arithmetic of its tokens.
+PROMPT_NANO_USD = 1_000
+COMPLETION_NANO_USD = 3_000
 
 
 @pytest.fixture
@@ -55,11 +62,16 @@ journal_stale_s = {STALE_S}
 # The link is held for seconds: its probes must not end the streams meanwhile.
 deployment_health_interval_s = 60
 
+[router.prices.tiny-gpt]
+prompt_usd_per_million = {PROMPT_NANO_USD / 1000}
+completion_usd_per_million = {COMPLETION_NANO_USD / 1000}
+
 [[router.tenants]]
 id = {toml_string(tenant)}
 api_key_sha256 = [{toml_string(hash_api_key(key))}]
 """)
         stack.callback(group.stop)
+        group.tenant = tenant
         group.start(1)
         await group.wait_serving()
         yield group, link, (("authorization", f"Bearer {key}"),)
@@ -119,13 +131,17 @@ async def usage(address: str, auth) -> pb.UsageRow:
     return next((row for row in answer.rows if row.model == "tiny-gpt"), pb.UsageRow())
 
 
-async def until_billed(address: str, auth, requests: int, timeout_s: float = 30.0) -> pb.UsageRow:
+async def until_billed(
+    address: str, auth, requests: int, completion_tokens: int = 0, timeout_s: float = 30.0
+) -> pb.UsageRow:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         row = await usage(address, auth)
-        if row.requests >= requests:
+        if row.requests >= requests and row.completion_tokens >= completion_tokens:
             return row
-        assert asyncio.get_running_loop().time() < deadline, f"never billed {requests} turns: {row}"
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"never billed {requests} turns, {completion_tokens} completion tokens: {row}"
+        )
         await asyncio.sleep(0.2)
 
 
@@ -168,8 +184,13 @@ async def test_a_killed_routers_open_turns_are_billed_by_another(routers):
     assert row.prompt_tokens == STREAMS * prompt_tokens
 
 
-async def test_a_stalled_routers_turns_are_billed_once_when_it_comes_back(routers):
+async def test_a_stalled_routers_turns_are_billed_once_in_full_when_it_comes_back(routers, redis_url):
+    """Its journal claimed while it is stopped (SIGSTOP), each turn billed as
+    the snapshot had it; resumed, its turns go on to their ends, whose
+    settlements bill the rest (reproduced before: 3 turns claimed at 1
+    completion token each went on to 256, and were billed 1)."""
     group, link, auth = routers
+    tenant = group.tenant
     async with bounded_channel(group.addresses[0]) as channel:
         streams = Streams(router_service_pb2_grpc.RouterServiceStub(channel), auth, link)
         await streams.held()
@@ -185,9 +206,55 @@ async def test_a_stalled_routers_turns_are_billed_once_when_it_comes_back(router
         finally:
             os.kill(stalled, signal.SIGCONT)
         link.release()
-        # The stalled router finishes its turns and settles them: billed already.
+        # The stalled router finishes its turns and settles them: the rest of
+        # what each used is billed now.
         ended = await streams.ended()
     assert all(outcome is None for outcome in ended), ended
     assert all(streams.completions)
+    used = [completion.usage for completion in streams.completions]
+    delivered = sum(usage.completion_tokens for usage in used)
+    # Their settlements (within a ledger flush of their ends), or 10 s.
+    with contextlib.suppress(AssertionError):
+        await until_billed(group.addresses[1], auth, STREAMS, completion_tokens=delivered, timeout_s=10)
+    # Then nothing more comes (a settlement, or a claim, billed twice).
     await asyncio.sleep(2 * STALE_S)
-    assert await usage(group.addresses[1], auth) == claimed
+    row = await usage(group.addresses[1], auth)
+    client = redis_access.connect(redis_url)
+    try:
+        entries = [
+            {name.decode(): value.decode() for name, value in fields.items()}
+            for _, fields in await client.xrange(ledger.STREAM)
+            if fields[b"tenant"] == tenant.encode()
+        ]
+    finally:
+        await client.aclose()
+    print(
+        f"\n{len(cut)} of {STREAMS} turns claimed: billed {claimed.completion_tokens} completion tokens,"
+        f" {claimed.cost_nano_usd} nano-USD; used {delivered}; billed in the end"
+        f" {str(row).replace(chr(10), ' ')}"
+        + "".join(
+            f"\n  log: {entry['turn_id'] or '-'} {entry['cache_status']} {entry['failure'] or '-'} prompt"
+            f" {entry['prompt_tokens']} completion {entry['completion_tokens']} cost {entry['cost_nano_usd']}"
+            for entry in entries
+        )
+    )
+    # Each turn once (requests), in full: what its completion said it used,
+    # and its price; the claimed turns counted failed as the claim found them.
+    assert (row.requests, row.failures) == (STREAMS, len(cut))
+    assert row.completion_tokens == delivered
+    assert row.prompt_tokens == sum(usage.prompt_tokens for usage in used)
+    prices = (PROMPT_NANO_USD, COMPLETION_NANO_USD)
+    assert row.cost_nano_usd == sum(
+        usage.prompt_tokens * prices[0] + usage.completion_tokens * prices[1] for usage in used
+    )
+    # The log agrees: a claimed turn's entry, then its rest's, once each.
+    by_turn: dict[str, list[dict[str, str]]] = {}
+    for entry in entries:
+        by_turn.setdefault(entry["turn_id"], []).append(entry)
+    claimed_turns = [turn for turn in by_turn.values() if turn[0]["failure"] == ROUTER_LOST]
+    assert len(claimed_turns) == len(cut)
+    for turn in claimed_turns:
+        assert [entry["cache_status"] for entry in turn[1:]] == [ledger.CLAIMED_REST], turn
+        assert turn[1]["failure"] == ""  # how the turn ended: completed
+    assert sum(int(entry["completion_tokens"]) for entry in entries) == delivered
+    assert sum(int(entry["cost_nano_usd"]) for entry in entries) == row.cost_nano_usd

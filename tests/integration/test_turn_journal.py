@@ -8,6 +8,7 @@ the stale time: a loaded machine's pauses would claim what a test holds)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import uuid
 
@@ -15,13 +16,17 @@ import pytest
 
 from meshgate import redis_access
 from meshgate.local.stack import free_port
+from services.router import ledger as ledger_module
 from services.router.ledger import (
+    CLAIMED_REST,
     CLAIMED_TURN_MARKER_TTL_S,
     SETTLED_TURN_MARKER_TTL_S,
+    STREAM,
     Ledger,
     UsageRecord,
     turn_marker,
 )
+from services.router.script_calls import WRITTEN_MARK_TTL_S, run_scripts
 from services.router.turn_journal import BEATS, ROUTER_LOST, TurnJournal, journal_key
 
 pytestmark = pytest.mark.integration
@@ -56,6 +61,31 @@ async def settle(ledger: Ledger, tracked, usage: UsageRecord) -> bool:
 async def totals(ledger: Ledger, tenant: str) -> dict[str, int]:
     today = ledger.today()
     return (await ledger.usage(tenant, today - datetime.timedelta(days=1), today))[("k1", "tiny-gpt")]
+
+
+async def logged(redis, tenant: str) -> list[tuple[str, str, int, int, int, int]]:
+    """The tenant's log entries: cache status, failure, prompt and
+    completion tokens, cost and latency."""
+    return [
+        (
+            fields[b"cache_status"].decode(),
+            fields[b"failure"].decode(),
+            *(
+                int(fields[name])
+                for name in (b"prompt_tokens", b"completion_tokens", b"cost_nano_usd", b"latency_ms")
+            ),
+        )
+        for _, fields in await redis.xrange(STREAM)
+        if fields[b"tenant"] == tenant.encode()
+    ]
+
+
+def marks(ledger: Ledger, tenant: str, turn_id: str) -> list[str]:
+    """A turn's marks: its totals' slot's, and on a Cluster the log's."""
+    return [
+        turn_marker(tenant, turn_id, in_log)
+        for in_log in ((False, True) if ledger._split_by_slot else (False,))
+    ]
 
 
 async def gone_stale(redis, journal: TurnJournal) -> None:
@@ -115,11 +145,13 @@ async def test_a_lost_routers_turns_are_billed_once_whichever_writes_first(redis
     assert await redis.zscore(BEATS, served.journal_id) is None
 
     # The router was only stalled: it comes back and settles the turns the
-    # claim billed. Nothing is billed again, nor claimed again.
+    # claim billed. Each bills what it used beyond the claim's snapshot (no
+    # request again), and nothing is claimed again.
     for tracked, completion_tokens in ((claimed, 30), (stalled, 50)):
         assert await settle(ledger, tracked, final(tenant, tracked, completion_tokens))
     assert served.journal_id not in await claimer.claim()
-    assert await totals(ledger, tenant) == row
+    row = await totals(ledger, tenant)
+    assert (row["requests"], row["failures"], row["completion_tokens"]) == (3, 2, 40 + 30 + 50)
 
 
 async def test_a_router_never_claims_its_own_journal(redis, ledger):
@@ -194,7 +226,8 @@ async def test_a_router_that_writes_during_a_claim_keeps_its_journal(redis, ledg
     assert not await redis.exists(journal_key(served.journal_id))
     assert await redis.zscore(BEATS, served.journal_id) is None
     row = await totals(ledger, tenant)
-    assert (row["requests"], row["failures"], row["completion_tokens"]) == (1, 1, 5)
+    # Claimed at 5 completion tokens, ended at 60: billed 60, once.
+    assert (row["requests"], row["failures"], row["completion_tokens"]) == (1, 1, 60)
 
 
 async def test_a_claimer_that_dies_midway_leaves_the_journal_to_the_next(redis, ledger):
@@ -233,3 +266,121 @@ async def test_a_stopping_router_removes_its_journal(redis, ledger):
     await served.close()
     assert not await redis.exists(journal_key(served.journal_id))
     assert await redis.zscore(BEATS, served.journal_id) is None
+
+
+async def test_a_claimed_turns_settlement_bills_its_rest_once(redis, ledger):
+    """A router stalled past the stale time (SIGSTOP, a VM paused) has its
+    journal claimed, each turn billed as the snapshot had it; resumed, its
+    turns go on and settle. Their settlements found the claim's mark set
+    and wrote nothing: a 256-token answer stayed billed 1 completion token
+    (tests/integration/test_router_lost_turns.py). Each now bills the rest
+    of what it used, once: no request again, a CLAIMED_REST entry in the
+    log; never less than the claim billed (its snapshot's prompt here
+    above the settlement's)."""
+    tenant = uuid.uuid4().hex[:12]
+    served, claimer = journal(redis, ledger), journal(redis, ledger)
+    snapshot = dataclasses.replace(lost(tenant, 1), prompt_tokens=12, cost_nano_usd=16, latency_ms=40)
+    tracked = served.track(lambda: snapshot)
+    await served.write()
+    await gone_stale(redis, served)
+    assert (await claimer.claim())[served.journal_id] == 1
+    # The claim's marks keep what it billed (its AMOUNTS), for the rest.
+    for mark in marks(ledger, tenant, tracked.turn_id):
+        assert await redis.get(mark) == b"12:1:0:16:40"
+
+    usage = dataclasses.replace(final(tenant, tracked, 256), cost_nano_usd=778, latency_ms=900)
+    settlement = ledger._calls([(usage, True)], ledger_module._call_marker, WRITTEN_MARK_TTL_S)
+    assert await run_scripts(ledger._script, settlement) == [1] * len(settlement)
+    billed = {
+        "requests": 1,
+        "failures": 1,
+        "prompt_tokens": 12,
+        "completion_tokens": 256,
+        "cost_nano_usd": 778,
+        "latency_ms": 900,
+    }
+    row = await totals(ledger, tenant)
+    assert {metric: row[metric] for metric in billed} == billed
+    assert await logged(redis, tenant) == [
+        ("miss", ROUTER_LOST, 12, 1, 16, 40),
+        (CLAIMED_REST, "", 0, 255, 762, 860),
+    ]
+    # Its marks say it was billed whole now, kept as a settlement's.
+    for mark in marks(ledger, tenant, tracked.turn_id):
+        assert await redis.get(mark) == b"1"
+        assert SETTLED_TURN_MARKER_TTL_S - 60 < await redis.ttl(mark) <= SETTLED_TURN_MARKER_TTL_S
+
+    # Sent again (its reply lost: the same call), or in another call, or
+    # claimed again (the journal rewritten with the turn, its router then
+    # killed): nothing more.
+    assert await run_scripts(ledger._script, settlement) == [0] * len(settlement)
+    again = ledger._calls([(usage, True)], ledger_module._call_marker, WRITTEN_MARK_TTL_S)
+    assert await run_scripts(ledger._script, again) == [1] * len(again)
+    await ledger.record_claim([dataclasses.replace(snapshot, turn_id=tracked.turn_id)])
+    assert await totals(ledger, tenant) == row
+    assert len(await logged(redis, tenant)) == 2
+
+
+async def test_a_turn_claimed_again_further_on_bills_what_it_went_on_to_use(redis, ledger):
+    """Its router stalled, came back, served the turn on, and stalled again:
+    the second claim bills what the turn used beyond the first's, a claimer
+    of the same snapshot after it nothing, and the settlement the rest."""
+    tenant = uuid.uuid4().hex[:12]
+    served, claimer = journal(redis, ledger), journal(redis, ledger)
+    progress = [lost(tenant, 5)]
+    tracked = served.track(lambda: progress[0])
+    for completion_tokens in (5, 20):
+        progress[0] = lost(tenant, completion_tokens)
+        await served.write()
+        await gone_stale(redis, served)
+        assert (await claimer.claim())[served.journal_id] == 1
+    await ledger.record_claim([dataclasses.replace(progress[0], turn_id=tracked.turn_id)])
+    for mark in marks(ledger, tenant, tracked.turn_id):
+        assert await redis.get(mark) == b"10:20:0:0:5"
+    assert await settle(ledger, tracked, final(tenant, tracked, 40))
+    row = await totals(ledger, tenant)
+    assert (row["requests"], row["failures"], row["completion_tokens"], row["latency_ms"]) == (1, 1, 40, 90)
+    assert await logged(redis, tenant) == [
+        ("miss", ROUTER_LOST, 10, 5, 0, 5),
+        (CLAIMED_REST, ROUTER_LOST, 0, 15, 0, 0),
+        (CLAIMED_REST, "", 0, 20, 0, 85),
+    ]
+
+
+@pytest.mark.parametrize("settlement_first", [True, False], ids=["settlement-first", "claim-first"])
+async def test_a_settlement_and_a_claim_racing_over_two_slots_bill_the_turn_once_in_each(
+    redis, settlement_first
+):
+    """On a Redis Cluster a record's log entry and its totals are separate
+    calls, each with its own mark: a settlement's and a claim's calls of one
+    turn may interleave. The log and the totals each bill the turn once, in
+    full (the settlement's numbers), whichever call of each came first."""
+    ledger = Ledger(redis, stream_max_len=10_000, retention_days=2, split_by_slot=True)
+    tenant = uuid.uuid4().hex[:12]
+    tracked = journal(redis, ledger).track(lambda: lost(tenant, 5))
+    tracked.name()
+    settlement = ledger._calls(
+        [(final(tenant, tracked, 40), True)], ledger_module._call_marker, WRITTEN_MARK_TTL_S
+    )
+    claim = ledger._calls(
+        [(dataclasses.replace(lost(tenant, 5), turn_id=tracked.turn_id), True)],
+        ledger_module._call_marker,
+        WRITTEN_MARK_TTL_S,
+        CLAIMED_TURN_MARKER_TTL_S,
+        claim=True,
+    )
+    # [the log's call, the totals' call]: one of the first's lands, then
+    # both of the other's, then the first's other.
+    first, second = (settlement, claim) if settlement_first else (claim, settlement)
+    for calls in ([first[0]], second, [first[1]]):
+        assert await run_scripts(ledger._script, calls) == [1] * len(calls)
+    row = await totals(ledger, tenant)
+    # Counted failed where the claim's totals came first: how they found it.
+    failures = 1 if settlement_first else 0
+    assert (row["requests"], row["failures"], row["completion_tokens"]) == (1, failures, 40)
+    entries = await logged(redis, tenant)
+    assert sum(completion_tokens for _, _, _, completion_tokens, _, _ in entries) == 40
+    if settlement_first:
+        assert entries == [("miss", "", 10, 40, 0, 90)]
+    else:
+        assert entries == [("miss", ROUTER_LOST, 10, 5, 0, 5), (CLAIMED_REST, "", 0, 35, 0, 85)]
