@@ -391,8 +391,8 @@ class _TurnFacts:
     created_session_id: str = ""
     saving: bool = False
     # The session whose assembly may hold room for this turn's append
-    # (AppendReservation.hold_id): given back if the turn ends before it
-    # begins to be stored.
+    # (AppendReservation.hold_id): given back if the turn fails or is
+    # cancelled, whether or not its append was sent.
     holding_session_id: str = ""
     # The session's assembled prompt, once it is.
     prompt: list[common_pb2.Message] | None = None
@@ -892,7 +892,12 @@ class Pipeline:
             if facts.created_session_id and not facts.saving:
                 # Not awaited: the turn's failure or cancellation goes on at once.
                 self._in_background(self._delete_unused_session(turn.tenant, facts.created_session_id))
-            elif facts.holding_session_id and not facts.saving:
+            elif facts.holding_session_id and (failure is not None or cancelled):
+                # Whatever the append did: one that landed deleted its hold
+                # already (a release then finds nothing), and one refused
+                # before its script ran (SESSION_QUOTA_EXCEEDED, its tries
+                # UNAVAILABLE, its caller gone mid-append) or never sent
+                # left it; an append still to come does not count holds.
                 self._in_background(self._release_hold(turn, facts.holding_session_id))
             await self._settle(grant, turn, outcome)
 
@@ -1094,13 +1099,15 @@ class Pipeline:
         # Persist: store and append concurrently; the completion waits for
         # both, so a follow-up request already finds the turn and the entry.
         saving = []
+        if not stateless:
+            facts.saving = True
+            if before_saving is not None:
+                # First: a caller gone here (it raises) leaves no call made.
+                await before_saving(session_id)
         if plan.writes and hit is None and answer.text:
             # A session turn's entry is keyed on the whole prompt it answered.
             saving.append(self._store(plan, turn.messages if stateless else prompt, answer, turn.budget))
         if not stateless:
-            facts.saving = True
-            if before_saving is not None:
-                await before_saving(session_id)
             saving.append(self._contexts.append(turn, session_id, version, answer))
         try:
             saved = await asyncio.gather(*saving)

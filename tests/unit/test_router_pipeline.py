@@ -940,6 +940,30 @@ async def test_a_session_turn_that_fails_before_its_append_releases_its_hold():
     assert await _released_soon(contexts) == contexts.holds == [("s1", contexts.holds[0][1])]
 
 
+async def test_a_session_turn_whose_append_fails_before_its_script_releases_its_hold():
+    """An append refused before its script ran (its tries UNAVAILABLE, the
+    tenant's SESSION_QUOTA_EXCEEDED) deleted no hold: the turn's failure
+    gives it back (a release after an append that landed finds nothing)."""
+    turns, parts = pipeline()
+    contexts = parts["contexts"]
+    contexts.append_error = unavailable(Reason.REDIS_UNAVAILABLE, "redis down")
+    events = await events_of(turns.run(request(), TENANT, "s1", Budget()))
+    assert isinstance(events[-1], Failure)
+    assert contexts.holds and await _released_soon(contexts) == contexts.holds
+
+
+async def test_a_session_turn_whose_caller_goes_while_it_saves_releases_its_hold():
+    turns, parts = pipeline()
+    contexts = parts["contexts"]
+
+    async def gone(session_id):
+        raise asyncio.CancelledError()
+
+    with pytest.raises(asyncio.CancelledError):
+        await events_of(turns.run(request(), TENANT, "s1", Budget(), before_saving=gone))
+    assert contexts.holds and await _released_soon(contexts) == contexts.holds
+
+
 async def test_a_session_turn_its_assembly_refused_as_full_releases_nothing():
     """The hold is the assembly's last step: a refusal made none."""
 
