@@ -1516,30 +1516,37 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         rendered = assembly.render(chosen, costs, texts, new, facts, scores)
         rendered.inputs.MergeFrom(scoring)
         if request.HasField("append_reservation"):
-            await self._hold_room(request)
+            await self._hold_room(request, len(view.roles) - view.compacted, view.held_bytes)
         return rendered, view, costs, chosen
 
-    async def _hold_room(self, request: pb.AssembleContextRequest) -> None:
+    async def _hold_room(
+        self, request: pb.AssembleContextRequest, live_turns: int, held_bytes: int | None
+    ) -> None:
         """Holds the room the reservation asks for until its append, where
-        it names a hold (AppendReservation.hold_id) and a cap is set:
-        checked in Redis against what the session stores and every other
-        turn's hold, so that turns assembled at once on a nearly full
-        session are refused here, not after they are generated. Last, once
-        nothing else can fail: an assembly refused or failed holds nothing.
-        A lone turn meets the check check_room made already, on the counts
-        Redis holds (a concurrent append may have filled it since)."""
+        it names a hold (AppendReservation.hold_id) and the session, with
+        it, is past half of a cap (SessionStore.needs_hold): checked in
+        Redis against what the session stores and every other turn's hold,
+        so that turns assembled at once on a nearly full session are
+        refused here, not after they are generated. Last, once nothing else
+        can fail: an assembly refused or failed holds nothing. A lone turn
+        meets the check check_room made already, on the counts Redis holds
+        (a concurrent append may have filled it since). No compaction is
+        asked for on a refusal: check_room found room for this turn alone,
+        so it is the turns in flight that fill the session, not its
+        turns."""
         reservation = request.append_reservation
-        if not (reservation.hold_id and reservation.hold_for_ms and self._store.holds_room):
+        if not (reservation.hold_id and reservation.hold_for_ms):
             return
-        with self._compacting_when_full(request.tenant_id, request.session_id):
-            await self._store.hold_room(
-                request.tenant_id,
-                request.session_id,
-                reservation.hold_id,
-                reservation.hold_for_ms,
-                reservation.turn_count,
-                reservation.size_bytes,
-            )
+        if not self._store.needs_hold(live_turns, held_bytes, reservation.turn_count, reservation.size_bytes):
+            return
+        await self._store.hold_room(
+            request.tenant_id,
+            request.session_id,
+            reservation.hold_id,
+            reservation.hold_for_ms,
+            reservation.turn_count,
+            reservation.size_bytes,
+        )
 
     async def _session_view(
         self,

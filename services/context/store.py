@@ -90,20 +90,26 @@ The append holds, ``...:holds`` (holds_key()), a hash in the session's
 slot but not one of its parts: the room assemblies hold for their turns'
 appends (AssembleContextRequest.append_reservation's ``hold_id``), field
 the hold id (the append's turn id), value ``<until, ms of Redis's clock>
-<turns> <bytes>``. ``_HOLD`` checks an assembly's reservation against
-what the session stores plus every hold in force, and writes its hold,
-in one script, so that of turns assembled at once on a nearly full
-session (through any replica, for any router) only those that fit
-together are granted; the rest are refused SESSION_FULL before anything
-is generated for them. ``_APPEND`` deletes the hold of its turn id,
-whatever it answers; ``_RELEASE_HOLD`` one whose turn ended without an
-append; and every ``_HOLD`` the holds whose time has passed (a router
-killed mid-turn), as the key itself expires with its latest hold. An
-append does not count the holds: its own was granted within the caps
-beside the others', and one that finds its hold expired, or never had
-one (a direct AppendTurns), appends where the caps allow, as before the
-holds. Not renewed or deleted with the session: it lives at most as
-long as its latest hold (MAX_APPEND_HOLD_MS).
+<turns> <bytes> <the session's create_time_ms>``. ``_HOLD`` checks an
+assembly's reservation against what the session stores plus every hold in
+force, and writes its hold, in one script, so that of turns assembled at
+once on a nearly full session (through any replica, for any router) only
+those that fit together are granted; the rest are refused SESSION_FULL
+before anything is generated for them. Only past half of a cap
+(SessionStore.needs_hold): further from both, the assembly writes
+nothing. ``_APPEND`` deletes the hold of its turn id, whatever its
+script answers; ``_RELEASE_HOLD`` one whose turn failed (the router sends
+it however far its append got: an append refused before its script ran
+deleted nothing); and every ``_HOLD`` the holds not in force: their time
+passed (a router killed mid-turn), their turn id applied (an append by a
+replica of before the holds, which deletes none), or made in another life
+of the session id (deleted, or expired, and made again: the holds are
+neither renewed nor deleted with it, and the key expires with its latest
+hold, at most MAX_APPEND_HOLD_MS on). An append does not count the holds:
+its own was granted within the caps beside the others', and one that
+finds its hold expired, or never had one (a direct AppendTurns, a turn
+assembled under half the caps), appends where the caps allow, as before
+the holds.
 
 A fork's request record, ``...:fork_request`` (fork_request_key()), is
 what replicas of before kept of a ForkSession's request id, which they
@@ -515,11 +521,14 @@ return released({
 # allow, as before the holds.
 MAX_APPEND_HOLD_MS = 3600 * 1000
 
-# KEYS: meta, turns, the append holds. ARGV: hold id, how long it holds
-# (ms, at most MAX_APPEND_HOLD_MS), turn count n, size in bytes, the most
-# turns the session may hold (0 = no cap), the most bytes its turns may
+# KEYS: meta, turns, turn_ids, the append holds. ARGV: hold id, how long it
+# holds (ms, at most MAX_APPEND_HOLD_MS), turn count n, size in bytes, the
+# most turns the session may hold (0 = no cap), the most bytes its turns may
 # hold (0 = no cap). Counts the holds in force but any of this hold id (a
-# resend of its assembly replaces it), deletes those whose time has passed,
+# resend of its assembly replaces it), deletes those that are not (their
+# time passed; their turn appended, which an append by a replica of before
+# the holds did not release; made in an earlier life of the session id,
+# deleted or expired since: a hold keeps its session's create_time_ms),
 # and holds n turns of that size for the hold id unless, with the holds,
 # they would take the session past a cap: the append's check (_APPEND),
 # with the turns and bytes held for appends still to come. Returns {1} when
@@ -530,19 +539,21 @@ MAX_APPEND_HOLD_MS = 3600 * 1000
 _HOLD = """
 local version = redis.call('HGET', KEYS[1], 'version')
 if not version then return {0} end
+local life = redis.call('HGET', KEYS[1], 'create_time_ms') or ''
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local held_turns, held_bytes, latest, expired = 0, 0, 0, {}
-local holds = redis.call('HGETALL', KEYS[3])
+local held_turns, held_bytes, latest, gone = 0, 0, 0, {}
+local holds = redis.call('HGETALL', KEYS[4])
 for i = 1, #holds, 2 do
   if holds[i] ~= ARGV[1] then
-    local untils, turns, bytes = string.match(holds[i + 1], '^(%d+) (%d+) (%d+)$')
-    if untils and tonumber(untils) > now then
+    local untils, turns, bytes, made_in = string.match(holds[i + 1], '^(%d+) (%d+) (%d+) (%S*)$')
+    if untils and tonumber(untils) > now and made_in == life
+      and redis.call('HEXISTS', KEYS[3], holds[i]) == 0 then
       held_turns = held_turns + tonumber(turns)
       held_bytes = held_bytes + tonumber(bytes)
       latest = math.max(latest, tonumber(untils))
     else
-      table.insert(expired, holds[i])
+      table.insert(gone, holds[i])
     end
   end
 end
@@ -558,11 +569,11 @@ end
 if not reply then
   -- Written first (OOM_FIRST); the key lives as long as its latest hold.
   local untils = now + tonumber(ARGV[2])
-  redis.call('HSET', KEYS[3], ARGV[1], untils .. ' ' .. n .. ' ' .. size)
-  redis.call('PEXPIREAT', KEYS[3], math.max(latest, untils))
+  redis.call('HSET', KEYS[4], ARGV[1], untils .. ' ' .. n .. ' ' .. size .. ' ' .. life)
+  redis.call('PEXPIREAT', KEYS[4], math.max(latest, untils))
   reply = {1}
 end
-if #expired > 0 then redis.call('HDEL', KEYS[3], unpack(expired)) end
+if #gone > 0 then redis.call('HDEL', KEYS[4], unpack(gone)) end
 return reply
 """
 
@@ -2195,10 +2206,21 @@ class SessionStore:
         if max_bytes > 0 and held_bytes is not None and held_bytes + size_bytes > max_bytes:
             raise _session_full(session_id, "bytes", max_bytes, str(held_bytes), turn_count)
 
-    @property
-    def holds_room(self) -> bool:
-        """Whether a cap is configured, so that an append hold means anything."""
-        return self._max_turns > 0 or self._max_session_bytes > 0
+    def needs_hold(self, live_turns: int, held_bytes: int | None, turn_count: int, size_bytes: int) -> bool:
+        """Whether an assembly's reservation of ``turn_count`` turns of
+        ``size_bytes`` is held (hold_room), given what this replica read of
+        the session (check_room's counts): only where, with it, the session
+        is past half of a cap. Further from both, the turns in flight on it
+        beside this one would have to ask for more than half a cap together
+        to take it past one, and holding would cost every assembly a Redis
+        write (the default 24 MiB byte cap is on) to guard a case that
+        needs as many turns in flight as the session holds already. Past
+        that, a turn that did not hold is refused by its append as before
+        the holds."""
+        if self._max_turns > 0 and 2 * (live_turns + turn_count) > self._max_turns:
+            return True
+        max_bytes = self._max_session_bytes
+        return max_bytes > 0 and held_bytes is not None and 2 * (held_bytes + size_bytes) > max_bytes
 
     async def hold_room(
         self,
@@ -2221,6 +2243,7 @@ class SessionStore:
         keys = [
             session_key(tenant_id, session_id),
             key(tenant_id, session_id, "turns"),
+            key(tenant_id, session_id, "turn_ids"),
             holds_key(tenant_id, session_id),
         ]
         with redis_reachable():

@@ -136,8 +136,8 @@ async def test_a_hold_never_appended_expires_and_gives_its_room_back(client, ten
     # The hour passes (the test moves the hold's end into the past, for
     # Redis's clock is not the test's to move): the room is free again, and
     # the spent hold is gone.
-    until, turns, size = (await client.hget(holds_key(tenant, "s"), "killed")).split()
-    await client.hset(holds_key(tenant, "s"), "killed", b"1 " + turns + b" " + size)
+    until, *rest = (await client.hget(holds_key(tenant, "s"), "killed")).split(b" ")
+    await client.hset(holds_key(tenant, "s"), "killed", b" ".join([b"1", *rest]))
     await store.hold_room(tenant, "s", "next", HOUR_MS, 2, 10)
     assert set(await client.hkeys(holds_key(tenant, "s"))) == {b"next"}
     # And by Redis's own clock: a short hold lapses on its own.
@@ -151,6 +151,34 @@ async def test_a_hold_never_appended_expires_and_gives_its_room_back(client, ten
         except MeshgateError:
             assert asyncio.get_running_loop().time() < deadline, "a 50 ms hold still held after 10 s"
             await asyncio.sleep(0.05)
+
+
+async def test_a_hold_whose_turn_an_older_replica_stored_holds_nothing(client, tenant) -> None:
+    """An append by a context replica of before the holds (a rolling
+    upgrade) stores its turn but leaves its hold: the turn's id among the
+    applied ones ends it, rather than its room staying held twice over."""
+    store = SessionStore(client, ttl_s=600, max_turns=4)
+    await store.create(tenant, "s")
+    await store.hold_room(tenant, "s", "upgraded", HOUR_MS, 2, 10)
+    left = await client.hget(holds_key(tenant, "s"), "upgraded")
+    await store.append(tenant, "s", None, [msg(USER, "q0"), msg(ASSISTANT, "a0")], {}, turn_id="upgraded")
+    await client.hset(holds_key(tenant, "s"), "upgraded", left)  # as the older _APPEND leaves it
+    # 2 stored and 2 asked fit 4: the stored turn's hold is not counted.
+    await store.hold_room(tenant, "s", "next", HOUR_MS, 2, 10)
+    assert set(await client.hkeys(holds_key(tenant, "s"))) == {b"next"}
+
+
+async def test_a_session_made_again_under_its_id_has_none_of_its_earlier_lifes_holds(client, tenant) -> None:
+    """The holds are not one of the session's parts (its deletion leaves
+    them to expire): each keeps the life it was made in (create_time_ms)."""
+    store = SessionStore(client, ttl_s=600, max_turns=4)
+    await store.create(tenant, "s")
+    await store.hold_room(tenant, "s", "dead", HOUR_MS, 2, 10)
+    await store.delete(tenant, "s")
+    await asyncio.sleep(0.01)  # another millisecond: another create_time_ms
+    await store.create(tenant, "s")
+    await store.hold_room(tenant, "s", "new", HOUR_MS, 4, 10)
+    assert set(await client.hkeys(holds_key(tenant, "s"))) == {b"new"}
 
 
 # --- through the context service ----------------------------------------------
@@ -225,6 +253,26 @@ async def test_a_lone_turn_near_the_cap_is_checked_as_before(redis_url, tenant) 
         }
         assert (await assemble(stub, tenant, session_id, **holding("two"))).session_version == 1
         assert await append(stub, tenant, session_id, "q1", "a1") == 2
+
+
+async def test_a_session_far_from_its_caps_holds_nothing(redis_url, tenant) -> None:
+    """Under half of every cap, with the reservation, no hold is written:
+    the turns in flight would have to ask for half a cap together to pass
+    it, and the assembly of a warm session stays without a Redis call."""
+    settings = make_settings(redis_url)
+    settings.context.max_turns = 10
+    client = redis.Redis.from_url(redis_url)
+    try:
+        async with running(settings) as stub:
+            session_id = await new_session(stub, tenant)
+            await append(stub, tenant, session_id, "q0", "a0")
+            await assemble(stub, tenant, session_id, **holding("far"))  # 2 + 2 of 10
+            assert await client.exists(holds_key(tenant, session_id)) == 0
+            await append(stub, tenant, session_id, "q1", "a1")
+            await assemble(stub, tenant, session_id, **holding("near"))  # 4 + 2 of 10
+            assert set(await client.hkeys(holds_key(tenant, session_id))) == {b"near"}
+    finally:
+        await client.aclose()
 
 
 async def test_a_negative_hold_is_refused(redis_url, tenant) -> None:
