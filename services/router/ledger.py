@@ -8,7 +8,9 @@ one round trip (a call that fails leaves the others written):
 - ``mg:router:usage:log``, a stream: one entry per turn with tenant, key
   id, model alias, deployment, prompt and completion tokens, tokens a cache
   hit saved, cache status, cost (nano-USD), latency (ms) and the failure
-  reason ("" when it completed), and for the usage of a session's summaries
+  reason ("" when it completed; a turn billed by a claim of its router's
+  journal that then went on has a second entry for the rest, cache status
+  ``claimed_rest``: CLAIMED_REST), and for the usage of a session's summaries
   (cache status ``summary``, taken from the session by a router's sweep,
   services/router/summary_usage.py: no request) how many
   summaries it was; trimmed to about
@@ -193,7 +195,9 @@ for r = 9, #ARGV do
           local amount = tonumber(values[name])
           now[i] = string.format('%d', math.max(amount, before[i]))
           values[name] = string.format('%d', math.max(amount - before[i], 0))
-          rest = rest or amount > before[i]
+          -- Time alone is no rest: latency always grows, and a turn that
+          -- used nothing more writes no second entry for it.
+          rest = rest or (name ~= 'latency_ms' and amount > before[i])
         end
         -- A claim's mark holds what is billed now; a settlement's says the
         -- turn ended, billed whole.

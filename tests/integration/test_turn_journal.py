@@ -347,6 +347,24 @@ async def test_a_turn_claimed_again_further_on_bills_what_it_went_on_to_use(redi
     ]
 
 
+async def test_a_claimed_turn_that_used_nothing_more_writes_no_rest(redis, ledger):
+    """Its settlement has the tokens the claim billed, only a longer
+    latency (latency always grows): no CLAIMED_REST entry for time alone,
+    and the totals as the claim left them; its marks say it is billed."""
+    tenant = uuid.uuid4().hex[:12]
+    served, claimer = journal(redis, ledger), journal(redis, ledger)
+    tracked = served.track(lambda: lost(tenant, 7))
+    await served.write()
+    await gone_stale(redis, served)
+    assert (await claimer.claim())[served.journal_id] == 1
+    row = await totals(ledger, tenant)
+    assert await settle(ledger, tracked, final(tenant, tracked, 7))
+    assert await totals(ledger, tenant) == row
+    assert await logged(redis, tenant) == [("miss", ROUTER_LOST, 10, 7, 0, 5)]
+    for mark in marks(ledger, tenant, tracked.turn_id):
+        assert await redis.get(mark) == b"1"
+
+
 @pytest.mark.parametrize("settlement_first", [True, False], ids=["settlement-first", "claim-first"])
 async def test_a_settlement_and_a_claim_racing_over_two_slots_bill_the_turn_once_in_each(
     redis, settlement_first
