@@ -33,6 +33,7 @@ DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "semantic-pairs"
 QQP_CSV = DATA_DIR / "qqp_val.csv"
 TRAPS_JSONL = REPO_ROOT / "bench" / "data" / "cache_traps.jsonl"
 NATURAL_JSONL = REPO_ROOT / "bench" / "data" / "cache_natural_pairs.jsonl"
+NATURAL_TRAIN_JSONL = REPO_ROOT / "bench" / "data" / "cache_natural_train.jsonl"
 CACHE_DIR = REPO_ROOT / "bench" / ".cache"
 EMBEDDINGS_NPZ = CACHE_DIR / "minilm_embeddings.npz"
 
@@ -100,6 +101,19 @@ def load_natural(path: pathlib.Path = NATURAL_JSONL) -> list[Pair]:
     questions ("Can you tell me what X is?"), which its train portion taught
     the verifier; these say how it does on paraphrases no rule made."""
     return _load_jsonl(path, HELD_OUT)
+
+
+def load_natural_train(path: pathlib.Path = NATURAL_TRAIN_JSONL) -> list[Pair]:
+    """Pairs written by hand in everyday phrasing for the verifier to learn
+    from, by another writer than load_natural's and apart from them (none
+    shares a question with them: a unit test checks it), each pair's portion
+    chosen by a hash of its two questions: the train and calibration
+    portions are read as the trap set's are, and the test portion by
+    nothing."""
+    return [
+        dataclasses.replace(pair, portion=_portion(pair.stored + "\n" + pair.asked))
+        for pair in _load_jsonl(path, HELD_OUT)
+    ]
 
 
 def _load_jsonl(path: pathlib.Path, portion: str | None = None) -> list[Pair]:

@@ -65,6 +65,7 @@ precision is a lower bound.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import json
@@ -285,10 +286,14 @@ def train_head(
     return entry, default
 
 
-def build_model() -> dict:
-    """Trains and calibrates; the contents of ``verifier_model.json``."""
+def build_model(natural_train: bool = False) -> dict:
+    """Trains and calibrates; the contents of ``verifier_model.json``. With
+    ``natural_train``, the hand-written natural pairs for training
+    (cache_data.load_natural_train) join the trap set: an experiment that
+    did not pass its rule, so not the committed model (bench/README.md,
+    "Natural phrasing: training on it")."""
     qqp = cache_data.load_qqp()
-    traps = cache_data.load_traps()
+    traps = cache_data.load_traps() + (cache_data.load_natural_train() if natural_train else [])
     # The test portion is left out here, not even embedded.
     seen = [p for p in qqp + traps if p.portion in ("train", "calibration")]
     vectors = cache_data.embeddings([q for p in seen for q in (p.stored, p.asked)])
@@ -325,8 +330,15 @@ def build_model() -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--natural-train",
+        action="store_true",
+        help="also learn from bench/data/cache_natural_train.jsonl (an experiment, not the committed model)",
+    )
+    args = parser.parse_args()
     started = time.perf_counter()
-    model = build_model()
+    model = build_model(args.natural_train)
     verifier.MODEL_PATH.write_text(json.dumps(model, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {verifier.MODEL_PATH} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 

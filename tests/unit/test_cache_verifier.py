@@ -626,9 +626,10 @@ def test_a_run_of_full_stops_before_a_letter_is_analysed_in_time_linear_in_it():
 
 def test_the_natural_pairs_are_held_out_from_everything_the_verifier_learns_from():
     # bench/data/cache_natural_pairs.jsonl measures how the verifier does on
-    # phrasing no rule made: none of its questions may be in the trap set or
-    # QQP's pairs (whose train and calibration portions train and calibrate
-    # it; the test portion is cache_bench's other held-out set), and
+    # phrasing no rule made: none of its questions may be in the trap set,
+    # the natural pairs for training or QQP's pairs (whose train and
+    # calibration portions train and calibrate it; the test portion is
+    # cache_bench's other held-out set), and
     # every category is one the benches report.
     import cache_bench
     import cache_data
@@ -637,7 +638,7 @@ def test_the_natural_pairs_are_held_out_from_everything_the_verifier_learns_from
     assert natural and {p.portion for p in natural} == {cache_data.HELD_OUT}
     assert {p.category for p in natural} <= set(cache_bench.TRAP_ORDER)
     assert all(p.duplicate == (p.category in ("paraphrase", "repeat")) for p in natural)
-    learned_from = cache_data.load_traps()
+    learned_from = cache_data.load_traps() + cache_data.load_natural_train()
     if cache_data.QQP_CSV.exists():  # ../shared/data, beside the checkout
         learned_from += cache_data.load_qqp()
     seen = {q for p in learned_from for q in (p.stored, p.asked)}
