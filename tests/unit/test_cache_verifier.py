@@ -321,6 +321,16 @@ def test_role_fillers_are_found_in_time_linear_in_the_question():
         # A pair or list joined by "and"/"or" reads the same either way.
         ("Who is older, Obama or Biden?", "Who is older, Biden or Obama?", False),
         ("Is there a war between the cat and the dog?", "Is there a war between the dog and the cat?", False),
+        (
+            "Which is healthiest: apples, bananas or oranges?",
+            "Which is healthiest: oranges, bananas or apples?",
+            False,
+        ),
+        (
+            "Should I buy an iPhone or should I buy a Pixel?",
+            "Should I buy a Pixel or should I buy an iPhone?",
+            False,
+        ),
         # Only stop words trade places, or two neighbours with nothing between.
         ("Why is it that cats purr?", "Why it is that cats purr?", False),
         ("What is the best dark chocolate?", "What is the best chocolate dark?", False),
