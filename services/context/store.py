@@ -531,7 +531,8 @@ MAX_APPEND_HOLD_MS = 3600 * 1000
 # deleted or expired since: a hold keeps its session's create_time_ms),
 # and holds n turns of that size for the hold id unless, with the holds,
 # they would take the session past a cap: the append's check (_APPEND),
-# with the turns and bytes held for appends still to come. Returns {1} when
+# with the turns and bytes held for appends still to come (refused, it
+# deletes any hold of its own id, a resend's first). Returns {1} when
 # it holds them, {0} if there is no session, {-2, live turns, turns held}
 # or {-6, bytes, bytes held} past the cap of turns or of bytes (nothing
 # held). A session whose bytes were never counted is not checked by bytes
@@ -573,6 +574,9 @@ if not reply then
   redis.call('PEXPIREAT', KEYS[4], math.max(latest, untils))
   reply = {1}
 end
+-- Refused, a resend of an assembly whose first hold was written (its reply
+-- lost) must not leave that hold behind: the turn is refused for good.
+if reply[1] ~= 1 then table.insert(gone, ARGV[1]) end
 if #gone > 0 then redis.call('HDEL', KEYS[4], unpack(gone)) end
 return reply
 """

@@ -168,6 +168,19 @@ async def test_a_hold_whose_turn_an_older_replica_stored_holds_nothing(client, t
     assert set(await client.hkeys(holds_key(tenant, "s"))) == {b"next"}
 
 
+async def test_a_resent_hold_refused_leaves_none_of_its_first(client, tenant) -> None:
+    """An assembly whose reply was lost after its hold was written is sent
+    again; if another turn took the room in between, the resend is refused,
+    and the first hold must not keep the room until it expires."""
+    store = SessionStore(client, ttl_s=600, max_turns=4)
+    await store.create(tenant, "s")
+    await store.hold_room(tenant, "s", "resent", HOUR_MS, 2, 10)
+    await store.hold_room(tenant, "s", "other", HOUR_MS, 2, 10)
+    with pytest.raises(MeshgateError):
+        await store.hold_room(tenant, "s", "resent", HOUR_MS, 3, 10)
+    assert set(await client.hkeys(holds_key(tenant, "s"))) == {b"other"}
+
+
 async def test_a_session_made_again_under_its_id_has_none_of_its_earlier_lifes_holds(client, tenant) -> None:
     """The holds are not one of the session's parts (its deletion leaves
     them to expire): each keeps the life it was made in (create_time_ms)."""
