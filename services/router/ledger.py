@@ -195,9 +195,11 @@ for r = 9, #ARGV do
           local amount = tonumber(values[name])
           now[i] = string.format('%d', math.max(amount, before[i]))
           values[name] = string.format('%d', math.max(amount - before[i], 0))
-          -- Time alone is no rest: latency always grows, and a turn that
-          -- used nothing more writes no second entry for it.
-          rest = rest or (name ~= 'latency_ms' and amount > before[i])
+          -- Time alone is no rest for a later claim (latency always grows:
+          -- each claim of a turn that used nothing more would log it again);
+          -- it is for a settlement, whose entry then says how the turn
+          -- ended (the claim's says router_lost).
+          rest = rest or ((not claim or name ~= 'latency_ms') and amount > before[i])
         end
         -- A claim's mark holds what is billed now; a settlement's says the
         -- turn ended, billed whole.

@@ -347,20 +347,31 @@ async def test_a_turn_claimed_again_further_on_bills_what_it_went_on_to_use(redi
     ]
 
 
-async def test_a_claimed_turn_that_used_nothing_more_writes_no_rest(redis, ledger):
-    """Its settlement has the tokens the claim billed, only a longer
-    latency (latency always grows): no CLAIMED_REST entry for time alone,
-    and the totals as the claim left them; its marks say it is billed."""
+async def test_a_claim_that_finds_only_time_passed_writes_nothing_and_the_settlement_logs_the_end(
+    redis, ledger
+):
+    """A turn claimed, then claimed again at a later snapshot with the same
+    tokens and only a longer latency (latency always grows): the second
+    claim writes nothing. Its settlement, with nothing more to bill either,
+    still logs how the turn ended (the claim's entry says router_lost), with
+    no tokens and the rest of its latency."""
     tenant = uuid.uuid4().hex[:12]
     served, claimer = journal(redis, ledger), journal(redis, ledger)
-    tracked = served.track(lambda: lost(tenant, 7))
-    await served.write()
-    await gone_stale(redis, served)
-    assert (await claimer.claim())[served.journal_id] == 1
+    progress = [lost(tenant, 7)]
+    tracked = served.track(lambda: progress[0])
+    for latency_ms in (5, 50):
+        progress[0] = dataclasses.replace(lost(tenant, 7), latency_ms=latency_ms)
+        await served.write()
+        await gone_stale(redis, served)
+        assert (await claimer.claim())[served.journal_id] == 1
+    assert await logged(redis, tenant) == [("miss", ROUTER_LOST, 10, 7, 0, 5)]
     row = await totals(ledger, tenant)
     assert await settle(ledger, tracked, final(tenant, tracked, 7))
-    assert await totals(ledger, tenant) == row
-    assert await logged(redis, tenant) == [("miss", ROUTER_LOST, 10, 7, 0, 5)]
+    assert await logged(redis, tenant) == [
+        ("miss", ROUTER_LOST, 10, 7, 0, 5),
+        (CLAIMED_REST, "", 0, 0, 0, 85),
+    ]
+    assert await totals(ledger, tenant) == {**row, "latency_ms": row["latency_ms"] + 85}
     for mark in marks(ledger, tenant, tracked.turn_id):
         assert await redis.get(mark) == b"1"
 
