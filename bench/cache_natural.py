@@ -4,7 +4,7 @@ process: the pure policy a Lookup applies to one stored question, in
 seconds and with no stack. ``cache_bench.py`` measures the same pairs
 through the real services.
 
-    .venv/bin/python bench/cache_natural.py [--list] [--max-false-hit-rate R]   # ~5 s
+    .venv/bin/python bench/cache_natural.py [--list] [--max-false-hit-rate R] [--model PATH]   # ~5 s
 
 A pair is served when its cosine reaches the pre-filter
 (``cache.semantic_threshold``), no structural check vetoes it, and the
@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import pathlib
 
 import cache_data
 
 from meshgate.config import CacheSettings
 from meshgate.minilm import MiniLM
-from services.cache.verifier import Verifier
+from services.cache.verifier import MODEL_PATH, Verifier
 
 
 def main() -> None:
@@ -30,11 +31,17 @@ def main() -> None:
     parser.add_argument(
         "--max-false-hit-rate", type=float, help="the bound whose threshold decides (default: the setting's)"
     )
+    parser.add_argument(
+        "--model",
+        type=pathlib.Path,
+        default=MODEL_PATH,
+        help="the verifier's model file (default: the committed one)",
+    )
     args = parser.parse_args()
     settings = CacheSettings()
     if args.max_false_hit_rate is not None:
         settings = CacheSettings(max_false_hit_rate=args.max_false_hit_rate)
-    verifier = Verifier.load(settings.max_false_hit_rate)
+    verifier = Verifier.load(settings.max_false_hit_rate, args.model)
     pairs = cache_data.load_natural()
     model = MiniLM(threads=1)
     served: dict[str, list[bool]] = collections.defaultdict(list)

@@ -69,6 +69,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import pathlib
 import sys
 import time
 
@@ -336,11 +337,17 @@ def main() -> None:
         action="store_true",
         help="also learn from bench/data/cache_natural_train.jsonl (an experiment, not the committed model)",
     )
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=verifier.MODEL_PATH,
+        help="where to write the model (default: the committed one, which the cache service loads)",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     model = build_model(args.natural_train)
-    verifier.MODEL_PATH.write_text(json.dumps(model, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {verifier.MODEL_PATH} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    args.out.write_text(json.dumps(model, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":
