@@ -98,7 +98,7 @@ those that fit together are granted; the rest are refused SESSION_FULL
 before anything is generated for them. Only past half of a cap
 (SessionStore.needs_hold): further from both, the assembly writes
 nothing. ``_APPEND`` deletes the hold of its turn id, whatever its
-script answers; ``_RELEASE_HOLD`` one whose turn failed (the router sends
+script answers; release_hold (an HDEL) one whose turn failed (the router sends
 it however far its append got: an append refused before its script ran
 deleted nothing); and every ``_HOLD`` the holds not in force: their time
 passed (a router killed mid-turn), their turn id applied (an append by a
@@ -579,11 +579,6 @@ end
 if reply[1] ~= 1 then table.insert(gone, ARGV[1]) end
 if #gone > 0 then redis.call('HDEL', KEYS[4], unpack(gone)) end
 return reply
-"""
-
-# KEYS: the append holds. ARGV: a hold id. Ends that hold, if it is there.
-_RELEASE_HOLD = """
-redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
 # KEYS: the usage record, meta. ARGV: the take id ("" = none), the
@@ -1980,7 +1975,6 @@ class SessionStore:
         self._acknowledge_take = client.register_script(_ACKNOWLEDGE_TAKE)
         self._held = client.register_script(_HELD)
         self._hold = client.register_script(_HOLD)
-        self._release_hold = client.register_script(_RELEASE_HOLD)
         self.owed = OwedSessions(client)
         # context.max_bytes_per_tenant (0: no bound).
         self.holdings = TenantHoldings(client, ttl_s, max_bytes_per_tenant)
@@ -2262,7 +2256,7 @@ class SessionStore:
     async def release_hold(self, tenant_id: str, session_id: str, hold_id: str) -> None:
         """Ends the append hold ``hold_id`` of the session, if it holds it."""
         with redis_reachable():
-            await self._release_hold(keys=[holds_key(tenant_id, session_id)], args=[hold_id])
+            await self._client.hdel(holds_key(tenant_id, session_id), hold_id)
 
     async def history(self, tenant_id: str, session_id: str) -> list[int | None]:
         """How many turns the session held at each version; None for the
