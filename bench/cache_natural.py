@@ -4,7 +4,7 @@ process: the pure policy a Lookup applies to one stored question, in
 seconds and with no stack. ``cache_bench.py`` measures the same pairs
 through the real services.
 
-    .venv/bin/python bench/cache_natural.py [--list] [--max-false-hit-rate R] [--model PATH]   # ~5 s
+    .venv/bin/python bench/cache_natural.py [--list] [--max-false-hit-rate R] [--model PATH]   # seconds
 
 A pair is served when its cosine reaches the pre-filter
 (``cache.semantic_threshold``), no structural check vetoes it, and the
@@ -21,7 +21,6 @@ import pathlib
 import cache_data
 
 from meshgate.config import CacheSettings
-from meshgate.minilm import MiniLM
 from services.cache.verifier import MODEL_PATH, Verifier
 
 
@@ -43,10 +42,12 @@ def main() -> None:
         settings = CacheSettings(max_false_hit_rate=args.max_false_hit_rate)
     verifier = Verifier.load(settings.max_false_hit_rate, args.model)
     pairs = cache_data.load_natural()
-    model = MiniLM(threads=1)
+    # Embedded once, then read from cache_data's on-disk cache (its texts are
+    # keys, never training data: the training script asks for its own).
+    vectors = cache_data.embeddings([q for pair in pairs for q in (pair.stored, pair.asked)])
     served: dict[str, list[bool]] = collections.defaultdict(list)
     for pair in pairs:
-        stored, asked = model.embed([pair.stored, pair.asked])
+        stored, asked = vectors[pair.stored], vectors[pair.asked]
         cosine = float(stored @ asked)
         decision = verifier.decide(pair.asked, asked, pair.stored, stored)
         hit = cosine >= settings.semantic_threshold and decision.accepted
