@@ -278,11 +278,21 @@ def launch(
         models,
         shm_prefix,
     )
-    process = children.start(
-        command,
-        env=triton_environment(prepare_stub_environment(stub_env_dir)),
-        stdin=subprocess.DEVNULL,
-    )
+    environment = triton_environment(prepare_stub_environment(stub_env_dir))
+    if log_file is None:
+        process = children.start(command, env=environment, stdin=subprocess.DEVNULL)
+    else:
+        # Its output too, not only its log: tritonserver prints some lines
+        # straight to stdout and stderr whatever --log-file says ("Signal
+        # (15) received." at every stop, on the terminal of `meshgate up`
+        # under the stack's own lines), and so do its models' Python stubs
+        # (a model.py's traceback). Appended (O_APPEND, as Triton opens its
+        # log file: neither overwrites the other's lines), so the file holds
+        # everything the server said, in order.
+        with open(log_file, "ab") as output:
+            process = children.start(
+                command, env=environment, stdin=subprocess.DEVNULL, stdout=output, stderr=output
+            )
     process.shm_prefix = shm_prefix
     return process
 
