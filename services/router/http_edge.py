@@ -60,6 +60,7 @@ from services.router.admission import Hold, TenantCalls
 from services.router.auth import Authenticator, Tenant, same_tenant
 from services.router.embeddings import Embeddings
 from services.router.pipeline import Budget, Completion, Delivered, Delta, Failure, Pipeline, stopped
+from services.router.validation import check_message_count
 
 log = structlog.get_logger(__name__)
 _tracer = trace.get_tracer("meshgate.http")
@@ -493,9 +494,12 @@ def _check_tool_use_shape(message: dict, index: int) -> None:
         _check_function(message["function_call"], f"messages[{index}].function_call")
 
 
-def _messages(raw) -> list[common_pb2.Message]:
+def _messages(raw, max_messages: int) -> list[common_pb2.Message]:
     if not isinstance(raw, list):
         raise _bad_request("messages must be an array", "messages")
+    # Counted before any is looked into: the pipeline counts them too, but
+    # only once all are converted, on the event loop every stream shares.
+    check_message_count(len(raw), max_messages)
     messages = []
     for index, message in enumerate(raw):
         if not isinstance(message, dict):
@@ -625,7 +629,7 @@ class ChatCall:
     """One ``/v1/chat/completions`` body, checked for shape (the pipeline
     checks the values, as for a gRPC turn)."""
 
-    def __init__(self, body) -> None:
+    def __init__(self, body, max_messages: int) -> None:
         if not isinstance(body, dict):
             raise _bad_request("the body must be a JSON object", "")
         _refuse_unsupported(body)
@@ -648,7 +652,7 @@ class ChatCall:
         self.request = pb.ChatRequest(
             model=model,
             session_id=self.session_id,
-            messages=_messages(body.get("messages")),
+            messages=_messages(body.get("messages"), max_messages),
             parameters=_parameters(body),
             cache_policy=CACHE_POLICIES[cache_policy],
         )
@@ -667,6 +671,16 @@ class ChatCall:
             options = {}
         if not isinstance(options, dict):
             raise _bad_request("stream_options must be an object", "stream_options")
+        for name in options:
+            if name != "include_usage":
+                # Refused as any unknown field: a misspelt include_usage
+                # streamed with no usage and no error.
+                shown = name if is_text(name) else ascii(name)
+                raise _bad_request(
+                    f"stream_options: Unrecognized argument supplied: {shown}",
+                    "stream_options",
+                    Reason.UNSUPPORTED_PARAMETER,
+                )
         include_usage = options.get("include_usage")
         if include_usage is not None and not isinstance(include_usage, bool):
             # Not truthiness: "yes" or 1 would silently send no usage.
@@ -911,7 +925,7 @@ class HttpEdge:
         return await self._auth.authenticate(metadata)
 
     async def _chat(self, tenant: Tenant, body: bytes, response: _Response, scope) -> None:
-        call = ChatCall(_parse_json(body))
+        call = ChatCall(_parse_json(body), self._settings.max_messages)
         completion_id = f"chatcmpl-{response.request_id}"
         try:
             with _tracer.start_as_current_span(
@@ -1069,6 +1083,9 @@ class HttpEdge:
         texts = body.get("input")
         if isinstance(texts, str):
             texts = [texts]
+        if isinstance(texts, list):
+            # Before each is looked into, on the event loop every stream shares.
+            self._embeddings_core.check_text_count(len(texts))
         if not isinstance(texts, list) or not all(is_text(text) for text in texts):
             raise _bad_request("input must be a string or an array of strings (token arrays: no)", "input")
         encoding = body.get("encoding_format")

@@ -13,11 +13,11 @@ import pytest
 from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, not_found
 from meshgate.reasons import Reason
+from services.router import http_edge
 from services.router.admission import TenantCalls
 from services.router.auth import Authenticator
 from services.router.http_edge import (
     CACHE_POLICIES,
-    ChatCall,
     HttpEdge,
     _Chunks,
     _parse_json,
@@ -36,6 +36,10 @@ SURROGATE = "\ud800"
 # More digits than a float holds (float() overflows), fewer than Python's
 # limit on converting digits to an int (4,300).
 HUGE_INT = int("1" * 400)
+
+
+def ChatCall(body) -> http_edge.ChatCall:  # noqa: N802 - the class, with the router's default cap
+    return http_edge.ChatCall(body, RouterSettings().max_messages)
 
 
 def chat(**fields) -> dict:
@@ -311,6 +315,28 @@ async def test_an_embeddings_field_the_edge_does_not_know_is_refused():
     status, body = await posted(edge, "/v1/embeddings", {"model": "minilm", "input": "hi", "truncate": True})
     assert status == 400
     assert (body["error"]["code"], body["error"]["param"]) == ("UNSUPPORTED_PARAMETER", "truncate")
+
+
+def test_messages_past_the_cap_are_refused_before_any_is_read():
+    """A review's finding: the edge made a protobuf Message of each element
+    before the pipeline counted them, on the event loop every stream shares
+    (270,000 empty messages in an 8 MB body held it 1.2 s). Past the cap,
+    the count is the answer, whatever the elements are."""
+    cap = RouterSettings().max_messages
+    reason, param, message = refusal(chat(messages=[5] * (cap + 1)))
+    assert (reason, param) == ("TOO_MANY_MESSAGES", "messages")
+    assert f"at most {cap} messages" in message
+    # At the cap, the elements are read (and this one refused for its shape).
+    assert refusal(chat(messages=[5] * cap))[0] == "MALFORMED_REQUEST"
+
+
+def test_a_stream_options_key_the_edge_does_not_know_is_refused():
+    """A review's finding: a misspelt include_usage streamed with no usage
+    and no error, where every other unknown field is refused."""
+    assert refusal(chat(stream=True, stream_options={"include_usag": True}))[:2] == (
+        "UNSUPPORTED_PARAMETER",
+        "stream_options",
+    )
 
 
 def test_include_usage_false_and_empty_options_stream_without_usage():

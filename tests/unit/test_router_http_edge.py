@@ -318,6 +318,20 @@ async def test_embeddings_go_to_the_next_inference_service_when_one_is_busy_or_a
     assert (busy_one.calls, away.calls, serving.calls) == (1, 1, 1)
 
 
+async def test_embedding_inputs_past_the_cap_are_refused_before_any_is_read():
+    """A review's finding: each of 2 million inputs had its type checked on
+    the event loop (0.15 s) before their count was. Past the cap, the count
+    is the answer, whatever the inputs are; nothing reaches a service."""
+    stub = EmbedStub()
+    cap = 4  # test_router_embeddings.core's inference.max_embed_texts
+    status, body = await embeddings(InferenceServices(stub), input=[5] * (cap + 1))
+    assert status == 400, body
+    assert body["error"]["code"] == "TOO_MANY_TEXTS"
+    assert stub.calls == 0
+    status, body = await embeddings(InferenceServices(stub), input=[5] * cap)
+    assert (status, body["error"]["code"]) == (400, "MALFORMED_REQUEST")
+
+
 @pytest.mark.parametrize("encoding", ["", 0, False, [], {}, "int8"])
 async def test_an_encoding_format_neither_float_nor_base64_is_refused(encoding):
     """A bug hunt's finding: a falsy encoding_format ("", 0, false, [], {})
