@@ -839,7 +839,21 @@ class HttpEdge:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
             return
-        response = _Response(send, uuid.uuid4().hex)
+        # One server span a request, opened before its key or body is read
+        # and continuing the caller's trace, as the gRPC port's interceptor
+        # gives every call: a review found a 401, a malformed body, a
+        # refused parameter or a model list left no span at all (the chat
+        # and embeddings spans began once the body had been judged).
+        with _tracer.start_as_current_span(
+            scope["method"],
+            context=_caller_context(scope),
+            kind=trace.SpanKind.SERVER,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            await self._answer(scope, receive, _Response(send, uuid.uuid4().hex), span)
+
+    async def _answer(self, scope, receive, response: _Response, span: trace.Span) -> None:
         started, route_label = time.perf_counter(), _UNKNOWN_ROUTE
         try:
             route = self._routes.get(scope["path"])
@@ -912,6 +926,7 @@ class HttpEdge:
             self._requests.observe(
                 "router", route_label, response.code.name, response.reason, time.perf_counter() - started
             )
+            _describe(span, scope["method"], route_label, response)
 
     # --- handlers --------------------------------------------------------------
 
@@ -928,29 +943,26 @@ class HttpEdge:
         call = ChatCall(_parse_json(body), self._settings.max_messages)
         completion_id = f"chatcmpl-{response.request_id}"
         try:
-            with _tracer.start_as_current_span(
-                "POST /v1/chat/completions", context=_caller_context(scope), kind=trace.SpanKind.SERVER
-            ):
 
-                async def saving(session_id: str) -> None:
-                    response.saving = True
+            async def saving(session_id: str) -> None:
+                response.saving = True
 
-                events = self._pipeline.run(
-                    call.request,
-                    tenant,
-                    call.session_id,
-                    Budget(),
-                    create_session=call.create_session,
-                    # Streamed, the last chunk goes in one write with the end.
-                    carry_last_text=call.stream,
-                    before_saving=saving,
-                    whole=not call.stream,
-                )
-                async with contextlib.aclosing(events):
-                    if call.stream:
-                        await self._stream(call, events, response, completion_id)
-                    else:
-                        await self._whole(call, events, response.send, completion_id)
+            events = self._pipeline.run(
+                call.request,
+                tenant,
+                call.session_id,
+                Budget(),
+                create_session=call.create_session,
+                # Streamed, the last chunk goes in one write with the end.
+                carry_last_text=call.stream,
+                before_saving=saving,
+                whole=not call.stream,
+            )
+            async with contextlib.aclosing(events):
+                if call.stream:
+                    await self._stream(call, events, response, completion_id)
+                else:
+                    await self._whole(call, events, response.send, completion_id)
         except MeshgateError as error:
             if call.max_tokens_field != "max_tokens" and _PARAM_OF_REASON.get(error.reason) == "max_tokens":
                 # The pipeline judges the value as max_tokens; the caller sent the other name.
@@ -1096,10 +1108,7 @@ class HttpEdge:
             raise _bad_request("encoding_format must be float or base64", "encoding_format")
         if body.get("dimensions") is not None:
             raise _bad_request("dimensions is not supported", "dimensions", Reason.UNSUPPORTED_PARAMETER)
-        with _tracer.start_as_current_span(
-            "POST /v1/embeddings", context=_caller_context(scope), kind=trace.SpanKind.SERVER
-        ):
-            embedded = await self._embeddings_core.embed(tenant, model, texts)
+        embedded = await self._embeddings_core.embed(tenant, model, texts)
         dimensions = embedded.dimensions
         row_bytes = 4 * dimensions
         data = []
@@ -1146,6 +1155,8 @@ class _Response:
         # as a stream's error event after its 200.
         self.code = grpc.StatusCode.OK
         self.reason = ""
+        # The HTTP status sent, once sent (its request span's).
+        self.status: int | None = None
 
     def failed(self, error: MeshgateError) -> None:
         self.failed_with(error.code, error.reason)
@@ -1157,6 +1168,7 @@ class _Response:
     async def send(self, message) -> None:
         self.started = True
         if message["type"] == "http.response.start":
+            self.status = message["status"]
             headers = [*message.get("headers", ()), (b"x-request-id", self.request_id.encode())]
             message = dict(message, headers=headers)
         await self._send(message)
@@ -1180,6 +1192,25 @@ async def _to_the_end(events) -> None:
     cancelled (services/router/pipeline.py)."""
     async for _ in events:
         pass
+
+
+def _describe(span: trace.Span, method: str, route: str, response: _Response) -> None:
+    """A request's server span, as OpenTelemetry's HTTP conventions name
+    and describe one: its route (the template, never a model's id from the
+    path), its status, and an error for a 5xx or for a stream that failed
+    after its 200 (its error event: the status alone says OK)."""
+    span.set_attribute("http.request.method", method)
+    if route != _UNKNOWN_ROUTE:  # no route: the span is named by its method alone
+        span.update_name(f"{method} {route}")
+        span.set_attribute("http.route", route)
+    if response.status is not None:
+        span.set_attribute("http.response.status_code", response.status)
+    if response.code != grpc.StatusCode.OK:
+        span.set_attribute("error.type", response.reason or response.code.name)
+        # A 4xx is the caller's error, not the server's; a client that left is neither.
+        server_side = response.status is None or response.status >= 500 or response.status == 200
+        if server_side and response.code != grpc.StatusCode.CANCELLED:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, response.reason or response.code.name))
 
 
 def _caller_context(scope):

@@ -13,6 +13,10 @@ import pytest
 import uvicorn
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
@@ -21,6 +25,7 @@ from meshgate.config import ModelSettings, RouterSettings
 from meshgate.errors import MeshgateError, busy_unavailable, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
+from services.router import http_edge
 from services.router.admission import TenantCalls
 from services.router.auth import Authenticator
 from services.router.deployments import OpenCalls
@@ -961,3 +966,58 @@ async def test_http_requests_are_counted_by_route_and_outcome_never_by_what_the_
         # A failure sent as the stream's error event, after its 200.
         ("/v1/chat/completions", "RESOURCE_EXHAUSTED", Reason.SESSION_FULL): 1,
     }
+
+
+async def asked(edge: HttpEdge, method: str, path: str, body: bytes, headers: list) -> int:
+    """The status of one request straight through the edge's ASGI callable."""
+    received = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        if received:
+            return received.pop(0)
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": headers}
+    await asyncio.wait_for(edge(scope, receive, send), 5)
+    return sent[0]["status"]
+
+
+async def test_every_http_request_has_a_server_span_in_the_callers_trace(monkeypatch):
+    """A review's finding: a 401, a malformed body, a refused parameter, a
+    model list left no span (the chat span began once the body had been
+    judged), where the gRPC port gives every call one. Each request below
+    gets one SERVER span, in the caller's trace, named by its route (the
+    template, not the model's id), with its status; only a 5xx or a failure
+    after a 200 is an error of the server's."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(http_edge, "_tracer", provider.get_tracer("test"))
+    settings = RouterSettings(dev_api_key=KEY)
+    failing = ScriptedPipeline([Delta(text="Hel"), Failure(unavailable(Reason.DOWNSTREAM_FAILED, "gone"))])
+    edge = HttpEdge(settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), failing, None)
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    caller = (b"traceparent", f"00-{trace_id}-b7ad6b7169203331-01".encode())
+    key = (b"authorization", f"Bearer {KEY}".encode())
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    completions = "/v1/chat/completions"
+    cases = [
+        ("GET", "/v1/models", b"", [caller], 401, "GET /v1/models", False),
+        ("POST", completions, b"{not json", [caller, key], 400, f"POST {completions}", False),
+        ("GET", "/v1/models", b"", [caller, key], 200, "GET /v1/models", False),
+        ("GET", "/v1/models/m", b"", [caller, key], 200, "GET /v1/models/{id}", False),
+        ("GET", "/nowhere", b"", [caller, key], 404, "GET", False),
+        ("POST", completions, chat.encode(), [caller, key], 200, f"POST {completions}", True),
+    ]
+    for method, path, body, headers, status, name, error in cases:
+        exporter.clear()
+        assert await asked(edge, method, path, body, headers) == status
+        (span,) = exporter.get_finished_spans()
+        assert span.kind == trace.SpanKind.SERVER
+        assert format(span.context.trace_id, "032x") == trace_id
+        assert (span.name, span.attributes["http.response.status_code"]) == (name, status)
+        assert (span.status.status_code == trace.StatusCode.ERROR) is error, (name, status)
