@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-import functools
 import hashlib
 import itertools
 import math
@@ -299,6 +298,37 @@ def prefix_blocks(units: Sequence[int] | str, block_size: int, salt: str = "") -
     return tuple(hashes)
 
 
+class PrefixRecord:
+    """What :meth:`PrefixIndex.record` did for one send: the target,
+    the prompt's blocks, how many leading ones the target was believed to
+    hold before it (``believed``), when each was last routed there before
+    it (``earlier``, None for none). Called, it takes itself back: each
+    block it touched that no later record or confirm did goes back to what
+    was believed before (forgotten, or held since its earlier time, though
+    now among the newest: the LRU order is approximate anyway)."""
+
+    def __init__(
+        self,
+        key: str,
+        blocks: tuple[int, ...],
+        believed: int,
+        earlier: dict[int, float | None],
+        held: collections.OrderedDict[int, float],
+        at: float,
+    ) -> None:
+        self.key, self.blocks, self.believed, self.earlier = key, blocks, believed, earlier
+        self._held, self._at = held, at
+
+    def __call__(self) -> None:
+        for block, earlier in self.earlier.items():
+            if self._held.get(block) != self._at:
+                continue
+            if earlier is None:
+                del self._held[block]
+            else:
+                self._held[block] = earlier
+
+
 class PrefixIndex:
     """Which prompt-prefix blocks each target is believed to hold, learned
     from what was routed there: approximate, since a model server evicts on
@@ -331,15 +361,17 @@ class PrefixIndex:
             count += 1
         return count
 
-    def record(self, key: str, blocks: Sequence[int]) -> Callable[[], None]:
+    def record(self, key: str, blocks: Sequence[int]) -> PrefixRecord:
         """The target computes (so caches) these blocks: they are its newest.
-        Returns what takes this record back, for a target that then refuses
-        the request unread (no room, its model not loaded): it computed none
-        of them, and believed to hold them it would draw the next requests
-        sharing the prefix, to be refused there first again. Recorded at the
-        send, not at the first output, so that requests sharing a prefix
-        that arrive while the first one's prompt is computed (seconds on a
-        CPU) go where it will be held."""
+        Returns the record, which :meth:`confirm` judges the model's report
+        against and which, called, takes itself back, for a target that
+        then refuses the request unread (no room, its model not loaded): it
+        computed none of them, and believed to hold them it would draw the
+        next requests sharing the prefix, to be refused there first again.
+        Recorded at the send, not at the first output, so that requests
+        sharing a prefix that arrive while the first one's prompt is
+        computed (seconds on a CPU) go where it will be held."""
+        believed = self.overlap(key, blocks)
         held = self._held[key]
         now = self._clock()
         before = {}
@@ -349,38 +381,28 @@ class PrefixIndex:
             held.move_to_end(block)
         while len(held) > self.max_blocks:
             held.popitem(last=False)
-        return functools.partial(self._withdraw, held, before, now)
+        return PrefixRecord(key, tuple(blocks), believed, before, held, now)
 
-    @staticmethod
-    def _withdraw(
-        held: collections.OrderedDict[int, float], before: dict[int, float | None], at: float
-    ) -> None:
-        """Takes back the record made ``at``: each block it touched that no
-        later record or confirm did goes back to what was believed before
-        (forgotten, or held since its earlier time, though now among the
-        newest: the LRU order is approximate anyway)."""
-        for block, earlier in before.items():
-            if held.get(block) != at:
-                continue
-            if earlier is None:
-                del held[block]
-            else:
-                held[block] = earlier
-
-    def confirm(self, key: str, blocks: Sequence[int], cached_units: int) -> None:
-        """The model reports it reused `cached_units` of this prompt. Where we
-        believed it held more, it evicted blocks we thought it had; its cache
-        is LRU, so whatever we last routed there before those is gone too."""
-        held = self._held.get(key)
+    def confirm(self, record: PrefixRecord, cached_units: int) -> None:
+        """The model reports it reused ``cached_units`` of the prompt of
+        ``record``. Where we believed, before its send, that it held more,
+        it evicted blocks we thought it had; its cache is LRU, so whatever
+        we last routed there before those is gone too. Judged against the
+        belief before the send, not the index now: the send's own record
+        says every block of the prompt is held, and read as a belief, a new
+        prompt's report (nothing reused, as for every prompt first seen)
+        was an eviction of the whole target's index (a review, 2026-12-06:
+        each server's index held one conversation, the last to complete)."""
+        held = self._held.get(record.key)
         actual = cached_units // self.block_size
-        if held and actual < len(blocks):
-            missed = held.get(blocks[actual])
+        if held and actual < record.believed:
+            missed = record.earlier[record.blocks[actual]]
             if missed is not None:
                 for block, seen in list(held.items()):
                     if seen > missed:
                         break
                     del held[block]
-        self.record(key, blocks)
+        self.record(record.key, record.blocks)
 
     def size(self, key: str) -> int:
         return len(self._held.get(key, ()))
@@ -414,8 +436,9 @@ class Strategy:
         prefix strategy believes it holds some (ask before routed())."""
         return request.prompt_units
 
-    def reported(self, target: Target, request: RouteRequest, cached_units: int) -> None:
-        """The target's model says how much of the prompt it served from cache."""
+    def reported(self, target: Target, routed: Callable[[], None], cached_units: int) -> None:
+        """The target's model says how much of the prompt it served from
+        cache; ``routed`` is what :meth:`routed` returned for its send."""
 
 
 class _Rotation:
@@ -558,8 +581,8 @@ class _PrefixStrategy(Strategy):
         cached = self.index.overlap(target.key, request.prefix_blocks) * self.index.block_size
         return max(request.prompt_units - cached, 0)
 
-    def reported(self, target, request, cached_units):
-        self.index.confirm(target.key, request.prefix_blocks, cached_units)
+    def reported(self, target, routed, cached_units):
+        self.index.confirm(routed, cached_units)
 
 
 class PrefixAffinity(_PrefixStrategy):

@@ -156,14 +156,16 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     cache_salt=request.tenant_id,
                 )
                 probing = backend.health.begin()
-                take_back_route = strategy.routed(backend, route)
+                # Called, it takes the route back (the server refused the
+                # request unread); reported, it is what the report is judged by.
+                routing = strategy.routed(backend, route)
                 try:
                     async for response in stream:
                         if response.HasField("completion"):
                             backend.health.record_success()
                             if stream.cached_tokens is not None:
                                 # What the model says it held corrects what we believed.
-                                strategy.reported(backend, route, stream.cached_tokens)
+                                strategy.reported(backend, routing, stream.cached_tokens)
                         yield response
                     return
                 except (grpc.aio.AioRpcError, MeshgateError) as error:
@@ -181,7 +183,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                         # Once a server: a stream that fails so again is the server's doing.
                         revived.add(backend.address)
                         tried.discard(backend.address)
-                        take_back_route()
+                        routing()
                         if probing:
                             # No outcome of the server's: the next stream is the probe.
                             backend.health.release_probe(probing)
@@ -207,7 +209,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     if error.code() == grpc.StatusCode.UNAVAILABLE and not stream.started:
                         # Refused (its model unloaded, its stub dead) or lost
                         # before an answer: not believed to hold the prompt.
-                        take_back_route()
+                        routing()
                         self._unavailable_servers.warning(
                             "triton unavailable, trying another",
                             per=backend.address,

@@ -296,18 +296,45 @@ def test_prefix_index_confirm_drops_what_the_model_evicted():
     index.record("a", old)
     clock.now += 1
     prompt = blocks(8, start=5_000)
-    index.record("a", prompt)
+    index.record("a", prompt)  # an earlier request with this prompt
     clock.now += 1
-    # We believed 8 blocks were held; the model reused only 3 (48 tokens).
-    assert index.overlap("a", prompt) == 8
-    index.confirm("a", prompt, cached_units=48)
+    # This request's send: we believe all 8 blocks are held; the model
+    # reused only 3 (48 tokens).
+    sent = index.record("a", prompt)
+    assert sent.believed == 8
+    index.confirm(sent, cached_units=48)
     # What was routed there before the missed block is gone too (LRU); the
     # prompt itself is now cached again in full.
     assert index.overlap("a", old) == 0
     assert index.overlap("a", prompt) == 8
     # A report that agrees changes nothing.
-    index.confirm("a", prompt, cached_units=8 * 16)
+    index.confirm(index.record("a", prompt), cached_units=8 * 16)
     assert index.overlap("a", prompt) == 8
+
+
+def test_a_new_prompts_report_evicts_nothing():
+    """A review's finding (2026-12-06): the servicer records a prompt at its
+    send and confirms at its completion; a prompt the server never saw
+    reports nothing reused, and confirm read the send's own record as a
+    belief the model had broken, so it dropped every block recorded before
+    it: each server's index held only the last conversation to complete,
+    and turn 2 of the others lost their server (2 of 6 over two real
+    Tritons). Judged against the belief before the send, a new prompt's
+    report takes nothing away."""
+    clock = Clock()
+    index = PrefixIndex(16, clock=clock)
+    conversations = [blocks(8, start=1_000 * n) for n in range(6)]
+    for prompt in conversations:
+        sent = index.record("a", prompt)
+        clock.now += 1
+        index.confirm(sent, cached_units=0)
+    assert [index.overlap("a", prompt) for prompt in conversations] == [8] * 6
+    # Turn 2 of the first: its first turn held, the model reports it reused.
+    turn_2 = conversations[0] + blocks(2, start=50_000)
+    sent = index.record("a", turn_2)
+    assert sent.believed == 8
+    index.confirm(sent, cached_units=8 * 16)
+    assert [index.overlap("a", prompt) for prompt in conversations] == [8] * 6
 
 
 # --- health: breakers and ejection ---------------------------------------------------------
