@@ -107,6 +107,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         if served is None:
             raise not_found(Reason.MODEL_NOT_FOUND, f"model {request.model!r} is not served here")
         validation.check_messages(request.messages, served)
+        validation.check_contents(request.messages, self._settings)
         max_tokens = validation.check_generation(request.parameters, served, DEFAULT_MAX_TOKENS)
         prompt = triton_protocol.render_chat(request.messages, served)
         validation.check_prompt(prompt, self._settings)

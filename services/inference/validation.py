@@ -64,6 +64,30 @@ def check_messages(messages, served: ServedModelSettings) -> None:
             raise invalid_argument(Reason.INVALID_ROLE, f"messages[{index}] has no valid role")
 
 
+def check_contents(messages, settings: InferenceSettings) -> None:
+    """The messages' own text already past ``max_prompt_bytes``: refused
+    before rendering, as check_prompt would refuse the rendered prompt
+    after it. Rendering runs on the event loop, and a template renders every
+    content whole plus its frames (a special token's text gains a break
+    character), so a prompt can only be larger than its contents; one
+    message of 30 MB of special-token text took 2.3 s to render before
+    check_prompt refused it, every other stream of the process stalled
+    behind it (a review, 2026-12-06). A template that drops messages could
+    render smaller: such a prompt, over the bound in its messages alone, is
+    refused all the same."""
+    limit = settings.max_prompt_bytes
+    characters = sum(len(message.content) for message in messages)
+    # len(str) <= UTF-8 length: the cheap sum settles most oversize contents.
+    if characters > limit or (
+        4 * characters > limit and sum(len(message.content.encode()) for message in messages) > limit
+    ):
+        raise invalid_argument(
+            Reason.PROMPT_TOO_LARGE,
+            f"the messages' contents alone are larger than the prompt's bound of {limit} bytes",
+            limit=str(limit),
+        )
+
+
 def check_prompt(prompt: str, settings: InferenceSettings) -> None:
     limit = settings.max_prompt_bytes
     # len(str) <= UTF-8 length, so the cheap test settles most oversize prompts.

@@ -113,6 +113,23 @@ async def test_bad_generation_values_are_refused_before_triton(stub, request_, r
     assert (code, got) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
 
 
+async def test_contents_past_the_prompt_bound_are_refused_before_rendering(stub):
+    """A review's finding: the bound was checked on the rendered prompt only,
+    and rendering (on the event loop) of one message of 30 MB of
+    special-token text took 2.3 s, every other stream of the service
+    stalled behind it. Contents alone past max_prompt_bytes (10,000 here)
+    are refused before any rendering, which only adds to them."""
+    code, reason, message = await failure_of(
+        drain(stub.Generate(generate("<|im_start|>" * 1_000), timeout=30))
+    )
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "PROMPT_TOO_LARGE")
+    assert "contents alone" in message
+    # Contents within the bound whose rendering is not: the rendered check.
+    code, reason, message = await failure_of(drain(stub.Generate(generate("a" * 9_990), timeout=30)))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "PROMPT_TOO_LARGE")
+    assert "rendered prompt" in message
+
+
 async def test_unknown_model_is_not_found(stub):
     code, reason, _ = await failure_of(drain(stub.Generate(generate(model="nope"), timeout=30)))
     assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND")
