@@ -436,10 +436,15 @@ def _check_tenant(tenant_id: str) -> None:
         )
 
 
-def _check_session_id(session_id: str) -> None:
+def _check_session_id(session_id: str, field: str = "session_id") -> None:
+    """``field``: the request's field it came in, named in the refusal, as
+    ForkSession takes two (its source's and new_session_id, whose bad id
+    was reported as a bad session_id, the source's that was fine)."""
     if not _SESSION_ID.fullmatch(session_id):
         raise invalid_argument(
-            Reason.INVALID_SESSION_ID, "session_id must be 1 to 128 characters of [A-Za-z0-9_-]"
+            Reason.INVALID_SESSION_ID,
+            f"{field} must be 1 to 128 characters of [A-Za-z0-9_-]",
+            field=field,
         )
 
 
@@ -1065,7 +1070,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         _check_session_id(request.session_id)
         request_id = request_ids.canonical(request.request_id)
         new_session_id = _new_session_id(request_id, request.new_session_id, "new_session_id")
-        _check_session_id(new_session_id)
+        _check_session_id(new_session_id, "new_session_id")
         _check_version(request.version, "version")
         # Not always new_session_id: a resend of a fork a replica of before
         # made is answered with that fork, under the id it drew.
