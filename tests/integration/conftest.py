@@ -60,6 +60,36 @@ def stop_stack(stack: Stack) -> None:
     stack.stop()
 
 
+# Tries at a Triton whose port another process took first.
+_PORT_TRIES = 3
+
+
+def ready_triton(log_file: pathlib.Path, models: tuple[str, ...], ports: int = 1, **launch) -> tuple:
+    """A tritonserver launched with ``launch`` (triton.launch's arguments but
+    its ports and log) and ready, on ``ports`` free ports (gRPC, then
+    metrics): (process, grpc_port[, metrics_port]). free_port() hands out a
+    port nothing listens on, but another process of the run (another
+    worker's stack) may bind it before Triton does: seen once in make test,
+    "Socket '127.0.0.1:26052' already in use" in the log and a fuzz module's
+    every test in error. Such a start is tried again on other ports."""
+    for attempt in range(_PORT_TRIES):
+        chosen = [free_port() for _ in range(ports)]
+        metrics = {"metrics_port": chosen[1]} if ports > 1 else {}
+        process = triton.launch(grpc_port=chosen[0], log_file=log_file, models=models, **metrics, **launch)
+        try:
+            triton.wait_ready(f"127.0.0.1:{chosen[0]}", models, timeout=120, process=process)
+        except RuntimeError:
+            end_triton(process)
+            if attempt + 1 < _PORT_TRIES and "already in use" in log_file.read_text(errors="replace"):
+                continue
+            raise
+        except BaseException:
+            end_triton(process)
+            raise
+        return (process, *chosen)
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def launched_triton(
     tmp_path_factory: pytest.TempPathFactory,
@@ -71,10 +101,8 @@ def launched_triton(
     build_model_weights()
     state_dir = tmp_path_factory.mktemp("triton")
     log_path = state_dir / "triton.log"
-    port = free_port()
-    process = triton.launch(repository, grpc_port=port, state_dir=state_dir, log_file=log_path, models=models)
+    process, port = ready_triton(log_path, models, model_repository=repository, state_dir=state_dir)
     try:
-        triton.wait_ready(f"127.0.0.1:{port}", models, timeout=120, process=process)
         yield f"127.0.0.1:{port}", log_path
     finally:
         end_triton(process)
@@ -134,17 +162,10 @@ def cached_and_uncached(tmp_path_factory: pytest.TempPathFactory, model: str):
     (uncached / "1").symlink_to(shipped / "1", target_is_directory=True)
     (uncached / "config.pbtxt").write_text(uncached_config(model))
     models = (model, f"{model}_uncached")
-    grpc_port, metrics_port = free_port(), free_port()
-    process = triton.launch(
-        model_repository=repository,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-        state_dir=state_dir,
-        log_file=state_dir / "triton.log",
-        models=models,
+    process, grpc_port, metrics_port = ready_triton(
+        state_dir / "triton.log", models, ports=2, model_repository=repository, state_dir=state_dir
     )
     try:
-        triton.wait_ready(f"127.0.0.1:{grpc_port}", models, timeout=120, process=process)
         yield PrefixServer(
             f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", state_dir / "triton.log"
         )
