@@ -281,10 +281,9 @@ class InferenceServices:
         return [(stub, OpenCalls()) for stub in self.stubs]
 
 
-async def posted(edge: HttpEdge, path: str, body: dict) -> tuple[int, dict]:
-    """The status and JSON body of one POST of ``body`` to ``path`` with
-    the development key, straight through the edge's ASGI callable."""
-    received = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+async def exchanged(edge: HttpEdge, method: str, path: str, body: bytes, headers: list) -> list[dict]:
+    """The ASGI messages the edge sends for one request, straight through its callable."""
+    received = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict] = []
 
     async def receive():
@@ -295,13 +294,16 @@ async def posted(edge: HttpEdge, path: str, body: dict) -> tuple[int, dict]:
     async def send(message):
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": path,
-        "headers": [(b"authorization", f"Bearer {KEY}".encode())],
-    }
+    scope = {"type": "http", "method": method, "path": path, "headers": headers}
     await asyncio.wait_for(edge(scope, receive, send), 5)
+    return sent
+
+
+async def posted(edge: HttpEdge, path: str, body: dict) -> tuple[int, dict]:
+    """The status and JSON body of one POST of ``body`` to ``path`` with
+    the development key, straight through the edge's ASGI callable."""
+    key = [(b"authorization", f"Bearer {KEY}".encode())]
+    sent = await exchanged(edge, "POST", path, json.dumps(body).encode(), key)
     return sent[0]["status"], json.loads(b"".join(message.get("body", b"") for message in sent))
 
 
@@ -926,25 +928,7 @@ async def test_http_requests_are_counted_by_route_and_outcome_never_by_what_the_
     )
 
     async def ask(method: str, path: str, key: str = KEY, body: bytes = b"") -> int:
-        scope = {
-            "type": "http",
-            "method": method,
-            "path": path,
-            "headers": [(b"authorization", f"Bearer {key}".encode())],
-        }
-        parts = [{"type": "http.request", "body": body, "more_body": False}]
-        sent: list[dict] = []
-
-        async def receive():
-            if parts:
-                return parts.pop(0)
-            await asyncio.Event().wait()
-
-        async def send(message):
-            sent.append(message)
-
-        await asyncio.wait_for(edge(scope, receive, send), 5)
-        return next(message for message in sent if message["type"] == "http.response.start")["status"]
+        return await asked(edge, method, path, body, [(b"authorization", f"Bearer {key}".encode())])
 
     before = http_requests()
     streamed_chat = json.dumps(
@@ -970,20 +954,8 @@ async def test_http_requests_are_counted_by_route_and_outcome_never_by_what_the_
 
 async def asked(edge: HttpEdge, method: str, path: str, body: bytes, headers: list) -> int:
     """The status of one request straight through the edge's ASGI callable."""
-    received = [{"type": "http.request", "body": body, "more_body": False}]
-    sent: list[dict] = []
-
-    async def receive():
-        if received:
-            return received.pop(0)
-        await asyncio.Event().wait()
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {"type": "http", "method": method, "path": path, "headers": headers}
-    await asyncio.wait_for(edge(scope, receive, send), 5)
-    return sent[0]["status"]
+    sent = await exchanged(edge, method, path, body, headers)
+    return next(message for message in sent if message["type"] == "http.response.start")["status"]
 
 
 async def test_every_http_request_has_a_server_span_in_the_callers_trace(monkeypatch):
