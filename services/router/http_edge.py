@@ -625,6 +625,13 @@ def _refuse_unsupported(body: dict) -> None:
     _check_informational(body)
 
 
+# OpenAI's stream options, both booleans. include_obfuscation asks for (or, set
+# false as OpenAI suggests to save bandwidth, against) random padding on each
+# chunk that hides its length: meshgate adds none, so either value is served as
+# false, its default here.
+_STREAM_OPTIONS = frozenset({"include_usage", "include_obfuscation"})
+
+
 class ChatCall:
     """One ``/v1/chat/completions`` body, checked for shape (the pipeline
     checks the values, as for a gRPC turn)."""
@@ -672,7 +679,7 @@ class ChatCall:
         if not isinstance(options, dict):
             raise _bad_request("stream_options must be an object", "stream_options")
         for name in options:
-            if name != "include_usage":
+            if name not in _STREAM_OPTIONS:
                 # Refused as any unknown field: a misspelt include_usage
                 # streamed with no usage and no error.
                 shown = name if is_text(name) else ascii(name)
@@ -681,10 +688,10 @@ class ChatCall:
                     "stream_options",
                     Reason.UNSUPPORTED_PARAMETER,
                 )
+            if options[name] is not None and not isinstance(options[name], bool):
+                # Not truthiness: "yes" or 1 would silently send no usage.
+                raise _bad_request(f"stream_options.{name} must be a boolean", "stream_options")
         include_usage = options.get("include_usage")
-        if include_usage is not None and not isinstance(include_usage, bool):
-            # Not truthiness: "yes" or 1 would silently send no usage.
-            raise _bad_request("stream_options.include_usage must be a boolean", "stream_options")
         self.include_usage = self.stream and include_usage is True
 
 

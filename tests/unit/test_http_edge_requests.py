@@ -332,9 +332,20 @@ def test_messages_past_the_cap_are_refused_before_any_is_read():
 
 def test_a_stream_options_key_the_edge_does_not_know_is_refused():
     """A review's finding: a misspelt include_usage streamed with no usage
-    and no error, where every other unknown field is refused."""
+    and no error, where every other unknown field is refused. OpenAI's other
+    option, include_obfuscation (its SDK's StreamOptions), is served: meshgate
+    pads no chunk, whichever is asked; of another type than boolean, refused."""
     assert refusal(chat(stream=True, stream_options={"include_usag": True}))[:2] == (
         "UNSUPPORTED_PARAMETER",
+        "stream_options",
+    )
+    for obfuscation in (False, True, None):
+        call = ChatCall(
+            chat(stream=True, stream_options={"include_obfuscation": obfuscation, "include_usage": True})
+        )
+        assert call.stream and call.include_usage
+    assert refusal(chat(stream=True, stream_options={"include_obfuscation": "no"}))[:2] == (
+        "MALFORMED_REQUEST",
         "stream_options",
     )
 
