@@ -190,6 +190,11 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                             backend.health.release_probe(probing)
                         log.info("idle triton stream gone, opening another", backend=backend.address)
                         continue
+                    if not stream.heard:
+                        # Failed before the model answered: believed held,
+                        # its prompt would draw the conversation's next turn
+                        # there to a model that may have cached none of it.
+                        routing()
                     if isinstance(error, MeshgateError):
                         if error.reason == Reason.STREAM_ENDED_EARLY:
                             backend.health.record_failure()
@@ -227,6 +232,13 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                     # trial let in (balancing.Health.release_probe).
                     if probing:
                         backend.health.release_probe(probing)
+                    if not stream.heard:
+                        # Left during its prefill: the bundled models cache
+                        # nothing of a request cancelled then. Believed held,
+                        # its prompt made its resend's report (the earlier
+                        # turn's blocks reused) read as an eviction of every
+                        # block routed there before (a review, 2026-12-06).
+                        routing()
                     raise
         finally:
             self._generations -= 1

@@ -78,3 +78,19 @@ async def test_a_prefix_blind_strategy_spreads_a_prefix_over_both_servers(two_tr
     answered = await backends_of(urls, "least_outstanding", prompts)
     # One request at a time: ties rotate, so the prefix is computed on both servers.
     assert len(set(answered)) == 2
+
+
+async def test_kv_cost_remembers_every_conversation_not_only_the_last(two_tritons):
+    """A review's finding (2026-12-06): each completion's report of a prompt
+    first seen (nothing reused) was read as an eviction of everything routed
+    to that server before it, so each server's index held only its last
+    conversation, and second turns were sent wherever ties rotated (4 of 6
+    on the server holding their first turn). Six first turns, then their
+    second turns out of order: each goes where its first turn is cached."""
+    urls, _ = two_tritons
+    firsts = [f"talk {n}: " + " ".join(f"topic {n}{i} was discussed" for i in range(40)) for n in range(6)]
+    order = [0, 2, 4, 1, 3, 5]
+    answered = await backends_of(urls, "kv_cost", firsts + [f"{firsts[n]} and then?" for n in order])
+    first_turns, second_turns = answered[:6], answered[6:]
+    assert set(first_turns) == set(urls), "the first turns use both servers"
+    assert [first_turns[n] for n in order] == second_turns

@@ -337,6 +337,34 @@ def test_a_new_prompts_report_evicts_nothing():
     assert [index.overlap("a", prompt) for prompt in conversations] == [8] * 6
 
 
+def test_a_send_taken_back_leaves_no_belief_for_its_resend_to_break():
+    """The final read's finding (2026-12-06): a send whose caller left
+    during its prefill (the bundled models cache nothing of it) stayed
+    recorded, so its resend believed the whole prompt held, and the model's
+    report (only the first turn reused) read as an eviction of every block
+    routed there before. The servicer takes such a send back (as a refusal
+    unread); its resend's report then evicts nothing."""
+    clock = Clock()
+    index = PrefixIndex(16, clock=clock)
+    others = [blocks(8, start=1_000 * n) for n in range(5)]
+    for prompt in others:
+        sent = index.record("a", prompt)
+        clock.now += 1
+        index.confirm(sent, cached_units=0)
+    first_turn = blocks(8, start=9_000)
+    index.confirm(index.record("a", first_turn), cached_units=0)
+    clock.now += 1
+    second_turn = first_turn + blocks(4, start=20_000)
+    cancelled = index.record("a", second_turn)
+    clock.now += 1
+    cancelled()  # its caller left before the model answered
+    resent = index.record("a", second_turn)
+    assert resent.believed == 8
+    index.confirm(resent, cached_units=8 * 16)
+    assert [index.overlap("a", prompt) for prompt in others] == [8] * 5
+    assert index.overlap("a", second_turn) == 12
+
+
 # --- health: breakers and ejection ---------------------------------------------------------
 
 
