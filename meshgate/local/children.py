@@ -89,6 +89,16 @@ def start(command: list[str], ignore_hangup: bool = False, **options) -> subproc
     return _spawner().popen(launched, options)
 
 
+def last_lines(path, count: int) -> str:
+    """The end of a child's log, for the error that says it died: in CI the
+    log directory is gone by the time anyone reads the failure."""
+    try:
+        with open(path, "rb") as log:
+            return "\n".join(log.read().decode(errors="replace").splitlines()[-count:])
+    except OSError as error:
+        return f"(unreadable: {error})"
+
+
 def terminate(process: subprocess.Popen) -> None:
     """Asks a child of the stack to stop in order: SIGTERM, and SIGCONT to
     its process group, as systemd sends after it. A stopped child (SIGSTOP,

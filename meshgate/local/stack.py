@@ -73,13 +73,6 @@ STOP_GRACE_S = 20.0
 LEFTOVER_EXIT_S = 15.0
 
 
-def _last_lines(path: pathlib.Path, count: int) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-count:])
-    except OSError as error:
-        return f"(unreadable: {error})"
-
-
 def replica_name(service: str, index: int) -> str:
     """The first replica of a service is named after it ("router"), as in a
     stack of one replica each; the others "router-2", "router-3", ..."""
@@ -785,7 +778,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
                 # directory is gone by the time anyone reads the failure.
                 raise RuntimeError(
                     f"{name} exited with code {process.returncode}; see {log}; it ended:\n"
-                    + _last_lines(log, 20)
+                    + children.last_lines(log, 20)
                 )
             if self.ready(name):
                 return

@@ -294,6 +294,8 @@ def launch(
                 command, env=environment, stdin=subprocess.DEVNULL, stdout=output, stderr=output
             )
     process.shm_prefix = shm_prefix
+    # Where wait_ready's error sends the reader (the server's own cause is there).
+    process.log_file = log_file
     return process
 
 
@@ -348,7 +350,14 @@ def wait_ready(
     with grpcclient.InferenceServerClient(grpc_url) as client:
         while True:
             if process is not None and process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {process.returncode} before it was ready")
+                # The cause is in its log (its own lines and what it printed:
+                # launch); its end in the error itself, as for a service
+                # (meshgate.local.stack), which `meshgate up` prints.
+                log = getattr(process, "log_file", None)
+                ended = f"; see {log}; it ended:\n{children.last_lines(log, 20)}" if log is not None else ""
+                raise RuntimeError(
+                    f"tritonserver exited with code {process.returncode} before it was ready{ended}"
+                )
             if ready(client, models, timeout_s=2.0):
                 return
             if time.monotonic() >= deadline:

@@ -30,3 +30,27 @@ def test_tritons_own_output_goes_to_its_log_file(tmp_path, capfd) -> None:
     assert "Signal (15) received." in log, "what it prints to stdout at a stop"
     printed = capfd.readouterr()
     assert "Signal (15)" not in printed.out + printed.err
+
+
+def test_a_triton_that_dies_at_start_is_reported_with_its_log_and_cause(tmp_path, monkeypatch) -> None:
+    """The final read's finding (2026-12-06): once Triton's own output went to
+    its log file, `meshgate up` printed only "tritonserver exited with code 1
+    before it was ready", with neither the cause nor where to read it. A
+    stand-in server prints its cause on stderr, as Triton's startup errors
+    and a model.py's traceback do, and exits."""
+    fake = tmp_path / "tritonserver"
+    fake.write_text('#!/bin/sh\necho "error: creating server: failed to load all models" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(triton, "tritonserver_binary", lambda: fake)
+    log = tmp_path / "logs" / "triton.log"
+    log.parent.mkdir()
+    process = triton.launch(
+        grpc_port=free_port(), state_dir=tmp_path / "state", log_file=log, models=("tiny_gpt",)
+    )
+    process.wait(30)
+    with pytest.raises(RuntimeError) as failure:
+        triton.wait_ready("127.0.0.1:1", ("tiny_gpt",), timeout=5, process=process)
+    message = str(failure.value)
+    assert message.startswith("tritonserver exited with code 1 before it was ready")
+    assert str(log) in message
+    assert message.endswith("error: creating server: failed to load all models")
