@@ -26,6 +26,7 @@ import math
 import random
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import ClassVar, Protocol, TypeVar
 
@@ -305,7 +306,12 @@ class PrefixRecord:
     it (``earlier``, None for none). Called, it takes itself back: each
     block it touched that no later record or confirm did goes back to what
     was believed before (forgotten, or held since its earlier time, though
-    now among the newest: the LRU order is approximate anyway)."""
+    now among the newest: the LRU order is approximate anyway).
+
+    A send is *unsettled* until its model's report is confirmed, it is
+    taken back, or it is let go (garbage collected: its request ended some
+    other way): a belief that only an unsettled send made is not yet known
+    computed (PrefixIndex.confirm)."""
 
     def __init__(
         self,
@@ -315,11 +321,15 @@ class PrefixRecord:
         earlier: dict[int, float | None],
         held: collections.OrderedDict[int, float],
         at: float,
+        settle: Callable[[str, float], None],
     ) -> None:
         self.key, self.blocks, self.believed, self.earlier = key, blocks, believed, earlier
         self._held, self._at = held, at
+        # Runs once: at the first of settle(), or when the record is let go.
+        self.settle = weakref.finalize(self, settle, key, at)
 
     def __call__(self) -> None:
+        self.settle()
         for block, earlier in self.earlier.items():
             if self._held.get(block) != self._at:
                 continue
@@ -346,6 +356,9 @@ class PrefixIndex:
         self._held: dict[str, collections.OrderedDict[int, float]] = collections.defaultdict(
             collections.OrderedDict
         )
+        # Per target: the times of its sends not yet settled (PrefixRecord),
+        # with how many were made at each.
+        self._unsettled: dict[str, collections.Counter[float]] = collections.defaultdict(collections.Counter)
 
     def overlap(self, key: str, blocks: Sequence[int]) -> int:
         """How many leading blocks of `blocks` the target is believed to hold."""
@@ -372,6 +385,13 @@ class PrefixIndex:
         sharing a prefix that arrive while the first one's prompt is
         computed (seconds on a CPU) go where it will be held."""
         believed = self.overlap(key, blocks)
+        before, now = self._mark(key, blocks)
+        self._unsettled[key][now] += 1
+        return PrefixRecord(key, tuple(blocks), believed, before, self._held[key], now, self._settle)
+
+    def _mark(self, key: str, blocks: Sequence[int]) -> tuple[dict[int, float | None], float]:
+        """Marks ``blocks`` the target's newest; returns when each was
+        marked before (None: never) and the time marked now."""
         held = self._held[key]
         now = self._clock()
         before = {}
@@ -381,28 +401,40 @@ class PrefixIndex:
             held.move_to_end(block)
         while len(held) > self.max_blocks:
             held.popitem(last=False)
-        return PrefixRecord(key, tuple(blocks), believed, before, held, now)
+        return before, now
+
+    def _settle(self, key: str, at: float) -> None:
+        unsettled = self._unsettled[key]
+        unsettled[at] -= 1
+        if unsettled[at] <= 0:
+            del unsettled[at]
 
     def confirm(self, record: PrefixRecord, cached_units: int) -> None:
         """The model reports it reused ``cached_units`` of the prompt of
         ``record``. Where we believed, before its send, that it held more,
         it evicted blocks we thought it had; its cache is LRU, so whatever
-        we last routed there before those is gone too. Judged against the
-        belief before the send, not the index now: the send's own record
-        says every block of the prompt is held, and read as a belief, a new
-        prompt's report (nothing reused, as for every prompt first seen)
-        was an eviction of the whole target's index (a review, 2026-12-06:
-        each server's index held one conversation, the last to complete)."""
+        we last routed there before those is gone too.
+
+        Judged against the belief before the send, not the index now: the
+        send's own record says every block of the prompt is held, and read
+        as a belief, a new prompt's report (nothing reused, as for every
+        prompt first seen) was an eviction of the whole target's index (a
+        review, 2026-12-06: each server's index held one conversation, the
+        last to complete). Nor a belief that only a send still unsettled
+        made (two requests of one system prompt sent together: the second
+        may be computed before the first's prefix is cached, and its report
+        says nothing of what the model evicted)."""
+        record.settle()
         held = self._held.get(record.key)
         actual = cached_units // self.block_size
         if held and actual < record.believed:
             missed = record.earlier[record.blocks[actual]]
-            if missed is not None:
+            if missed is not None and not self._unsettled[record.key].get(missed):
                 for block, seen in list(held.items()):
                     if seen > missed:
                         break
                     del held[block]
-        self.record(record.key, record.blocks)
+        self._mark(record.key, record.blocks)
 
     def size(self, key: str) -> int:
         return len(self._held.get(key, ()))

@@ -365,6 +365,33 @@ def test_a_send_taken_back_leaves_no_belief_for_its_resend_to_break():
     assert index.overlap("a", second_turn) == 12
 
 
+def test_a_belief_only_a_send_in_flight_made_is_not_judged():
+    """Two requests of one system prompt sent together: the second believes
+    the prompt held (the first's record), but its prefill may run before the
+    first's prefix is cached, and it reports nothing reused. That says
+    nothing of what the model evicted: an older conversation stays believed
+    held. Once the first's report is in, a report short of it is judged."""
+    clock = Clock()
+    index = PrefixIndex(16, clock=clock)
+    older = blocks(8, start=0)
+    index.confirm(index.record("a", older), cached_units=0)
+    clock.now += 1
+    prompt = blocks(8, start=5_000)
+    first = index.record("a", prompt)
+    clock.now += 1
+    second = index.record("a", prompt)
+    assert second.believed == 8
+    clock.now += 1
+    index.confirm(second, cached_units=0)
+    assert index.overlap("a", older) == 8
+    index.confirm(first, cached_units=0)
+    assert index.overlap("a", older) == 8 and index.overlap("a", prompt) == 8
+    # Settled now: a later send's shorter report is an eviction again.
+    clock.now += 1
+    index.confirm(index.record("a", prompt), cached_units=3 * 16)
+    assert index.overlap("a", older) == 0
+
+
 # --- health: breakers and ejection ---------------------------------------------------------
 
 
