@@ -75,9 +75,9 @@ async def in_flight(stub) -> dict[str, int]:
     return {b.address: b.in_flight for b in health.backends}
 
 
-async def streaming(stub, count: int) -> list[asyncio.Task]:
-    """``count`` long generations ("story <n>", 400 tokens), once each has
-    sent its first delta; each task ends as :func:`generate`."""
+async def streaming(stub, count: int, max_tokens: int = 400) -> list[asyncio.Task]:
+    """``count`` long generations ("story <n>", ``max_tokens`` each), once
+    each has sent its first delta; each task ends as :func:`generate`."""
     all_started = asyncio.Event()
     started = 0
 
@@ -87,7 +87,9 @@ async def streaming(stub, count: int) -> list[asyncio.Task]:
         if started == count:
             all_started.set()
 
-    streams = [asyncio.create_task(generate(stub, f"story {n}", 400, count_start)) for n in range(count)]
+    streams = [
+        asyncio.create_task(generate(stub, f"story {n}", max_tokens, count_start)) for n in range(count)
+    ]
     await asyncio.wait_for(all_started.wait(), 60)
     return streams
 
@@ -471,16 +473,22 @@ async def test_a_draining_triton_finishes_its_streams_and_its_callers_are_told_i
         settings.inference.health_interval_s = 0.2
         async with running_inference(settings) as address, router_channel(address, "inference") as channel:
             stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
-            (long_stream,) = await streaming(stub, 1)
+            # Six of tiny_gpt's longest answers batched together: one alone
+            # (400 tokens, ~1.3 s on an idle host) once ended before the
+            # probes' rounds below, and the test failed with nothing wrong.
+            long_streams = await streaming(stub, 6, max_tokens=500)
             draining.send_signal(signal.SIGTERM)
             await seconds_until(lambda: exiting(url), limit_s=10)
             # More rounds than PROBES_TO_MARK_DOWN while it drains.
             await asyncio.sleep((PROBES_TO_MARK_DOWN + 2) * settings.inference.health_interval_s)
-            # Still running (or ended by the probes: what it ended with shows).
-            assert not long_stream.done(), long_stream.result()
+            # Still running (or ended by the probes: what they ended with shows).
+            assert not any(stream.done() for stream in long_streams), [
+                stream.result() for stream in long_streams if stream.done()
+            ]
             _, _, refused = await generate(stub, "a question while it drains", 2)
-            text, completion, error = await long_stream
+            ended = [await stream for stream in long_streams]
 
-    assert error is None and completion is not None and text, error
+    for text, completion, error in ended:
+        assert error is None and completion is not None and text, error
     assert refused is not None and error_info(refused).reason == "NO_READY_BACKEND"
     assert "draining" in refused.details(), refused.details()
