@@ -28,6 +28,7 @@ from meshgate.errors import (
     DOMAIN,
     MeshgateError,
     busy_unavailable,
+    clip,
     error_info,
     from_rpc_error,
     partly_delivered,
@@ -476,7 +477,7 @@ class ContextService:
                 metadata=self._tokens.metadata(tenant.id, "context"),
             )
         except grpc.aio.AioRpcError as error:
-            log.debug("session warm-up failed", session_id=session_id, code=error.code().name)
+            log.debug("session warm-up failed", session_id=clip(session_id), code=error.code().name)
 
     async def append(self, turn: Turn, session_id: str, after_version: int, answer: Answer) -> Appended:
         """Appends the turn's messages and the answer as one adjacent block.

@@ -42,6 +42,7 @@ import time
 import uuid
 from typing import Any, Protocol
 
+import grpc
 import structlog
 from opentelemetry import trace
 
@@ -73,6 +74,9 @@ from services.router.validation import check_expected_version, check_turn, resol
 log = structlog.get_logger(__name__)
 
 _READS_CACHE = frozenset({router_pb.CACHE_POLICY_UNSPECIFIED, router_pb.CACHE_POLICY_USE})
+# An assembly refused with these was refused on its request or session
+# (checked before anything is written): it made no append hold.
+_REFUSED_BEFORE_ANY_HOLD = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND})
 
 
 # --- values ----------------------------------------------------------------
@@ -680,7 +684,7 @@ class Pipeline:
         try:
             await self._contexts.release_hold(turn, session_id)
         except MeshgateError as error:  # the context service away, say
-            log.warning("an append hold was not released", session_id=session_id, reason=error.reason)
+            log.warning("an append hold was not released", session_id=clip(session_id), reason=error.reason)
         except Exception:  # noqa: BLE001 - a bug: the turn has ended, and nothing waits for this
             log.exception("releasing an append hold failed", tenant=turn.tenant.id)
 
@@ -996,8 +1000,11 @@ class Pipeline:
             try:
                 assembled = await self._contexts.assemble(turn)
             except MeshgateError as error:
-                if error.reason == Reason.SESSION_FULL:
-                    # Refused: the hold is the assembly's last step, so none was made.
+                if error.reason == Reason.SESSION_FULL or error.code in _REFUSED_BEFORE_ANY_HOLD:
+                    # Refused: the hold is the assembly's last step, so none
+                    # was made (nor, for a session id the context service
+                    # refused as invalid or unknown, is there one to release:
+                    # a review saw a 1 MB id sent back to it and logged whole).
                     facts.holding_session_id = ""
                 raise
             if assembled is not None:

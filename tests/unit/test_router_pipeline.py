@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from meshgate import telemetry
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
-from meshgate.errors import MeshgateError, not_found, unavailable
+from meshgate.errors import MeshgateError, invalid_argument, not_found, unavailable
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router.auth import Tenant
@@ -962,6 +962,29 @@ async def test_a_session_turn_whose_caller_goes_while_it_saves_releases_its_hold
     with pytest.raises(asyncio.CancelledError):
         await events_of(turns.run(request(), TENANT, "s1", Budget(), before_saving=gone))
     assert contexts.holds and await _released_soon(contexts) == contexts.holds
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        invalid_argument(Reason.INVALID_SESSION_ID, "session_id must be 1 to 128 characters"),
+        not_found(Reason.SESSION_NOT_FOUND, "no such session"),
+    ],
+)
+async def test_a_session_turn_whose_id_its_assembly_refused_releases_nothing(refusal):
+    """A review's finding: a session id the context service refused (a 1 MB
+    one) was sent back to it in a release and logged whole: refused on its
+    request or session, the assembly made no hold."""
+
+    class Refusing(FakeContexts):
+        async def assemble(self, turn):
+            await super().assemble(turn)
+            raise refusal
+
+    turns, parts = pipeline(contexts=Refusing())
+    events = await events_of(turns.run(request(), TENANT, "s1", Budget()))
+    assert isinstance(events[-1], Failure) and events[-1].error.reason == refusal.reason
+    assert await _released_soon(parts["contexts"]) == []
 
 
 async def test_a_session_turn_its_assembly_refused_as_full_releases_nothing():
