@@ -312,6 +312,19 @@ def test_prefix_index_confirm_drops_what_the_model_evicted():
     assert index.overlap("a", prompt) == 8
 
 
+def confirmed_conversations(count: int) -> tuple[Clock, PrefixIndex, list[tuple[int, ...]]]:
+    """An index of one target ("a") to which ``count`` prompts of 8 blocks
+    were sent one after another, each reported as first seen (nothing reused)."""
+    clock = Clock()
+    index = PrefixIndex(16, clock=clock)
+    prompts = [blocks(8, start=1_000 * n) for n in range(count)]
+    for prompt in prompts:
+        sent = index.record("a", prompt)
+        clock.now += 1
+        index.confirm(sent, cached_units=0)
+    return clock, index, prompts
+
+
 def test_a_new_prompts_report_evicts_nothing():
     """A review's finding (2026-12-06): the servicer records a prompt at its
     send and confirms at its completion; a prompt the server never saw
@@ -321,13 +334,7 @@ def test_a_new_prompts_report_evicts_nothing():
     and turn 2 of the others lost their server (2 of 6 over two real
     Tritons). Judged against the belief before the send, a new prompt's
     report takes nothing away."""
-    clock = Clock()
-    index = PrefixIndex(16, clock=clock)
-    conversations = [blocks(8, start=1_000 * n) for n in range(6)]
-    for prompt in conversations:
-        sent = index.record("a", prompt)
-        clock.now += 1
-        index.confirm(sent, cached_units=0)
+    clock, index, conversations = confirmed_conversations(6)
     assert [index.overlap("a", prompt) for prompt in conversations] == [8] * 6
     # Turn 2 of the first: its first turn held, the model reports it reused.
     turn_2 = conversations[0] + blocks(2, start=50_000)
@@ -344,13 +351,7 @@ def test_a_send_taken_back_leaves_no_belief_for_its_resend_to_break():
     report (only the first turn reused) read as an eviction of every block
     routed there before. The servicer takes such a send back (as a refusal
     unread); its resend's report then evicts nothing."""
-    clock = Clock()
-    index = PrefixIndex(16, clock=clock)
-    others = [blocks(8, start=1_000 * n) for n in range(5)]
-    for prompt in others:
-        sent = index.record("a", prompt)
-        clock.now += 1
-        index.confirm(sent, cached_units=0)
+    clock, index, others = confirmed_conversations(5)
     first_turn = blocks(8, start=9_000)
     index.confirm(index.record("a", first_turn), cached_units=0)
     clock.now += 1
