@@ -897,7 +897,7 @@ class HttpEdge:
             # call's once its request is in), so one revoked or expired
             # meanwhile is refused, not served.
             same_tenant(tenant, await self._tenant(scope))
-            await _until_disconnect(handler(tenant, body, response, scope), receive, response)
+            await _until_disconnect(handler(tenant, body, response), receive, response)
         except _Disconnected:
             response.failed_with(grpc.StatusCode.CANCELLED)
             return
@@ -946,7 +946,7 @@ class HttpEdge:
         ]
         return await self._auth.authenticate(metadata)
 
-    async def _chat(self, tenant: Tenant, body: bytes, response: _Response, scope) -> None:
+    async def _chat(self, tenant: Tenant, body: bytes, response: _Response) -> None:
         call = ChatCall(_parse_json(body), self._settings.max_messages)
         completion_id = f"chatcmpl-{response.request_id}"
         try:
@@ -1078,18 +1078,18 @@ class HttpEdge:
             entry["max_output_tokens"] = model.max_output_tokens
         return entry
 
-    async def _models_list(self, tenant: Tenant, body: bytes, response: _Response, scope) -> None:
+    async def _models_list(self, tenant: Tenant, body: bytes, response: _Response) -> None:
         data = [self._model_entry(alias) for alias in self._model_ids(tenant)]
         await _send_json(response.send, 200, {"object": "list", "data": data})
 
-    async def _model(self, model_id: str, tenant: Tenant, body: bytes, response: _Response, scope) -> None:
+    async def _model(self, model_id: str, tenant: Tenant, body: bytes, response: _Response) -> None:
         """``GET /v1/models/{id}``: one entry of the tenant's list; a model it
         may not use is as unknown as one that does not exist (as OpenAI)."""
         if model_id not in self._model_ids(tenant):
             raise not_found(Reason.MODEL_NOT_FOUND, f"the model {model_id!r} does not exist", model=model_id)
         await _send_json(response.send, 200, self._model_entry(model_id))
 
-    async def _embeddings(self, tenant: Tenant, raw: bytes, response: _Response, scope) -> None:
+    async def _embeddings(self, tenant: Tenant, raw: bytes, response: _Response) -> None:
         body = _parse_json(raw)
         if not isinstance(body, dict):
             raise _bad_request("the body must be a JSON object", "")
