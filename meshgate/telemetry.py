@@ -7,6 +7,8 @@ writing one JSON object per line with the current trace and span ids.
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 import inspect
 import json
@@ -303,13 +305,21 @@ def start_grpc_client_span(
 
 
 def end_grpc_client_span(span: trace.Span, error: BaseException | None) -> None:
-    """Ends a span of :func:`start_grpc_client_span` with how the call ended."""
+    """Ends a span of :func:`start_grpc_client_span` with how the call ended.
+    A call its own caller left (a cancel, a deadline, a cache hit overtaking
+    a speculative generation: CancelledError in the caller's task, or the
+    caller's generator closed) is CANCELLED and not an error: a review found
+    two ERROR spans in every semantic hit's trace and every cancelled turn's,
+    while the metrics and the HTTP edge call them no failure. A cancel that
+    is a failure (a watchdog's, the probes') reaches here as the
+    MeshgateError its call site made of it."""
     code = error.code() if isinstance(error, grpc.aio.AioRpcError) else None
+    left = isinstance(error, asyncio.CancelledError | GeneratorExit)
+    if code is None:
+        code = grpc.StatusCode.CANCELLED if left else grpc.StatusCode.OK if error is None else None
     if code is not None:
         span.set_attribute("rpc.grpc.status_code", code.value[0])
-    elif error is None:
-        span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
-    if error is not None and not isinstance(error, GeneratorExit):
+    if error is not None and not left:
         span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
     span.end()
 

@@ -5,6 +5,8 @@ end saying how the call ended."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from opentelemetry import trace
@@ -52,11 +54,17 @@ def test_a_failed_call_marks_the_span_and_a_caller_leaving_does_not(finished_spa
     )
     left, _ = telemetry.start_grpc_client_span(METHOD, "127.0.0.1:8001")
     telemetry.end_grpc_client_span(left, GeneratorExit())
+    # The caller's task cancelled: its own cancel, a deadline, or a cache hit
+    # overtaking the router's speculative generation.
+    cancelled, _ = telemetry.start_grpc_client_span(METHOD, "127.0.0.1:8001")
+    telemetry.end_grpc_client_span(cancelled, asyncio.CancelledError())
 
-    failed_span, left_span = finished_spans()
+    failed_span, left_span, cancelled_span = finished_spans()
     assert failed_span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
     assert failed_span.status.status_code == trace.StatusCode.ERROR
-    assert left_span.status.status_code == trace.StatusCode.UNSET
+    for span in (left_span, cancelled_span):
+        assert span.status.status_code == trace.StatusCode.UNSET
+        assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
 
 
 def test_a_request_on_a_call_opened_earlier_gets_its_span_but_builds_no_context_to_send(finished_spans):
