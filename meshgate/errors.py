@@ -23,6 +23,7 @@ from google.protobuf import message as protobuf_message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from meshgate import telemetry
 from meshgate.reasons import Reason
 
 DOMAIN = "meshgate"
@@ -377,8 +378,7 @@ class _Reported:
                 # a cancelled call, not an OK one (3 of 10 streams cancelled
                 # mid-answer were counted OK). gRPC cancels the call's task
                 # at its deadline too, which the caller sees as such.
-                deadline = _deadline_passed(self._context)
-                code = grpc.StatusCode.DEADLINE_EXCEEDED.name if deadline else "CANCELLED"
+                code = telemetry.mark_server_span_ended_early(self._context).name
             elif not isinstance(error, Exception):
                 return False  # KeyboardInterrupt, SystemExit: not the call's
             elif isinstance(error, grpc.aio.AbortError):
@@ -390,14 +390,6 @@ class _Reported:
             return False
         finally:
             self._observe(self._method, code, reason, self._started)
-
-
-def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
-    try:
-        remaining = context.time_remaining()
-    except Exception:  # noqa: BLE001 - a context that cannot tell: not a deadline
-        return False
-    return remaining is not None and remaining <= 0
 
 
 def _checked(request: Any) -> Any:

@@ -8,7 +8,6 @@ writing one JSON object per line with the current trace and span ids.
 from __future__ import annotations
 
 import asyncio
-
 import contextlib
 import inspect
 import json
@@ -198,10 +197,44 @@ def _written(behavior):
 
     async def write_all(request, context) -> None:
         async with contextlib.aclosing(behavior(request, context)) as responses:
-            async for response in responses:
-                await context.write(response)
+            try:
+                async for response in responses:
+                    await context.write(response)
+            except asyncio.CancelledError:
+                # Cancelled while a message was sent, outside the handler:
+                # the server span is still open and current here.
+                mark_server_span_ended_early(context)
+                raise
 
     return write_all
+
+
+def mark_server_span_ended_early(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Tells the current server span how a call gRPC ended before its
+    handler gave a status ended, and returns that code: DEADLINE_EXCEEDED
+    where the deadline passed (gRPC cancels the call's task then),
+    CANCELLED otherwise (the caller left). OpenTelemetry's interceptor
+    writes OK when the span starts and changes it only on an abort: a
+    cancelled call's span said OK while the RPC metrics counted it
+    CANCELLED (a review). A deadline is the server's error, as the
+    conventions for gRPC server spans say; a caller's cancel is not. Called
+    where the cancel is met with the span still open: in the handler (the
+    error interceptor, inside OpenTelemetry's) or at a message's send
+    (:func:`_written`, outside the handler)."""
+    code = grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context) else grpc.StatusCode.CANCELLED
+    span = trace.get_current_span()
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+    return code
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    try:
+        remaining = context.time_remaining()
+    except Exception:  # noqa: BLE001 - a context that cannot tell: not a deadline
+        return False
+    return remaining is not None and remaining <= 0
 
 
 def client_interceptors() -> list:

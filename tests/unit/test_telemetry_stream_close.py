@@ -119,3 +119,28 @@ async def _until_status(call):
             yield message
     except grpc.aio.AioRpcError:
         return
+
+
+async def test_a_cancelled_or_timed_out_calls_server_span_says_so(spans):
+    """OpenTelemetry's interceptor writes OK when a server span starts and
+    changes it only on an abort: a cancelled call's span said OK while the
+    RPC metrics counted it CANCELLED."""
+    chain = [*telemetry.server_interceptors(), ErrorInterceptor()]
+    async with _serving(_endless, chain) as channel:
+        call = channel.unary_stream(METHOD)(b"")
+        async for _ in call:
+            call.cancel()
+            break
+        timed_out = channel.unary_stream(METHOD)(b"", timeout=0.3)
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in timed_out:
+                pass
+        for _ in range(50):
+            if len(spans.get_finished_spans()) == 2:
+                break
+            await asyncio.sleep(0.05)
+    cancelled, deadline = spans.get_finished_spans()
+    assert cancelled.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert cancelled.status.status_code == trace.StatusCode.UNSET
+    assert deadline.attributes["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert deadline.status.status_code == trace.StatusCode.ERROR
