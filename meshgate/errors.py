@@ -203,11 +203,34 @@ def received_code(error: grpc.aio.AioRpcError) -> grpc.StatusCode:
     return grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.CANCELLED else code
 
 
+# The mesh's own refusals of one of our services' calls by another
+# (mesh_auth): its certificate's identity, its method, or the tenant token
+# the router signed. Each says the mesh is misconfigured (the router's key
+# renewed before the others saw its new certificate, docs/mesh-trust.md),
+# never that our caller's credentials are bad: passed on as they came, a
+# tenant with a valid API key got UNAUTHENTICATED TENANT_TOKEN_INVALID (a
+# 401 on the HTTP edge, which clients take for a bad key and do not retry)
+# with internal settings in its message, and no log line said why (a review).
+_MESH_REFUSALS = frozenset(
+    {
+        Reason.PEER_NOT_ALLOWED,
+        Reason.METHOD_NOT_ALLOWED,
+        Reason.TENANT_TOKEN_MISSING,
+        Reason.TENANT_TOKEN_INVALID,
+        Reason.TENANT_MISMATCH,
+    }
+)
+# One line per downstream service and reason every few seconds: a mesh
+# refusal fails every call while it lasts.
+_mesh_refusals_log = telemetry.ThrottledLog(log, interval_s=10.0)
+
+
 def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> MeshgateError:
     """Re-raises a downstream failure with its code (received_code) and
     reason intact, but for a busy replica's (SERVICE_BUSY: see
-    busy_unavailable); metadata ``code`` of DOWNSTREAM_FAILED is the code
-    received. Its other
+    busy_unavailable) and the mesh's refusal of this service's own
+    credentials (_MESH_REFUSALS), each DOWNSTREAM_FAILED, whose metadata
+    ``code`` is the code received. Its other
     details, a RetryInfo included, stay behind (but for _RETRY_PASSED_ON):
     when to retry a downstream call is not when to retry ours (an append
     failing after the answer streamed must not invite a paid retry of the
@@ -221,6 +244,22 @@ def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> MeshgateError:
                 service=service,
                 code=grpc.StatusCode.RESOURCE_EXHAUSTED.name,
             )
+        if info.domain == DOMAIN and info.reason in _MESH_REFUSALS:
+            code = error.code()
+            _mesh_refusals_log.warning(
+                "another service refused this one's mesh credentials: check the mesh's certificates",
+                per=(service, info.reason),
+                downstream=service,
+                code=code.name,
+                reason=info.reason,
+                details=error.details(),
+            )
+            return MeshgateError(
+                grpc.StatusCode.UNAVAILABLE,
+                Reason.DOWNSTREAM_FAILED,
+                f"{service} call failed: the mesh refused it",
+                {"service": service, "code": code.name},
+            )
         metadata = dict(info.metadata)
         details = []
         if info.domain == DOMAIN and info.reason in _RETRY_PASSED_ON:
@@ -233,7 +272,8 @@ def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> MeshgateError:
     # No ErrorInfo: a transport failure or a foreign server. Its details name
     # hosts and ports, which are for our logs, not for callers.
     code = error.code()
-    log.warning("downstream call failed", service=service, code=code.name, details=error.details())
+    # Not ``service=``: every line names the service that writes it so.
+    log.warning("downstream call failed", downstream=service, code=code.name, details=error.details())
     return MeshgateError(
         received_code(error),
         Reason.DOWNSTREAM_FAILED,

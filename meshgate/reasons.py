@@ -379,9 +379,11 @@ class Reason(enum.StrEnum):
     in the router); delivered_* metadata says how much went out."""
 
     DOWNSTREAM_FAILED = enum.auto()
-    """A call to another service failed without a meshgate status (a transport failure), or
-    every attempt found it busy (SERVICE_BUSY: then ``code`` RESOURCE_EXHAUSTED and a RetryInfo);
-    metadata ``service`` and ``code`` name it (was <SERVICE>_<CODE>, e.g. CONTEXT_UNAVAILABLE)."""
+    """A call to another service failed without a meshgate status (a transport failure),
+    every attempt found it busy (SERVICE_BUSY: then ``code`` RESOURCE_EXHAUSTED and a RetryInfo),
+    or it refused the calling service's own mesh credentials (PEER_NOT_ALLOWED, TENANT_TOKEN_*,
+    ...: the mesh is misconfigured, not the caller; UNAVAILABLE); metadata ``service`` and
+    ``code`` name it (was <SERVICE>_<CODE>, e.g. CONTEXT_UNAVAILABLE)."""
 
     DEADLINE_EXCEEDED = enum.auto()
     """The caller's own time is spent: its deadline passed before Triton answered or

@@ -12,6 +12,7 @@ import types
 
 import grpc
 import pytest
+import structlog.testing
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import RouterSettings
@@ -424,6 +425,37 @@ def test_a_cancelled_status_with_error_info_keeps_its_reason_as_unavailable():
         {"model": "m"},
     )
     assert downstream.not_taken(received, "inference")
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (grpc.StatusCode.UNAUTHENTICATED, Reason.TENANT_TOKEN_INVALID),
+        (grpc.StatusCode.UNAUTHENTICATED, Reason.TENANT_TOKEN_MISSING),
+        (grpc.StatusCode.PERMISSION_DENIED, Reason.TENANT_MISMATCH),
+        (grpc.StatusCode.PERMISSION_DENIED, Reason.PEER_NOT_ALLOWED),
+        (grpc.StatusCode.PERMISSION_DENIED, Reason.METHOD_NOT_ALLOWED),
+    ],
+)
+def test_the_meshs_refusal_of_a_services_own_credentials_is_not_the_callers(code, reason):
+    """A service behind the router refusing the router's certificate or
+    tenant token (its key renewed before the service saw the new
+    certificate) says the mesh is misconfigured: the router's caller, whose
+    API key is good, must not get UNAUTHENTICATED (a 401 on the HTTP edge)
+    nor the refusal's words, which name internal settings; the log says."""
+    received = rpc_error(
+        MeshgateError(
+            code, reason, "signed with the key of no certificate in mesh.router_cert_file", {"k": "v"}
+        )
+    )
+    with structlog.testing.capture_logs() as logged:
+        failure = from_rpc_error(received, "context")
+    assert (failure.code, failure.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.DOWNSTREAM_FAILED)
+    assert failure.metadata == {"service": "context", "code": code.name}
+    assert "router_cert_file" not in failure.message
+    (line,) = [entry for entry in logged if entry.get("reason") == reason]
+    assert line["downstream"] == "context" and "router_cert_file" in line["details"]
+    assert "service" not in line, "every line's service is the one that writes it"
 
 
 @pytest.mark.parametrize(
