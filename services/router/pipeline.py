@@ -1042,6 +1042,10 @@ class Pipeline:
             async with _Race(lookup, generation, self._settings.speculative_generation) as race:
                 hit = await race.hit()
                 if hit is None:
+                    # Known now: a miss that fails or is cancelled while it
+                    # generates is still a miss in its turn's metrics and
+                    # span (they read "none", while the cache counted a miss).
+                    facts.status = CacheStatus.MISS if plan.writes else CacheStatus.BYPASSED
                     inter_token = previous_at = None
                     async for text in race.generated():
                         # Timed as the delta leaves; the deployment is known
@@ -1099,9 +1103,7 @@ class Pipeline:
         if hit is not None:
             cache_status, similarity, entry_id = hit.status, hit.similarity, hit.entry_id
         else:
-            cache_status = CacheStatus.MISS if plan.writes else CacheStatus.BYPASSED
-            similarity, entry_id = 0.0, ""
-        facts.status = cache_status
+            cache_status, similarity, entry_id = facts.status, 0.0, ""
 
         # Persist: store and append concurrently; the completion waits for
         # both, so a follow-up request already finds the turn and the entry.

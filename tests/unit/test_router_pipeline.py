@@ -661,6 +661,8 @@ async def test_settle_sees_a_failure_once():
     await events_of(turns.run(request(), TENANT, "", Budget()))
     [(_, outcome)] = admission.settled
     assert outcome.failure == Reason.STREAM_ENDED_EARLY and not outcome.cancelled
+    # Its metrics and span count a miss that failed, not a turn of no cache status.
+    assert outcome.cache_status is CacheStatus.MISS
 
 
 async def test_settle_sees_a_cancelled_turn_once_and_the_generation_ends():
@@ -682,6 +684,7 @@ async def test_settle_sees_a_cancelled_turn_once_and_the_generation_ends():
         await task
     [(_, outcome)] = admission.settled
     assert outcome.cancelled and outcome.failure is None
+    assert outcome.cache_status is CacheStatus.MISS
     assert generator.closed
 
 
