@@ -148,3 +148,33 @@ def test_settings_top_cannot_read_are_one_line_and_exit_1(tmp_path, text, messag
     err = capsys.readouterr().err
     assert err.startswith("meshgate top: cannot read the settings: ") and message in err
     assert "Traceback" not in err
+
+
+def cache_text(exact: int, miss: int) -> str:
+    return f"""
+# TYPE meshgate_cache_lookups counter
+meshgate_cache_lookups_total{{result="exact_hit"}} {exact}
+meshgate_cache_lookups_total{{result="miss"}} {miss}
+"""
+
+
+def turns_text(exact: int, miss: int) -> str:
+    return f"""
+# TYPE meshgate_router_turns counter
+meshgate_router_turns_total{{model="m",cache="exact_hit",outcome="completed"}} {exact}
+meshgate_router_turns_total{{model="m",cache="miss",outcome="completed"}} {miss}
+meshgate_router_turns_total{{model="m",cache="miss",outcome="failed"}} 1
+"""
+
+
+def test_the_cache_hit_rate_counts_the_hits_the_router_answered_from_its_hot_copies():
+    """One miss, then five repeats: the router answered four of them from
+    its hot copies, so the cache saw one miss and one hit (a review: top
+    said 50%)."""
+    cache = top.Scrape("cache", "127.0.0.1:2", 1.0, top.parse(cache_text(exact=1, miss=1)))
+    router = top.Scrape("router", "127.0.0.1:1", 1.0, top.parse(turns_text(exact=5, miss=1)))
+    screen = top.render({"router": router, "cache": cache}, None)
+    assert "CACHE  hit rate 71.4% of 7 turns (exact 5, semantic 0, miss 2); cache lookups 2;" in screen
+    # Without the router's numbers, the cache's own lookups.
+    alone = top.render({"cache": cache}, None)
+    assert "CACHE  hit rate 50.0% of 2 lookups (exact 1, semantic 0, miss 1); cache lookups 2;" in alone
