@@ -39,6 +39,7 @@ import time
 
 import grpc
 import structlog
+from opentelemetry import trace
 
 from meshgate.common.v1 import common_pb2
 from meshgate.errors import MeshgateError, internal_error, partly_delivered
@@ -52,6 +53,9 @@ log = structlog.get_logger(__name__)
 Start = collections.abc.Callable[[object, float | None], collections.abc.AsyncIterator[str]]
 
 _LENGTH = struct.Struct("<I")
+
+# The attributes of a joiner's link to the span its shared generation ran under.
+_JOINED = {"meshgate.link": "coalesced_generation"}
 
 
 def is_deterministic(parameters: common_pb2.GenerationParameters) -> bool:
@@ -111,6 +115,8 @@ class _Flight:
         self.completed = False
         self.error: MeshgateError | None = None
         self.task: asyncio.Task | None = None
+        # The span current where the generation started (see _read).
+        self.origin = trace.INVALID_SPAN_CONTEXT
         # The readers waiting for the next change: a future each, made only
         # when a reader has caught up (a reader still writing what arrived
         # costs nothing per piece, where a fresh Event per piece did).
@@ -233,7 +239,14 @@ class Coalescer:
         try:
             reader.entered = True
             if flight.task is None:
+                # The generation's spans (the inference call's) are in the
+                # trace of the caller whose reading started it.
+                flight.origin = trace.get_current_span().get_span_context()
                 flight.task = asyncio.ensure_future(self._pump(flight_key, flight))
+            elif flight.origin.is_valid:
+                # A joiner's trace has no inference hop of its own: a link
+                # says which trace's generation answered it (a review).
+                trace.get_current_span().add_link(flight.origin, _JOINED)
             while True:
                 if flight.expired_for(deadline, self._clock()):
                     raise _own_copy(_deadline_passed(), delivered, chars, answer)

@@ -10,6 +10,9 @@ import time
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from meshgate.common.v1 import common_pb2
 from meshgate.config import DeploymentSettings, ModelSettings, RouterSettings
@@ -231,6 +234,48 @@ async def test_a_late_joiner_gets_the_pieces_so_far_then_the_live_stream():
     assert generator.calls == 1
     assert late.text == first.text == "".join(PIECES)
     assert isinstance(late.events[-1], Completion)
+
+
+async def test_a_joiners_span_links_to_the_span_its_shared_generation_ran_under():
+    """A joiner's trace has no inference hop: its span (the server span of
+    its call) links to the one current where the generation started."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    generator = GatedGenerator()
+    turns = pipeline(generator)
+
+    callers: dict[str, Caller] = {}
+    spans_open: list[asyncio.Task] = []
+
+    async def call(name: str) -> Caller:
+        """A caller's turn under a span open until it ends, as its call's server span is."""
+        made = asyncio.Event()
+
+        async def traced() -> None:
+            with tracer.start_as_current_span(name):
+                callers[name] = Caller(turns, chat())  # its task copies the context
+                made.set()
+                await callers[name].task
+
+        spans_open.append(asyncio.ensure_future(traced()))
+        await made.wait()
+        return callers[name]
+
+    first = await call("first")
+    generator.open(1)
+    await first.until_pieces(1)
+    late = await call("late")
+    await late.until_pieces(1)
+    generator.open()
+    await settle_all(first, late)
+    await asyncio.gather(*spans_open)
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert not spans["first"].links
+    (link,) = spans["late"].links
+    assert link.context == spans["first"].context
+    assert link.attributes == {"meshgate.link": "coalesced_generation"}
 
 
 async def test_every_caller_of_a_shared_generation_knows_its_last_piece():
