@@ -181,8 +181,36 @@ def summary_id(first: int, end: int, digest: str) -> str:
 
 
 def transcript(turns: list[common_pb2.Message]) -> str:
-    text = "\n".join(f"{ROLE_NAMES.get(t.role, 'user')}: {t.content}" for t in turns)
-    return text[:MAX_TRANSCRIPT_CHARS]
+    """The span as the model reads it, at most MAX_TRANSCRIPT_CHARS. Where
+    it is longer, every turn keeps a fair share: turns under the share are
+    whole, the others keep their beginning, cut to an equal share of what
+    is left (marked "…"). Cut at the end instead, a span of long answers
+    reached the model only in part (13 of 16 turns of ~900 characters), and
+    the summary, which stands for the whole span once it is compacted, was
+    of turns it never saw (a review)."""
+    lines = [f"{ROLE_NAMES.get(t.role, 'user')}: {t.content}" for t in turns]
+    room = MAX_TRANSCRIPT_CHARS - max(len(lines) - 1, 0)  # the newlines between them
+    if sum(map(len, lines)) <= room:
+        return "\n".join(lines)
+    shares = _fair_shares([len(line) for line in lines], room)
+    return "\n".join(
+        line if len(line) <= share else line[: share - 1] + "…" if share else ""
+        for line, share in zip(lines, shares, strict=True)
+    )
+
+
+def _fair_shares(lengths: list[int], room: int) -> list[int]:
+    """Each length's share of ``room`` (max-min fair): the shortest ones
+    whole while they are under an equal share of what is left, the rest an
+    equal share each."""
+    shares = [0] * len(lengths)
+    left, count = room, len(lengths)
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        share = min(lengths[index], left // count)
+        shares[index] = share
+        left -= share
+        count -= 1
+    return shares
 
 
 def extractive_summary(turns: list[common_pb2.Message], sentences: int = EXTRACTIVE_SENTENCES) -> str:

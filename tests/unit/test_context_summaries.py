@@ -643,3 +643,22 @@ async def test_summary_copies_not_deleted_are_counted_and_the_delete_stands() ->
     await store.drop_summary_copies(client, "t", [digest, "not-a-digest", digest])
     assert client.asked == [store.summary_copy_key("t", digest)]
     assert metrics.REGISTRY.get_sample_value("meshgate_context_summary_copies_left_total") == before + 1
+
+
+def test_a_span_longer_than_the_model_reads_reaches_it_with_every_turn_in_part():
+    """16 answers of ~900 characters: cut at the end, the last three never
+    reached the model, whose summary then stood for them once compacted."""
+    long_turns = [
+        common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=f"FACT{i} " + "word " * 180)
+        for i in range(15)
+    ]
+    short = common_pb2.Message(role=common_pb2.ROLE_USER, content="FACT15 the short one stays whole.")
+    turns = [*long_turns[:8], short, *long_turns[8:]]
+    text = summaries.transcript(turns)
+    assert len(text) <= summaries.MAX_TRANSCRIPT_CHARS
+    assert all(f"FACT{i} " in text for i in range(16))
+    assert "user: FACT15 the short one stays whole.\n" in text
+    # A span that fits is sent as it is.
+    assert summaries.transcript(turns[:3]) == "\n".join(
+        f"{'user' if t.role == common_pb2.ROLE_USER else 'assistant'}: {t.content}" for t in turns[:3]
+    )
