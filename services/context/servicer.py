@@ -1262,6 +1262,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             inputs.pins_sha256 = _pins_digest(view.pinned_turns, view.pinned_facts)
         if view is not None:
             inputs.compacted_turns = view.compacted
+            inputs.session_create_time_ms = view.create_time_ms
         response.assembly_id = hashlib.sha256(inputs.SerializeToString(deterministic=True)).hexdigest()
         tokens = tokens_by_disposition(response.manifest, turns, chosen, summarized)
         _record_assembly(inputs.strategy, started, tokens)
@@ -1494,8 +1495,10 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             wanted = newest_embedder([view.embedder, embedded.embedder])
             if _lacks_vectors(view, wanted):
                 self._backfill_vectors(tenant_id, session_id, len(view.roles), wanted)
-        scoring = pb.AssemblyInputs()  # the ranking's name and dense_scored, for the response
+        scoring = pb.AssemblyInputs()  # the ranking's name, dense_scored and the floor, for the response
         scores = _live_scores(query, terms, view, vector, nameless, scoring) if adaptive else None
+        if adaptive:
+            scoring.recency_floor_turns = self._recency_floor_turns
         chosen = assembly.plan(
             costs,
             required,

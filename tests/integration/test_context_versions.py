@@ -56,13 +56,13 @@ async def contents(stub, tenant: str, session_id: str) -> tuple[int, list[str]]:
 
 
 async def assemble(stub, tenant: str, session_id: str, **fields) -> pb.AssembleContextResponse:
+    fields.setdefault("max_prompt_tokens", 400)
     return await stub.AssembleContext(
         pb.AssembleContextRequest(
             tenant_id=tenant,
             session_id=session_id,
             new_messages=[msg(USER, "and now?")],
             model=MODEL,
-            max_prompt_tokens=400,
             **fields,
         )
     )
@@ -312,6 +312,43 @@ async def test_assembly_inputs_rebuild_the_same_prompt(stub, tenant, monkeypatch
     rescored = await assemble(stub, tenant, session_id, at_version=inputs.session_version)
     assert rescored.inputs.ranking == "another-ranking"
     assert rescored.assembly_id != first.assembly_id
+
+
+async def test_two_lives_of_a_session_id_never_share_an_assembly_id(stub, tenant) -> None:
+    """Deleted and made again under its id, a session counts its versions
+    from 0 again: the second life's prompt at version 1 differs from the
+    first's, and so must its id (a review: the same id, and a rebuild of
+    the first life's inputs gave the second life's prompt under it)."""
+    session_id = f"named-{tenant}"
+    lives = []
+    for place in ("Lisbon", "Oslo"):
+        await stub.CreateSession(pb.CreateSessionRequest(tenant_id=tenant, session_id=session_id))
+        await append(stub, tenant, session_id, f"The crate went to {place}.", version=0)
+        lives.append(await assemble(stub, tenant, session_id))
+        await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=session_id))
+    first, second = lives
+    assert first.inputs.session_version == second.inputs.session_version == 1
+    assert first.messages != second.messages
+    assert first.inputs.session_create_time_ms != second.inputs.session_create_time_ms
+    assert first.assembly_id != second.assembly_id
+
+
+async def test_the_recency_floor_is_one_of_an_adaptive_assemblys_inputs(redis_url, stub, tenant) -> None:
+    """Replicas (or a restart) with another context.recency_floor_turns keep
+    other turns: the same request gave the same id for different prompts."""
+    session_id = await new_session(stub, tenant)
+    await append(stub, tenant, session_id, *(f"turn {i} about crate {100 + i}" for i in range(12)))
+    request = {"max_prompt_tokens": 160}
+    floored = await assemble(stub, tenant, session_id, **request)
+    assert floored.inputs.recency_floor_turns == 2  # the default
+    settings = make_settings(redis_url)
+    settings.context.recency_floor_turns = 6
+    async with running(settings) as other:
+        deeper = await assemble(other, tenant, session_id, **request)
+    assert deeper.inputs.recency_floor_turns == 6
+    assert deeper.assembly_id != floored.assembly_id
+    newest = await assemble(stub, tenant, session_id, strategy=pb.ASSEMBLY_STRATEGY_NEWEST, **request)
+    assert newest.inputs.recency_floor_turns == 0
 
 
 # --- the turn cap -------------------------------------------------------------
