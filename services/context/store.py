@@ -1787,7 +1787,9 @@ class SessionListing:
         overdue = await self._list(keys=self._keys(tenant_id), args=[member, due, LISTING_SWEPT_PER_CREATE])
         try:
             await self._check(tenant_id, overdue)
-        except redis_access.CONNECTION_ERRORS as error:
+        except (*redis_access.CONNECTION_ERRORS, redis.ResponseError) as error:
+            # Another entry's check: the session is made and listed, and a
+            # create answered INTERNAL had made one all the same.
             log.warning("tenant's due listing entries not checked", error=str(error))
 
     async def checked_due(self, tenant_id: str, most: int) -> int:
@@ -1895,7 +1897,12 @@ class SessionListing:
         return SessionsPage(found, after)
 
     async def _states(self, tenant_id: str, members: list[bytes]) -> list[list | None]:
-        """_SESSION_STATE of each member's session, in one round trip."""
+        """_SESSION_STATE of each member's session, in one round trip; None
+        for one whose keys hold another type than a session's (WRONGTYPE:
+        no session lives there, as _creation_times reads it, so the entry
+        is unlisted). Raised, that one key failed every create of the
+        tenant once its entry was due, its listing, and the sweep of every
+        tenant (a review). Other errors are raised."""
         if not members:
             return []
         async with self._client.pipeline(transaction=False) as pipe:
@@ -1903,7 +1910,16 @@ class SessionListing:
                 session_id = member.partition(b":")[2].decode()
                 meta, turns = key(tenant_id, session_id, "meta"), key(tenant_id, session_id, "turns")
                 pipe.eval(_SESSION_STATE, 2, meta, turns)
-            return await pipe.execute()
+            answers = await pipe.execute(raise_on_error=False)
+        states: list[list | None] = []
+        for member, answer in zip(members, answers, strict=True):
+            if isinstance(answer, redis.ResponseError):
+                if "WRONGTYPE" not in str(answer):
+                    raise answer
+                log.warning("a listed session's keys hold no session: unlisted", member=member.decode())
+                answer = None
+            states.append(answer)
+        return states
 
     async def _settle(self, tenant_id: str, members: list[bytes], states: list[list | None]) -> None:
         """Unlists the members whose sessions are gone (a state of another

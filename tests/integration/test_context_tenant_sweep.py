@@ -140,7 +140,11 @@ async def test_a_quiet_tenants_expired_sessions_leave_its_listing_and_record_at_
         for f, v in (await client.hgetall(session_store.holdings_key(tenant, "bytes"))).items()
         if f != b"total"
     )
-    assert [s.session_id for s in (await long.listing.page(tenant, 10)).sessions] == ["fresh", "renewed"]
+    # Sorted: created in the same millisecond, they are listed by id, newest first.
+    assert sorted(s.session_id for s in (await long.listing.page(tenant, 10)).sessions) == [
+        "fresh",
+        "renewed",
+    ]
 
 
 async def test_a_tenant_whose_every_session_expired_is_left_nothing_in_redis(client, tenant) -> None:
@@ -260,3 +264,44 @@ async def test_a_session_deleted_while_the_sweep_lists_it_is_not_listed_for_good
     # The one left lives with no TTL: never due again.
     due = await client.zrange(session_store.listing_key(tenant, "due"), 0, -1, withscores=True)
     assert [score for _, score in due] == [float("inf")]
+
+
+async def test_a_session_key_of_another_type_fails_no_create_nor_its_tenants_listing(client, tenant) -> None:
+    """A listed session whose meta key holds a set: once its entry was due,
+    every create of the tenant answered INTERNAL though it made its session,
+    and every page of its listing failed (a review)."""
+    short, long = stores(client)
+    await short.create(tenant, "damaged")
+    await long.create(tenant, "kept")
+    meta = session_store.session_key(tenant, "damaged")
+    await client.delete(meta)
+    await client.sadd(meta, "not a session")
+    try:
+        await asyncio.sleep(1.2)  # its entry is due: the next create checks it
+        await long.create(tenant, "after")
+        page = await long.listing.page(tenant, 10)
+        assert sorted(s.session_id for s in page.sessions) == ["after", "kept"]
+        assert await listed(client, tenant) == (["after", "kept"], ["after", "kept"])
+    finally:
+        await client.delete(meta)
+
+
+async def test_a_tenant_whose_records_fail_to_sweep_holds_up_no_other(client, tenant) -> None:
+    """A tenant whose sweep fails (its listing's key of another type) went
+    back to the front of the queue at each tick, and no other tenant was
+    ever swept again (a review)."""
+    short, long = stores(client)
+    broken = f"{tenant}-broken"
+    await short.create(broken, "s")
+    due = session_store.listing_key(broken, "due")
+    await client.delete(due)
+    await client.set(due, "not a sorted set")
+    gone = ["e0", "e1"]
+    for session_id in gone:
+        await short.create(tenant, session_id)
+    await expired(client, tenant, gone)
+    try:
+        await a_pass(sweep_of(long, client))
+        assert await client.exists(*tenant_keys(tenant)) == 0
+    finally:
+        await client.delete(*tenant_keys(broken))
