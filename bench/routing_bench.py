@@ -4,11 +4,16 @@
 
 Starts two real Triton servers (smollm2 only, each with its own prefix
 cache) and, per strategy, the real inference service in front of both (in
-this process, over gRPC on 127.0.0.1). Two workloads:
+this process, over gRPC on 127.0.0.1). Three workloads:
 
 - shared prefixes: many users, each request one of a few long system
   prompts (~1,000 tokens) plus a short question of its own;
-- unrelated prompts: word salads of ~400 tokens, no two alike.
+- unrelated prompts: word salads of ~400 tokens, no two alike;
+- sessions: many chat sessions, each a history of its own (~450 tokens)
+  that every turn extends; the sessions take turns in rounds, each round in
+  a new order, so a session comes back after the others' turns, as chat
+  users do (a server's index that kept only its last conversation, a bug
+  fixed in f51148e, routes most of them away from their prefix).
 
 Per workload and strategy: time to first token p50/p99, output tokens per
 second over the phase, the share of prompt tokens the models served from
@@ -120,6 +125,38 @@ def unrelated_requests(phase: int, args) -> list[list[common_pb2.Message]]:
     return requests
 
 
+def session_rounds(phase: int, args) -> list[list[list[common_pb2.Message]]]:
+    """The turns of ``args.sessions`` sessions in ``args.turns`` rounds: in
+    round k every session sends its k-th turn, its whole conversation so
+    far (a fixed assistant reply stands for each earlier answer: the
+    prefix cache matches prompt tokens, so turn k's prompt is a prefix of
+    turn k+1's whatever the model said), the sessions in a new order each
+    round. Rounds run one after the other, so a session's turn never
+    overtakes its previous one."""
+    rng = random.Random(3000 + phase)
+    histories = [
+        [
+            common_pb2.Message(role=common_pb2.ROLE_SYSTEM, content=f"You help customer {phase}-{s}."),
+            common_pb2.Message(
+                role=common_pb2.ROLE_USER,
+                content=words_to_tokens(rng, args.session_tokens, f"Session {phase}-{s}, my history:"),
+            ),
+        ]
+        for s in range(args.sessions)
+    ]
+    rounds = []
+    for turn in range(args.turns):
+        if turn:
+            for history in histories:
+                history.append(common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content="Noted, go on."))
+                question = f"{rng.choice(QUESTIONS)} (turn {turn})"
+                history.append(common_pb2.Message(role=common_pb2.ROLE_USER, content=question))
+        order = list(range(args.sessions))
+        rng.shuffle(order)
+        rounds.append([list(histories[s]) for s in order])
+    return rounds
+
+
 def prefix_cache_counters(metrics_urls: list[str]) -> dict[str, float]:
     """Prompt tokens looked up and served from cache, all servers together."""
     totals = {"queried": 0.0, "hit": 0.0}
@@ -148,7 +185,9 @@ def model_repository_with_cache(target: pathlib.Path, cache_mib: int) -> pathlib
     return target
 
 
-async def run_phase(strategy: str, triton_urls: list[str], requests, args) -> dict:
+async def run_phase(strategy: str, triton_urls: list[str], rounds, args) -> dict:
+    """``rounds``: lists of requests, each list driven once the one before
+    it has ended."""
     settings = Settings(
         mesh=MeshSettings(tls=False),
         telemetry=TelemetrySettings(metrics=False),
@@ -176,7 +215,7 @@ async def run_phase(strategy: str, triton_urls: list[str], requests, args) -> di
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
             await wait_both_ready(stub, len(triton_urls))
-            return await drive(stub, requests, args)
+            return await drive(stub, rounds, args)
     finally:
         await serving.stop(service, grace_s=1)
 
@@ -191,9 +230,9 @@ async def wait_both_ready(stub, backends: int, timeout_s: float = 60.0) -> None:
     raise TimeoutError("the inference service never saw both Triton servers ready")
 
 
-async def drive(stub, requests, args) -> dict:
+async def drive(stub, rounds, args) -> dict:
     parameters = common_pb2.GenerationParameters(max_tokens=args.max_tokens, temperature=0.0)
-    queue = list(enumerate(requests))
+    queue = []
     ttfts, per_backend, output_tokens = [], {}, 0
 
     async def one(messages) -> None:
@@ -219,11 +258,12 @@ async def drive(stub, requests, args) -> dict:
 
     async def worker() -> None:
         while queue:
-            _, messages = queue.pop(0)
-            await one(messages)
+            await one(queue.pop(0))
 
     started = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    for requests in rounds:
+        queue.extend(requests)
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     wall = time.monotonic() - started
     return {
         "p50": percentile(ttfts, 0.50),
@@ -242,12 +282,17 @@ async def main_async(args, triton_urls: list[str], metrics_urls: list[str]) -> l
     ]
     phase = 0
     results = {}
-    for workload, make in (("shared prefixes", shared_prefix_requests), ("unrelated", unrelated_requests)):
+    workloads = {
+        "shared prefixes": lambda phase: [shared_prefix_requests(phase, args)],
+        "unrelated": lambda phase: [unrelated_requests(phase, args)],
+        "sessions": lambda phase: session_rounds(phase, args),
+    }
+    for workload in args.workloads:
         for strategy in args.strategies:
             phase += 1
-            requests = make(phase, args)
+            rounds = workloads[workload](phase)
             before = prefix_cache_counters(metrics_urls)
-            result = await run_phase(strategy, triton_urls, requests, args)
+            result = await run_phase(strategy, triton_urls, rounds, args)
             after = prefix_cache_counters(metrics_urls)
             queried = after["queried"] - before["queried"]
             hit_share = (after["hit"] - before["hit"]) / queried if queried else 0.0
@@ -260,7 +305,7 @@ async def main_async(args, triton_urls: list[str], metrics_urls: list[str]) -> l
             print(rows[-1], flush=True)
     baseline = args.strategies[0]
     rows.append("")
-    for workload in ("shared prefixes", "unrelated"):
+    for workload in args.workloads:
         for strategy in args.strategies[1:]:
             base, this = results[workload, baseline], results[workload, strategy]
             throughput = this["tokens_per_s"] / base["tokens_per_s"]
@@ -278,11 +323,17 @@ def main() -> None:
         default="least_outstanding,kv_cost,prefix_affinity",
         help="comma-separated; the first is the baseline of the ratios",
     )
+    parser.add_argument(
+        "--workloads", default="shared prefixes,unrelated,sessions", help="comma-separated, in this order"
+    )
     parser.add_argument("--system-prompts", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=1000)
     parser.add_argument("--requests", type=int, default=32, help="per shared-prefix phase")
     parser.add_argument("--unrelated-requests", type=int, default=12)
     parser.add_argument("--unrelated-tokens", type=int, default=400)
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--session-tokens", type=int, default=450, help="each session's opening history")
+    parser.add_argument("--turns", type=int, default=4, help="per session, one round each")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument(
@@ -290,6 +341,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if unknown := set(args.workloads) - {"shared prefixes", "unrelated", "sessions"}:
+        parser.error(f"unknown workloads: {sorted(unknown)}")
     with tempfile.TemporaryDirectory(prefix="meshgate-routing-bench-") as state:
         state_dir = pathlib.Path(state)
         repository = model_repository_with_cache(state_dir / "models", args.prefix_cache_mib)
@@ -323,6 +377,7 @@ def main() -> None:
         f"\n{MODEL}, two Triton servers, prefix cache {args.prefix_cache_mib} MiB each; shared: "
         f"{args.system_prompts} system prompts of {args.system_tokens} tokens, {args.requests} requests; "
         f"unrelated: {args.unrelated_requests} prompts of {args.unrelated_tokens} tokens; "
+        f"sessions: {args.sessions} of {args.session_tokens} tokens, {args.turns} turns each; "
         f"concurrency {args.concurrency}, max_tokens {args.max_tokens}, greedy; "
         f"{os.cpu_count()} CPU cores shared by both Tritons, the service and the load generator\n"
     )
