@@ -368,6 +368,11 @@ class Reason(enum.StrEnum):
     REDIS_UNAVAILABLE = enum.auto()
     """Redis cannot be reached."""
 
+    EMBEDDER_UNAVAILABLE = enum.auto()
+    """The cache needed a question's embedding and could not have it (a wrong-hit report on a
+    replica that has not embedded yet, whose embedder is down or overloaded: the sub-partition
+    of the entry is that of the embedder's revision); retry."""
+
     EMBEDDER_CHANGED = enum.auto()
     """An Embed's texts were embedded by two revisions of the embedding model (Triton
     servers of two revisions side by side, an upgrade under way), still after the fewer

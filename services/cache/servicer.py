@@ -54,7 +54,7 @@ from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, MAX_SCOPE_ROUTE_CHARS, CacheSettings
 from meshgate.embedding import Embedding
-from meshgate.errors import MeshgateError, invalid_argument, not_found
+from meshgate.errors import MeshgateError, invalid_argument, not_found, unavailable
 from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
 from services.cache import conversation, keys
@@ -547,7 +547,17 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         if embedder is None:
             # No lookup here has embedded yet (a replica just started).
             embedded = await self._embedder.embed_or_none(resolved[0], tenant_id=partition.tenant_id)
-            embedder = "" if embedded is None else embedded.embedder
+            if embedded is None:
+                # Which sub-partition holds the entry is not known: the
+                # report filed under another removed the answer but left its
+                # row and kept the pair apart from it, so once the entry's own
+                # prompt was stored again the reported prompt was served it
+                # again (a review). Refused: the caller sends it again.
+                raise unavailable(
+                    Reason.EMBEDDER_UNAVAILABLE,
+                    "the cache could not embed the reported question to find its entry's partition; retry",
+                )
+            embedder = embedded.embedder
         context_id = self._context_id(partition, request.messages, embedder, resolved)
         asked_id = keys.entry_id(partition, request.messages)
         # Charged before the report, as a Store is: the pair it keeps is the

@@ -892,6 +892,30 @@ async def test_an_index_another_replica_emptied_is_dropped_without_checking_its_
     assert (await lookup(one, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
 
 
+async def test_a_report_to_a_replica_that_cannot_tell_the_entrys_partition_is_refused_not_misfiled(
+    redis_client, tenant
+):
+    """A replica that has not embedded yet, whose embedder is down: the
+    report removed the answer but filed the pair in another sub-partition,
+    and once the entry's prompt was stored again the reported prompt was
+    served it again (a review). Refused UNAVAILABLE; taken once it can."""
+    one = make_servicer(redis_client, FakeEmbedder())
+    s = scope(tenant)
+    entry_id = await store(one, s, conversation(STORED), text="Practice daily.")
+    assert (await lookup(one, s, conversation(PARAPHRASE))).entry_id == entry_id
+    down = FakeEmbedder()
+    down.available = False
+    two = make_servicer(redis_client, down)
+    request = pb.ReportWrongHitRequest(scope=s, messages=conversation(PARAPHRASE), entry_id=entry_id)
+    with pytest.raises(MeshgateError) as refused:
+        await two.ReportWrongHit(request, None)
+    assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.UNAVAILABLE, "EMBEDDER_UNAVAILABLE")
+    down.available = True
+    assert (await two.ReportWrongHit(request, None)).entry_removed
+    assert await store(one, s, conversation(STORED), text="Practice daily.") == entry_id
+    assert (await lookup(one, s, conversation(PARAPHRASE))).status != pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+
 async def test_a_check_of_an_indexs_rows_leaves_it_where_its_last_lookup_put_it(
     redis_client, embedder, tenant
 ):
