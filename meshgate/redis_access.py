@@ -145,6 +145,13 @@ def outage(message: str, error: BaseException) -> MeshgateError:
     return unavailable(Reason.REDIS_UNAVAILABLE, message)
 
 
+def is_full(error: BaseException | None) -> bool:
+    """Whether ``error`` is Redis refusing a write for memory (maxmemory under
+    noeviction; a script's first write, _Parser): a call that frees memory
+    may go on where one that grows it may not."""
+    return isinstance(error, redis_errors.OutOfMemoryError)
+
+
 # Query keys that would undo what connect() sets on purpose: redis-py lets a
 # URL's query override the keyword arguments, so ``?read_from_replicas=true``
 # would turn replica reads on, and ``?socket_timeout=0.5`` would cut every

@@ -48,7 +48,7 @@ import grpc
 import numpy as np
 import structlog
 
-from meshgate import metrics, serving
+from meshgate import metrics, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
@@ -567,10 +567,19 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         most = self._settings.max_bytes_per_tenant
         held = None
         charged_at_ms = _now_ms()
+        full = None  # Redis's refusal of the charge, when it is full
         if most:
-            held = await self._store.charge(
-                partition.tenant_id, REPORTED_PAIR_BYTES, most, self._settings.ttl_s, charged_at_ms
-            )
+            try:
+                held = await self._store.charge(
+                    partition.tenant_id, REPORTED_PAIR_BYTES, most, self._settings.ttl_s, charged_at_ms
+                )
+            except MeshgateError as refused:
+                if not redis_access.is_full(refused.__cause__):
+                    raise
+                # Redis is full (noeviction): the report is taken as one
+                # without room, which deletes the entry it names (deletes
+                # pass a full Redis: store._REPORT_WRONG) and keeps its pair.
+                full, held = refused, 0
         try:
             report = await self._store.report_wrong(
                 partition,
@@ -583,6 +592,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 room_for_a_pair=held is None,
             )
         except NoRoomForReport:
+            if full is not None:
+                # Of an entry gone: nothing to delete, and no room for its pair.
+                raise full from None
             raise _quota_exceeded(held, REPORTED_PAIR_BYTES, most) from None
         if held is None and (report is None or not report.kept_new_pair):
             # Charged for a pair it did not keep: it named no entry (a tenant

@@ -220,21 +220,28 @@ if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV
   -- Taken only while the tenant has room for it (CacheStore.charge).
   if ARGV[6] ~= '1' then return 0 end
 end
--- 1 if the pair is new: a resent report (its reply lost) keeps nothing more,
--- and its charge goes back (the cache servicer's ReportWrongHit).
-local new_pair = redis.call('SADD', KEYS[5], ARGV[5])
-redis.call('SADD', KEYS[5], ARGV[1])
--- As long as the sub-partition's entries, at least: see _STORE_SEMANTIC.
+-- The deletes first, unlike the OOM_FIRST rule of the context store's
+-- scripts: Redis checks a script for memory at its first write only, and a
+-- delete passes a full Redis, so a report is taken when Redis is full (its
+-- pair, ~130 bytes, then passes maxmemory by that much). With the SADD
+-- first, a full Redis refused the report, and the answer it named as wrong
+-- went on being served (a review).
+-- As long as the sub-partition's entries, at least (read before this
+-- entry's row goes): see _STORE_SEMANTIC.
 local keep = math.max(tonumber(ARGV[2]), redis.call('PTTL', KEYS[2]), redis.call('PTTL', KEYS[3]))
-if redis.call('PTTL', KEYS[5]) < keep then redis.call('PEXPIRE', KEYS[5], keep) end
 local removed = redis.call('DEL', KEYS[1])
--- Even when the key had gone: a router may still hold a copy of it.
-redis.call('PUBLISH', ARGV[3], ARGV[4])
 -- The version removed, so that a replica drops that one only (as a Store's
 -- evictions): false when the entry had no row.
 local seq = redis.call('ZSCORE', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
+-- Even when the key had gone: a router may still hold a copy of it.
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+-- 1 if the pair is new: a resent report (its reply lost) keeps nothing more,
+-- and its charge goes back (the cache servicer's ReportWrongHit).
+local new_pair = redis.call('SADD', KEYS[5], ARGV[5])
+redis.call('SADD', KEYS[5], ARGV[1])
+if redis.call('PTTL', KEYS[5]) < keep then redis.call('PEXPIRE', KEYS[5], keep) end
 -- The count is of distinct reported pairs: a resent report makes the
 -- sub-partition no stricter than the one it repeats (retries after lost
 -- replies would otherwise ratchet every lookup's bar up).

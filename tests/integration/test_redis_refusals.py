@@ -15,11 +15,22 @@ import pytest
 import structlog.testing
 
 from meshgate import redis_access
+from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.common.v1 import common_pb2
 from meshgate.errors import MeshgateError
 from meshgate.local.stack import free_port
 from services.context.store import SessionStore, session_keys
 from tests.conftest import own_redis_server
+from tests.integration.test_cache_servicer import (
+    PARAPHRASE,
+    STORED,
+    FakeEmbedder,
+    conversation,
+    lookup,
+    make_servicer,
+    scope,
+    store,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -119,5 +130,26 @@ async def test_a_full_redis_refuses_new_sessions_and_forks(own_redis):
             assert await client.exists(*session_keys("acme", session)) == 0
         await store.create("acme", created)
         assert await store.fork("acme", source, 1, forked)
+    finally:
+        await client.aclose()
+
+
+async def test_a_full_redis_takes_a_wrong_hit_report_and_the_answer_is_not_served_again(own_redis):
+    """A report deletes the entry it names, which frees memory: its script
+    kept the pair first, so a full Redis refused it (and the tenant's charge
+    before it) and the answer named wrong went on being served (a review)."""
+    client = redis_access.connect(own_redis)
+    servicer = make_servicer(client, FakeEmbedder())
+    s = scope(f"t-{uuid.uuid4().hex[:8]}")
+    try:
+        entry_id = await store(servicer, s, conversation(STORED), text="Practice daily.")
+        assert (await lookup(servicer, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+        request = pb.ReportWrongHitRequest(scope=s, messages=conversation(PARAPHRASE), entry_id=entry_id)
+        async with out_of_memory(client):
+            assert (await servicer.ReportWrongHit(request, None)).entry_removed
+            assert (await lookup(servicer, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+        # The pair was kept: the entry stored again is still not served to the reported prompt.
+        assert await store(servicer, s, conversation(STORED), text="Practice daily.") == entry_id
+        assert (await lookup(servicer, s, conversation(PARAPHRASE))).status != pb.LOOKUP_STATUS_SEMANTIC_HIT
     finally:
         await client.aclose()
