@@ -1668,10 +1668,15 @@ def _check_redis_urls(settings: Settings) -> None:
 def _check_addresses(settings: Settings) -> None:
     """Every listen address and every address a service dials, checked at
     load: a reloaded file with an address the router cannot dial (a list of
-    names, not ip:port) loaded, then failed the reload's hook half-way."""
+    names, not ip:port) loaded, then failed the reload's hook half-way; and
+    grpc dials a port above 65535 modulo 65536 and an address without a port
+    on 443, so 127.0.0.1:99999 loaded and reached whatever listened on 34463
+    (serving.channel_target checks each of a target's ports)."""
     # Imported here: serving imports this module.
     from meshgate.serving import channel_target
 
+    if not settings.inference.triton_urls:
+        raise ConfigError("inference.triton_urls must name at least one Triton server")
     dialled = [
         ("router.context_address", settings.router.context_address),
         ("router.cache_address", settings.router.cache_address),
@@ -1682,21 +1687,31 @@ def _check_addresses(settings: Settings) -> None:
         dialled.append(("cache.inference_address", settings.cache.inference_address))
     for alias, model in settings.models.items():
         dialled += [(f"models.{alias}.deployments.address", d.address) for d in model.deployments]
+    # The inference service dials each Triton server on a channel of its own
+    # (serving.triton_channel).
+    dialled += [(f"inference.triton_urls[{i}]", url) for i, url in enumerate(settings.inference.triton_urls)]
+    if settings.telemetry.exporter == "otlp":
+        dialled.append(("telemetry.otlp_endpoint", _otlp_target(settings.telemetry.otlp_endpoint)))
     for name, address in dialled:
+        if not address.strip():
+            raise ConfigError(f"{name} must not be empty")
         try:
             channel_target(address)
         except ValueError as error:
             raise ConfigError(f"{name}: {error}") from None
-        if not address.strip():
-            raise ConfigError(f"{name} must not be empty")
     for section in ("router", "context", "cache", "inference"):
         part = getattr(settings, section)
         for field in ("listen", "metrics_listen", "http_listen"):
             if hasattr(part, field):
                 check_listen(f"{section}.{field}", getattr(part, field), unix_socket=field == "listen")
     check_listen("mesh.health_listen", settings.mesh.health_listen)
-    if not settings.inference.triton_urls:
-        raise ConfigError("inference.triton_urls must name at least one Triton server")
+
+
+def _otlp_target(endpoint: str) -> str:
+    """The grpc target OpenTelemetry's OTLP exporter dials for
+    telemetry.otlp_endpoint: a URL's host:port (http:// for plain text,
+    https:// for TLS), else the endpoint as it is."""
+    return urllib.parse.urlsplit(endpoint).netloc or endpoint
 
 
 def check_router_models(settings: Settings) -> None:

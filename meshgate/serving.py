@@ -15,6 +15,7 @@ import collections.abc
 import contextlib
 import functools
 import hashlib
+import ipaddress
 import json
 import os
 import pathlib
@@ -312,8 +313,11 @@ TRITON_CHANNEL_OPTIONS = [
 ]
 
 
-# grpc's name resolvers; a target naming one is passed on as it is.
+# grpc's name resolvers. A socket path (unix:, unix-abstract:) has no port and
+# vsock's is no TCP port: they are passed on as they are. The others name a
+# host and port each, which channel_target checks (_checked_host_port).
 _TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+_PATH_SCHEMES = ("unix:", "unix-abstract:", "vsock:")
 
 
 def channel_target(address: str) -> str:
@@ -321,12 +325,35 @@ def channel_target(address: str) -> str:
     comma-separated list of ``ip:port`` (each a replica: ``ipv4:`` or
     ``ipv6:`` is added), or a target with its own scheme, such as
     ``dns:///meshgate-context.ns.svc.cluster.local:50052`` (every address the
-    name resolves to: a headless Service's pods)."""
+    name resolves to: a headless Service's pods), ``ipv4:ip:port,ip:port``,
+    ``ipv6:[ip]:port,...`` or ``unix:path``.
+
+    Every port dialled is checked, a ValueError naming what is wrong: grpc
+    dials a port above 65535 modulo 65536 (127.0.0.1:99999 connected to
+    34463), and an address without a port on 443 (``localhost`` dialled
+    127.0.0.1:443), saying nothing either time."""
     address = address.strip()
-    if "," not in address or address.startswith(_TARGET_SCHEMES):
+    if address.startswith(_PATH_SCHEMES):
+        return address
+    if address.startswith("dns:"):
+        # dns:[//authority/]host:port; the authority is the DNS server asked.
+        name = address.removeprefix("dns:")
+        if name.startswith("//"):
+            name = name[2:].partition("/")[2]
+        _checked_host_port(name, address)
+        return address
+    if address.startswith(("ipv4:", "ipv6:")):
+        scheme, _, listed = address.partition(":")
+        for entry in listed.split(","):
+            _checked_host_port(entry, address, ip_version=4 if scheme == "ipv4" else 6)
+        return address
+    if "," not in address:
+        _checked_host_port(address, address)
         return address
     entries = [entry.strip() for entry in address.split(",")]
     if all(entry.startswith("[") for entry in entries):
+        for entry in entries:
+            _checked_host_port(entry, address, ip_version=6)
         return "ipv6:" + ",".join(entries)
     for entry in entries:
         host, _, port = entry.rpartition(":")
@@ -335,7 +362,49 @@ def channel_target(address: str) -> str:
                 f"address list {address!r}: {entry!r} is not ip:port; for a name with "
                 "several addresses use dns:///name:port"
             )
+        _checked_host_port(entry, address, ip_version=4)
     return "ipv4:" + ",".join(entries)
+
+
+def _checked_host_port(entry: str, address: str, ip_version: int | None = None) -> None:
+    """Raises a ValueError unless ``entry`` (one of ``address``'s hosts) is
+    ``host:port`` with a port from 1 to 65535 (0 is no port to dial) and a
+    host grpc reads as written: a name or IPv4 address, or an IPv6 one in
+    brackets (unbracketed, ``::1:50052`` is ::1:50052 on port 443); with
+    ``ip_version``, an IP address of that version (what ipv4: and ipv6:
+    targets take)."""
+    where = f"{entry!r}" if entry == address else f"{entry!r} in {address!r}"
+    host, colon, port = entry.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not colon or entry.endswith("]"):
+        raise ValueError(f"{where} names no port (host:port; without one grpc dials 443)")
+    if ":" in host and not bracketed:
+        raise ValueError(
+            f"{where} is not host:port: write no scheme such as http://, and an IPv6 host in brackets "
+            "([::1]:50052)"
+        )
+    # ASCII digits: str.isdigit takes "٥٠" and "²", which grpc does not.
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(f"{where} is not host:port: its port {port!r} is not a number")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port} is not 1-65535 in {where}")
+    if not host:
+        raise ValueError(f"{where} names no host")
+    try:
+        if bracketed:
+            # A zone is allowed: [fe80::1%eth0]:50052.
+            ipaddress.IPv6Address(host[1:-1].partition("%")[0])
+            if ip_version == 4:
+                raise ValueError
+        elif ip_version == 4:
+            ipaddress.IPv4Address(host)
+        elif ip_version == 6 or any(mark.isspace() or mark in "[]/@?#" for mark in host):
+            raise ValueError
+    except ValueError:
+        kind = {4: "an IPv4 address", 6: "an IPv6 address in brackets"}.get(
+            ip_version, "a host name or address (an IPv6 one in brackets)"
+        )
+        raise ValueError(f"{where} is not host:port with {kind} for its host") from None
 
 
 Cleanup = collections.abc.Callable[[], collections.abc.Awaitable[None]]

@@ -63,6 +63,24 @@ def test_what_no_call_can_carry_is_a_usage_error_before_any_call(arguments, mess
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "router", "message"),
+    [
+        # A review: grpc dialled 1.2.3.4:34463 (99999 modulo 65536) and 127.0.0.1:443.
+        ("chat", "1.2.3.4:99999", "argument --router: port 99999 is not 1-65535"),
+        ("chat", "localhost", "argument --router: 'localhost' names no port"),
+        ("chat", "127.0.0.1:0", "argument --router: port 0 is not 1-65535"),
+        ("sessions", "dns:///router:70000", "argument --router: port 70000 is not 1-65535"),
+    ],
+)
+def test_a_router_address_grpc_would_dial_elsewhere_is_a_usage_error(command, router, message, capsys):
+    # Parsing refuses it before anything is dialled.
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--router", router, *(["hi"] if command == "chat" else [])])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 class PagedRouter(router_service_pb2_grpc.RouterServiceServicer):
     """A listing of five sessions in pages of two, as the router pages it."""
 

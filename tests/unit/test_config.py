@@ -384,6 +384,84 @@ def test_a_deployment_address_list_of_names_is_refused_at_load(tmp_path):
     assert load_settings(environ={"MESHGATE_ROUTER__LISTEN": '"unix:/tmp/router.sock"'}).router.listen
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "refused"),
+    [
+        # A reviewer's channel to 127.0.0.1:99999 connected to port 34463.
+        ("router.context_address", "127.0.0.1:99999", ": port 99999 is not 1-65535"),
+        ("router.cache_address", "127.0.0.1:0", ": port 0 is not 1-65535"),
+        # grpc dials an address without a port on 443.
+        ("router.context_address", "127.0.0.1", ": '127.0.0.1' names no port"),
+        (
+            "context.inference_address",
+            "dns:///inference",
+            ": 'inference' in 'dns:///inference' names no port",
+        ),
+        (
+            "router.cache_address",
+            "10.0.0.5:50053,10.0.0.6:99999",
+            ": port 99999 is not 1-65535 in '10.0.0.6:99999'",
+        ),
+        ("router.context_address", "ipv4:10.0.0.5:70000", ": port 70000 is not 1-65535"),
+        ("router.context_address", "[::1]:1,[::1]:65536", ": port 65536 is not 1-65535"),
+        ("router.context_address", "::1:50052", ": '::1:50052' is not host:port"),
+        ("inference.triton_urls", '["127.0.0.1:99999"]', "[0]: port 99999 is not 1-65535"),
+        (
+            "inference.triton_urls",
+            '["127.0.0.1:8001", "not an address"]',
+            "[1]: 'not an address' names no port",
+        ),
+        ("inference.triton_urls", '["http://triton:8001"]', "[0]: 'http://triton:8001' is not host:port"),
+        ("inference.triton_urls", '[""]', "[0] must not be empty"),
+    ],
+)
+def test_a_dialled_address_grpc_would_dial_elsewhere_is_refused_at_load(setting, value, refused):
+    """A review: each loaded, and grpc dialled a port above 65535 modulo
+    65536, and one left out as 443."""
+    section, field = setting.split(".")
+    with pytest.raises(ConfigError, match=f"^{re.escape(setting + refused)}"):
+        load_settings(environ={f"MESHGATE_{section.upper()}__{field.upper()}": value})
+
+
+def test_a_deployment_or_otlp_address_out_of_range_is_refused_naming_its_setting(tmp_path):
+    path = tmp_path / "models.toml"
+    path.write_text('[models.big]\ndeployments = [{ name = "a", address = "127.0.0.1:70000" }]\n')
+    with pytest.raises(ConfigError, match=r"^models\.big\.deployments\.address: port 70000 is not 1-65535"):
+        load_settings(path, environ={})
+    # Every service exports its spans there: the exporter dials a URL's host:port.
+    otlp = {
+        "MESHGATE_TELEMETRY__EXPORTER": "otlp",
+        "MESHGATE_TELEMETRY__OTLP_ENDPOINT": "http://collector:99999",
+    }
+    with pytest.raises(ConfigError, match=r"^telemetry\.otlp_endpoint: port 99999 is not 1-65535"):
+        load_settings(environ=otlp)
+    # Not dialled unless it is the exporter.
+    assert load_settings(environ={**otlp, "MESHGATE_TELEMETRY__EXPORTER": "none"})
+
+
+def test_every_form_of_dialled_address_that_worked_still_loads(tmp_path):
+    forms = {
+        "MESHGATE_ROUTER__CONTEXT_ADDRESS": "dns:///meshgate-context.ns.svc.cluster.local:50052",
+        "MESHGATE_ROUTER__CACHE_ADDRESS": " 10.0.0.5:50053, 10.0.0.6:50053 ",
+        "MESHGATE_CONTEXT__INFERENCE_ADDRESS": "unix:/run/meshgate/inference.sock",
+        "MESHGATE_CACHE__EMBEDDER": "inference",
+        "MESHGATE_CACHE__INFERENCE_ADDRESS": "[::1]:1,[::1]:65535",
+        "MESHGATE_INFERENCE__TRITON_URLS": '["triton-a:8001", "[fe80::1%eth0]:8001", "ipv4:10.0.0.7:8001"]',
+        "MESHGATE_TELEMETRY__EXPORTER": "otlp",
+        "MESHGATE_TELEMETRY__OTLP_ENDPOINT": "collector:4317",
+    }
+    path = tmp_path / "models.toml"
+    path.write_text(
+        '[models.big]\ndeployments = [{ name = "a", address = "dns://10.0.0.2/inference:50054" },'
+        ' { name = "b", address = "ipv6:[::1]:50054,[::2]:50054" },'
+        ' { name = "c", address = "unix-abstract:i" }]\n'
+    )
+    settings = load_settings(path, environ=forms)
+    assert settings.router.context_address == forms["MESHGATE_ROUTER__CONTEXT_ADDRESS"]
+    assert settings.inference.triton_urls[1] == "[fe80::1%eth0]:8001"
+    assert [d.address for d in settings.models["big"].deployments][2] == "unix-abstract:i"
+
+
 def test_two_deployments_of_one_alias_under_one_name_are_refused_at_load(tmp_path):
     """A hunt's finding: two unnamed deployments are both 'local', and
     session affinity (which hashes the name) sent every session to the first."""

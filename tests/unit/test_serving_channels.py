@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import uuid
 
@@ -38,6 +39,40 @@ from tests.mesh import certs_dir, mesh_settings, renew
 )
 def test_an_address_setting_becomes_a_grpc_target(address: str, target: str) -> None:
     assert serving.channel_target(address) == target
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "dns:meshgate-cache:50053",
+        "dns://10.0.0.2/meshgate-cache:50053",
+        "ipv6:[::1]:1,[::2]:2",
+        "unix:/tmp/c.sock",
+        "vsock:3:5000",
+    ],
+)
+def test_a_target_of_grpc_own_forms_is_passed_on_as_it_is(address: str) -> None:
+    assert serving.channel_target(address) == address
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        ("127.0.0.1:99999", "port 99999 is not 1-65535"),
+        ("127.0.0.1:0", "port 0 is not 1-65535"),
+        ("meshgate-context", "'meshgate-context' names no port"),
+        ("dns:///meshgate-context", "'meshgate-context' in 'dns:///meshgate-context' names no port"),
+        ("ipv4:127.0.0.1:1,127.0.0.1:65536", "port 65536 is not 1-65535 in '127.0.0.1:65536'"),
+        ("ipv4:meshgate-context:1", "is not host:port with an IPv4 address"),
+        ("[::1]:1,[::1]", "'[::1]' in '[::1]:1,[::1]' names no port"),
+        ("::1:50052", "'::1:50052' is not host:port"),
+        ("127.0.0.1:\u0665\u0660", "is not a number"),
+    ],
+)
+def test_an_address_grpc_would_dial_another_port_of_is_refused(address: str, refused: str) -> None:
+    """grpc dials a port above 65535 modulo 65536 and a missing one as 443."""
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        serving.channel_target(address)
 
 
 def test_a_list_of_names_is_refused_with_what_to_write_instead() -> None:
