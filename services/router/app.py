@@ -36,6 +36,9 @@ from services.router.summary_usage import SummaryUsageSweeper
 from services.router.turn_journal import TurnJournal
 
 # Settings a running router cannot take over (reload logs that they changed).
+# Whole sections where every field is read once, at setup: a field added to
+# one later is covered without being listed (redis.timeout_s went unlisted,
+# and a changed one was silently ignored).
 _RESTART_ONLY = (
     "router.listen",
     "router.metrics_listen",
@@ -55,7 +58,7 @@ _RESTART_ONLY = (
     "router.hot_exact_max_age_s",
     "router.hot_exact_max_bytes",
     "router.cache_redis_url",
-    "redis.url",
+    "redis",
     "mesh",
     "telemetry",
 )
