@@ -28,10 +28,14 @@ RUN python3 -m venv /opt/models-env \
       "numpy>=1.26,<2" "tokenizers>=0.19,<1" "onnxruntime>=1.18,<2" "gguf>=0.10,<1"
 # minilm's model code is meshgate/minilm.py, the module the cache service
 # runs in process too (so the two embed alike). Only that module of meshgate
-# (it imports none of the rest), not the package: the image's own Python
-# (3.10 in the 24.10 release) is older than meshgate's 3.11+.
-COPY meshgate/__init__.py meshgate/minilm.py /tmp/meshgate/
-RUN cp -r /tmp/meshgate "$(/opt/models-env/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/"
+# (it imports none of the rest), under an empty package __init__, not the
+# package: the image's own Python (3.10 in the 24.10 release) is older than
+# meshgate's 3.11+, and the package's __init__ imports meshgate.tasks, which
+# the image does not hold (a review: minilm failed to load and, with
+# --exit-on-error, tritonserver exited) and whose asyncio patch needs 3.11.
+COPY meshgate/minilm.py /tmp/meshgate/
+RUN touch /tmp/meshgate/__init__.py \
+ && cp -r /tmp/meshgate "$(/opt/models-env/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/"
 COPY model_repository /models
 # Generated files: tiny_gpt's seeded weights and smollm2's tokenizer (from its GGUF).
 RUN /opt/models-env/bin/python /models/tiny_gpt/build_weights.py \

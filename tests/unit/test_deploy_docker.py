@@ -7,6 +7,8 @@ import dataclasses
 import pathlib
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -184,3 +186,30 @@ def test_the_triton_image_serves_the_bundled_models_as_a_non_root_user():
     for model in models:
         assert (ROOT / "model_repository" / model / "config.pbtxt").is_file()
     assert "--exit-on-error=true" in command
+
+
+def test_the_triton_images_copy_of_meshgate_imports_minilm_alone(tmp_path):
+    """The image holds the files of meshgate its Dockerfile copies (and an
+    __init__ it makes empty), not the package: its __init__ imported
+    meshgate.tasks, which the image lacked, so minilm failed to load and
+    tritonserver exited (a review; the local stack and tests imported the
+    checkout's whole package through the editable install and never saw it).
+    Here the copy alone, the editable install's finder left out."""
+    dockerfile = (ROOT / "deploy" / "docker" / "triton.Dockerfile").read_text()
+    (copied,) = re.findall(r"^COPY ((?:meshgate/\S+ )+)/tmp/meshgate/$", dockerfile, re.M)
+    package = tmp_path / "meshgate"
+    package.mkdir()
+    for source in copied.split():
+        (package / pathlib.Path(source).name).write_text((ROOT / source).read_text())
+    if re.search(r"touch /tmp/meshgate/__init__\.py", dockerfile):
+        (package / "__init__.py").write_text("")
+    script = (
+        "import sys; "
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+        f"sys.path.insert(0, {str(tmp_path)!r}); "
+        "import meshgate.minilm, meshgate; "
+        f"assert meshgate.__file__.startswith({str(tmp_path)!r}), meshgate.__file__; "
+        "assert set(sys.modules) >= {'meshgate.minilm'} and 'meshgate.tasks' not in sys.modules"
+    )
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
