@@ -85,6 +85,12 @@ ROUTER_CERT_DIR = "/etc/meshgate/router-cert"
 # endpoint watcher (and each client's DNS re-resolution) drops it first; then
 # SIGTERM starts the service's own drain (meshgate/serving.py: NOT_SERVING,
 # then in-flight calls finish within its grace).
+# What docs/capacity.md gives a cache's resident row at most (2.9 KiB of
+# arrays and graph, 1.3 KiB of ids and maps, up to 1 KiB of text), and the
+# process beside its rows (the in-process embedding model, ~0.3 GB, and the
+# rest: 290-336 MB idle in a review's run), rounded up.
+CACHE_BYTES_PER_ROW = 5_325
+CACHE_BASE_BYTES = 512 * 2**20
 PRESTOP_PAUSE_S = 5
 DRAIN_GRACE_S = 10
 
@@ -119,6 +125,11 @@ class Overlay:
     # Namespace of Prometheus, allowed to scrape the metrics ports.
     monitoring_namespace: str = "monitoring"
     services: dict[str, ServiceSize] = dataclasses.field(default_factory=dict)
+    # cache.max_resident_rows where the cache's memory limit cannot hold the
+    # default's (None: the default): each resident row takes up to
+    # CACHE_BYTES_PER_ROW, and past its limit the pod is killed, where the
+    # bound would have pushed rows out.
+    cache_max_resident_rows: int | None = None
 
     @classmethod
     def load(cls, name: str) -> Overlay:
@@ -205,6 +216,11 @@ def settings_file(overlay: Overlay) -> str:
         f'listen = "0.0.0.0:{GRPC_PORTS["cache"]}"',
         f'metrics_listen = "0.0.0.0:{METRICS_PORTS["cache"]}"',
         f"inference_address = {_toml_value(address('inference'))}",
+        *(
+            [f"max_resident_rows = {overlay.cache_max_resident_rows}"]
+            if overlay.cache_max_resident_rows
+            else []
+        ),
         "",
         "[inference]",
         f'listen = "0.0.0.0:{GRPC_PORTS["inference"]}"',

@@ -253,3 +253,26 @@ def test_credentials_come_from_secrets_never_from_the_config_map_or_literals(ove
         literal = {e["name"] for e in container["env"] if "value" in e}
         assert all(name.endswith("_FILE") or name == "MESHGATE_CONFIG" for name in literal), literal
         assert all("secretKeyRef" in e["valueFrom"] for e in container["env"] if "value" not in e)
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity in the binary suffixes the overlays use."""
+    for suffix, power in (("Ki", 10), ("Mi", 20), ("Gi", 30)):
+        if quantity.endswith(suffix):
+            return int(quantity.removesuffix(suffix)) << power
+    return int(quantity)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_caches_memory_limit_holds_the_resident_rows_its_settings_allow(overlay, tmp_path):
+    """Past its limit the pod is killed, where cache.max_resident_rows would
+    have pushed rows out: the dev overlay's 1536Mi held ~290 k of the
+    default's 1.2 M rows (a review)."""
+    objects = _objects(overlay)
+    (tmp_path / "meshgate.toml").write_text(
+        _by_kind(objects, "ConfigMap")["meshgate-config"]["data"]["meshgate.toml"]
+    )
+    rows = load_settings(tmp_path / "meshgate.toml", {}).cache.max_resident_rows
+    container = _by_kind(objects, "Deployment")["meshgate-cache"]["spec"]["template"]["spec"]["containers"][0]
+    limit = _bytes(container["resources"]["limits"]["memory"])
+    assert rows * render.CACHE_BYTES_PER_ROW + render.CACHE_BASE_BYTES <= limit, (rows, limit)
