@@ -295,6 +295,13 @@ class Reason(enum.StrEnum):
     pinning that turn, needs the texts of turns compacted into summaries
     since (metadata ``compacted_version``)."""
 
+    CACHE_KEY_WRONG_TYPE = enum.auto()
+    """FAILED_PRECONDITION: a cache key holds another type in Redis than the
+    cache keeps there (an operator's or another program's write), and the
+    call cannot go on without it: metadata ``key_kind`` (which of the cache's
+    keys: e.g. ``invalidation marks``, ``stats``), ``key`` (clipped) and
+    ``held_type``; the message says what puts it right."""
+
     RESPONSE_TOO_LARGE = enum.auto()
     """RESOURCE_EXHAUSTED: the answer would pass the mesh's message bound
     (GetSession of a session held under context.max_session_bytes = 0, or a

@@ -53,6 +53,16 @@ row each in a script that reads what it was charged as it deletes it
 of two Invalidates at once, or an Invalidate and an undo, only the one
 that deletes it gives it back.
 
+A key holding another type than this layout says (an operator's or another
+program's write: the cache never writes one) holds nothing of the cache's,
+and one such key must fail no other work of its tenant, nor any other
+tenant's. A script that writes a key deletes it first (_CLEAR_WRONG_TYPE),
+an Invalidate deletes it with the tenant's other keys, an entry's key of
+another type reads as a miss; a call that cannot go on without the key (a
+fence read from broken invalidation marks, a semantic lookup of a broken
+sub-partition) is refused FAILED_PRECONDITION CACHE_KEY_WRONG_TYPE, naming
+it (``wrong_type``).
+
 Whatever stops an entry's answer from being the one to serve for a prompt
 (a reported wrong hit, an Invalidate, any Store) is announced on
 ``cache_notices.CHANNEL``, for the routers' local copies of hot hits.
@@ -73,13 +83,18 @@ import dataclasses
 import struct
 from collections.abc import AsyncIterator
 
+import grpc
 import redis.asyncio as redis
+import structlog
 
 from meshgate import cache_notices
 from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
 from meshgate.redis_access import CONNECTION_ERRORS, outage, run_script_replicated
 from services.cache import keys
 from services.cache.keys import Partition
+
+log = structlog.get_logger(__name__)
 
 _EXPIRY = struct.Struct("<q")
 # Entries per round trip when an index loads: bounds the reply size, the
@@ -101,11 +116,31 @@ _NOTICE_AFTER_FAILURE_S = 1.0
 # than one, so that trimming outpaces expiry wherever entries share a TTL.
 _EXPIRED_TRIM = 16
 
-_STORE_SEMANTIC = """
+# What a script that writes a key first does with one holding another type
+# than the cache keeps there (an operator's or another program's write): it
+# holds nothing of the cache's, so it is deleted and the script goes on as
+# over a missing key. Left, it failed every write of that key (WRONGTYPE),
+# and such a key has no TTL, so for good: a Store of the prompt could never
+# replace it, an Invalidate stopped at it (partway, the tenant's other
+# partitions still served), a quota count of another type refused every Store
+# of the tenant (a review). TYPE costs no more than a GET, on writes only.
+_CLEAR_WRONG_TYPE = """
+local function clear_wrong_type(key, kind)
+  local held = redis.call('TYPE', key)['ok']
+  if held ~= kind and held ~= 'none' then redis.call('DEL', key) end
+end
+"""
+
+_STORE_SEMANTIC = (
+    _CLEAR_WRONG_TYPE
+    + """
 -- KEYS: exact key, order zset, vectors hash, sequence counter, wrong-hit counter, reported pairs
 -- ARGV: entry value, ttl ms, entry id, vector value, max entries, exact key prefix,
 --       notices channel, the entry's notice
 local ttl = tonumber(ARGV[2])
+for i, kind in ipairs({'string', 'zset', 'hash', 'string', 'string', 'set'}) do
+  clear_wrong_type(KEYS[i], kind)
+end
 -- What the entry replaces, for the tenant's count (CacheStore.replaced_charge).
 local replaced = {redis.call('STRLEN', KEYS[1]), redis.call('HSTRLEN', KEYS[3], ARGV[3])}
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
@@ -166,6 +201,7 @@ for _, i in ipairs({2, 3, 5, 6}) do
 end
 return {seq, evicted, replaced}
 """.replace("EXPIRED_TRIM", str(_EXPIRED_TRIM))
+)
 
 # One round trip, as a plain SET was (PUBLISH may not go in a cluster
 # pipeline). The notice goes out on every Store, not only one replacing an
@@ -176,14 +212,18 @@ return {seq, evicted, replaced}
 # is a write to each router's subscription; a router drops nothing for an
 # id it does not hold, and only a hit fetched while the notice arrived is
 # not kept (one more hop, hot_exact.py).
-_STORE_EXACT = """
+_STORE_EXACT = (
+    _CLEAR_WRONG_TYPE
+    + """
 -- KEYS: exact key; ARGV: entry value, ttl ms, notices channel, the entry's notice
+clear_wrong_type(KEYS[1], 'string')
 -- What the entry replaces, for the tenant's count (CacheStore.replaced_charge).
 local replaced = redis.call('STRLEN', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return replaced
 """
+)
 
 # Also how many entries the sub-partition lists: a replica whose index
 # holds more live rows than that holds some Redis no longer does (the
@@ -199,7 +239,9 @@ for i = 1, #listed, 2 do ids[#ids + 1] = listed[i] end
 return {strictness, listed, redis.call('HMGET', KEYS[2], unpack(ids)), count}
 """
 
-_REPORT_WRONG = """
+_REPORT_WRONG = (
+    _CLEAR_WRONG_TYPE
+    + """
 -- KEYS: exact key, order zset, vectors hash, wrong-hit counter, reported pairs
 -- ARGV: entry id, ttl ms, notices channel, the notice of the entry's tenant and model,
 --       the reported pair (asked entry id, space, entry id),
@@ -210,7 +252,12 @@ _REPORT_WRONG = """
 -- report is kept from it too, once it is stored again under its id), or a
 -- pair reported before (a retry, of a report older than the bare ids).
 -- Anything else names no entry: a caller's made-up ids each added a pair
--- (and a count) for as long as the sub-partition lived. Nothing is written.
+-- (and a count) for as long as the sub-partition lived. Nothing is written
+-- (but a key of the sub-partition's of another type is deleted first:
+-- _CLEAR_WRONG_TYPE; the entry's own key of another type goes as the entry).
+for i, kind in ipairs({'zset', 'hash', 'string', 'set'}) do
+  clear_wrong_type(KEYS[i + 1], kind)
+end
 if redis.call('EXISTS', KEYS[1]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[1])
     and redis.call('SISMEMBER', KEYS[5], ARGV[5]) == 0 then
   if redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 then return false end
@@ -254,6 +301,7 @@ end
 if redis.call('PTTL', KEYS[4]) < keep then redis.call('PEXPIRE', KEYS[4], keep) end
 return {removed, strictness, new_pair, seq}
 """
+)
 
 
 # What a Store charges to its tenant (``charge``) beyond its values' bytes:
@@ -280,9 +328,14 @@ class NoRoomForReport(Exception):
 # apart from the entry's partition: a separate call, before the entry's
 # write, so a write that then fails stays charged (the count errs high, for
 # two windows).
-_CHARGE = """
+_CHARGE = (
+    _CLEAR_WRONG_TYPE
+    + """
 -- KEYS: the tenant's count of this window, of the window before
 -- ARGV: bytes, the bound, how long a count lives (ms: two windows), which key to charge (1 or 2)
+-- A count of another type counts nothing (_CLEAR_WRONG_TYPE).
+clear_wrong_type(KEYS[1], 'string')
+clear_wrong_type(KEYS[2], 'string')
 local held = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(redis.call('GET', KEYS[2]) or '0')
 if held + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return held end
 local charged = KEYS[tonumber(ARGV[4])]
@@ -290,15 +343,19 @@ redis.call('INCRBY', charged, ARGV[1])
 if redis.call('PTTL', charged) < 0 then redis.call('PEXPIRE', charged, ARGV[3]) end
 return -1
 """
+)
 
 
 # Gives back to the tenant's counts of one or two windows what a Store
 # replaced, a report's pair it did not keep (none, or one already held), or
 # the entries an Invalidate removed, never below nothing (``refund``).
-_REFUND = """
+_REFUND = (
+    _CLEAR_WRONG_TYPE
+    + """
 -- KEYS: the tenant's counts of windows; ARGV: the bytes to give back to each
 local total = 0
 for i, key in ipairs(KEYS) do
+  clear_wrong_type(key, 'string')
   local held = tonumber(redis.call('GET', key) or '0')
   local given = math.min(held, tonumber(ARGV[i]))
   if given > 0 then redis.call('DECRBY', key, given) end
@@ -306,6 +363,7 @@ for i, key in ipairs(KEYS) do
 end
 return total
 """
+)
 
 # What the scripts that delete entries (an Invalidate's, a Store's undo)
 # share: an entry's charge added to the window
@@ -342,7 +400,17 @@ local window_ms = tonumber(ARGV[1])
 local charged = {}
 local removed = 0
 for _, key in ipairs(KEYS) do
-  local size = redis.call('STRLEN', key)
+  local held = redis.call('TYPE', key)['ok']
+  -- A key of another type (_CLEAR_WRONG_TYPE) is no answer, charged
+  -- nothing: deleted all the same, uncounted. STRLEN of it failed the
+  -- script, and with it the whole Invalidate, after it had deleted other
+  -- partitions' answers, and every retry the same way (a review).
+  local size = 0
+  if held == 'string' then
+    size = redis.call('STRLEN', key)
+  elseif held ~= 'none' then
+    redis.call('UNLINK', key)
+  end
   if size >= 8 then
     local expires_ms = struct.unpack('<i8', redis.call('GETRANGE', key, 0, 7))
     charge(charged, expires_ms, window_ms, size - 8 + ENTRY_OVERHEAD_BYTES)
@@ -365,6 +433,13 @@ _INVALIDATE_ROWS = (
     + """
 -- KEYS: a vectors hash; ARGV: HSCAN cursor, count, a window's length (ms)
 -- Returns: the next cursor, then window, bytes pairs
+-- A key of another type holds no rows: deleted (HSCAN of it failed the
+-- Invalidate, as in _INVALIDATE_ANSWERS), the walk over.
+local held = redis.call('TYPE', KEYS[1])['ok']
+if held ~= 'hash' then
+  if held ~= 'none' then redis.call('UNLINK', KEYS[1]) end
+  return {0}
+end
 local window_ms = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -396,8 +471,14 @@ return charges_reply(step[1], charged)
 # Set before an Invalidate scans (see the module docstring); the key lives
 # at least a day, far longer than a turn (router.max_generation_s), so a
 # fence read before it expired never matches the marks read after.
-_MARK_INVALIDATED = """
+_MARK_INVALIDATED = (
+    _CLEAR_WRONG_TYPE
+    + """
 -- KEYS: the tenant's invalidation marks; ARGV: field ('' or the model's hex), ttl ms
+-- Marks of another type fenced nothing (every read of them failed, so no
+-- Store in flight carries a fence of them): replaced by this mark, which
+-- is newer than any fence read before they broke, so those Stores are undone.
+clear_wrong_type(KEYS[1], 'hash')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
@@ -405,6 +486,7 @@ redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', math.max(now, last + 
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """
+)
 _MIN_MARK_TTL_MS = 24 * 3600 * 1000
 
 # Undoes a Store whose fence no longer holds: only what that Store wrote
@@ -532,6 +614,35 @@ def _unavailable(error: Exception) -> MeshgateError:
     return outage("cache store unavailable", error)
 
 
+def is_wrong_type(error: BaseException) -> bool:
+    """Whether ``error`` is Redis refusing a command on a key that holds
+    another type than the command's (WRONGTYPE), alone or in a script."""
+    return isinstance(error, redis.ResponseError) and "WRONGTYPE" in str(error)
+
+
+def wrong_type(kind: str, key: str | bytes, held: str, remedy: str) -> MeshgateError:
+    """FAILED_PRECONDITION ``CACHE_KEY_WRONG_TYPE`` for a cache key (``kind``
+    says which of the layout's keys: the module docstring) that holds
+    ``held``, another type than the cache keeps there: written by an
+    operator or another program, not by a cache replica. Logged with the
+    key in full (a status clips a metadata value to 128 characters).
+    ``remedy``: what makes the call work again."""
+    name = key.decode() if isinstance(key, bytes) else key
+    log.warning("a cache key holds another type than the cache's", kind=kind, key=name, held=held)
+    return MeshgateError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        Reason.CACHE_KEY_WRONG_TYPE,
+        f"a cache key ({kind}) holds a {held} in Redis, not what the cache keeps there; {remedy}",
+        {"key_kind": kind, "key": name, "held_type": held},
+    )
+
+
+# What makes a call refused for a key of the tenant's of another type work
+# again (_STORE_SEMANTIC deletes such keys of its sub-partition; an Invalidate
+# every key of the tenant's, the marks included).
+_INVALIDATE_REPAIRS = "an Invalidate of the tenant deletes it"
+
+
 def live_answer(value: bytes | None, now_ms: int) -> tuple[bytes, int] | None:
     """The serialized CachedAnswer of a stored entry and the milliseconds it
     has left to live, unless it has expired.
@@ -579,20 +690,63 @@ class CacheStore:
         self._invalidate_rows = client.register_script(_INVALIDATE_ROWS)
 
     async def get(self, partition: Partition, entry_id: str) -> bytes | None:
+        """An entry's stored value; None when it has none, or when its key
+        holds another type (no answer of the cache's: a miss, which the
+        next Store of the prompt replaces; raised, every Lookup of the
+        prompt answered INTERNAL, a review)."""
+        key = partition.exact_key(entry_id)
         try:
-            return await self._client.get(partition.exact_key(entry_id))
+            return await self._client.get(key)
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
+        except redis.ResponseError as error:
+            if not is_wrong_type(error):
+                raise
+            log.warning("a cache entry's key holds another type: read as a miss", key=key)
+            return None
+
+    async def _wrong_type_among(
+        self, error: redis.ResponseError, expected: dict[str, tuple[str | bytes, str]], remedy: str
+    ) -> BaseException:
+        """What to raise for ``error``, a command's or script's refusal of the
+        keys ``expected`` names (kind -> key, the type the cache keeps
+        there): for WRONGTYPE, ``wrong_type`` of the first that holds
+        another type, read now (Redis's reply does not say which key);
+        anything else is raised as it came."""
+        if not is_wrong_type(error):
+            return error
+        named = list(expected.items())
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for _, (key, _) in named:
+                    pipe.type(key)
+                held = await pipe.execute()
+        except CONNECTION_ERRORS as lost:
+            return _unavailable(lost)
+        for (kind, (key, kept)), found in zip(named, held, strict=True):
+            found = found.decode() if isinstance(found, bytes) else found
+            if found not in (kept, "none"):
+                return wrong_type(kind, key, found, remedy)
+        # Put right since (a Store or an Invalidate, in the moment between).
+        return error
 
     async def store_fence(self, partition: Partition) -> str:
         """The scope's invalidation marks. Read apart from the entry, and only
         by an exact lookup that missed or a fence-only one (those whose fence
         a Store carries): hits never pay for it, and on a cluster a tenant's
-        marks key (one slot) is not read by every one of its lookups."""
+        marks key (one slot) is not read by every one of its lookups.
+        Marks of another type fence nothing: refused (CACHE_KEY_WRONG_TYPE)
+        until an Invalidate of the tenant replaces them (_MARK_INVALIDATED);
+        a fence made up here would let a Store in flight across an
+        Invalidate keep its stale answer."""
+        marks_key, *fields = _marks_of(partition.tenant_id, partition.model)
         try:
-            return _fence(await self._client.hmget(*_marks_of(partition.tenant_id, partition.model)))
+            return _fence(await self._client.hmget(marks_key, *fields))
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
+        except redis.ResponseError as error:
+            expected = {"invalidation marks": (marks_key, "hash")}
+            raise await self._wrong_type_among(error, expected, _INVALIDATE_REPAIRS) from error
 
     async def undo_store(
         self,
@@ -631,14 +785,27 @@ class CacheStore:
         self, partition: Partition, context_id: str, entry_id: str, asked_id: str
     ) -> tuple[bytes | None, bool]:
         """The entry, and whether it was reported as a wrong answer to the
-        prompt of ``asked_id``, in one round trip (keys of one slot)."""
+        prompt of ``asked_id``, in one round trip (keys of one slot). An
+        entry's key of another type reads as no entry (``get``), a reported
+        set of another type as the pair reported: what it held is unknown,
+        and a miss is the safe answer."""
+        entry_key = partition.exact_key(entry_id)
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.get(partition.exact_key(entry_id))
+                pipe.get(entry_key)
                 pipe.sismember(partition.reported_key(context_id), _pair(asked_id, entry_id))
-                value, reported = await pipe.execute()
+                value, reported = await pipe.execute(raise_on_error=False)
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
+        for answer in (value, reported):
+            if isinstance(answer, BaseException) and not is_wrong_type(answer):
+                raise answer
+        if isinstance(value, BaseException):
+            log.warning("a cache entry's key holds another type: read as a miss", key=entry_key)
+            value = None
+        if isinstance(reported, BaseException):
+            log.warning("a cache sub-partition's reported pairs hold another type: not served")
+            reported = True
         return value, bool(reported)
 
     async def charge(
@@ -774,6 +941,19 @@ class CacheStore:
                 )
             except CONNECTION_ERRORS as error:
                 raise _unavailable(error) from error
+            except redis.ResponseError as error:
+                # The sub-partition's semantic lookups are refused, naming the
+                # key, until its next semantic Store (_STORE_SEMANTIC) or an
+                # Invalidate deletes it; other sub-partitions are not touched.
+                raise await self._wrong_type_among(
+                    error,
+                    {
+                        "sub-partition's order set": (order_key, "zset"),
+                        "sub-partition's vectors hash": (vectors_key, "hash"),
+                        "sub-partition's wrong-hit count": (strictness_key, "string"),
+                    },
+                    "the sub-partition's next semantic Store or an Invalidate of the tenant deletes it",
+                ) from error
             rows: list[SemanticRow] = []
             for i, value in enumerate(values):
                 after_seq = int(listed[2 * i + 1])
@@ -796,10 +976,14 @@ class CacheStore:
     ) -> list[int | None]:
         """The sequence number of the version of each entry the sub-partition
         lists (None: none), in one round trip."""
+        order_key = partition.order_key(context_id)
         try:
-            scores = await self._client.zmscore(partition.order_key(context_id), entry_ids)
+            scores = await self._client.zmscore(order_key, entry_ids)
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
+        except redis.ResponseError as error:
+            expected = {"sub-partition's order set": (order_key, "zset")}
+            raise await self._wrong_type_among(error, expected, _INVALIDATE_REPAIRS) from error
         # Scores come back as doubles; a sequence number (µs) is exact in one.
         return [None if score is None else int(score) for score in scores]
 

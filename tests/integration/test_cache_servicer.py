@@ -22,6 +22,7 @@ from meshgate.config import CacheSettings
 from meshgate.embedding import Embedding, embedder_name
 from meshgate.errors import MeshgateError
 from meshgate.local.stack import free_port
+from meshgate.reasons import Reason
 from services.cache import index as index_module
 from services.cache import keys
 from services.cache import servicer as servicer_module
@@ -1347,6 +1348,131 @@ async def test_an_invalidate_failing_midway_still_announces_it(redis_url, redis_
     finally:
         await proxied.aclose()
         await proxy.close()
+
+
+async def _tenant_keys(redis_client, tenant: str, marker: str = "") -> list[bytes]:
+    return [
+        key
+        async for key in redis_client.scan_iter(match=f"{keys.tenant_prefix(tenant)}*")
+        if marker.encode() in key
+    ]
+
+
+@pytest.mark.parametrize("max_bytes_per_tenant", [0, 1 << 20], ids=["no quota", "quota"])
+async def test_a_key_of_another_type_stops_no_invalidate(
+    redis_client, embedder, tenant, max_bytes_per_tenant
+):
+    """A key of the tenant's holding another type (an operator's or another
+    program's write, with no TTL): its partition's script failed WRONGTYPE,
+    and with it the Invalidate, after other partitions' answers were
+    deleted; every retry failed the same way and the tenant's other entries
+    stayed served (a review: 28 of 29). The Invalidate deletes the key and
+    finishes; a vectors hash of another type is deleted too (walked for its
+    rows' charges where a quota is kept)."""
+    cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=max_bytes_per_tenant)
+    scopes = [scope(tenant, max_tokens=n) for n in range(1, 7)]
+    for s in scopes:
+        await store(cache, s, conversation(STORED))
+    broken = keys.partition(scopes[2])
+    entry_key = broken.exact_key(keys.entry_id(broken, conversation(STORED)))
+    await redis_client.delete(entry_key)
+    await redis_client.hset(entry_key, "x", "y")
+    vectors_key = (await _tenant_keys(redis_client, tenant, keys.partition(scopes[4]).key_prefix + "v:"))[0]
+    await redis_client.delete(vectors_key)
+    await redis_client.set(vectors_key, "not a hash")
+
+    removed = await cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+
+    assert removed.entries_removed == len(scopes) - 1
+    assert await _tenant_keys(redis_client, tenant) == []
+    for s in scopes:
+        assert (await lookup(cache, s, conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
+
+
+async def test_an_entry_key_of_another_type_is_a_miss_that_a_store_replaces(redis_client, embedder, tenant):
+    """Every Lookup of the prompt answered INTERNAL, and its Store could
+    not replace the key (its script read the old value's length first) (a
+    review)."""
+    cache = make_servicer(redis_client, embedder)
+    s = scope(tenant)
+    entry_id = await store(cache, s, conversation(STORED), text="old")
+    partition = keys.partition(s)
+    await redis_client.delete(partition.exact_key(entry_id))
+    await redis_client.hset(partition.exact_key(entry_id), "x", "y")
+
+    assert (await lookup(cache, s, conversation(STORED), semantic=False)).status == pb.LOOKUP_STATUS_MISS
+    # The paraphrase finds the entry's row, whose answer is no answer.
+    assert (await lookup(cache, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_MISS
+    await store(cache, s, conversation(STORED), text="new")
+    hit = await lookup(cache, s, conversation(STORED))
+    assert hit.status == pb.LOOKUP_STATUS_EXACT_HIT and hit.answer.text == "new"
+    # An exact-only Store (no user question last) replaces one too.
+    exact_only = conversation(STORED, "an answer", "thanks") + [
+        common_pb2.Message(role=ASSISTANT, content="welcome")
+    ]
+    exact_key = partition.exact_key(keys.entry_id(partition, exact_only))
+    await redis_client.sadd(exact_key, "x")
+    await cache.Store(pb.StoreRequest(scope=s, messages=exact_only, answer=pb.CachedAnswer(text="x")), None)
+    assert await redis_client.type(exact_key) == b"string"
+
+
+def _refused_for(raised: pytest.ExceptionInfo[MeshgateError], key_kind: str) -> bool:
+    error = raised.value
+    return (
+        error.code == grpc.StatusCode.FAILED_PRECONDITION
+        and error.reason == Reason.CACHE_KEY_WRONG_TYPE
+        and error.metadata["key_kind"] == key_kind
+    )
+
+
+async def test_keys_of_another_type_fail_only_their_own_calls_and_are_replaced(
+    redis_client, embedder, tenant
+):
+    """A sub-partition's vectors hash held as a string failed its semantic
+    Lookups and Stores, the tenant's invalidation marks held as a string
+    every missed Lookup and every Invalidate of the tenant, a quota count
+    held as a hash every Store of the tenant, each INTERNAL (a review). Now
+    a write replaces such a key (a Store the vectors hash and the count, an
+    Invalidate the marks); a call that cannot go on without it is refused
+    FAILED_PRECONDITION naming the key; other tenants are never touched."""
+    cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=1 << 20)
+    s, bystander = scope(tenant), scope(f"{tenant}-bystander")
+    for t in (s, bystander):
+        await store(cache, t, conversation(STORED))
+
+    vectors_key = (await _tenant_keys(redis_client, tenant, "}:v:"))[0]
+    await redis_client.delete(vectors_key)
+    await redis_client.set(vectors_key, "not a hash")
+    fresh = make_servicer(redis_client, embedder, max_bytes_per_tenant=1 << 20)  # no index resident
+    with pytest.raises(MeshgateError) as raised:
+        await lookup(fresh, s, conversation(PARAPHRASE))
+    assert _refused_for(raised, "sub-partition's vectors hash")
+    assert (await lookup(fresh, bystander, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+    await store(fresh, s, conversation(STORED))
+    assert (await lookup(fresh, s, conversation(PARAPHRASE))).status == pb.LOOKUP_STATUS_SEMANTIC_HIT
+
+    marks_key = keys.invalidated_key(tenant)
+    await redis_client.set(marks_key, "not a hash")
+    with pytest.raises(MeshgateError) as raised:
+        await lookup(cache, s, conversation("Who wrote Hamlet?"), semantic=False)
+    assert _refused_for(raised, "invalidation marks")
+    assert (await lookup(cache, bystander, conversation("Who wrote Hamlet?"))).status == pb.LOOKUP_STATUS_MISS
+    await cache.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+    assert await redis_client.type(marks_key) == b"hash"
+    fence = (await lookup(cache, s, conversation("Who wrote Hamlet?"), semantic=False)).store_fence
+    await fenced_store(cache, s, conversation("Who wrote Hamlet?"), "Shakespeare", fence)
+    assert (await lookup(cache, s, conversation("Who wrote Hamlet?"))).answer.text == "Shakespeare"
+
+    windows = keys.stored_bytes_key(tenant, 0, 0).split("}:", 1)[0] + "}:*"
+    counts = [key async for key in redis_client.scan_iter(match=windows)]
+    assert counts
+    for key in counts:
+        await redis_client.delete(key)
+        await redis_client.hset(key, "x", "1")
+    await store(cache, s, conversation("Yet another question about dogs?"))
+    assert (
+        await lookup(cache, s, conversation("Yet another question about dogs?"))
+    ).status == pb.LOOKUP_STATUS_EXACT_HIT
 
 
 async def fenced_store(cache, s, messages, text: str, store_fence: str) -> pb.StoreResponse:
