@@ -1726,6 +1726,38 @@ async def test_counts_whose_flush_reply_was_lost_are_added_once(tmp_path, embedd
             await proxy.close()
 
 
+async def test_counts_flushed_while_the_totals_hold_another_type_are_kept_and_named(
+    tmp_path, embedder, tenant
+):
+    """While the totals' key holds another type (an operator's or another
+    program's write), GetStats answered INTERNAL for everyone, and each
+    batch flushed meanwhile was marked added before its HINCRBY failed, so
+    its resend added nothing: of 13 stores, 12 were lost (a review). Now
+    GetStats names the key (FAILED_PRECONDITION), and every count is added
+    once the key is deleted. A Redis of its own: other tests add to the
+    totals."""
+    with own_redis_server(tmp_path) as url:
+        client = redis_access.connect(url)
+        try:
+            cache = make_servicer(client, embedder)
+            stats = cache._stats
+            await client.set(keys.STATS_KEY, "not a hash")
+            stats.pending["stores"] += 5
+            with pytest.raises(redis.ResponseError):
+                await stats.flush()  # the periodic flush, failing
+            stats.pending["stores"] += 7
+            with pytest.raises(MeshgateError) as refused:
+                await cache.GetStats(pb.GetStatsRequest(), None)
+            assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert refused.value.reason == Reason.CACHE_KEY_WRONG_TYPE
+            assert refused.value.metadata["key"] == keys.STATS_KEY
+            await client.delete(keys.STATS_KEY)  # the operator's repair
+            stats.pending["stores"] += 1
+            assert (await cache.GetStats(pb.GetStatsRequest(), None)).stores == 13
+        finally:
+            await client.aclose()
+
+
 async def test_a_resent_report_counts_once_in_the_stats(tmp_path, embedder, tenant):
     """A report sent again after a lost reply is the same wrong hit:
     GetStats counted it twice while reports_in_partition said 1. A Redis
