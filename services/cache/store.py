@@ -1079,25 +1079,43 @@ class CacheStore:
         fails or is cancelled partway, and the call still fails: what was
         deleted by then is gone, and the routers' copies of it would
         otherwise be served for up to router.hot_exact_max_age_s.
+
+        A Redis too full for the mark (maxmemory, noeviction) still has the
+        keys deleted: then the mark, and a second pass after it; or, still
+        too full, UNAVAILABLE, so that the caller's retry fences (inline).
         """
-        prefix = keys.tenant_prefix(tenant_id, model)
         removed = Invalidated(0, collections.Counter())
-        batch: list[bytes] = []
         notice = cache_notices.scope_notice(tenant_id, model)
+
+        async def mark() -> None:
+            await self._mark_invalidated(
+                keys=[keys.invalidated_key(tenant_id)],
+                args=[model.encode().hex(), max(ttl_ms, _MIN_MARK_TTL_MS)],
+            )
+
         try:
             try:
-                # Before the SCAN: see the module docstring.
-                await self._mark_invalidated(
-                    keys=[keys.invalidated_key(tenant_id)],
-                    args=[model.encode().hex(), max(ttl_ms, _MIN_MARK_TTL_MS)],
-                )
-                async for key in self._client.scan_iter(match=f"{prefix}*", count=_SCAN_COUNT):
-                    batch.append(key)
-                    if len(batch) >= _SCAN_COUNT:
-                        await self._remove(batch, ttl_ms, removed, read_row_charges)
-                        batch = []
-                if batch:
-                    await self._remove(batch, ttl_ms, removed, read_row_charges)
+                try:
+                    # Before the SCAN: see the module docstring.
+                    await mark()
+                except redis.OutOfMemoryError as full:
+                    # Redis is full (noeviction) and the mark is the
+                    # Invalidate's first write: refused, nothing was deleted
+                    # and the tenant's entries went on being served (a
+                    # review). Deletes pass a full Redis, so the keys go
+                    # first, unfenced, which frees memory; then the mark, and
+                    # a second pass after it, which the fence covers as
+                    # usual (a Store in flight that wrote behind the first
+                    # pass's SCAN is found by the second, or sees the mark
+                    # and undoes itself). While Redis stays too full for the
+                    # mark, the call fails UNAVAILABLE, its deletes done:
+                    # the caller's retry writes the fence and passes again.
+                    await self._remove_all(tenant_id, model, ttl_ms, removed, read_row_charges)
+                    try:
+                        await mark()
+                    except redis.OutOfMemoryError:
+                        raise full from None
+                await self._remove_all(tenant_id, model, ttl_ms, removed, read_row_charges)
             except BaseException:
                 # The notice still goes out (the docstring), on another
                 # connection than a failed one (the pool drops that), but
@@ -1112,6 +1130,21 @@ class CacheStore:
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
         return removed
+
+    async def _remove_all(
+        self, tenant_id: str, model: str, window_ms: int, removed: Invalidated, read_row_charges: bool
+    ) -> None:
+        """One pass of an Invalidate: SCANs the tenant's keys (of ``model``
+        only, where set) and deletes them (``_remove``)."""
+        batch: list[bytes] = []
+        prefix = keys.tenant_prefix(tenant_id, model)
+        async for key in self._client.scan_iter(match=f"{prefix}*", count=_SCAN_COUNT):
+            batch.append(key)
+            if len(batch) >= _SCAN_COUNT:
+                await self._remove(batch, window_ms, removed, read_row_charges)
+                batch = []
+        if batch:
+            await self._remove(batch, window_ms, removed, read_row_charges)
 
     async def _remove(
         self, batch: list[bytes], window_ms: int, removed: Invalidated, read_row_charges: bool

@@ -12,6 +12,7 @@ import uuid
 
 import grpc
 import pytest
+import redis.asyncio as redis
 import structlog.testing
 
 from meshgate import redis_access
@@ -19,6 +20,7 @@ from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.common.v1 import common_pb2
 from meshgate.errors import MeshgateError
 from meshgate.local.stack import free_port
+from services.cache import keys as cache_keys
 from services.context.store import SessionStore, session_keys
 from tests.conftest import own_redis_server
 from tests.integration.test_cache_servicer import (
@@ -151,5 +153,46 @@ async def test_a_full_redis_takes_a_wrong_hit_report_and_the_answer_is_not_serve
         # The pair was kept: the entry stored again is still not served to the reported prompt.
         assert await store(servicer, s, conversation(STORED), text="Practice daily.") == entry_id
         assert (await lookup(servicer, s, conversation(PARAPHRASE))).status != pb.LOOKUP_STATUS_SEMANTIC_HIT
+    finally:
+        await client.aclose()
+
+
+async def test_a_full_redis_takes_an_invalidate_and_its_entries_are_not_served_again(own_redis):
+    """The mark, an Invalidate's fence for Stores in flight, was its first
+    write: a full Redis refused it, nothing was deleted, and the tenant's
+    entries went on being served (a review). Deletes pass a full Redis, so
+    the entries go; with the memory they freed the mark is written and a
+    second pass made after it (OK), and while Redis is still too full for
+    the mark the call is UNAVAILABLE, its entries gone all the same, and
+    the retry fences."""
+    client = redis_access.connect(own_redis)
+    servicer = make_servicer(client, FakeEmbedder())
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    scopes = [scope(tenant, max_tokens=n) for n in range(1, 41)]
+    try:
+        for s in scopes:
+            await store(servicer, s, conversation(STORED), text="x" * 20_000)
+        await client.config_set("maxmemory-policy", "noeviction")
+        # Full: below what Redis uses, and above what it will once the entries are gone.
+        await client.config_set("maxmemory", str((await client.info("memory"))["used_memory"] - 100_000))
+        try:
+            with pytest.raises(redis.OutOfMemoryError):
+                await client.set(f"probe-{tenant}", "x")
+            removed = await servicer.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+        finally:
+            await client.config_set("maxmemory", "0")
+        assert removed.entries_removed == len(scopes)
+        for s in scopes:
+            assert (await lookup(servicer, s, conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
+        # The fence was written, for the Stores in flight across it.
+        assert await client.hget(cache_keys.invalidated_key(tenant), "")
+
+        await store(servicer, scopes[0], conversation(STORED))
+        async with out_of_memory(client):
+            with pytest.raises(MeshgateError) as refused:
+                await servicer.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            assert (await lookup(servicer, scopes[0], conversation(STORED))).status == pb.LOOKUP_STATUS_MISS
+        await servicer.Invalidate(pb.InvalidateRequest(tenant_id=tenant), None)
     finally:
         await client.aclose()
