@@ -184,8 +184,9 @@ class RouterMetrics:
             "meshgate_router_deferred_writes",
             "Writes of what turns used (write: settlement, ledger) by outcome: deferred (Redis "
             "refused it or was unreachable; held to be written again), written_late, given_up "
-            "(held too long or too much, the router stopped, or a failure after which it may "
-            "have been written).",
+            "(held too long or too much, the router stopped, a failure after which it may "
+            "have been written, a call that stopped midway in Redis, or a record or turn "
+            "skipped as a key of it holds another type).",
             ("write", "outcome"),
         )
         self.lost_turns_claimed = make.counter(

@@ -41,7 +41,10 @@ every tenant shares, in another (``{m:<alias>}``):
 - ``mg:router:limit:{<tag>}:settled:<call id>``: that a call of turns'
   settlements ran (_SETTLE_ONCE), one per call (up to _SETTLE_BATCH turns),
   kept script_calls.WRITTEN_MARK_TTL_S, so that the call sent again after a
-  lost reply settles nothing twice.
+  lost reply settles nothing twice ("0" from its start, "1" once it ended:
+  a call found begun stopped midway on an error from Redis, and is given
+  up). A turn's settlement is not written in the slot of a key of it that
+  holds another type; the call's other turns are (_SETTLE_ONCE).
 
 One round trip per turn on the hot path: the admit scripts of a turn (one
 per slot: the tenant's, and the model's when it has limits) go in one
@@ -121,13 +124,23 @@ from google.rpc import error_details_pb2
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from meshgate import redis_access
+from meshgate import metrics, redis_access, telemetry
 from meshgate.config import LimitSettings, PriceSettings, RouterSettings
 from meshgate.errors import MeshgateError, retry_info, unavailable
 from meshgate.reasons import Reason
 from services.router.ledger import SUMMARY_USAGE, TAKE_MARKER_TTL_S, Ledger, UsageRecord
 from services.router.prompt_bound import PromptBound, bound_of
-from services.router.script_calls import WRITTEN_MARK_TTL_S, Backlog, never_ran, run_scripts
+from services.router.script_calls import (
+    MARK_BEGUN,
+    MARK_WRITTEN,
+    STOPPED_BEFORE,
+    WRITTEN_BEFORE,
+    WRITTEN_MARK_TTL_S,
+    Backlog,
+    Skipped,
+    never_ran,
+    run_scripts,
+)
 from services.router.turn_journal import ROUTER_LOST, Tracked, TurnJournal
 
 log = structlog.get_logger(__name__)
@@ -322,14 +335,71 @@ return 1
 # a call is as safe as one a turn, and a batch of up to _SETTLE_BATCH turns
 # leaves one key, not one per turn (~180 bytes for 660 s each: 120 MB at
 # 1,000 turns a second).
+#
+# A batch holds many tenants' turns, and Redis does not roll a script back:
+# one key of another type (a tenant's streams set, a window or a budget
+# counter: an operator's or a bug's write) failed the call WRONGTYPE midway,
+# the turns before it settled and those after not, the mark set, so the
+# call sent again settled nothing more: other tenants' reservations stood
+# and their streams stayed held (refused concurrent_streams for minutes).
+# So before anything is written each turn's keys are asked their type, and
+# a turn's checks in the slot (hash tag) of a key of another type are
+# skipped whole, the rest written. Per slot, not per turn: a model's keys
+# (shared by every tenant) broken skip that slot's part of each turn, not
+# each tenant's own, as a Redis Cluster's call per slot would. The mark is
+# set first (MARK_BEGUN), then marked written (MARK_WRITTEN) last: a call
+# that still stops midway (an error no type check foresees: a counter that
+# is not an integer) says so when sent again (STOPPED_BEFORE) and is given
+# up, not counted settled. Returns 1; or {1, then per part skipped its
+# turn's index among the call's (1-based), the key and the type it holds}
+# (script_calls.skipped_in); or 0 where the mark says the call ran before,
+# -1 where it says a run of it stopped midway.
 _SETTLE_ONCE = (
     _PARSE
     + _SETTLE_TURN
     + """
-if not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', ARGV[2]) then return 0 end
-for t = 3, #ARGV, 2 do
-  settle(ARGV[t], parse(ARGV[t + 1]))
+if not redis.call('SET', KEYS[#KEYS], '"""
+    + MARK_BEGUN
+    + """', 'NX', 'PX', ARGV[2]) then
+  return redis.call('GET', KEYS[#KEYS]) == '"""
+    + MARK_BEGUN
+    + """' and """
+    + str(STOPPED_BEFORE)
+    + """ or """
+    + str(WRITTEN_BEFORE)
+    + """
 end
+-- Read only, before any turn is settled: the type each check's keys must
+-- hold ('none': gone, or never made), asked once per key.
+local must_hold, types, turns, skipped = {w = 'zset', b = 'string', s = 'zset'}, {}, {}, {}
+local function wrong(key, must)
+  if not types[key] then types[key] = redis.call('TYPE', key).ok end
+  if types[key] ~= 'none' and types[key] ~= must then return types[key] end
+end
+local function slot(key) return string.match(key, '{[^}]*}') or key end
+for t = 3, #ARGV, 2 do
+  local checks, broken, kept = parse(ARGV[t + 1]), {}, {}
+  for _, check in ipairs(checks) do
+    local tag = slot(check.key)
+    if not broken[tag] then
+      local key, found = check.key, wrong(check.key, must_hold[check.kind])
+      if not found and check.sum_key then key, found = check.sum_key, wrong(check.sum_key, 'string') end
+      if found then
+        broken[tag] = true
+        for _, value in ipairs({(t - 1) / 2, key, found}) do skipped[#skipped + 1] = value end
+      end
+    end
+  end
+  for _, check in ipairs(checks) do
+    if not broken[slot(check.key)] then kept[#kept + 1] = check end
+  end
+  turns[#turns + 1] = {ARGV[t], kept}
+end
+for _, turn in ipairs(turns) do settle(turn[1], turn[2]) end
+redis.call('SET', KEYS[#KEYS], '"""
+    + MARK_WRITTEN
+    + """', 'PX', ARGV[2])
+if #skipped > 0 then return {1, unpack(skipped)} end
 return 1
 """
 )
@@ -771,7 +841,9 @@ class Admission:
         # they failed. Give-backs of a turn refused or of a growth, under a
         # lease the turn's end settles later, are not marked, and are given
         # up where they may have run.
-        self._settlements = Backlog(redis.register_script(_SETTLE_ONCE), "settlement", idempotent=True)
+        self._settlements = Backlog(
+            redis.register_script(_SETTLE_ONCE), "settlement", idempotent=True, on_skipped=_given_up
+        )
         self._give_backs = Backlog(redis.register_script(_SETTLE), "settlement")
         self._releases = Backlog(redis.register_script(_RELEASE), "release", idempotent=True)
         self._charge_take_script = redis.register_script(_CHARGE_TAKE)
@@ -1283,6 +1355,42 @@ class Admission:
             for slot, (keys, _, _) in calls.items():
                 keys.append(_settled_key(slot_checks[slot]))
         return {slot: (keys, args) for slot, (keys, _, args) in calls.items()}
+
+
+# Turns' settlements skipped for a key of another type (_SETTLE_ONCE) are
+# logged once per this long per scope's slot (a tenant's, a model's), each
+# line with the count left unlogged since: a broken key skips every turn of
+# its tenant, and a busy tenant's would flood the log.
+_SKIPPED_LOG_INTERVAL_S = 60.0
+_skipped_log = telemetry.ThrottledLog(log, _SKIPPED_LOG_INTERVAL_S)
+
+
+def _given_up(keys: list[str], args: list, skipped: list[Skipped]) -> None:
+    """Logs (per slot, throttled) and counts the turns' settlements a call
+    did not write, as a key of theirs held another type (_SETTLE_ONCE):
+    given up, not sent again (the key holds what it holds until someone
+    looks); that turn's reservation stands in that slot, its stream held
+    until its lease expires."""
+    for one in skipped:
+        # ARGV: now_ms, the mark's keep-time, then a lease and its words per turn.
+        lease = args[2 + 2 * (one.index - 1)]
+        # mg:router:limit:{t:<tenant>}:<scope>:<id>:<limit...>
+        tag, _, rest = one.key.partition("}:")
+        tag = tag.partition("{")[2]
+        scope, _, rest = rest.partition(":")
+        limit = rest.partition(":")[2]
+        metrics.router().deferred_writes.labels("settlement", "given_up").inc()
+        _skipped_log.warning(
+            "a turn's settlement was not written: a key it writes holds another type",
+            per=tag,
+            tenant=tag[2:] if tag.startswith("t:") else "",
+            model=tag[2:] if tag.startswith("m:") else "",
+            scope=scope,
+            key_kind=limit,
+            key=one.key,
+            holds=one.holds,
+            lease=lease,
+        )
 
 
 def _settlement_words(reservation: Reservation, tokens: int, nano_usd: int, refund: bool) -> list[str]:

@@ -25,11 +25,14 @@ one round trip (a call that fails leaves the others written):
 
 Every call writes once: it sets, in the same script, a marker in its own
 slot (marker(): the tenant's day hash's, the log's), and a call whose
-marker is set already writes nothing. A turn's records are marked per call
-(``...:written:<call id>``, a random id the call keeps when it is sent
-again), kept script_calls.WRITTEN_MARK_TTL_S: so a call whose reply was
-lost (a timeout, a connection lost after sending: it may have run) is sent
-again until Redis answers (script_calls.Backlog, idempotent), rather than
+marker is set already writes nothing (the marker says "begun" until its
+last write says "written": a call found begun stopped midway on an error
+from Redis, and is given up, script_calls.STOPPED_BEFORE). A record whose
+key holds another type is not written, the call's others are (_RECORD). A
+turn's records are marked per call (``...:written:<call id>``, a random id
+the call keeps when it is sent again), kept script_calls.WRITTEN_MARK_TTL_S:
+so a call whose reply was lost (a timeout, a connection lost after sending:
+it may have run) is sent again until Redis answers (script_calls.Backlog, idempotent), rather than
 given up and the turn missing from GetUsage. The records of a take of a
 session's summaries' usage are marked per take id (record_take:
 ``...:take:<take id>``): the take may be offered again to another router,
@@ -56,12 +59,25 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 
+import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from meshgate import redis_access
+from meshgate import metrics, redis_access, telemetry
 from meshgate.config import ContextSettings, summary_usage_ttl_s
-from services.router.script_calls import WRITTEN_MARK_TTL_S, Backlog, run_scripts
+from services.router.script_calls import (
+    MARK_BEGUN,
+    MARK_WRITTEN,
+    STOPPED_BEFORE,
+    WRITTEN_BEFORE,
+    WRITTEN_MARK_TTL_S,
+    Backlog,
+    Skipped,
+    run_scripts,
+    skipped_in,
+)
+
+log = structlog.get_logger(__name__)
 
 STREAM = "mg:router:usage:log"
 METRICS = (
@@ -154,8 +170,24 @@ CLAIMED_REST = "claimed_rest"
 # a CLAIMED_REST record: none where it has nothing more), the mark then
 # holding what is billed now; where a settlement set it ('1'), not at all.
 # A settlement's mark is '1' (the turn billed as it ended: nothing more to
-# bill), a claim's its AMOUNTS. Returns 1, or 0 for a call whose marker was
-# set already (written before: nothing is written again).
+# bill), a claim's its AMOUNTS.
+#
+# A record is written whole or not at all: before anything is written, each
+# record's keys (the log, its turn's mark, its tenant's day hash) are asked
+# their type, and a record one of whose keys holds another type (an
+# operator's or a bug's write) is skipped, the others written. Redis does
+# not roll a script back: a WRONGTYPE midway left the records before it
+# written and those after it not, the call's marker set, so the call sent
+# again wrote nothing more, and one tenant's broken key lost every other
+# tenant's records after its own in the call (up to _BATCH). The marker is
+# set first (MARK_BEGUN) and marked written (MARK_WRITTEN) last: a call
+# that still stops midway (an error no type check foresees: a total that
+# is not an integer) says so when sent again (script_calls.STOPPED_BEFORE),
+# and is given up, not counted written. Returns 1; or {1, then per skipped
+# record its index among the call's (1-based), the key and the type it
+# holds} (script_calls.skipped_in); or 0 where the call's marker says it
+# was written before (nothing is written again), -1 where it says a run of
+# it stopped midway.
 _RECORD = (
     "local names = {"
     + ", ".join(f"'{name}'" for name in _FIELD_NAMES)
@@ -164,16 +196,57 @@ _RECORD = (
     + "}"
     + """
 local log, totals, claim = ARGV[4] == '1', ARGV[5] == '1', ARGV[8] == '1'
-if not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', ARGV[6]) then return 0 end
+if not redis.call('SET', KEYS[#KEYS], '"""
+    + MARK_BEGUN
+    + """', 'NX', 'EX', ARGV[6]) then
+  return redis.call('GET', KEYS[#KEYS]) == '"""
+    + MARK_BEGUN
+    + """' and """
+    + str(STOPPED_BEFORE)
+    + """ or """
+    + str(WRITTEN_BEFORE)
+    + """
+end
+-- Read only, before any record is written: each record's keys and the type
+-- each must hold ('none': not made yet); a record with a key of another
+-- type is skipped whole. A key's type is asked once per call.
+local types, records, skipped = {}, {}, {}
+local function holds(key)
+  if not types[key] then types[key] = redis.call('TYPE', key).ok end
+  return types[key]
+end
 for r = 9, #ARGV do
   local values, fields = {}, {}
   for value in string.gmatch(ARGV[r] .. '\\31', '(.-)\\31') do fields[#fields + 1] = value end
   for i, name in ipairs(names) do values[name] = fields[i] end
+  local record, wants = {values = values}, {}
+  if log then wants[#wants + 1] = {KEYS[1], 'stream'} end
+  if values.turn_id ~= '' then
+    record.mark = totals and ('mg:router:usage:{t:' .. values.tenant .. '}:turn:' .. values.turn_id)
+      or ('{' .. KEYS[1] .. '}:turn:' .. values.turn_id)
+    wants[#wants + 1] = {record.mark, 'string'}
+  end
+  if totals then
+    local day = values.day ~= '' and values.day or ARGV[3]
+    record.day_key = 'mg:router:usage:{t:' .. values.tenant .. '}:' .. day
+    wants[#wants + 1] = {record.day_key, 'hash'}
+  end
+  local broken
+  for _, want in ipairs(wants) do
+    local found = holds(want[1])
+    if not broken and found ~= 'none' and found ~= want[2] then broken = {r - 8, want[1], found} end
+  end
+  if broken then
+    for _, value in ipairs(broken) do skipped[#skipped + 1] = value end
+  else
+    records[#records + 1] = record
+  end
+end
+for _, record in ipairs(records) do
+  local values, mark = record.values, record.mark
   -- Whether the record is written whole (a turn's first), or its rest only.
   local whole, rest = true, false
-  if values.turn_id ~= '' then
-    local mark = totals and ('mg:router:usage:{t:' .. values.tenant .. '}:turn:' .. values.turn_id)
-      or ('{' .. KEYS[1] .. '}:turn:' .. values.turn_id)
+  if mark then
     local billed = redis.call('GET', mark)
     if not billed then
       local kept = '1'
@@ -238,18 +311,31 @@ for r = 9, #ARGV do
       saved_tokens = values.saved_tokens, cost_nano_usd = values.cost_nano_usd,
       latency_ms = values.latency_ms,
     }
-    local day = values.day ~= '' and values.day or ARGV[3]
-    local day_key = 'mg:router:usage:{t:' .. values.tenant .. '}:' .. day
     local prefix = values.key_id .. '|' .. values.model .. '|'
     for metric, increment in pairs(increments) do
-      if tonumber(increment) ~= 0 then redis.call('HINCRBY', day_key, prefix .. metric, increment) end
+      if tonumber(increment) ~= 0 then redis.call('HINCRBY', record.day_key, prefix .. metric, increment) end
     end
-    redis.call('EXPIRE', day_key, ARGV[2])
+    redis.call('EXPIRE', record.day_key, ARGV[2])
   end
 end
+redis.call('SET', KEYS[#KEYS], '"""
+    + MARK_WRITTEN
+    + """', 'EX', ARGV[6])
+if #skipped > 0 then return {1, unpack(skipped)} end
 return 1
 """
 )
+
+
+# Where a call's records begin in its ARGV (0-based; ARGV[9] in the script).
+_RECORDS_FROM = 8
+
+# A tenant's records skipped for a key of another type (_RECORD) are logged
+# once per this long per tenant, each line with the count left unlogged
+# since: a broken key skips every record of its tenant, and a busy tenant's
+# would flood the log.
+_SKIPPED_LOG_INTERVAL_S = 60.0
+_skipped_log = telemetry.ThrottledLog(log, _SKIPPED_LOG_INTERVAL_S)
 
 
 def day_key(tenant: str, day: str) -> str:
@@ -363,8 +449,9 @@ class Ledger:
         self._split_by_slot = isinstance(redis, RedisCluster) if split_by_slot is None else split_by_slot
         self._script = redis.register_script(_RECORD)
         # Every call marks itself written (_call_marker): one whose reply
-        # was lost is sent again, and written once.
-        self._backlog = Backlog(self._script, "ledger", idempotent=True)
+        # was lost is sent again, and written once. The records a call
+        # skipped (a key of another type) are logged and given up there.
+        self._backlog = Backlog(self._script, "ledger", idempotent=True, on_skipped=self._given_up)
         self._stream_max_len = stream_max_len
         self._retention_s = retention_days * 24 * 3600
         self._clock = clock
@@ -455,8 +542,20 @@ class Ledger:
             replies = await run_scripts(self._script, calls)
         except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
             raise redis_access.outage("a summary take's usage cannot be written", error) from error
+        for (keys, args), reply in zip(calls, replies, strict=True):
+            self._given_up(keys, args, skipped_in(reply))
+            if reply == STOPPED_BEFORE:
+                # Its write before failed midway (raised: the take offered
+                # again); what it wrote stands, and no run can tell the rest.
+                # Not raised again: the take would be offered for a week.
+                metrics.router().deferred_writes.labels("ledger", "given_up").inc()
+                log.error(
+                    "a summary take's usage was not written whole: its write before stopped midway",
+                    take_id=take_id,
+                    tenant=records[0].tenant if records else "",
+                )
         # The totals' call is the last: the only one, or the tenant's day hash's.
-        return replies[-1] == 1
+        return replies[-1] not in (WRITTEN_BEFORE, STOPPED_BEFORE)
 
     async def record_claim(self, records: list[UsageRecord]) -> None:
         """Writes now the records of the turns of a claimed journal
@@ -471,9 +570,37 @@ class Ledger:
             claim=True,
         )
         try:
-            await run_scripts(self._script, calls)
+            replies = await run_scripts(self._script, calls)
         except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
             raise redis_access.outage("a lost router's turns cannot be billed", error) from error
+        # A turn skipped (a key of another type) is not billed by a claim
+        # again either: the journal is deleted as billed.
+        for (keys, args), reply in zip(calls, replies, strict=True):
+            self._given_up(keys, args, skipped_in(reply))
+
+    def _given_up(self, keys: list[str], args: list, skipped: list[Skipped]) -> None:
+        """Logs (per tenant, throttled) and counts the records a call did not
+        write, as a key of theirs held another type (_RECORD): given up, not
+        sent again (the key holds what it holds until someone looks)."""
+        for one in skipped:
+            usage = unpack(args[_RECORDS_FROM + one.index - 1])
+            if one.key == STREAM:
+                kind = "usage log"
+            elif one.key == day_key(usage.tenant, usage.day or args[2]):
+                kind = "usage totals"
+            else:
+                kind = "turn mark"
+            metrics.router().deferred_writes.labels("ledger", "given_up").inc()
+            _skipped_log.warning(
+                "a usage record was not written: a key it writes holds another type",
+                per=usage.tenant,
+                tenant=usage.tenant,
+                key_kind=kind,
+                key=one.key,
+                holds=one.holds,
+                model=usage.model,
+                turn_id=usage.turn_id,
+            )
 
     async def _write(
         self, records: list[tuple[UsageRecord, bool]], told: Sequence[Callable[[bool], None]] = ()

@@ -26,6 +26,20 @@ used, only a give-back under a lease a turn's end settles later
 told once each of its calls is written or given up (Backlog.run's
 ``done``): the router's turn journal keeps a turn until its ledger record
 is written.
+
+Redis does not roll a script back where a command in it fails (a key
+holding another type: WRONGTYPE): what it wrote before stays written, the
+rest is not. A script that writes many tenants' records or turns in one
+call (the ledger's, admission's settlements) checks first the type of every
+key each would write, and writes none of one whose key holds another type,
+the others as usual: it replies which it skipped (:func:`skipped_in`), and
+they are given up, each logged and counted by its owner (Backlog's
+``on_skipped``), never sent again (the key holds what it holds until an
+operator looks). Its call's mark says whether a run of it began
+(``MARK_BEGUN``) or ended (``MARK_WRITTEN``): a call sent again after a run
+stopped midway on an error nobody foresaw finds its mark begun and replies
+STOPPED_BEFORE, and is given up, not counted written (it was: "written
+before", and every record after the failed one lost).
 """
 
 from __future__ import annotations
@@ -142,6 +156,54 @@ RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 # failover takes, and a router that kept every turn's write for good would
 # run out of memory first.
 MAX_AGE_S = 600.0
+# What a script that writes once per call (by its call's mark) replies, but
+# for 1 (written now) or a list (written now, some skipped: skipped_in): its
+# mark was set by a run before that ended (written before, nothing written
+# again), or by one that began and stopped midway on an error from Redis
+# inside the script (what it wrote before the error stands; the rest is not
+# written, and a run again cannot tell which was which).
+WRITTEN_BEFORE = 0
+STOPPED_BEFORE = -1
+# The values of such a call's mark: set first (so that a run again writes
+# nothing twice), then MARK_WRITTEN as its last write. Redis runs a script
+# alone, so a run that finds MARK_BEGUN follows one that failed midway.
+MARK_BEGUN = "0"
+MARK_WRITTEN = "1"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Skipped:
+    """A record or turn a call did not write: ``index`` its place among the
+    call's (1-based), ``key`` the key that holds another type, ``holds`` that
+    type (Redis's TYPE)."""
+
+    index: int
+    key: str
+    holds: str
+
+
+def skipped_in(reply) -> list[Skipped]:
+    """What a call that wrote replied it skipped: ``[1, index, key, type,
+    ...]``, one triple per record or turn it skipped (the script's reply of
+    a call that skipped none is 1)."""
+    if not isinstance(reply, list) or len(reply) < 4:
+        return []
+    triples = reply[1:]
+    return [
+        Skipped(int(index), _text(key), _text(holds))
+        for index, key, holds in zip(triples[::3], triples[1::3], triples[2::3], strict=True)
+    ]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class StoppedMidway(Exception):
+    """A call sent again found its mark begun (STOPPED_BEFORE): a run of it
+    before stopped midway on an error from Redis; given up, not written."""
+
+
 # How long a script that writes once per call (``idempotent`` by a mark it
 # sets in the same script: admission's settlement of a turn's end, the
 # ledger's records) keeps a call's mark: past the longest a call is sent
@@ -216,6 +278,8 @@ class _Held:
     since: float
     # Its run's completion, where the caller asked to be told (Backlog.run).
     done: _Completion | None = None
+    # Its last failure, for the log of a run of it found stopped midway.
+    failure: str = ""
     chars: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -246,8 +310,12 @@ class Backlog:
         max_held_chars: int = MAX_HELD_CHARS,
         node: Callable[[list[str]], tuple[str, int]] | None = None,
         idempotent: bool = False,
+        on_skipped: Callable[[list[str], list, list[Skipped]], None] | None = None,
     ) -> None:
         self._script = script
+        # Told of the records or turns a call wrote around (skipped_in): its
+        # owner logs and counts each, as only it can name their tenants.
+        self._on_skipped = on_skipped
         # A call run twice writes what it wrote once: one that may have run
         # (a timeout) is held and run again too.
         self._idempotent = idempotent
@@ -354,6 +422,7 @@ class Backlog:
                         if call.done is not None:
                             call.done.call_ended(True)
                     elif self._again(failure):
+                        call.failure = str(failure)
                         again.append(call)
                         if _cluster_wide(failure) or self._stopping.is_set():
                             again += held[index + 1 :]
@@ -361,7 +430,7 @@ class Backlog:
                         down_nodes.add(node)
                         down_slots.add(slot)
                     else:
-                        self._give_up([call], f"may have been written: {failure}")
+                        self._give_up([call], self._why_given_up(call, failure))
                         self._in_round -= 1
                 if written:
                     self._outcomes.labels(self._write, "written_late").inc(written)
@@ -376,13 +445,46 @@ class Backlog:
             self._retrying = None
 
     async def _try(self, calls: list[tuple[list[str], list]]) -> list[BaseException | None]:
-        """Each call's failure (None: written); several at once, each alone."""
+        """Each call's failure (None: written); several at once, each alone.
+        A reply of STOPPED_BEFORE is a failure (StoppedMidway): its call was
+        not written whole, and cannot be. What a written call skipped is
+        told (on_skipped)."""
         replies = await run_scripts(self._script, calls, raise_on_error=False)
-        return [reply if isinstance(reply, Exception) else None for reply in replies]
+        failures: list[BaseException | None] = []
+        for (keys, args), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, Exception):
+                failures.append(reply)
+            elif isinstance(reply, int) and reply == STOPPED_BEFORE:
+                failures.append(StoppedMidway("a run of it stopped midway on an error from Redis"))
+            else:
+                failures.append(None)
+                skipped = skipped_in(reply)
+                if skipped and self._on_skipped is not None:
+                    try:
+                        self._on_skipped(keys, args, skipped)
+                    except Exception:
+                        # Its log is not worth the retry task, nor the
+                        # calls' completions.
+                        log.exception("what a usage write skipped could not be told", write=self._write)
+        return failures
 
     def _again(self, failure: BaseException) -> bool:
-        """Whether a call that failed so is held to be run again."""
+        """Whether a call that failed so is held to be run again: one that
+        may not have run whole (an idempotent one however it failed: a
+        script error too, as its mark then tells, STOPPED_BEFORE), never one
+        found stopped midway."""
+        if isinstance(failure, StoppedMidway):
+            return False
         return self._idempotent or never_ran(failure)
+
+    @staticmethod
+    def _why_given_up(call: _Held, failure: BaseException) -> str:
+        if isinstance(failure, StoppedMidway):
+            return (
+                f"a run of it stopped midway on an error from Redis ({call.failure}): what it wrote"
+                " before the error stands, the rest is not written"
+            )
+        return f"may have been written: {failure}"
 
     def _unwritten(self, calls: list[_Held], failures: list[BaseException | None]) -> list[_Held]:
         """The calls to hold again: those that failed and certainly did not
@@ -390,9 +492,11 @@ class Backlog:
         again, maybe_run = [], []
         for call, failure in zip(calls, failures, strict=True):
             if failure is not None:
+                call.failure = str(failure)
                 (again if self._again(failure) else maybe_run).append((call, failure))
         if maybe_run:
-            self._give_up([call for call, _ in maybe_run], f"may have been written: {maybe_run[0][1]}")
+            call, failure = maybe_run[0]
+            self._give_up([call for call, _ in maybe_run], self._why_given_up(call, failure))
         return [call for call, _ in again]
 
     def _hold(self, calls: list[_Held], front: bool = False) -> None:

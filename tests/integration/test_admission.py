@@ -11,9 +11,10 @@ import uuid
 import grpc
 import pytest
 import redis
+import structlog
 from google.rpc import error_details_pb2
 
-from meshgate import redis_access, tokenization
+from meshgate import metrics, redis_access, tokenization
 from meshgate.common.v1 import common_pb2
 from meshgate.config import LimitSettings, ModelSettings, PriceSettings, RouterSettings, Settings
 from meshgate.errors import MeshgateError
@@ -36,6 +37,7 @@ from services.router.pipeline import (
     SummarySpend,
 )
 from services.router.prompt_bound import prompt_bounds
+from services.router.script_calls import Skipped, skipped_in
 from tests.clocks import Clock
 from tests.tcp_proxy import TcpProxy, evalsha_calls, evalsha_marker, unstalled_and_run
 
@@ -897,6 +899,101 @@ async def test_a_batch_of_settlements_settles_each_turn_to_its_use(redis_client,
         assert int(await redis_client.get(f"{scope.prefix}:tpm:sum")) == 60
         assert int(await redis_client.get(f"{scope.prefix}:tokens:day:{day}")) == 60
         assert await redis_client.zcard(f"{scope.prefix}:streams") == 0
+
+
+def _settlements_given_up() -> float:
+    return metrics.router().deferred_writes.labels("settlement", "given_up")._value.get()
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_turn_whose_key_holds_another_type_is_skipped_and_the_others_of_its_batch_settle(
+    redis_client, split_by_slot
+):
+    """A review's finding: one tenant's streams set holding a string failed
+    the batch of up to 128 turns' settlements WRONGTYPE at that tenant's
+    turn; Redis does not roll a script back, so the call's mark and the
+    turns before stayed settled, and those after (other tenants') were not,
+    while the call, sent again, found its mark and counted itself written:
+    their reservations stood and their streams stayed held (the next turn
+    refused concurrent_streams for max_generation_s plus a minute). The
+    broken turn is now skipped whole (its reservation stands), logged naming
+    its tenant and key, counted given up; the others settle."""
+    admission = Admission(redis_client, max_generation_s=60, split_by_slot=split_by_slot)
+    limits = dict(concurrent_streams=1, tokens_per_day=1_000)
+    broken, victim = _scope(**limits), _scope(**limits)
+    broken_turn = await admission.admit([broken], 10, 90)
+    victim_turn = await admission.admit([victim], 10, 90)
+    await redis_client.delete(f"{broken.prefix}:streams")
+    await redis_client.set(f"{broken.prefix}:streams", "not a sorted set")
+    given_up = _settlements_given_up()
+    with structlog.testing.capture_logs() as logged:
+        admission.settle_soon(broken_turn, 20, 0)
+        admission.settle_soon(victim_turn, 20, 0)
+        await admission.flush()
+    assert await redis_client.zcard(f"{victim.prefix}:streams") == 0
+    assert int(await redis_client.get(f"{victim.prefix}:tokens:day:{victim_turn.day}")) == 20
+    await admission.admit([victim], 10, 90)  # its stream was freed
+    # Nothing of the broken turn was settled: its reservation stands.
+    assert int(await redis_client.get(f"{broken.prefix}:tokens:day:{broken_turn.day}")) == 100
+    assert await redis_client.get(f"{broken.prefix}:streams") == b"not a sorted set"
+    assert _settlements_given_up() == given_up + 1 and len(admission._settlements) == 0
+    [line] = [line for line in logged if line["event"].startswith("a turn's settlement was not written")]
+    assert (line["tenant"], line["key_kind"], line["holds"]) == (broken.id, "streams", "string")
+
+
+async def test_a_settlement_call_that_skipped_a_turn_sent_again_settles_nothing_twice(redis_client):
+    """A settlements' call whose reply was lost is sent again (idempotent):
+    one that skipped a turn and settled the others settles nothing the
+    second time, nor the skipped turn once its key is mended (given up)."""
+    admission = Admission(redis_client, max_generation_s=60)
+    limits = dict(concurrent_streams=1, tokens_per_day=1_000)
+    broken, victim = _scope(**limits), _scope(**limits)
+    broken_turn = await admission.admit([broken], 10, 90)
+    victim_turn = await admission.admit([victim], 10, 90)
+    budget = f"{broken.prefix}:tokens:day:{broken_turn.day}"
+    await redis_client.delete(budget)
+    await redis_client.hset(budget, "not", "a counter")
+    calls = admission._settlement_calls(
+        [(broken_turn, 20, 0), (victim_turn, 20, 0)],
+        extra_args=[admission_module._SETTLED_MARK_MS],
+        once=True,
+    )
+    script = admission._settlements._script
+    [first] = await admission_module.run_scripts(script, list(calls.values()))
+    assert skipped_in(first) == [Skipped(1, budget, "hash")]
+    await redis_client.delete(budget)
+    assert await admission_module.run_scripts(script, list(calls.values())) == [0]
+    assert int(await redis_client.get(f"{victim.prefix}:tokens:day:{victim_turn.day}")) == 20
+    assert await redis_client.zcard(f"{victim.prefix}:streams") == 0
+    assert not await redis_client.exists(budget)
+    assert await redis_client.zcard(f"{broken.prefix}:streams") == 1
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_models_key_of_another_type_skips_each_turns_part_in_the_models_slot_only(
+    redis_client, split_by_slot
+):
+    """A model alias's counters are every tenant's: one of them holding
+    another type skips the model's part of each turn (as a Redis Cluster's
+    call per slot would), not the tenants' own: their streams are freed and
+    their budgets settled."""
+    admission = Admission(redis_client, max_generation_s=60, split_by_slot=split_by_slot)
+    model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(concurrent_streams=5, tokens_per_day=1_000))
+    tenants = [_scope(concurrent_streams=1, tokens_per_day=1_000) for _ in range(2)]
+    turns = [await admission.admit([tenant, model], 10, 90) for tenant in tenants]
+    budget = f"{model.prefix}:tokens:day:{turns[0].day}"
+    await redis_client.delete(budget)
+    await redis_client.hset(budget, "not", "a counter")
+    given_up = _settlements_given_up()
+    for turn in turns:
+        admission.settle_soon(turn, 20, 0)
+    await admission.flush()
+    for tenant, turn in zip(tenants, turns, strict=True):
+        assert await redis_client.zcard(f"{tenant.prefix}:streams") == 0
+        assert int(await redis_client.get(f"{tenant.prefix}:tokens:day:{turn.day}")) == 20
+    # The model's part of each turn stands as admitted.
+    assert await redis_client.zcard(f"{model.prefix}:streams") == 2
+    assert _settlements_given_up() == given_up + 2
 
 
 async def test_pipelined_scripts_run_once_after_redis_forgets_them(redis_client):

@@ -7,8 +7,9 @@ import datetime
 import uuid
 
 import pytest
+import structlog
 
-from meshgate import redis_access
+from meshgate import metrics, redis_access
 from services.router import ledger as ledger_module
 from services.router.ledger import (
     METRICS,
@@ -18,7 +19,10 @@ from services.router.ledger import (
     Ledger,
     UsageRecord,
     day_key,
+    marker,
+    turn_marker,
 )
+from services.router.script_calls import WRITTEN_MARK_TTL_S, Skipped, run_scripts, skipped_in
 from tests.tcp_proxy import TcpProxy, evalsha_calls, evalsha_marker, unstalled_and_run
 
 pytestmark = pytest.mark.integration
@@ -277,3 +281,201 @@ async def test_a_record_whose_reply_was_lost_after_redis_ran_it_is_counted_once(
         for client in (proxied, direct):
             await client.aclose()
         await proxy.close()
+
+
+def _deferred_writes(write: str, outcome: str) -> float:
+    return metrics.router().deferred_writes.labels(write, outcome)._value.get()
+
+
+async def _logged_for(client, tenant: str) -> int:
+    return len(
+        [
+            fields
+            for _, fields in await client.xrevrange(STREAM, count=10_000)
+            if fields[b"tenant"] == tenant.encode()
+        ]
+    )
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_record_whose_key_holds_another_type_is_skipped_and_the_others_of_its_call_are_written(
+    redis_url, split_by_slot
+):
+    """A review's finding: one tenant's day hash holding a string failed the
+    call of up to 128 records WRONGTYPE at that tenant's record; Redis does
+    not roll a script back, so the call's mark and the records before stayed
+    written, and those after (other tenants') were lost when the call, sent
+    again, found its mark and counted itself written. The broken record is
+    now skipped whole (on a cluster, its totals' call: the log's is another
+    slot's, and takes it), logged naming its tenant and key, counted given
+    up; the others are written, and told written (the turn journal lets a
+    turn go once its record is)."""
+    client = redis_access.connect(redis_url)
+    ledger = Ledger(client, stream_max_len=10_000, retention_days=2, split_by_slot=split_by_slot)
+    broken, victim = f"broken-{uuid.uuid4().hex[:8]}", f"victim-{uuid.uuid4().hex[:8]}"
+    today = ledger.today()
+    try:
+        await client.set(day_key(broken, f"{today:%Y-%m-%d}"), "not a hash")
+        given_up = _deferred_writes("ledger", "given_up")
+        written_late = _deferred_writes("ledger", "written_late")
+        told: list[bool] = []
+        with structlog.testing.capture_logs() as logged:
+            ledger.submit(
+                UsageRecord(broken, "kb", "tiny-gpt", "live", 10, 5, 0, "miss", 100, 10), True, told.append
+            )
+            ledger.submit(UsageRecord(victim, "kv", "tiny-gpt", "live", 40, 20, 0, "miss", 9_000, 120))
+            ledger.submit(
+                UsageRecord(
+                    victim, "kv", "tiny-gpt", "live", 1, 2, 0, "miss", 30, 5, turn_id=uuid.uuid4().hex
+                ),
+                True,
+                told.append,
+            )
+            await ledger.drain()
+        totals = (await ledger.usage(victim, today, today))[("kv", "tiny-gpt")]
+        assert (totals["requests"], totals["prompt_tokens"], totals["cost_nano_usd"]) == (2, 41, 9_030)
+        assert await _logged_for(client, victim) == 2
+        assert await client.get(day_key(broken, f"{today:%Y-%m-%d}")) == b"not a hash"
+        # On one instance the record is one call, skipped whole; a cluster's
+        # log call (its own slot) has no key of another type.
+        assert await _logged_for(client, broken) == (1 if split_by_slot else 0)
+        assert told == [True, True] and len(ledger._backlog) == 0
+        assert _deferred_writes("ledger", "given_up") == given_up + 1
+        assert _deferred_writes("ledger", "written_late") == written_late
+        [line] = [line for line in logged if line["event"].startswith("a usage record was not written")]
+        assert (line["tenant"], line["key_kind"], line["holds"]) == (broken, "usage totals", "string")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_call_that_skipped_a_record_sent_again_writes_nothing_twice(redis_url, split_by_slot):
+    """A call whose reply was lost is sent again (script_calls.Backlog,
+    idempotent): one that skipped a record (a turn's mark holding a hash)
+    and wrote the others writes nothing the second time, nor the skipped
+    record once its key is mended (it was given up)."""
+    client = redis_access.connect(redis_url)
+    ledger = Ledger(client, stream_max_len=10_000, retention_days=2, split_by_slot=split_by_slot)
+    broken, victim = f"broken-{uuid.uuid4().hex[:8]}", f"victim-{uuid.uuid4().hex[:8]}"
+    turn = uuid.uuid4().hex
+    today = ledger.today()
+    records = [
+        UsageRecord(broken, "kb", "tiny-gpt", "live", 10, 5, 0, "miss", 100, 10, turn_id=turn),
+        UsageRecord(victim, "kv", "tiny-gpt", "live", 40, 20, 0, "miss", 9_000, 120),
+    ]
+    try:
+        await client.hset(turn_marker(broken, turn), "not", "a string")
+        call_id = uuid.uuid4().hex
+        calls = ledger._calls(
+            [(usage, True) for usage in records],
+            lambda key: marker(key, f"written:{call_id}"),
+            WRITTEN_MARK_TTL_S,
+        )
+        first = await run_scripts(ledger._script, calls)
+        # The broken tenant's totals' call (the only one on one instance)
+        # skipped its record, the call's first.
+        assert [skipped for reply in first for skipped in skipped_in(reply)] == [
+            Skipped(1, turn_marker(broken, turn), "hash")
+        ]
+        await client.delete(turn_marker(broken, turn))
+        assert await run_scripts(ledger._script, calls) == [0] * len(calls)
+        totals = (await ledger.usage(victim, today, today))[("kv", "tiny-gpt")]
+        assert (totals["requests"], totals["prompt_tokens"]) == (1, 40)
+        assert await _logged_for(client, victim) == 1
+        assert await ledger.usage(broken, today, today) == {}
+    finally:
+        await client.aclose()
+
+
+async def test_a_call_that_stopped_midway_in_redis_is_given_up_not_counted_written(redis_url):
+    """A failure midway no type check foresees (a total that is not an
+    integer: HINCRBY fails) leaves the call's mark begun, not written: the
+    call sent again says so, and is given up and told not written, not
+    counted written_late as before (when the records after the failure were
+    lost and the log said they were written)."""
+    client = redis_access.connect(redis_url)
+    ledger = Ledger(client, stream_max_len=10_000, retention_days=2)
+    broken, victim = f"broken-{uuid.uuid4().hex[:8]}", f"victim-{uuid.uuid4().hex[:8]}"
+    today = ledger.today()
+    try:
+        await client.hset(day_key(broken, f"{today:%Y-%m-%d}"), "kb|tiny-gpt|requests", "not a number")
+        given_up = _deferred_writes("ledger", "given_up")
+        written_late = _deferred_writes("ledger", "written_late")
+        told: list[bool] = []
+        with structlog.testing.capture_logs() as logged:
+            ledger.submit(
+                UsageRecord(broken, "kb", "tiny-gpt", "live", 10, 5, 0, "miss", 100, 10), True, told.append
+            )
+            ledger.submit(UsageRecord(victim, "kv", "tiny-gpt", "live", 40, 20, 0, "miss", 9_000, 120))
+            for _ in range(100):  # past the first retry (0.5 s)
+                if told:
+                    break
+                await asyncio.sleep(0.05)
+            await ledger.drain()
+        assert told == [False]
+        assert _deferred_writes("ledger", "given_up") == given_up + 1
+        assert _deferred_writes("ledger", "written_late") == written_late
+        [line] = [line for line in logged if line["event"] == "usage writes given up"]
+        assert "stopped midway" in line["why"] and "not an integer" in line["why"]
+        assert not [line for line in logged if line["event"] == "held usage writes written"]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_a_claim_bills_the_turns_of_a_journal_around_one_whose_key_holds_another_type(
+    redis_url, split_by_slot
+):
+    """A claim of a lost router's journal (Ledger.record_claim) writes many
+    tenants' turns in one call: a turn whose mark held another type failed
+    it WRONGTYPE, the claim raised, and every claim after it failed alike
+    (the journal kept, its turns after the broken one never billed, until it
+    expired). The broken turn is skipped, the others billed, no raise."""
+    client = redis_access.connect(redis_url)
+    ledger = Ledger(client, stream_max_len=10_000, retention_days=2, split_by_slot=split_by_slot)
+    broken, victim = f"broken-{uuid.uuid4().hex[:8]}", f"victim-{uuid.uuid4().hex[:8]}"
+    broken_turn, victim_turn = uuid.uuid4().hex, uuid.uuid4().hex
+    today = ledger.today()
+    try:
+        await client.hset(turn_marker(broken, broken_turn), "not", "a string")
+        with structlog.testing.capture_logs() as logged:
+            await ledger.record_claim(
+                [
+                    UsageRecord(
+                        broken,
+                        "kb",
+                        "tiny-gpt",
+                        "live",
+                        10,
+                        5,
+                        0,
+                        "miss",
+                        100,
+                        10,
+                        "router_lost",
+                        turn_id=broken_turn,
+                    ),
+                    UsageRecord(
+                        victim,
+                        "kv",
+                        "tiny-gpt",
+                        "live",
+                        4,
+                        2,
+                        0,
+                        "miss",
+                        90,
+                        10,
+                        "router_lost",
+                        turn_id=victim_turn,
+                    ),
+                ]
+            )
+        totals = (await ledger.usage(victim, today, today))[("kv", "tiny-gpt")]
+        assert (totals["requests"], totals["failures"], totals["prompt_tokens"]) == (1, 1, 4)
+        assert await client.exists(turn_marker(victim, victim_turn))
+        assert await ledger.usage(broken, today, today) == {}
+        [line] = [line for line in logged if line["event"].startswith("a usage record was not written")]
+        assert (line["tenant"], line["key_kind"], line["turn_id"]) == (broken, "turn mark", broken_turn)
+    finally:
+        await client.aclose()

@@ -11,9 +11,19 @@ import time
 
 import pytest
 import redis.asyncio as redis
+import structlog
 from redis import exceptions as redis_errors
 
-from services.router.script_calls import Backlog, never_ran, node_of, run_scripts
+from meshgate import metrics
+from services.router.script_calls import (
+    STOPPED_BEFORE,
+    Backlog,
+    Skipped,
+    never_ran,
+    node_of,
+    run_scripts,
+    skipped_in,
+)
 
 
 class SlotScript:
@@ -193,6 +203,73 @@ async def test_an_idempotent_call_that_may_have_run_is_run_again():
     await _settled(backlog)
     assert store.written == ["a"]
     await backlog.drain()
+
+
+class StoppedMidwayStandIn:
+    """A once-per-call script (the ledger's, admission's settlements) whose
+    first run fails midway, as a WRONGTYPE no type check foresaw: its mark
+    stays begun, and each run again replies STOPPED_BEFORE."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def __call__(self, keys: list[str], args: list) -> int:
+        self.runs += 1
+        await asyncio.sleep(0)
+        if self.runs == 1:
+            raise redis_errors.ResponseError(
+                "WRONGTYPE Operation against a key holding the wrong kind of value script: f_1"
+            )
+        return STOPPED_BEFORE
+
+
+def _deferred_writes(outcome: str) -> float:
+    return metrics.router().deferred_writes.labels("ledger", outcome)._value.get()
+
+
+async def test_an_idempotent_call_whose_run_stopped_midway_is_given_up_not_counted_written():
+    """A review's finding: a call that failed midway in Redis (not rolled
+    back: its mark set, the records after the failure not written) was sent
+    again, found its mark and replied 0, which counted it written: every
+    record after the failure lost, logged as "held usage writes written".
+    Sent again, it now says its run before stopped midway: given up, told
+    not written, never sent again."""
+    script = StoppedMidwayStandIn()
+    backlog = Backlog(script, "ledger", delays_s=(0.01,), idempotent=True)
+    told: list[bool] = []
+    given_up, written_late = _deferred_writes("given_up"), _deferred_writes("written_late")
+    with structlog.testing.capture_logs() as logged:
+        await backlog.run([(["a"], [])], told.append)
+        assert len(backlog) == 1, "a script error of an idempotent call is sent again: its mark tells"
+        await _settled(backlog)
+    assert told == [False] and script.runs == 2
+    assert _deferred_writes("given_up") == given_up + 1
+    assert _deferred_writes("written_late") == written_late
+    [line] = [line for line in logged if line["event"] == "usage writes given up"]
+    assert "stopped midway" in line["why"] and "WRONGTYPE" in line["why"]
+    await asyncio.sleep(0.05)
+    assert script.runs == 2
+    await backlog.drain()
+
+
+async def test_what_a_written_call_skipped_is_told_to_its_owner_and_the_call_counts_written():
+    """A call that wrote all but a record or turn whose key holds another
+    type replies which it skipped: its owner logs and counts them; the call
+    is written (not sent again: a run again would skip them again)."""
+
+    async def skipping(keys: list[str], args: list) -> list:
+        await asyncio.sleep(0)
+        return [1, 2, b"mg:router:usage:{t:broken}:2026-05-01", b"string"]
+
+    skipped: list = []
+    backlog = Backlog(
+        skipping, "ledger", delays_s=(0.01,), idempotent=True, on_skipped=lambda *call: skipped.append(call)
+    )
+    told: list[bool] = []
+    await backlog.run([(["k"], ["arg"])], told.append)
+    assert told == [True] and len(backlog) == 0
+    assert skipped == [(["k"], ["arg"], [Skipped(2, "mg:router:usage:{t:broken}:2026-05-01", "string")])]
+    assert skipped_in(1) == skipped_in(0) == skipped_in([1]) == []
 
 
 async def test_of_a_batch_only_the_refused_call_is_held():
