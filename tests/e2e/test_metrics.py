@@ -202,6 +202,9 @@ def test_spans_follow_the_genai_conventions(stack, traffic):
     assert generate["attributes"]["gen_ai.usage.output_tokens"] == first.usage.completion_tokens
 
 
+STATUSES = ("exact_hit", "semantic_hit", "miss")
+
+
 def test_meshgate_top_once_shows_the_live_mesh(stack, traffic):
     """Run last in this module: it relies on no turn since the traffic."""
     result = subprocess.run(
@@ -221,13 +224,19 @@ def test_meshgate_top_once_shows_the_live_mesh(stack, traffic):
     local = next(row for row in model_rows if row[1] == "local")
     # Quiet for the last second: the quantiles are the whole run's (marked *), in ms.
     assert local[3].endswith("*") and float(local[3].rstrip("*")) > 0
-    # Nothing asked since the traffic's last scrape: the cache's whole-run figures are those.
-    cache = traffic[1]["cache"]
-    hits = cache.total("meshgate_cache_lookups_total", result="exact_hit") + cache.total(
-        "meshgate_cache_lookups_total", result="semantic_hit"
-    )
+    # Nothing asked since the traffic's last scrape: the whole-run figures are those.
+    # The hit rate is of the router's turns (its hot copies' hits never reach
+    # the cache's lookups), the cache's lookups beside it.
+    router, cache = traffic[1]["router"], traffic[1]["cache"]
+    turns = {status: router.total("meshgate_router_turns_total", cache=status) for status in STATUSES}
+    counted = sum(turns.values())
+    hits = turns["exact_hit"] + turns["semantic_hit"]
     lookups = cache.total("meshgate_cache_lookups_total")
-    assert f"CACHE  hit rate {hits / lookups:.1%} of {lookups:.0f} lookups" in result.stdout
+    assert turns["exact_hit"] >= 1 and turns["miss"] >= 1
+    assert (
+        f"CACHE  hit rate {hits / counted:.1%} of {counted:.0f} turns (exact {turns['exact_hit']:.0f}, "
+        f"semantic {turns['semantic_hit']:.0f}, miss {turns['miss']:.0f}); cache lookups {lookups:.0f};"
+    ) in result.stdout
     refused = traffic[4]
     error_row = next(
         line for line in lines if line.startswith("router ") and error_info(refused).reason in line
