@@ -131,13 +131,11 @@ from meshgate.reasons import Reason
 from services.router.ledger import SUMMARY_USAGE, TAKE_MARKER_TTL_S, Ledger, UsageRecord
 from services.router.prompt_bound import PromptBound, bound_of
 from services.router.script_calls import (
-    MARK_BEGUN,
     MARK_WRITTEN,
-    STOPPED_BEFORE,
-    WRITTEN_BEFORE,
     WRITTEN_MARK_TTL_S,
     Backlog,
     Skipped,
+    begin_call_lua,
     never_ran,
     run_scripts,
 )
@@ -357,18 +355,8 @@ return 1
 _SETTLE_ONCE = (
     _PARSE
     + _SETTLE_TURN
+    + begin_call_lua("'PX', ARGV[2]")
     + """
-if not redis.call('SET', KEYS[#KEYS], '"""
-    + MARK_BEGUN
-    + """', 'NX', 'PX', ARGV[2]) then
-  return redis.call('GET', KEYS[#KEYS]) == '"""
-    + MARK_BEGUN
-    + """' and """
-    + str(STOPPED_BEFORE)
-    + """ or """
-    + str(WRITTEN_BEFORE)
-    + """
-end
 -- Read only, before any turn is settled: the type each check's keys must
 -- hold ('none': gone, or never made), asked once per key.
 local must_hold, types, turns, skipped = {w = 'zset', b = 'string', s = 'zset'}, {}, {}, {}

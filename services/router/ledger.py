@@ -66,13 +66,13 @@ from redis.exceptions import RedisError
 from meshgate import metrics, redis_access, telemetry
 from meshgate.config import ContextSettings, summary_usage_ttl_s
 from services.router.script_calls import (
-    MARK_BEGUN,
     MARK_WRITTEN,
     STOPPED_BEFORE,
     WRITTEN_BEFORE,
     WRITTEN_MARK_TTL_S,
     Backlog,
     Skipped,
+    begin_call_lua,
     run_scripts,
     skipped_in,
 )
@@ -196,17 +196,9 @@ _RECORD = (
     + "}"
     + """
 local log, totals, claim = ARGV[4] == '1', ARGV[5] == '1', ARGV[8] == '1'
-if not redis.call('SET', KEYS[#KEYS], '"""
-    + MARK_BEGUN
-    + """', 'NX', 'EX', ARGV[6]) then
-  return redis.call('GET', KEYS[#KEYS]) == '"""
-    + MARK_BEGUN
-    + """' and """
-    + str(STOPPED_BEFORE)
-    + """ or """
-    + str(WRITTEN_BEFORE)
+"""
+    + begin_call_lua("'EX', ARGV[6]")
     + """
-end
 -- Read only, before any record is written: each record's keys and the type
 -- each must hold ('none': not made yet); a record with a key of another
 -- type is skipped whole. A key's type is asked once per call.

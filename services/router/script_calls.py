@@ -171,6 +171,18 @@ MARK_BEGUN = "0"
 MARK_WRITTEN = "1"
 
 
+def begin_call_lua(expiry: str) -> str:
+    """The Lua that opens such a script: sets its call's mark (KEYS' last) to
+    MARK_BEGUN for ``expiry`` (a SET option and its value, e.g.
+    ``"'PX', ARGV[2]"``) unless it is set, and where it is, returns
+    STOPPED_BEFORE if a run began and stopped midway, else WRITTEN_BEFORE."""
+    return f"""
+if not redis.call('SET', KEYS[#KEYS], '{MARK_BEGUN}', 'NX', {expiry}) then
+  return redis.call('GET', KEYS[#KEYS]) == '{MARK_BEGUN}' and {STOPPED_BEFORE} or {WRITTEN_BEFORE}
+end
+"""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Skipped:
     """A record or turn a call did not write: ``index`` its place among the
