@@ -1848,10 +1848,15 @@ class SessionListing:
                 pipe.hmget(session_key(tenant_id, session_id), ["version", "create_time_ms"])
             answers = await pipe.execute(raise_on_error=False)
         created: list[int | None] = []
-        for answer in answers:
-            # A page lists only a session whose meta holds both (_SESSION_STATE).
-            live = isinstance(answer, list) and answer[0] is not None and answer[1] is not None
-            created.append(int(answer[1]) if live else None)
+        for (_, session_id), answer in zip(sessions, answers, strict=True):
+            # A page lists only a session whose meta holds both (_SESSION_STATE),
+            # as numbers: a field that is none (another program's write) raised
+            # here, before the sweep's SCAN cursor was saved, so every tick
+            # failed at the same keys and no tenant was swept again (a review).
+            numbers = _numbers(answer) if isinstance(answer, list) else None
+            if isinstance(answer, list) and numbers is None and None not in answer:
+                log.warning("a session's meta holds no numbers: not listed", session_id=session_id)
+            created.append(numbers[1] if numbers is not None else None)
         return created
 
     async def unlisted(self, tenant_id: str, session_id: str, create_time_ms: int) -> None:
@@ -1916,8 +1921,11 @@ class SessionListing:
             if isinstance(answer, redis.ResponseError):
                 if "WRONGTYPE" not in str(answer):
                     raise answer
-                log.warning("a listed session's keys hold no session: unlisted", member=member.decode())
                 answer = None
+            elif answer and _numbers(answer[:3]) is None:
+                answer = None  # a meta whose fields are no numbers (another program's write)
+            if answer is None:
+                log.warning("a listed session's keys hold no session: unlisted", member=member.decode())
             states.append(answer)
         return states
 
@@ -1934,6 +1942,15 @@ class SessionListing:
     @staticmethod
     def _keys(tenant_id: str) -> list[str]:
         return [listing_key(tenant_id, "newest"), listing_key(tenant_id, "due")]
+
+
+def _numbers(values: list) -> list[int] | None:
+    """``values`` (a meta's fields) as integers; None where one is missing or
+    is no integer."""
+    try:
+        return [int(value) for value in values]
+    except (TypeError, ValueError):
+        return None
 
 
 def _same_life(member: bytes, state: list | None) -> bool:

@@ -305,3 +305,24 @@ async def test_a_tenant_whose_records_fail_to_sweep_holds_up_no_other(client, te
         assert await client.exists(*tenant_keys(tenant)) == 0
     finally:
         await client.delete(*tenant_keys(broken))
+
+
+async def test_a_meta_whose_fields_are_no_numbers_holds_up_no_sweep(client, tenant) -> None:
+    """A key of a session's meta name whose create_time_ms is no number
+    (another program's write) raised in the batch of every session a SCAN
+    found, before the cursor was saved: every tick failed at the same keys,
+    and no session found unlisted was ever listed (a review)."""
+    _, long = stores(client)
+    broken = session_store.session_key(f"{tenant}-broken", "s")
+    await client.hset(broken, mapping={"version": 1, "create_time_ms": "not a number"})
+    seconds, micros = await client.time()
+    # A live session its listing lacks, as one made before the listing existed.
+    await client.hset(
+        session_store.session_key(tenant, "unlisted"),
+        mapping={"version": 0, "create_time_ms": seconds * 1000 + micros // 1000, "update_time_ms": 0},
+    )
+    try:
+        await a_pass(sweep_of(long, client))
+        assert (await listed(client, tenant))[0] == ["unlisted"]
+    finally:
+        await client.delete(broken, *session_store.session_keys(tenant, "unlisted"), *tenant_keys(tenant))
