@@ -83,13 +83,15 @@ from collections.abc import Callable
 import structlog
 from redis.exceptions import RedisError
 
-from meshgate import metrics, redis_access
+from meshgate import metrics, redis_access, telemetry
 from meshgate.config import TURN_JOURNAL_TTL_S
 from meshgate.errors import MeshgateError
 from meshgate.tasks import cancel_and_wait
 from services.router.ledger import Ledger, UsageRecord, pack, unpack
 
 log = structlog.get_logger(__name__)
+# Once a minute per journal: a claim meets a broken one at every stale time.
+_broken_journals = telemetry.ThrottledLog(log, interval_s=60.0)
 
 # The failure a claimed turn is recorded with (the ledger's failure field;
 # a turn its caller left says "cancelled").
@@ -145,7 +147,13 @@ _CLAIM_MARK = "~claim"
 # Claims the journals whose heartbeat is older: each one's heartbeat is set
 # to now (no other claim takes it for the stale time) and it is marked with
 # the claim's id (a write of its router's removes the mark). Returns each
-# journal's id and its snapshot (HGETALL's pairs, the mark's with them).
+# journal's id and its snapshot (HGETALL's pairs, the mark's with them), or
+# false for one whose key holds another type than a hash (an operator's or
+# another program's write: no turns of ours): its heartbeat is set too, so
+# it takes no claim's place until stale again, and nothing else is touched.
+# Read before written: one such key failed the script after the journals
+# before it were marked and before any reply, so no lost router's turns were
+# billed again while it stood (a review).
 _CLAIM = (
     _NOW_US
     + f"""
@@ -154,10 +162,15 @@ local claimed = {{}}
 for _, id in ipairs(stale) do
   if id ~= ARGV[4] then
     local key = '{_PREFIX}' .. id
+    local held = redis.call('TYPE', key)['ok']
     redis.call('ZADD', KEYS[1], us, id)
-    if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, '{_CLAIM_MARK}', ARGV[3]) end
     claimed[#claimed + 1] = id
-    claimed[#claimed + 1] = redis.call('HGETALL', key)
+    if held == 'hash' or held == 'none' then
+      if held == 'hash' then redis.call('HSET', key, '{_CLAIM_MARK}', ARGV[3]) end
+      claimed[#claimed + 1] = redis.call('HGETALL', key)
+    else
+      claimed[#claimed + 1] = false
+    end
   end
 end
 return claimed
@@ -336,6 +349,14 @@ class TurnJournal:
         claimed: dict[str, int] = {}
         for journal_id, flat in zip(reply[::2], reply[1::2], strict=True):
             journal_id = journal_id.decode()
+            if flat is None:
+                _broken_journals.warning(
+                    "a lost router's journal key holds another type: nothing of it billed; "
+                    "delete the key once looked at",
+                    per=journal_id,
+                    key=journal_key(journal_id),
+                )
+                continue
             records = []
             for field, packed in zip(flat[::2], flat[1::2], strict=True):
                 if field.decode() == _CLAIM_MARK:

@@ -413,3 +413,32 @@ async def test_a_settlement_and_a_claim_racing_over_two_slots_bill_the_turn_once
         assert entries == [("miss", "", 10, 40, 0, 90)]
     else:
         assert entries == [("miss", ROUTER_LOST, 10, 5, 0, 5), (CLAIMED_REST, "", 0, 35, 0, 85)]
+
+
+async def test_a_journal_key_of_another_type_holds_up_no_other_journals_claim(redis, ledger):
+    """One stale journal whose key holds another type (an operator's or
+    another program's write) failed the claim script after the journals
+    before it were marked and before any reply: no lost router's turns were
+    billed while it stood, and theirs expired unbilled (a review)."""
+    tenant = uuid.uuid4().hex[:12]
+    broken, served, claimer = journal(redis, ledger), journal(redis, ledger), journal(redis, ledger)
+    broken.track(lambda: lost(uuid.uuid4().hex[:12], 3))
+    served.track(lambda: lost(tenant, 7))
+    await broken.write()
+    await served.write()
+    await redis.delete(journal_key(broken.journal_id))
+    await redis.set(journal_key(broken.journal_id), "not a hash")
+    # The broken one first, as ZRANGEBYSCORE reads them.
+    await redis.zadd(BEATS, {broken.journal_id: 0, served.journal_id: 1})
+    try:
+        claimed = await claimer.claim()
+        assert claimed == {served.journal_id: 1}
+        row = await totals(ledger, tenant)
+        assert (row["requests"], row["failures"], row["completion_tokens"]) == (1, 1, 7)
+        assert not await redis.exists(journal_key(served.journal_id))
+        # Left as it is, its heartbeat moved: no claim's place until stale again.
+        assert await redis.get(journal_key(broken.journal_id)) == b"not a hash"
+        assert await redis.zscore(BEATS, broken.journal_id) > 0
+    finally:
+        await redis.delete(journal_key(broken.journal_id))
+        await redis.zrem(BEATS, broken.journal_id)
