@@ -389,7 +389,8 @@ class TenantSettings:
     models: list[str] = dataclasses.field(default_factory=lambda: ["*"])
     # The tenant's limits, all its keys together.
     limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
-    # Limits of each of its keys, each key on its own.
+    # Limits of each of its keys named here, each key on its own (its stored
+    # keys, the AdminService's, have the limits CreateKey gave them).
     key_limits: LimitSettings = dataclasses.field(default_factory=LimitSettings)
     # A name that model selection rules may refer to (SelectionSettings).
     tier: str = ""

@@ -97,7 +97,14 @@ import grpc
 import structlog
 
 from meshgate import paging, redis_access
-from meshgate.config import ConfigError, LimitSettings, RedisSettings, hash_api_key, tenant_id_problem
+from meshgate.config import (
+    DEV_TENANT_ID,
+    ConfigError,
+    LimitSettings,
+    RedisSettings,
+    hash_api_key,
+    tenant_id_problem,
+)
 from meshgate.errors import MeshgateError, invalid_argument, not_found, unavailable
 from meshgate.reasons import Reason
 from meshgate.single_flight import SingleFlight
@@ -359,6 +366,16 @@ def check_key_request(
     problem = tenant_id_problem(tenant_id)
     if problem:
         raise invalid_argument(Reason.INVALID_KEY_SPEC, f"tenant_id {problem}")
+    if tenant_id == DEV_TENANT_ID:
+        # The dev tenant's key is public (router.dev_api_key): a stored key of
+        # its id shared the holder's sessions, cached answers and usage with
+        # anyone holding it, where the dev tenant is on or is turned on later
+        # (a review; the settings refuse a configured tenant of its id).
+        raise invalid_argument(
+            Reason.INVALID_KEY_SPEC,
+            f"tenant_id {DEV_TENANT_ID!r} is the dev tenant's (router.dev_tenant), whose key is public: "
+            "choose another",
+        )
     # Once each: every name is then "*" or a configured alias, so a key's
     # record is bounded (3,000,000 copies of "*" made a 15 MB record that
     # every call with the key parsed, and a ListKeys too large to send).

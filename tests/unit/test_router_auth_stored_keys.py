@@ -328,3 +328,16 @@ async def test_the_dev_keys_sessions_bill_the_dev_tenant() -> None:
     dev = await auth.tenant_of(CallerKey(hash_api_key("dev-secret"), False))
     assert dev.own_key_id == hash_api_key("dev-secret")[:16]
     assert await auth.billed_tenant(DEV_TENANT_ID, dev.own_key_id) == dev
+
+
+def test_check_key_request_refuses_the_dev_tenants_id():
+    """The dev tenant's key is public: a stored key of its id shared the
+    holder's sessions, cached answers and usage with anyone holding it (a
+    review: CreateKey(tenant_id="dev") was OK while the dev tenant was on)."""
+    with pytest.raises(MeshgateError) as refused:
+        keys_module.check_key_request("dev", [], {}, frozenset({"a"}), None, 0.0)
+    assert (refused.value.code, refused.value.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_KEY_SPEC",
+    )
+    assert "dev tenant" in refused.value.message
