@@ -134,7 +134,11 @@ class Health:
     A caller that probes its targets actively (the router's health checks of
     its deployments) may also mark one down: open for as long as it stays
     down, whatever the open time, then half-open once marked up, so that one
-    request tries it before the rest follow.
+    request tries it before the rest follow. One whose probes only tell
+    whether the target answers (the inference service's of its Tritons,
+    which take a server out of rotation by their own rules) says so with
+    probe_answered: an open circuit goes half-open at an answered round, once
+    until a request succeeds there or a round finds it unreachable.
     """
 
     def __init__(self, policy: BreakerPolicy | None = None, clock: Callable[[], float] = time.monotonic):
@@ -148,6 +152,9 @@ class Health:
         self.ejected_until = 0.0
         self.ejections = 0
         self.down = False
+        # Whether an answered probe round may end an open time early
+        # (probe_answered): once, until a success or an unanswered round.
+        self._may_skip_open_time = True
 
     @property
     def state(self) -> BreakerState:
@@ -197,6 +204,7 @@ class Health:
             self._probe_until = 0.0
 
     def record_success(self) -> None:
+        self._may_skip_open_time = True
         self._outcomes.append(True)
         self._failures = 0
         self._open_until = self._probe_until = 0.0
@@ -225,6 +233,26 @@ class Health:
             self.down = False
             self._open_until = self._clock()
             self._probe_until = 0.0
+
+    def probe_answered(self, answered: bool) -> None:
+        """A probe round of the target was answered, or found it unreachable.
+        An open circuit goes half-open at an answered round, once: the
+        failures that opened it were likely the target going away (a
+        restart, its connections dropped) and it is back, so one request
+        tries it now rather than after the open time (a review: a Triton
+        whose connections dropped, read ready again half a second later,
+        was sent nothing for 10 s, and its slots were left out of the
+        count). Once only until a request succeeds there or a round finds
+        it unreachable: a target that answers its probes while failing
+        requests gets that one try, then its open time, doubled at each
+        failed try, as before."""
+        if not answered:
+            self._may_skip_open_time = True
+            return
+        if self._may_skip_open_time and self.state is BreakerState.OPEN and not self.down:
+            self._open_until = self._clock()
+            self._probe_until = 0.0
+            self._may_skip_open_time = False
 
     def _open(self, seconds: float) -> None:
         self._open_until = self._clock() + seconds

@@ -53,9 +53,11 @@ class TcpProxy:
         self._connections: list[tuple[asyncio.Event, asyncio.StreamWriter, asyncio.StreamWriter]] = []
         self._pumps: set[asyncio.Task] = set()
 
-    async def start(self) -> int:
-        """Starts listening; returns the proxy's port."""
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> int:
+        """Starts listening (on ``port``: a proxy closed before listens on its
+        port again, as a server back after its connections dropped); returns
+        the proxy's port."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", port)
         return self._server.sockets[0].getsockname()[1]
 
     def hold(self) -> None:

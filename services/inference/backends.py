@@ -569,6 +569,9 @@ class TritonBackend:
         # A draining server answers: counted as silent, its rounds ended the
         # calls it was finishing once three had failed (~6 s into the drain).
         self._silent_rounds = 0 if failure is None or draining else self._silent_rounds + 1
+        # Back after it went away: its breaker, opened by the calls that
+        # failed as it went, lets the next request try it (Health.probe_answered).
+        self.health.probe_answered(failure is None)
         was_ready = self.ready
         out: set[str] = set()
         left: set[str] = set()

@@ -262,3 +262,48 @@ async def test_a_triton_restarted_under_an_idle_stream_does_not_fail_the_next_ge
             assert streams_of(pools[0]).opened == 2, "the dead stream was left for a new one"
     finally:
         end_triton(process)
+
+
+async def test_a_triton_back_after_its_connections_dropped_is_tried_again_before_its_open_time(
+    triton_url, pools
+):
+    """The calls cut as a server's connections dropped open its circuit for
+    10 s; back and read ready half a second later, it was sent nothing for
+    the rest of those 10 s, and its generation slots were left out of the
+    count (a review). Two backends, the same Triton through two proxies; one
+    proxy's connections drop and it listens again on its port."""
+    port = int(triton_url.rsplit(":", 1)[1])
+    dropping, steady = TcpProxy(port), TcpProxy(port)
+    dropping_url = f"127.0.0.1:{await dropping.start()}"
+    steady_url = f"127.0.0.1:{await steady.start()}"
+    settings = settings_for(dropping_url)
+    settings.inference.triton_urls = [dropping_url, steady_url]
+    settings.inference.models = {"tiny-gpt": ServedModelSettings(routing_strategy="least_outstanding")}
+    back = TcpProxy(port)
+    try:
+        async with serving(settings) as stub:
+            calls = [stub.Generate(generate(f"story {n}", max_tokens=400), timeout=60) for n in range(8)]
+            for call in calls:
+                await call.read()  # the first delta: each generation is under way
+            await dropping.close()
+            await back.start(int(dropping_url.rsplit(":", 1)[1]))
+            cut = 0
+            for call in calls:
+                try:
+                    async for _ in call:
+                        pass
+                except grpc.aio.AioRpcError:
+                    cut += 1
+            # Enough to open its circuit (three failures in a row).
+            assert cut >= 3
+            served_by = set()
+            async with asyncio.timeout(6):  # well inside the circuit's 10 s open time
+                while dropping_url not in served_by:
+                    completions = [
+                        r async for r in stub.Generate(generate("again", max_tokens=4), timeout=20)
+                    ]
+                    served_by.add(completions[-1].completion.backend)
+                    await asyncio.sleep(0.1)
+    finally:
+        for proxy in (dropping, steady, back):
+            await proxy.close()

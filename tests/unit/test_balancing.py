@@ -690,6 +690,52 @@ def _bare_rendezvous(target_key: str, session: str) -> int:
 # --- health: marked down by active checks, and ejection's cap and decay --------------------
 
 
+def test_an_open_circuit_goes_half_open_at_an_answered_probe_once_until_a_success_or_an_unanswered_one():
+    """A Triton whose connections dropped (or that restarted) opened its
+    circuit with the calls that failed as it went; read ready half a second
+    later, it was sent nothing for the rest of the 10 s (a review)."""
+    clock = Clock()
+    health = Health(BreakerPolicy(failures_to_open=2, open_for_s=10.0), clock)
+    health.record_failure()
+    health.record_failure()
+    assert health.state is BreakerState.OPEN
+    health.probe_answered(False)
+    assert health.state is BreakerState.OPEN  # still away
+    clock.now += 0.5
+    health.probe_answered(True)
+    assert health.state is BreakerState.HALF_OPEN and health.admits
+    health.begin()
+    health.record_success()
+    assert health.state is BreakerState.CLOSED
+    # Opened again: an answered round lets one request try it at once...
+    health.record_failure()
+    health.record_failure()
+    health.probe_answered(True)
+    assert health.state is BreakerState.HALF_OPEN
+    health.begin()
+    health.record_failure()
+    # ...and a target that answers its probes while failing requests then
+    # keeps its open time, doubled at each failed try.
+    health.probe_answered(True)
+    clock.now += 19
+    assert health.state is BreakerState.OPEN
+    clock.now += 1
+    assert health.state is BreakerState.HALF_OPEN
+    health.begin()
+    health.record_failure()
+    health.probe_answered(True)
+    assert health.state is BreakerState.OPEN
+    # Unreachable for a round, then answering: one try again.
+    health.probe_answered(False)
+    health.probe_answered(True)
+    assert health.state is BreakerState.HALF_OPEN
+    # Marked down by active checks, it waits for mark_up, not for an answered probe.
+    health.mark_down()
+    health.probe_answered(False)
+    health.probe_answered(True)
+    assert health.state is BreakerState.OPEN
+
+
 def test_a_target_marked_down_refuses_traffic_until_marked_up_then_probes_half_open():
     clock = Clock()
     health = Health(BreakerPolicy(failures_to_open=3, open_for_s=10.0), clock)
