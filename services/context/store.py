@@ -1918,14 +1918,18 @@ class SessionListing:
             answers = await pipe.execute(raise_on_error=False)
         states: list[list | None] = []
         for member, answer in zip(members, answers, strict=True):
+            # None also for a session simply gone (expired, deleted), unlisted
+            # in silence; only keys that hold no session's are said.
+            broken = False
             if isinstance(answer, redis.ResponseError):
                 if "WRONGTYPE" not in str(answer):
                     raise answer
-                answer = None
+                broken = True
             elif answer and _numbers(answer[:3]) is None:
-                answer = None  # a meta whose fields are no numbers (another program's write)
-            if answer is None:
+                broken = True  # a meta whose fields are no numbers (another program's write)
+            if broken:
                 log.warning("a listed session's keys hold no session: unlisted", member=member.decode())
+                answer = None
             states.append(answer)
         return states
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import redis.asyncio as redis
+import structlog.testing
 
 from services.context import store as session_store
 from services.context import tenant_sweep
@@ -326,3 +327,23 @@ async def test_a_meta_whose_fields_are_no_numbers_holds_up_no_sweep(client, tena
         assert (await listed(client, tenant))[0] == ["unlisted"]
     finally:
         await client.delete(broken, *session_store.session_keys(tenant, "unlisted"), *tenant_keys(tenant))
+
+
+async def test_only_keys_that_hold_no_sessions_are_warned_of_not_sessions_gone(client, tenant) -> None:
+    """A listed session that expired is unlisted in silence: the warning is
+    for keys another program wrote (a review: every expiry read as one)."""
+    short, long = stores(client)
+    await short.create(tenant, "expiring")
+    await short.create(tenant, "damaged")
+    meta = session_store.session_key(tenant, "damaged")
+    try:
+        await expired(client, tenant, ["expiring", "damaged"])
+        await client.sadd(meta, "not a session")
+        await asyncio.sleep(0.1)  # both entries due (a second after their creation)
+        with structlog.testing.capture_logs() as logged:
+            assert await long.listing.checked_due(tenant, 10) == 2
+        warned = [entry["member"] for entry in logged if entry["log_level"] == "warning"]
+        assert [member.rpartition(":")[2] for member in warned] == ["damaged"]
+        assert await listed(client, tenant) == ([], [])
+    finally:
+        await client.delete(meta, *tenant_keys(tenant))
