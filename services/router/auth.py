@@ -10,6 +10,7 @@ import dataclasses
 import grpc
 import structlog
 
+from meshgate import telemetry
 from meshgate.config import DEV_TENANT_ID, LimitSettings, RouterSettings, hash_api_key
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
@@ -20,6 +21,8 @@ from services.router.keys import KeyRecord, KeyStore, could_be_stored, key_refus
 _BEARER = "bearer"
 
 log = structlog.get_logger(__name__)
+# Once a minute per key: each call with it is refused.
+_dev_tenant_keys = telemetry.ThrottledLog(log, interval_s=60.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,8 @@ class _Configured:
     tenant_tiers: dict[str, str]
     tenant_models: dict[str, frozenset[str]]
     admin_key_hashes: frozenset[str]
+    # router.dev_tenant: its id is then the public dev key's alone.
+    dev_tenant: bool = False
 
 
 class Authenticator:
@@ -116,6 +121,7 @@ class Authenticator:
             {tenant.id: tenant.tier for tenant in settings.tenants},
             {tenant.id: frozenset(tenant.models) for tenant in settings.tenants},
             frozenset(digest.lower() for digest in settings.admin_api_key_sha256),
+            bool(settings.dev_tenant),
         )
 
     def tenant_models(self, tenant_id: str) -> frozenset[str] | None:
@@ -165,6 +171,16 @@ class Authenticator:
         if self._keys is None or not key.may_be_stored:
             raise _invalid_key()
         record = await self.check_stored_key(key.key_hash)
+        if record.tenant_id == DEV_TENANT_ID and configured.dev_tenant:
+            # Made before CreateKey refused the dev tenant's id (keys.py), or
+            # with the dev tenant off: its holder would share the public dev
+            # key's sessions, cached answers and usage (a final read).
+            _dev_tenant_keys.warning(
+                "a stored key of the dev tenant's id is refused while router.dev_tenant is on: revoke it",
+                per=record.key_id,
+                key_id=record.key_id,
+            )
+            raise _invalid_key()
         return self._stored_tenant(record)
 
     def _stored_tenant(self, record: KeyRecord) -> Tenant:

@@ -341,3 +341,17 @@ def test_check_key_request_refuses_the_dev_tenants_id():
         "INVALID_KEY_SPEC",
     )
     assert "dev tenant" in refused.value.message
+
+
+async def test_a_stored_key_of_the_dev_tenants_id_is_refused_while_the_dev_tenant_is_on():
+    """One made before CreateKey refused the id (or with the dev tenant off)
+    would share the public dev key's sessions, cached answers and usage."""
+    secret = new_secret()
+    fake = ScriptedRedis(stored(secret, tenant_id="dev"))
+    key = CallerKey(hash_api_key(secret), True)
+    with pytest.raises(MeshgateError) as refused:
+        await Authenticator(RouterSettings(dev_tenant=True), KeyStore(fake)).tenant_of(key)
+    assert refused.value.reason == Reason.API_KEY_INVALID
+    # With the dev tenant off, "dev" is a tenant like any.
+    tenant = await Authenticator(RouterSettings(dev_tenant=False), KeyStore(fake)).tenant_of(key)
+    assert tenant.id == "dev"
