@@ -145,6 +145,12 @@ def outage(message: str, error: BaseException) -> MeshgateError:
     return unavailable(Reason.REDIS_UNAVAILABLE, message)
 
 
+def is_wrong_type(error: BaseException | None) -> bool:
+    """Whether ``error`` is Redis refusing a command on a key that holds
+    another type than the command's (WRONGTYPE), alone or in a script."""
+    return isinstance(error, redis_errors.ResponseError) and "WRONGTYPE" in str(error)
+
+
 def is_full(error: BaseException | None) -> bool:
     """Whether ``error`` is Redis refusing a write for memory (maxmemory under
     noeviction; a script's first write, _Parser): a call that frees memory

@@ -20,10 +20,10 @@ import secrets
 import redis.asyncio as redis
 import structlog
 
-from meshgate.redis_access import CONNECTION_ERRORS, outage
+from meshgate.redis_access import CONNECTION_ERRORS, is_wrong_type, outage
 from meshgate.tasks import cancel_and_wait
 from services.cache import keys
-from services.cache.store import is_wrong_type, wrong_type
+from services.cache.store import wrong_type
 
 log = structlog.get_logger(__name__)
 

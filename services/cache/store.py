@@ -90,7 +90,7 @@ import structlog
 from meshgate import cache_notices
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
-from meshgate.redis_access import CONNECTION_ERRORS, outage, run_script_replicated
+from meshgate.redis_access import CONNECTION_ERRORS, is_wrong_type, outage, run_script_replicated
 from services.cache import keys
 from services.cache.keys import Partition
 
@@ -612,12 +612,6 @@ def split_payload(payload: bytes, dimensions: int) -> tuple[bytes, str] | None:
 
 def _unavailable(error: Exception) -> MeshgateError:
     return outage("cache store unavailable", error)
-
-
-def is_wrong_type(error: BaseException) -> bool:
-    """Whether ``error`` is Redis refusing a command on a key that holds
-    another type than the command's (WRONGTYPE), alone or in a script."""
-    return isinstance(error, redis.ResponseError) and "WRONGTYPE" in str(error)
 
 
 def wrong_type(kind: str, key: str | bytes, held: str, remedy: str) -> MeshgateError:

@@ -1922,7 +1922,7 @@ class SessionListing:
             # in silence; only keys that hold no session's are said.
             broken = False
             if isinstance(answer, redis.ResponseError):
-                if "WRONGTYPE" not in str(answer):
+                if not redis_access.is_wrong_type(answer):
                     raise answer
                 broken = True
             elif answer and _numbers(answer[:3]) is None:
