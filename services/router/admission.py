@@ -131,6 +131,7 @@ from meshgate.reasons import Reason
 from services.router.ledger import SUMMARY_USAGE, TAKE_MARKER_TTL_S, Ledger, UsageRecord
 from services.router.prompt_bound import PromptBound, bound_of
 from services.router.script_calls import (
+    KEY_TYPES_LUA,
     MARK_WRITTEN,
     WRITTEN_MARK_TTL_S,
     Backlog,
@@ -356,13 +357,14 @@ _SETTLE_ONCE = (
     _PARSE
     + _SETTLE_TURN
     + begin_call_lua("'PX', ARGV[2]")
+    + KEY_TYPES_LUA
     + """
 -- Read only, before any turn is settled: the type each check's keys must
--- hold ('none': gone, or never made), asked once per key.
-local must_hold, types, turns, skipped = {w = 'zset', b = 'string', s = 'zset'}, {}, {}, {}
+-- hold ('none': gone, or never made).
+local must_hold, turns, skipped = {w = 'zset', b = 'string', s = 'zset'}, {}, {}
 local function wrong(key, must)
-  if not types[key] then types[key] = redis.call('TYPE', key).ok end
-  if types[key] ~= 'none' and types[key] ~= must then return types[key] end
+  local held = holds(key)
+  if held ~= 'none' and held ~= must then return held end
 end
 local function slot(key) return string.match(key, '{[^}]*}') or key end
 for t = 3, #ARGV, 2 do

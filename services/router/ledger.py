@@ -66,6 +66,7 @@ from redis.exceptions import RedisError
 from meshgate import metrics, redis_access, telemetry
 from meshgate.config import ContextSettings, summary_usage_ttl_s
 from services.router.script_calls import (
+    KEY_TYPES_LUA,
     MARK_WRITTEN,
     STOPPED_BEFORE,
     WRITTEN_BEFORE,
@@ -198,15 +199,12 @@ _RECORD = (
 local log, totals, claim = ARGV[4] == '1', ARGV[5] == '1', ARGV[8] == '1'
 """
     + begin_call_lua("'EX', ARGV[6]")
+    + KEY_TYPES_LUA
     + """
 -- Read only, before any record is written: each record's keys and the type
 -- each must hold ('none': not made yet); a record with a key of another
--- type is skipped whole. A key's type is asked once per call.
-local types, records, skipped = {}, {}, {}
-local function holds(key)
-  if not types[key] then types[key] = redis.call('TYPE', key).ok end
-  return types[key]
-end
+-- type is skipped whole.
+local records, skipped = {}, {}
 for r = 9, #ARGV do
   local values, fields = {}, {}
   for value in string.gmatch(ARGV[r] .. '\\31', '(.-)\\31') do fields[#fields + 1] = value end

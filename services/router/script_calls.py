@@ -183,6 +183,17 @@ end
 """
 
 
+# The Lua of that read-only pass: ``holds(key)``, the key's type as Redis's
+# TYPE names it ('none': no such key), asked once per call.
+KEY_TYPES_LUA = """
+local key_types = {}
+local function holds(key)
+  if not key_types[key] then key_types[key] = redis.call('TYPE', key).ok end
+  return key_types[key]
+end
+"""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Skipped:
     """A record or turn a call did not write: ``index`` its place among the
