@@ -173,12 +173,23 @@ async def test_a_turn_cut_short_is_billed_the_tokens_the_model_read_and_produced
     async def deadline_midway(timeout_s: float) -> tuple[str, int | None]:
         """The text received ("" where the deadline passed before the first
         piece), and the tokens the router's status says went out (None: the
-        caller's own timer ended the call first)."""
+        caller's own timer may have ended the call first)."""
         pieces = []
+        loop = asyncio.get_running_loop()
+        started = loop.time()  # before the call's own clock starts
         with pytest.raises(grpc.aio.AioRpcError) as cut:
             async for response in stub.Chat(ask(MAX_TOKENS), metadata=auth, timeout=timeout_s):
                 pieces.append(response.delta.text)
         assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        if loop.time() - started >= timeout_s:
+            # The caller's own deadline passed before it had read to the
+            # status: its gRPC core then drops the pieces that had come but
+            # were not read yet, and still reports the router's status if
+            # that had come too (reproduced here under load: 17 and 26 pieces
+            # said, 16 and 25 read, every such case past the caller's
+            # deadline; a CI run failed on it, 114 said and billed, 113
+            # read). Those pieces went out: the status proves the bound only.
+            return "".join(pieces), None
         info = error_info(cut.value)
         said = int(info.metadata["delivered_tokens"]) if info is not None else None
         return "".join(pieces), said
