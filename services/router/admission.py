@@ -343,13 +343,14 @@ return 1
 # and their streams stayed held (refused concurrent_streams for minutes).
 # So before anything is written each turn's keys are asked their type, and
 # a turn's checks in the slot (hash tag) of a key of another type are
-# skipped whole, the rest written. Per slot, not per turn: a model's keys
+# skipped whole, the rest written; so are those in the slot of a counter (a
+# budget, a window's sum) whose string is not an integer, which INCRBY
+# refuses alike. Per slot, not per turn: a model's keys
 # (shared by every tenant) broken skip that slot's part of each turn, not
 # each tenant's own, as a Redis Cluster's call per slot would. The mark is
 # set first (MARK_BEGUN), then marked written (MARK_WRITTEN) last: a call
-# that still stops midway (an error no type check foresees: a counter that
-# is not an integer) says so when sent again (STOPPED_BEFORE) and is given
-# up, not counted settled. Returns 1; or {1, then per part skipped its
+# that still stops midway (an error no check foresees) says so when sent
+# again (STOPPED_BEFORE) and is given up, not counted settled. Returns 1; or {1, then per part skipped its
 # turn's index among the call's (1-based), the key and the type it holds}
 # (script_calls.skipped_in); or 0 where the mark says the call ran before,
 # -1 where it says a run of it stopped midway.
@@ -363,7 +364,7 @@ _SETTLE_ONCE = (
 -- hold ('none': gone, or never made).
 local must_hold, turns, skipped = {w = 'zset', b = 'string', s = 'zset'}, {}, {}
 local function wrong(key, must)
-  local held = holds(key)
+  local held = must == 'string' and counter_holds(key) or holds(key)
   if held ~= 'none' and held ~= must then return held end
 end
 local function slot(key) return string.match(key, '{[^}]*}') or key end
@@ -1371,7 +1372,7 @@ def _given_up(keys: list[str], args: list, skipped: list[Skipped]) -> None:
         limit = rest.partition(":")[2]
         metrics.router().deferred_writes.labels("settlement", "given_up").inc()
         _skipped_log.warning(
-            "a turn's settlement was not written: a key it writes holds another type",
+            "a turn's settlement was not written: a key it writes holds another type or a non-integer",
             per=tag,
             tenant=tag[2:] if tag.startswith("t:") else "",
             model=tag[2:] if tag.startswith("m:") else "",

@@ -24,24 +24,25 @@ one round trip (a call that fails leaves the others written):
   :data:`METRICS`; kept ``router.usage_retention_days``.
 
 Every call writes once: it sets, in the same script, a marker in its own
-slot (marker(): the tenant's day hash's, the log's), and a call whose
-marker is set already writes nothing (the marker says "begun" until its
-last write says "written": a call found begun stopped midway on an error
-from Redis, and is given up, script_calls.STOPPED_BEFORE). A record whose
-key holds another type is not written, the call's others are (_RECORD). A
-turn's records are marked per call (``...:written:<call id>``, a random id
-the call keeps when it is sent again), kept script_calls.WRITTEN_MARK_TTL_S:
-so a call whose reply was lost (a timeout, a connection lost after sending:
-it may have run) is sent again until Redis answers (script_calls.Backlog, idempotent), rather than
-given up and the turn missing from GetUsage. The records of a take of a
-session's summaries' usage are marked per take id (record_take:
-``...:take:<take id>``): the take may be offered again to another router,
-its taker killed before acknowledging it, so its marker is kept as long as
-the context service may hold the take (TAKE_MARKER_TTL_S). A record of a
-turn the router's turn journal named (services/router/turn_journal.py)
-carries its turn id, and is written once per turn whichever call writes it
-first, its settlement's or a claim of the journal's: a mark per turn id in
-the slot of the call (``...{t:<tenant>}:turn:<turn id>`` beside the totals,
+slot (marker(): the tenant's day hash's, the log's), and a call whose marker
+is set already writes nothing (the marker says "begun" until its last write
+says "written": a call found begun stopped midway on an error from Redis,
+and is given up, script_calls.STOPPED_BEFORE). A record whose key holds
+another type (or a total not an integer) is not written, the call's others
+are (_RECORD). A turn's records are marked per call (``...:written:<call
+id>``, a random id the call keeps when it is sent again), kept
+script_calls.WRITTEN_MARK_TTL_S: so a call whose reply was lost (a timeout,
+a connection lost after sending: it may have run) is sent again until Redis
+answers (script_calls.Backlog, idempotent), rather than given up and the
+turn missing from GetUsage. The records of a take of a session's summaries'
+usage are marked per take id (record_take: ``...:take:<take id>``): the take
+may be offered again to another router, its taker killed before
+acknowledging it, so its marker is kept as long as the context service may
+hold the take (TAKE_MARKER_TTL_S). A record of a turn the router's turn
+journal named (services/router/turn_journal.py) carries its turn id, and is
+written once per turn whichever call writes it first, its settlement's or a
+claim of the journal's: a mark per turn id in the slot of the call
+(``...{t:<tenant>}:turn:<turn id>`` beside the totals,
 ``{mg:router:usage:log}:turn:<turn id>`` beside the log), kept
 SETTLED_TURN_MARKER_TTL_S, or CLAIMED_TURN_MARKER_TTL_S when a claim set it.
 A claim's mark keeps what it billed (AMOUNTS): the router whose journal it
@@ -182,11 +183,13 @@ CLAIMED_REST = "claimed_rest"
 # again wrote nothing more, and one tenant's broken key lost every other
 # tenant's records after its own in the call (up to _BATCH). The marker is
 # set first (MARK_BEGUN) and marked written (MARK_WRITTEN) last: a call
-# that still stops midway (an error no type check foresees: a total that
-# is not an integer) says so when sent again (script_calls.STOPPED_BEFORE),
-# and is given up, not counted written. Returns 1; or {1, then per skipped
-# record its index among the call's (1-based), the key and the type it
-# holds} (script_calls.skipped_in); or 0 where the call's marker says it
+# that still stops midway (an error no check foresees) says so when sent
+# again (script_calls.STOPPED_BEFORE), and is given up, not counted
+# written. A record one of whose totals holds what HINCRBY refuses (not an
+# integer: script_calls.not_counter) is skipped as one whose key holds
+# another type is. Returns 1; or {1, then per skipped record its index
+# among the call's (1-based), the key and the type it holds}
+# (script_calls.skipped_in); or 0 where the call's marker says it
 # was written before (nothing is written again), -1 where it says a run of
 # it stopped midway.
 _RECORD = (
@@ -194,6 +197,8 @@ _RECORD = (
     + ", ".join(f"'{name}'" for name in _FIELD_NAMES)
     + "}\nlocal amounts = {"
     + ", ".join(f"'{name}'" for name in AMOUNTS)
+    + "}\nlocal metrics = {"
+    + ", ".join(f"'{name}'" for name in METRICS)
     + "}"
     + """
 local log, totals, claim = ARGV[4] == '1', ARGV[5] == '1', ARGV[8] == '1'
@@ -225,6 +230,18 @@ for r = 9, #ARGV do
   for _, want in ipairs(wants) do
     local found = holds(want[1])
     if not broken and found ~= 'none' and found ~= want[2] then broken = {r - 8, want[1], found} end
+  end
+  if not broken and totals and holds(record.day_key) == 'hash' then
+    -- A total HINCRBY refuses (not_counter) would stop the call midway as
+    -- a key of another type would.
+    local fields = {}
+    for i, metric in ipairs(metrics) do fields[i] = values.key_id .. '|' .. values.model .. '|' .. metric end
+    for i, total in ipairs(redis.call('HMGET', record.day_key, unpack(fields))) do
+      if not_counter(total or nil) then
+        broken = {r - 8, record.day_key, 'hash, ' .. fields[i] .. ' not an integer'}
+        break
+      end
+    end
   end
   if broken then
     for _, value in ipairs(broken) do skipped[#skipped + 1] = value end
@@ -582,7 +599,7 @@ class Ledger:
                 kind = "turn mark"
             metrics.router().deferred_writes.labels("ledger", "given_up").inc()
             _skipped_log.warning(
-                "a usage record was not written: a key it writes holds another type",
+                "a usage record was not written: a key it writes holds another type or a non-integer",
                 per=usage.tenant,
                 tenant=usage.tenant,
                 key_kind=kind,

@@ -184,12 +184,28 @@ end
 
 
 # The Lua of that read-only pass: ``holds(key)``, the key's type as Redis's
-# TYPE names it ('none': no such key), asked once per call.
+# TYPE names it ('none': no such key), asked once per call;
+# ``not_counter(value)``, whether a stored value (GET's, HMGET's; nil: none)
+# is one INCRBY and HINCRBY refuse ("not an integer", an operator's or a
+# bug's write: a type check does not see it, and it stopped a call midway
+# as a key of another type did) or may overflow: anything but a decimal
+# integer as Redis writes one, of at most 18 digits; ``counter_holds(key)``,
+# a counter's type, 'string, not an integer' where its value is such.
 KEY_TYPES_LUA = """
 local key_types = {}
 local function holds(key)
   if not key_types[key] then key_types[key] = redis.call('TYPE', key).ok end
   return key_types[key]
+end
+local function not_counter(value)
+  if not value then return false end
+  local digits = string.match(value, '^%-?([1-9]%d*)$')
+  return not (value == '0' or (digits and #digits <= 18))
+end
+local function counter_holds(key)
+  local found = holds(key)
+  if found == 'string' and not_counter(redis.call('GET', key)) then return 'string, not an integer' end
+  return found
 end
 """
 

@@ -941,6 +941,36 @@ async def test_a_turn_whose_key_holds_another_type_is_skipped_and_the_others_of_
     assert (line["tenant"], line["key_kind"], line["holds"]) == (broken.id, "streams", "string")
 
 
+@pytest.mark.parametrize("counter", ["not a number", "1.5", "1" * 19])
+async def test_a_turn_whose_counter_is_not_an_integer_is_skipped_and_the_others_of_its_batch_settle(
+    redis_client, counter
+):
+    """A budget counter holding a string INCRBY refuses (an operator's or a
+    bug's write; 19 digits: an add may overflow) stopped the batch midway,
+    as a key of another type did: given up, every other tenant's turn in it
+    unsettled, their streams held. Now that turn's part in the counter's
+    slot is skipped, the others settle."""
+    admission = Admission(redis_client, max_generation_s=60)
+    limits = dict(concurrent_streams=1, tokens_per_day=1_000)
+    broken, victim = _scope(**limits), _scope(**limits)
+    broken_turn = await admission.admit([broken], 10, 90)
+    victim_turn = await admission.admit([victim], 10, 90)
+    budget = f"{broken.prefix}:tokens:day:{broken_turn.day}"
+    await redis_client.set(budget, counter)
+    given_up = _settlements_given_up()
+    with structlog.testing.capture_logs() as logged:
+        admission.settle_soon(broken_turn, 20, 0)
+        admission.settle_soon(victim_turn, 20, 0)
+        await admission.flush()
+    assert await redis_client.zcard(f"{victim.prefix}:streams") == 0
+    assert int(await redis_client.get(f"{victim.prefix}:tokens:day:{victim_turn.day}")) == 20
+    assert await redis_client.get(budget) == counter.encode()
+    assert await redis_client.zcard(f"{broken.prefix}:streams") == 1
+    assert _settlements_given_up() == given_up + 1 and len(admission._settlements) == 0
+    [line] = [line for line in logged if line["event"].startswith("a turn's settlement was not written")]
+    assert (line["tenant"], line["key"], line["holds"]) == (broken.id, budget, "string, not an integer")
+
+
 async def test_a_settlement_call_that_skipped_a_turn_sent_again_settles_nothing_twice(redis_client):
     """A settlements' call whose reply was lost is sent again (idempotent):
     one that skipped a turn and settled the others settles nothing the

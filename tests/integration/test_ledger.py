@@ -387,24 +387,83 @@ async def test_a_call_that_skipped_a_record_sent_again_writes_nothing_twice(redi
         await client.aclose()
 
 
-async def test_a_call_that_stopped_midway_in_redis_is_given_up_not_counted_written(redis_url):
-    """A failure midway no type check foresees (a total that is not an
-    integer: HINCRBY fails) leaves the call's mark begun, not written: the
-    call sent again says so, and is given up and told not written, not
-    counted written_late as before (when the records after the failure were
-    lost and the log said they were written)."""
+@pytest.mark.parametrize("total", ["not a number", "1.5", "007", "1" * 19])
+async def test_a_record_whose_total_is_not_an_integer_is_skipped_and_the_others_of_its_call_are_written(
+    redis_url, total
+):
+    """A tenant's day hash whose total is a string HINCRBY refuses (an
+    operator's or a bug's write; 19 digits: an add may overflow) stopped
+    the call midway, as a key of another type did: given up, with the
+    other tenants' records of the call (up to 128). Now skipped as such a
+    record is, the others written."""
     client = redis_access.connect(redis_url)
     ledger = Ledger(client, stream_max_len=10_000, retention_days=2)
     broken, victim = f"broken-{uuid.uuid4().hex[:8]}", f"victim-{uuid.uuid4().hex[:8]}"
     today = ledger.today()
+    broken_day = day_key(broken, f"{today:%Y-%m-%d}")
     try:
-        await client.hset(day_key(broken, f"{today:%Y-%m-%d}"), "kb|tiny-gpt|requests", "not a number")
+        await client.hset(broken_day, "kb|tiny-gpt|latency_ms", total)
+        given_up = _deferred_writes("ledger", "given_up")
+        told: list[bool] = []
+        with structlog.testing.capture_logs() as logged:
+            ledger.submit(
+                UsageRecord(broken, "kb", "tiny-gpt", "live", 10, 5, 0, "miss", 100, 10), True, told.append
+            )
+            victim_record = UsageRecord(victim, "kv", "tiny-gpt", "live", 40, 20, 0, "miss", 9_000, 120)
+            ledger.submit(victim_record, True, told.append)
+            await ledger.drain()
+        assert told == [True, True]
+        totals = (await ledger.usage(victim, today, today))[("kv", "tiny-gpt")]
+        assert (totals["requests"], totals["prompt_tokens"], totals["cost_nano_usd"]) == (1, 40, 9_000)
+        assert await client.hgetall(broken_day) == {b"kb|tiny-gpt|latency_ms": total.encode()}
+        assert _deferred_writes("ledger", "given_up") == given_up + 1
+        [line] = [line for line in logged if line["event"].startswith("a usage record was not written")]
+        assert (line["tenant"], line["key_kind"], line["holds"]) == (
+            broken,
+            "usage totals",
+            "hash, kb|tiny-gpt|latency_ms not an integer",
+        )
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("total", ["0", "-5", "9" * 18])
+async def test_integer_totals_of_every_form_redis_writes_are_added_to(redis_url, total):
+    """The other side of not_counter: what HINCRBY writes (0, negatives, 18
+    digits) is a total, added to as before."""
+    client = redis_access.connect(redis_url)
+    ledger = Ledger(client, stream_max_len=10_000, retention_days=2)
+    tenant = f"odd-{uuid.uuid4().hex[:8]}"
+    today = ledger.today()
+    try:
+        await client.hset(day_key(tenant, f"{today:%Y-%m-%d}"), "k|tiny-gpt|latency_ms", total)
+        told: list[bool] = []
+        record = UsageRecord(tenant, "k", "tiny-gpt", "live", 10, 5, 0, "miss", 100, 7)
+        ledger.submit(record, True, told.append)
+        await ledger.drain()
+        assert told == [True]
+        totals = (await ledger.usage(tenant, today, today))[("k", "tiny-gpt")]
+        assert (totals["requests"], totals["latency_ms"]) == (1, int(total) + 7)
+    finally:
+        await client.aclose()
+
+
+async def test_a_call_that_stopped_midway_in_redis_is_given_up_not_counted_written(redis_url):
+    """A failure midway no check foresees (here a record's own amount out of
+    Redis's integer range: HINCRBY fails) leaves the call's mark begun, not
+    written: the call sent again says so, and is given up and told not
+    written, not counted written_late as before (when the records after the
+    failure were lost and the log said they were written)."""
+    client = redis_access.connect(redis_url)
+    ledger = Ledger(client, stream_max_len=10_000, retention_days=2)
+    broken, victim = f"broken-{uuid.uuid4().hex[:8]}", f"victim-{uuid.uuid4().hex[:8]}"
+    try:
         given_up = _deferred_writes("ledger", "given_up")
         written_late = _deferred_writes("ledger", "written_late")
         told: list[bool] = []
         with structlog.testing.capture_logs() as logged:
             ledger.submit(
-                UsageRecord(broken, "kb", "tiny-gpt", "live", 10, 5, 0, "miss", 100, 10), True, told.append
+                UsageRecord(broken, "kb", "tiny-gpt", "live", 10, 5, 0, "miss", 2**64, 10), True, told.append
             )
             ledger.submit(UsageRecord(victim, "kv", "tiny-gpt", "live", 40, 20, 0, "miss", 9_000, 120))
             for _ in range(100):  # past the first retry (0.5 s)
