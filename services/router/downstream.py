@@ -852,6 +852,12 @@ class Deployments:
             call_error: BaseException | None = None
             pieces: list[str] = []
             completed = False
+            # The deployment's health checks ended the call (OpenCalls): the
+            # checks hold it out and put it back at the first one answered,
+            # so the call records no outcome (docs/routing.md): counted a
+            # failure, it had the deployment ejected as an outlier for 30 s
+            # (doubling per repeat) after its checks answered again.
+            checks_ended = False
             prefill = strategy.prefill_left(deployment, route) if strategy is not None else 0
             # Open where the deployment's health checks can end it (OpenCalls).
             calls = deployment.calls
@@ -912,6 +918,7 @@ class Deployments:
                     # answer). After the completion the whole answer is
                     # here: the checks only cut short the wait for the end.
                     if not completed:
+                        checks_ended = True
                         raise left_rotation() from cancelled
             except grpc.aio.AioRpcError as error:
                 call_error = error
@@ -941,7 +948,7 @@ class Deployments:
                     # A busy replica (or one full for this tenant) is up: its
                     # circuit must not open for it, nor a half-open probe it
                     # refused hold the slot.
-                    if _deployment_fault(error):
+                    if _deployment_fault(error) and not checks_ended:
                         deployment.health.record_failure()
                     elif probing:
                         deployment.health.release_probe(probing)
@@ -955,12 +962,8 @@ class Deployments:
                     answer.prompt_tokens = answer.completion_tokens = 0
                     answer.prompt_tokens_read = answer.completion_tokens_so_far = 0
                     answer.finish_reason = ""
-                    if take_back_route is not None:
-                        # It computed none of the prompt (refused unread, or
-                        # failed before an answer): not believed to hold it.
-                        take_back_route()
                     continue
-                if _deployment_fault(error):
+                if _deployment_fault(error) and not checks_ended:
                     deployment.health.record_failure()
                 elif probing:
                     # The request's own refusal, its time running out: no
@@ -1009,6 +1012,14 @@ class Deployments:
                 deployment.active_tokens -= route.prompt_units
                 if not pieces:
                     deployment.queued_prefill_tokens -= prefill
+                    if take_back_route is not None and not completed:
+                        # It computed none of the prompt (refused unread, or
+                        # failed or left by its caller before an answer,
+                        # handed on or not: the bundled models cache nothing
+                        # of a request cancelled in its prefill): not
+                        # believed to hold it, as the inference service
+                        # takes back its own (docs/routing.md).
+                        take_back_route()
             if not completed:
                 deployment.health.record_failure()
                 raise partly_delivered(

@@ -902,3 +902,119 @@ async def test_a_half_open_probe_closed_after_its_first_text_frees_the_slot_at_o
     finally:
         await table.close()
     assert a.health.state is BreakerState.HALF_OPEN and a.health.admits
+
+
+class HangingStub:
+    """An inference service that stopped answering with its connection up,
+    for any number of calls: each Generate a HangingGenerate of its own."""
+
+    def __init__(self) -> None:
+        self.calls: list[HangingGenerate] = []
+
+    def Generate(self, request, timeout=None, metadata=None):
+        call = HangingGenerate()
+        self.calls.append(call.Generate(request))
+        return call
+
+
+class Answering:
+    """An inference service answering any number of calls hello_world()."""
+
+    def Generate(self, request, timeout=None, metadata=None):
+        return ScriptedGenerate(hello_world()).Generate(request, timeout, metadata)
+
+
+async def test_calls_the_checks_ended_count_against_no_breaker_nor_ejection():
+    """A review's finding: each call the health checks ended (its deployment
+    silent) was recorded a failure, so once its checks answered again the
+    deployment, half-open as docs/routing.md says, was ejected as an
+    outlier (twelve failures among its last outcomes) for 30 s, doubling
+    per repeat, and every turn went elsewhere. Those calls record no
+    outcome now: the deployment takes the next turn."""
+    table = DeploymentTable(
+        {
+            "m": ModelSettings(
+                routing_strategy="weighted",
+                deployments=[
+                    DeploymentSettings(name="a", address="127.0.0.1:5000", weight=1000.0),
+                    DeploymentSettings(name="b", address="127.0.0.1:5001", weight=1.0),
+                ],
+            )
+        }
+    )
+    a, b = table.candidates("m")
+    health = checked(table, a, "SERVING")
+    checked(table, b, "SERVING")
+    try:
+        # Enough outcomes for a success rate (BreakerPolicy.min_requests).
+        for _ in range(a.health.policy.min_requests):
+            a.stream_stub = ScriptedGenerate(hello_world())
+            answer = Answer()
+            assert await generated(table, answer) == "Hello world" and answer.deployment == "a"
+        a.stream_stub = silent = HangingStub()
+        health.answer = grpc.StatusCode.DEADLINE_EXCEEDED
+        answers = [Answer() for _ in range(12)]
+
+        async def answered_by(answer: Answer) -> str:
+            await generated(table, answer)
+            return answer.deployment
+
+        b.stream_stub = Answering()
+
+        turns = [asyncio.create_task(answered_by(answer)) for answer in answers]
+        await until(lambda: len(a.calls) == 12)
+        for _ in range(PROBES_TO_MARK_DOWN):
+            await check_all(table)
+        assert await asyncio.wait_for(asyncio.gather(*turns), 5) == ["b"] * 12
+        assert len(silent.calls) == 12
+        health.answer = "SERVING"
+        await check_all(table)
+        assert a.health.admits and a.health.success_rate() == 1.0
+        a.stream_stub = ScriptedGenerate(hello_world())
+        answer = Answer()
+        assert await generated(table, answer) == "Hello world" and answer.deployment == "a"
+        assert not a.health.ejected and a.health.state is BreakerState.CLOSED
+    finally:
+        await table.close()
+
+
+@pytest.mark.parametrize("ends", ["fails inside", "its caller leaves"])
+async def test_a_prefix_is_not_believed_held_by_a_deployment_that_gave_no_output(ends):
+    """A review's finding: the router took back its belief that a deployment
+    holds a prompt only where the turn went on to the next deployment; a
+    turn that failed there before any output (INTERNAL, its deadline) or
+    whose caller left kept it, and the next turn sharing the prefix went
+    there as if its cache held it (docs/routing.md: taken back where it
+    fails or its caller leaves before the model answers)."""
+    table = DeploymentTable({"m": model("prefix_affinity", "a", "b")})
+    a, b = table.candidates("m")
+    b.in_flight = 5  # a first while neither is believed to hold the prompt
+    prompt = [common_pb2.Message(role=common_pb2.ROLE_USER, content="a long shared prefix " * 20)]
+    deployments = Deployments(table, RouterSettings(), TenantTokens(None, 60.0))
+
+    async def turn(answer: Answer) -> str:
+        pieces = deployments.generate("m", prompt, common_pb2.GenerationParameters(), Budget(), answer, "")
+        return "".join([piece async for piece in pieces])
+
+    try:
+        if ends == "fails inside":
+            a.stream_stub = tried = ScriptedGenerate([], ends_with=grpc.StatusCode.INTERNAL)
+            with pytest.raises(MeshgateError):
+                await turn(Answer())
+        else:
+            a.stream_stub = tried = HangingGenerate()
+            left = asyncio.create_task(turn(Answer()))
+            await until(lambda: len(a.calls) == 1)
+            left.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await left
+        assert tried.request is not None
+        # Now b is the less loaded: a only if it were believed to hold the prompt.
+        a.in_flight, b.in_flight = 5, 0
+        a.stream_stub = ScriptedGenerate(hello_world())
+        b.stream_stub = ScriptedGenerate(hello_world())
+        answer = Answer()
+        assert await turn(answer) == "Hello world"
+        assert answer.deployment == "b"
+    finally:
+        await table.close()
