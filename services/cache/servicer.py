@@ -56,7 +56,9 @@ from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, MAX_SCOPE_ROUTE_CHARS, C
 from meshgate.embedding import Embedding
 from meshgate.errors import MeshgateError, invalid_argument, not_found, unavailable
 from meshgate.reasons import Reason
+from meshgate.sampling import check_sampling
 from meshgate.single_flight import SingleFlight
+from meshgate.tokenization import ROLE_NAMES
 from services.cache import conversation, keys
 from services.cache.embedding_memo import EmbeddingMemo
 from services.cache.index import IndexRegistry, Match, TopUps, VectorIndex
@@ -174,6 +176,10 @@ def _partition(scope: pb.CacheScope) -> keys.Partition:
         raise invalid_argument(
             Reason.SCOPE_TOO_LARGE, f"scope.route must be at most {MAX_SCOPE_ROUTE_CHARS} characters"
         )
+    # Refused as the router and the inference service refuse them (a review:
+    # a NaN temperature, nine stop strings, were stored here under keys no
+    # valid request makes).
+    check_sampling(scope.parameters)
     return keys.partition(scope)
 
 
@@ -193,6 +199,11 @@ def _check_messages(messages) -> None:
             f"a prompt of {len(messages)} messages is more than the cache takes ({MAX_PROMPT_MESSAGES})",
             limit=str(MAX_PROMPT_MESSAGES),
         )
+    for index, message in enumerate(messages):
+        if message.role not in ROLE_NAMES:
+            raise invalid_argument(
+                Reason.INVALID_ROLE, f"messages[{index}] has no valid role", index=str(index)
+            )
 
 
 def _quota_exceeded(held: int, size: int, most: int) -> MeshgateError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import math
 import threading
 import time
 
@@ -1253,6 +1254,62 @@ _TOO_MANY = [common_pb2.Message(role=ASSISTANT)] * servicer_module.MAX_PROMPT_ME
                 scope=pb.CacheScope(tenant_id="t", model="m"), messages=_TOO_MANY, entry_id="0" * 32
             ),
             "TOO_MANY_MESSAGES",
+        ),
+        # A review: refused by the router and the inference service, these
+        # were stored here, and looked up, under keys no valid request makes.
+        (
+            pb.StoreRequest(
+                scope=pb.CacheScope(tenant_id="t", model="m"),
+                messages=[common_pb2.Message(role=8, content="q")],
+                answer=pb.CachedAnswer(text="a"),
+            ),
+            "INVALID_ROLE",
+        ),
+        (
+            pb.LookupRequest(
+                scope=pb.CacheScope(tenant_id="t", model="m"),
+                messages=[common_pb2.Message(content="q")],  # ROLE_UNSPECIFIED
+            ),
+            "INVALID_ROLE",
+        ),
+        (
+            pb.ReportWrongHitRequest(
+                scope=pb.CacheScope(tenant_id="t", model="m"),
+                messages=[common_pb2.Message(role=-1, content="q")],
+                entry_id="0" * 32,
+            ),
+            "INVALID_ROLE",
+        ),
+        (
+            pb.StoreRequest(
+                scope=pb.CacheScope(
+                    tenant_id="t",
+                    model="m",
+                    parameters=common_pb2.GenerationParameters(temperature=math.nan),
+                ),
+                messages=conversation("q"),
+                answer=pb.CachedAnswer(text="a"),
+            ),
+            "INVALID_TEMPERATURE",
+        ),
+        (
+            pb.LookupRequest(
+                scope=pb.CacheScope(
+                    tenant_id="t", model="m", parameters=common_pb2.GenerationParameters(top_p=math.nan)
+                ),
+                messages=conversation("q"),
+            ),
+            "INVALID_TOP_P",
+        ),
+        (
+            pb.StoreRequest(
+                scope=pb.CacheScope(
+                    tenant_id="t", model="m", parameters=common_pb2.GenerationParameters(stop=["x"] * 9)
+                ),
+                messages=conversation("q"),
+                answer=pb.CachedAnswer(text="a"),
+            ),
+            "INVALID_STOP",
         ),
     ],
 )
