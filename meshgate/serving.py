@@ -1006,6 +1006,23 @@ def reload_configuration(service: Service) -> bool:
             raise ConfigError(
                 "the settings file holds no settings; restart the service to run on the defaults"
             )
+        in_use = service.settings_in_use
+        if (
+            in_use is not None
+            and not in_use.router.dev_tenant
+            and settings.router.dev_tenant
+            and document.get("router", {}).get("dev_tenant") is not True
+        ):
+            # The dev tenant is on by default only where no tenant and no
+            # admin credential is named (RouterSettings): a review cut the
+            # file before its [[router.tenants]] (a generator failing
+            # partway) and reloaded it, which refused every tenant's key
+            # and admitted the public mg-dev-local-key, with every model and
+            # no limit. Only a file that says so turns it on in a reload.
+            raise ConfigError(
+                "the settings name no tenant and no admin credential, which would turn the dev tenant "
+                "on with its public key; set router.dev_tenant = true to mean it, or restart"
+            )
     except Exception as error:  # noqa: BLE001 - whatever is wrong with the file, the service stays up
         service.refused_config_digest = digest
         log.error("configuration refused; keeping the one in use", path=service.config_path, error=str(error))

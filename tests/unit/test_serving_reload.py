@@ -320,6 +320,31 @@ async def test_a_file_emptied_while_the_service_runs_is_refused(tmp_path):
     assert [tenant.id for tenant in service.settings_in_use.router.tenants] == ["acme"]
 
 
+async def test_a_reload_that_lost_its_tenants_does_not_turn_the_dev_tenant_on(tmp_path):
+    """A review's finding: a file cut before its [[router.tenants]] (a
+    generator failing partway) but still setting something else passed the
+    empty-file guard; the dev tenant, derived on (no tenant, no admin
+    credential), refused acme's key and admitted the public one. Only a
+    file that says router.dev_tenant = true turns it on in a reload."""
+    path = tmp_path / "meshgate.toml"
+    head = '[router]\nlisten = "127.0.0.1:50990"\n'
+    tenant = '[[router.tenants]]\nid = "acme"\napi_key_sha256 = ["' + "a" * 64 + '"]\n'
+    path.write_text(head + tenant)
+    taken: list[Settings] = []
+    service = service_with(path, taken.append)
+    assert not service.settings_in_use.router.dev_tenant
+    path.write_text(head)
+    with structlog.testing.capture_logs() as logs:
+        assert not serving.reload_configuration(service)
+    assert [entry["event"] for entry in logs] == [REFUSED]
+    assert "set router.dev_tenant = true" in logs[0]["error"]
+    assert taken == [] and [t.id for t in service.settings_in_use.router.tenants] == ["acme"]
+    # Said so, it is taken.
+    path.write_text(head.replace("[router]\n", "[router]\ndev_tenant = true\n"))
+    assert serving.reload_configuration(service)
+    assert service.settings_in_use.router.dev_tenant and not service.settings_in_use.router.tenants
+
+
 async def test_an_empty_file_is_reloaded_where_the_service_runs_on_its_defaults(tmp_path):
     """Settings from the environment alone (an empty file beside them): a
     SIGHUP changes nothing and is not refused."""
