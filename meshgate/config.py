@@ -1533,7 +1533,7 @@ def _check_values(node: Any, where: str) -> None:
             _check_values(value, f"{where.rstrip('.')}[{i}].")
 
 
-def check_listen(name: str, address: str, unix_socket: bool = True) -> None:
+def check_listen(name: str, address: str, unix_socket: bool = True, required: bool = False) -> None:
     """A listen address is ``unix:path`` (or grpc's ``unix-abstract:``) or ``host:port`` with a port of 0
     (any free one) to 65535: grpc binds a larger port modulo 65536 (99999
     listened on 34463), and says nothing. A server that listens on TCP alone
@@ -1544,15 +1544,26 @@ def check_listen(name: str, address: str, unix_socket: bool = True) -> None:
     The host is never left out: grpc refuses ``:50051`` ("Failed to bind",
     naming no setting), while the HTTP and metrics servers took it for
     loopback, and Go and Python's own servers read it as every interface.
-    An operator writing it may mean either, so it is refused, naming both."""
+    An operator writing it may mean either, so it is refused, naming both.
+
+    Empty is "do not listen" where that is an option; a ``required`` one (a
+    service's own gRPC ``listen``) empty was loaded, and its start failed
+    after Redis and the HTTP edge had started, naming no setting. A socket
+    address names its path: ``unix:`` alone listened on an abstract socket
+    grpc named itself, and the service said it served on "unix:"."""
     if not address:
+        if required:
+            raise ConfigError(f"{name} must not be empty")
         return
     if address.startswith(("unix:", "unix-abstract:", "vsock:")):
-        if unix_socket:
-            return
-        raise ConfigError(
-            f"{name} must be host:port (it listens on TCP only, not a unix or vsock socket); got {address!r}"
-        )
+        if not unix_socket:
+            raise ConfigError(
+                f"{name} must be host:port (it listens on TCP only, not a unix or vsock socket); "
+                f"got {address!r}"
+            )
+        if not address.partition(":")[2].strip("/ "):
+            raise ConfigError(f"{name} names no socket path: {address!r}")
+        return
     host, colon, port = address.rpartition(":")
     # ASCII digits: str.isdigit takes "٥٠٠٥١" (grpc: "Failed to parse
     # port"; the TCP servers bound 50051) and "²" (int() raised, naming no
@@ -1704,7 +1715,8 @@ def _check_addresses(settings: Settings) -> None:
         part = getattr(settings, section)
         for field in ("listen", "metrics_listen", "http_listen"):
             if hasattr(part, field):
-                check_listen(f"{section}.{field}", getattr(part, field), unix_socket=field == "listen")
+                listen = field == "listen"
+                check_listen(f"{section}.{field}", getattr(part, field), unix_socket=listen, required=listen)
     check_listen("mesh.health_listen", settings.mesh.health_listen)
 
 
@@ -1792,6 +1804,20 @@ def check_router_models(settings: Settings) -> None:
                 f"refuses more than {MAX_SCOPE_ROUTE_CHARS}"
             )
         if model.selection is None:
+            # A review: an alias with no deployment loaded and was listed,
+            # and each of its turns failed UNAVAILABLE, which clients retry.
+            if not model.deployments:
+                raise ConfigError(
+                    f"models.{alias}.deployments must name at least one deployment (or set its selection)"
+                )
+            # The window holds the prompt and the answer: an answer that may
+            # fill it leaves the prompt no token, and every turn asking for
+            # that many was refused as the caller's INVALID_TOKEN_BUDGET.
+            if model.max_output_tokens >= model.context_window_tokens:
+                raise ConfigError(
+                    f"models.{alias}.max_output_tokens ({model.max_output_tokens}) must be below its "
+                    f"context_window_tokens ({model.context_window_tokens}): the prompt needs room too"
+                )
             continue
         for role in ("fast", "strong"):
             target = getattr(model.selection, role)

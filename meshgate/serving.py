@@ -334,6 +334,9 @@ def channel_target(address: str) -> str:
     127.0.0.1:443), saying nothing either time."""
     address = address.strip()
     if address.startswith(_PATH_SCHEMES):
+        # "unix:" alone loaded, and every call failed UNAVAILABLE.
+        if not address.partition(":")[2].strip("/ "):
+            raise ValueError(f"{address!r} names no socket path")
         return address
     if address.startswith("dns:"):
         # dns:[//authority/]host:port; the authority is the DNS server asked.

@@ -833,3 +833,57 @@ def test_a_tenants_queued_generations_leave_most_of_the_inference_call_bound_to_
     assert load_settings(environ=unbounded).inference.queued_generations_cap() == 256
     set_high = unbounded | {"MESHGATE_INFERENCE__MAX_QUEUED_GENERATIONS_PER_TENANT": "5000"}
     assert load_settings(environ=set_high).inference.queued_generations_cap() == 5000
+
+
+@pytest.mark.parametrize(
+    ("body", "refusal"),
+    [
+        # Each loaded, and failed later: every turn of the alias UNAVAILABLE
+        # (which clients retry), every turn without max_tokens refused as the
+        # caller's INVALID_TOKEN_BUDGET, a start failing after Redis and the
+        # HTTP edge had started with "invalid literal for int()", a service
+        # "serving" on an abstract socket grpc named, every call to one
+        # dialled so UNAVAILABLE.
+        ("[models.tiny-gpt]\ndeployments = []\n", "models.tiny-gpt.deployments must name at least one"),
+        (
+            "[models.tiny-gpt]\ncontext_window_tokens = 64\nmax_output_tokens = 64\ndefault_max_tokens = 8\n",
+            r"models.tiny-gpt.max_output_tokens \(64\) must be below its context_window_tokens \(64\)",
+        ),
+        ('[router]\nlisten = ""\n', "router.listen must not be empty"),
+        ('[context]\nlisten = ""\n', "context.listen must not be empty"),
+        ('[router]\nlisten = "unix:"\n', "router.listen names no socket path"),
+        ('[inference]\nlisten = "unix-abstract:"\n', "inference.listen names no socket path"),
+        ('[router]\ncontext_address = "unix:"\n', "router.context_address: 'unix:' names no socket path"),
+        ('[router]\ncache_address = "unix:///"\n', "router.cache_address: 'unix:///' names no socket path"),
+    ],
+    ids=[
+        "an alias without deployments",
+        "an answer that fills the window",
+        "router.listen empty",
+        "context.listen empty",
+        "a unix listen without a path",
+        "an abstract listen without a name",
+        "a unix address dialled without a path",
+        "a unix URL dialled without a path",
+    ],
+)
+def test_settings_that_would_fail_later_are_refused_at_load_naming_the_setting(tmp_path, body, refusal):
+    """A configuration review's findings: each of these loaded."""
+    path = tmp_path / "meshgate.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=refusal):
+        load_settings(path, environ={})
+
+
+def test_what_those_refusals_leave_alone_still_loads(tmp_path):
+    """The other side: a window one token above the answer, socket paths,
+    and the optional endpoints left empty (not listened on)."""
+    path = tmp_path / "meshgate.toml"
+    path.write_text(
+        "[models.tiny-gpt]\ncontext_window_tokens = 65\nmax_output_tokens = 64\ndefault_max_tokens = 8\n"
+        '[router]\nlisten = "unix:/tmp/router.sock"\ncontext_address = "unix:///tmp/context.sock"\n'
+        'http_listen = ""\nmetrics_listen = ""\n[inference]\nlisten = "unix-abstract:meshgate-inference"\n'
+    )
+    settings = load_settings(path, environ={})
+    assert settings.models["tiny-gpt"].max_output_tokens == 64
+    assert settings.router.listen == "unix:/tmp/router.sock" and settings.router.http_listen == ""

@@ -374,6 +374,7 @@ def test_selection_is_configured_per_alias_and_checked(tmp_path):
 [models.fast]
 [models.strong]
 max_output_tokens = 1024
+context_window_tokens = 2048
 [models.auto]
 max_output_tokens = 128
 [models.auto.selection]
@@ -422,6 +423,7 @@ SELECTING = """
 [models.fast]
 [models.strong]
 max_output_tokens = 1024
+context_window_tokens = 2048
 [models.auto]
 max_output_tokens = 128
 [models.auto.selection]

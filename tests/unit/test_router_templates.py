@@ -315,6 +315,7 @@ max_output_tokens = 64
 default_max_tokens = 8
 [models.large]
 max_output_tokens = 1024
+context_window_tokens = 2048
 [[router.templates]]
 name = "t"
 models = ["large", "small"]
