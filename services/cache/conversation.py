@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from meshgate.common.v1 import common_pb2
 from services.cache.keys import normalize_text
-from services.cache.verifier import CONTEXT_SEPARATOR, NUMBER_WORDS, STOPWORDS, analyze, singular
+from services.cache.verifier import CONTEXT_SEPARATOR, NUMBER_WORDS, STOPWORDS, analyze, readable, singular
 
 
 def _words(text: str) -> frozenset[str]:
@@ -92,7 +92,10 @@ SHORT_REPLY_WORDS = 4
 
 
 def is_small_talk(text: str) -> bool:
-    if len(text) > SMALL_TALK_MAX_CHARS:
+    # A turn the analysis cannot read (verifier.readable) says what it says:
+    # "Я живу в Москве." read as no word, was small talk, and the question
+    # after it was served the answer given after "... в Берлине." (a review).
+    if len(text) > SMALL_TALK_MAX_CHARS or not readable(text):
         return False
     analysis = analyze(text)
     if analysis.numbers or analysis.names:
@@ -151,12 +154,36 @@ def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.M
     exact = [m for m in messages[:-1] if m.role not in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)]
     found = _topic_at(messages[:-1])
     at, topic = (-1, "") if found is None else found
+    # The user's turns before the topic turn are read by no verifier, yet
+    # name what the conversation is about where the topic turn is itself a
+    # follow-up: a review served "How much will it cost?" after "I want to
+    # book a flight to Paris." / "For next Friday." the answer given after
+    # "... to Tokyo." (likewise Rome and Oslo, order 4521 and 7788, Python
+    # and Java). Their names and numbers bind.
+    for earlier in messages[: max(at, 0)]:
+        if earlier.role == common_pb2.ROLE_USER:
+            bound = _bound_by_earlier_turn(normalize_text(earlier.content))
+            if bound is not None:
+                exact.append(bound)
     for reply in messages[at + 1 : -1]:
         if reply.role == common_pb2.ROLE_ASSISTANT:
             bound = _bound_by_reply(normalize_text(reply.content), topic)
             if bound is not None:
                 exact.append(bound)
     return exact
+
+
+def _bound_by_earlier_turn(text: str) -> common_pb2.Message | None:
+    """What a user's turn (normalized) before the topic turn binds: its names
+    and numbers (None: it has neither); its whole text where it is too long
+    to analyse or written in letters the analysis cannot read."""
+    if len(text) > REPLY_ANALYSIS_MAX_CHARS or not readable(text):
+        return common_pb2.Message(role=common_pb2.ROLE_USER, content=text)
+    analysis = analyze(text)
+    referents = sorted(analysis.names) + sorted(analysis.numbers.elements())
+    if not referents:
+        return None
+    return common_pb2.Message(role=common_pb2.ROLE_USER, content=" ".join(referents))
 
 
 def _bound_by_reply(text: str, topic: str) -> common_pb2.Message | None:

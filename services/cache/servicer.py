@@ -72,7 +72,7 @@ from services.cache.store import (
     live_answer,
     split_payload,
 )
-from services.cache.verifier import Verifier, analyze
+from services.cache.verifier import Verifier, analyze, readable
 
 # Best matches verified per lookup. The best by cosine is often not the one
 # to serve (a negation of the question scores above its paraphrase), and
@@ -156,8 +156,13 @@ MAX_SEMANTIC_TEXT_BYTES = 1024
 
 def _matched_by_meaning(text: str) -> bool:
     # len() first: a text of more characters than the bound is over it in
-    # bytes too, without encoding a message of up to 256 KiB.
-    return len(text) <= MAX_SEMANTIC_TEXT_BYTES and len(text.encode()) <= MAX_SEMANTIC_TEXT_BYTES
+    # bytes too, without encoding a message of up to 256 KiB. A text the
+    # verifier cannot read (verifier.readable) is matched exactly only.
+    return (
+        len(text) <= MAX_SEMANTIC_TEXT_BYTES
+        and len(text.encode()) <= MAX_SEMANTIC_TEXT_BYTES
+        and readable(text)
+    )
 
 
 def _partition(scope: pb.CacheScope) -> keys.Partition:

@@ -65,7 +65,27 @@ def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
-_TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[A-Za-z]+(?:'[A-Za-z]+)?|[$%+*/=<>-]")
+# Letters of the Latin script (ASCII, Latin-1, Extended-A and -B, and
+# Extended Additional's Vietnamese): accented words are words ("Zürich" was
+# "z" and "rich"). Text in other scripts is not read at all (readable()).
+_LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u1e00-\u1eff"
+_TOKEN = re.compile(rf"\d+(?:[.,]\d+)*|[{_LATIN}]+(?:'[{_LATIN}]+)?|[$%+*/=<>-]")
+_LATIN_LETTER = re.compile(rf"[{_LATIN}]")
+
+
+def readable(text: str) -> bool:
+    """Whether the checks read every word of ``text``: every letter in it is
+    of the Latin script. They read words by their spelling (stop words,
+    negations, antonyms, names by capitals, numbers), so a letter of another
+    script is read as nothing at all: a review served "Как удалить Docker на
+    Windows?" the answer to "Как установить ...?" (remove for install), and
+    "Python比Java慢吗?" that of "...快吗?" (slower for faster), score 0.99,
+    since both read as "Docker Windows" and "Python Java". Such a text is
+    matched exactly only, as conversation.py binds a reply it cannot read."""
+    if text.isascii():
+        return True
+    return all(_LATIN_LETTER.match(ch) for ch in text if ord(ch) > 127 and ch.isalpha())
+
 
 # Function words carry no topic: they are left out of "words only one side
 # has" and of what counts as the object of a role marker.
@@ -134,6 +154,8 @@ UNIT_WORDS = _words(
     month year decade century dollar usd euro eur rupee rs inr pound yen yuan bitcoin percent % gb mb tb
     kb ghz mhz mph kmph kmh calorie kcal watt kw kwh volt amp mg"""
 )
+# After a number: which half of the day a time is in.
+_MERIDIEMS = _words("am pm")
 # Spellings of one unit: "1 dollar" and "1 USD" ask the same.
 UNIT_SYNONYMS = {
     "usd": "dollar",
@@ -207,10 +229,26 @@ ANTONYMS = {
         ("allow", "block"),
         ("rich", "poor"),
         ("fast", "slow"),
+        ("quick", "slow"),
+        ("big", "small"),
+        ("large", "small"),
+        ("old", "young"),
+        ("strong", "weak"),
+        ("near", "far"),
+        ("close", "far"),
+        ("wide", "narrow"),
+        ("long", "short"),
+        ("heavy", "light"),
+        ("hot", "cold"),
+        ("early", "late"),
         ("always", "sometimes"),
     ]
 }
-_ANTONYM_OF = {w: next(iter(pair - {w})) for pair in ANTONYMS for w in pair}
+# Each word's antonyms ("small": "big" and "large").
+_ANTONYMS_OF: dict[str, frozenset[str]] = {}
+for _pair in ANTONYMS:
+    for _word in _pair:
+        _ANTONYMS_OF[_word] = _ANTONYMS_OF.get(_word, frozenset()) | (_pair - {_word})
 _NEGATING_PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non")
 # Prefixes that reverse each other on the same stem: "upgrade" vs
 # "downgrade", "import" vs "export", "encrypt" vs "decrypt", "maximum" vs
@@ -268,7 +306,21 @@ WEAK_SCOPE_WORDS = _words("most always latest entire whole single")
 # Capitalized words that are not names.
 _NOT_NAMES = _words("i what which who whom whose when where why how is are do does can should")
 
-VETOES = ("number", "negation", "entity", "role", "scope")
+VETOES = ("number", "negation", "entity", "role", "scope", "code")
+# What code is told apart by, which the words leave out: an operator, a
+# bracket, a separator ("&&" for "||", "x[1:]" for "x[:1]", "{}" for "[]"),
+# "!" and ":" only where a character follows (not a sentence's "!", nor
+# "Question: ...").
+_CODE_SYMBOL = re.compile(r"[&|\[\]{}()^~#;=<>+*/\\-]|[!:](?=\S)")
+# The same with the numbers among them: "x[1:]" is not "x[:1]".
+_CODE_SKELETON = re.compile(rf"\d+(?:\.\d+)*|{_CODE_SYMBOL.pattern}")
+
+
+def _code_symbols(text: str) -> tuple[str, ...]:
+    return tuple(_CODE_SKELETON.findall(text)) if _CODE_SYMBOL.search(text) else ()
+
+
+_BACKTICKED = re.compile(r"`([^`\n]+)`")
 # Between a multi-turn question and the topic turn it refers to
 # (conversation.py). Normalized text never holds a newline, so a text
 # without one is a single-turn question.
@@ -298,6 +350,11 @@ class Analysis:
     trigrams: frozenset[str]
     question_word: str  # the first of what/how/why/...; "" if none
     sentences: int
+    # Code's operators and brackets (_CODE_SYMBOL) with the numbers among
+    # them, in order, where there is one of them (else empty); and the spans
+    # in backticks, their spaces folded (code_veto).
+    symbols: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()
 
 
 def singular(word: str) -> str:
@@ -383,8 +440,11 @@ def analyze_uncached(text: str) -> Analysis:
         tokens.extend(parts)
     numbers: Counter = Counter()
     units = set()
-    for token in tokens:
-        if token[0].isdigit():
+    for at, token in enumerate(tokens):
+        if token in _MERIDIEMS and at and tokens[at - 1][0].isdigit():
+            # A time's half of the day ("9am" vs "9pm"; "I am" is no unit).
+            units.add(token)
+        elif token[0].isdigit():
             numbers[token.replace(",", "")] += 1
         elif token in NUMBER_WORDS:
             numbers[f"{NUMBER_WORDS[token]:g}"] += 1
@@ -430,6 +490,8 @@ def analyze_uncached(text: str) -> Analysis:
         trigrams=frozenset(joined[i : i + 3] for i in range(len(joined) - 2)),
         question_word=next((t for t in tokens if t in _QUESTION_WORDS), ""),
         sentences=max(1, len(_SENTENCE_END.findall(text))),
+        symbols=_code_symbols(text),
+        code=tuple(" ".join(span.split()) for span in _BACKTICKED.findall(text)),
     )
 
 
@@ -491,7 +553,7 @@ def _has_negated_form(a: Analysis, b: Analysis) -> bool:
     words, other = a.base_forms, b.base_forms
     instead = other - words
     for base in words - other - STOPWORDS:
-        if _ANTONYM_OF.get(base) in instead:
+        if not _ANTONYMS_OF.get(base, frozenset()).isdisjoint(instead):
             return True
         for prefix in _NEGATING_PREFIXES:
             stem = base[len(prefix) :]
@@ -758,12 +820,26 @@ def scope_veto(a: Analysis, b: Analysis) -> bool:
     return bool((a.scope ^ b.scope) - WEAK_SCOPE_WORDS)
 
 
+def code_veto(a: Analysis, b: Analysis) -> bool:
+    """Code changed: spans in backticks on both sides that are not the same
+    (spaces folded, not dropped: "rm -rf /tmp/build" and "rm -rf / tmp/build"
+    are two commands), or operators and brackets on both sides that are not
+    the same in the same order. A review served "What does `true || false`
+    evaluate to?" the answer for "&&", "x[:1]" that for "x[1:]", "const x =
+    []" that for "{}": the words read them as one question. Only one side's
+    symbols ("2+2" vs "two plus two") are no veto."""
+    if a.code and b.code and a.code != b.code:
+        return True
+    return bool(a.symbols) and bool(b.symbols) and a.symbols != b.symbols
+
+
 _CHECKS = (
     ("number", number_veto),
     ("negation", negation_veto),
     ("entity", entity_veto),
     ("role", role_veto),
     ("scope", scope_veto),
+    ("code", code_veto),
 )
 
 
@@ -1058,6 +1134,10 @@ class Verifier:
         if len(query_vector) != self.dimensions or not candidate:
             # Vectors of another model, or an entry stored before questions
             # were kept: nothing to verify with, so nothing is served.
+            return Decision(False, 0.0, "unverifiable")
+        if not (readable(query) and readable(candidate)):
+            # Words the checks cannot read (readable): the cache service
+            # matches such a text exactly only; nothing else may either.
             return Decision(False, 0.0, "unverifiable")
         query_question, _, query_topic = query.partition(CONTEXT_SEPARATOR)
         candidate_question, _, candidate_topic = candidate.partition(CONTEXT_SEPARATOR)

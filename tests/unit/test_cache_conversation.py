@@ -270,3 +270,38 @@ def test_a_short_reply_binds_the_same_whatever_its_wording():
     assert bound("Pick a number.", "Seven.") == bound("Pick a number.", "7") == ["7"]
     for filler in ("Sounds good!", "Cheers!"):
         assert bound("I pay for the premium plan.", filler) == []
+
+
+def test_the_users_turns_before_the_topic_turn_bind_their_names_and_numbers():
+    """A review's finding: only the latest user turn that says something was
+    read, and in a slot-filling chat that turn is itself a follow-up: "How
+    much will it cost?" after "... a flight to Tokyo." / "For next
+    Friday." was served the answer given after "... to Paris.". Earlier
+    turns now bind their names and numbers; one in letters the analysis
+    cannot read binds whole."""
+
+    def bound(*contents: str) -> list[str]:
+        return [m.content for m in conversation.matched_exactly(turns(*contents))]
+
+    flight = ("Sure.", "For next Friday.", "Got it.", "How much will it cost?")
+    assert bound("I want to book a flight to Paris.", *flight) == ["paris"]
+    assert bound("I want to book a flight to Tokyo.", *flight) == ["tokyo"]
+    assert bound("Where is order 4521?", "Checking.", "Is it late?", "Sure.", "Why?") == ["4521"]
+    assert bound("Я живу в Москве.", "Хорошо.", "Is Netflix there?", "Sure.", "How much?") == [
+        "Я живу в Москве."
+    ]
+    # A reworded earlier turn with the same referents still shares.
+    assert bound("Book me a flight to Paris please.", *flight) == ["paris"]
+    # Small talk and turns with neither bind nothing.
+    assert bound("Hi!", "Hello!", "I need a hotel.", "Sure.", "Any with a pool?") == []
+
+
+def test_a_turn_in_letters_the_analysis_cannot_read_is_never_small_talk():
+    """ "Я живу в Москве." read as no word, was small talk, and the question
+    after it was matched bare (a review: served across Moscow and Berlin)."""
+    assert not conversation.is_small_talk("Я живу в Москве.")
+    assert not conversation.is_small_talk("我住在北京。")
+    assert conversation.resolve(turns("Я живу в Москве.", "Понятно.", "How much is Netflix?")) == (
+        "How much is Netflix?\nЯ живу в Москве.",
+        True,
+    )

@@ -653,3 +653,84 @@ def test_the_natural_pairs_are_held_out_from_everything_the_verifier_learns_from
         learned_from += cache_data.load_qqp()
     seen = {q for p in learned_from for q in (p.stored, p.asked)}
     assert not seen & {q for p in natural for q in (p.stored, p.asked)}
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # A review served each of these the other's answer (scores 0.97-0.998).
+        (
+            "What does `true && false` evaluate to in JavaScript?",
+            "What does `true || false` evaluate to in JavaScript?",
+        ),
+        ("What does `if (x & 1)` check in C?", "What does `if (x | 1)` check in C?"),
+        ("What does x[1:] return for x = [1, 2, 3]?", "What does x[:1] return for x = [1, 2, 3]?"),
+        ("Why does `[] == ![]` return true in JavaScript?", "Why does `[] == []` return true in JavaScript?"),
+        ("What does `const x = {}` do in JavaScript?", "What does `const x = []` do in JavaScript?"),
+        ("What does `rm -rf /tmp/build` do?", "What does `rm -rf / tmp/build` do?"),
+        ("What does `a >> 2` return in Python?", "What does `a << 2` return in Python?"),
+    ],
+)
+def test_changed_code_is_vetoed(a, b):
+    assert vetoed_by(a, b) == "code"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("What is 2+2?", "What is two plus two?"),
+        ("Which is better: C or C++?", "C or C++, which is better?"),
+        ("How do I (safely) remove a stuck bolt?", "How do I remove a stuck bolt (safely)?"),
+        ("Help! My laptop will not boot", "My laptop will not boot!"),
+        ("What does `git stash` do?", "What does `git  stash` do exactly?"),
+    ],
+)
+def test_code_said_the_same_or_on_one_side_only_is_no_code_veto(a, b):
+    assert not verifier.code_veto(analyze(a), analyze(b))
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("Is the Earth bigger than Mars?", "Is the Earth smaller than Mars?"),
+        ("Is Python slower than Java?", "Is Python quicker than Java?"),
+        ("Is my dog older than my cat in human years?", "Is my dog younger than my cat in human years?"),
+        ("Is steel stronger than iron?", "Is steel weaker than iron?"),
+        ("Why is the Nile longer than the Amazon?", "Why is the Nile shorter than the Amazon?"),
+    ],
+)
+def test_comparatives_reversed_are_vetoed(a, b):
+    """A review served the first three (bigger/smaller, quicker/slower,
+    older/younger were in no antonym pair)."""
+    assert vetoed_by(a, b) == "negation"
+
+
+def test_a_time_of_day_in_the_other_half_is_vetoed_and_i_am_is_no_unit():
+    assert vetoed_by(
+        "Our flight is at 9am, when should we leave?", "Our flight is at 9 pm, when should we leave?"
+    )
+    assert vetoed_by("Why am I tired after 8 hours of sleep?", "Why am I tired after 8 hours sleep?") is None
+    assert not analyze("What am I doing wrong?").units
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Как удалить Docker на Windows?",
+        "Python比Java慢吗?",
+        "Dockerをアンインストールする方法は?",
+        "Πώς εγκαθιστώ Docker;",
+    ],
+)
+def test_text_in_letters_the_checks_cannot_read_is_unreadable_and_never_verified(text):
+    """A review served "Как удалить Docker на Windows?" (remove) the answer
+    to "Как установить ...?" (install): both read as "Docker Windows"."""
+    assert not verifier.readable(text)
+    unit = np.ones(384, dtype=np.float32) / np.sqrt(384)
+    decision = Verifier.load(0.01).decide(text, unit, text, unit)
+    assert not decision.accepted and decision.rejected_by == "unverifiable"
+
+
+def test_latin_letters_with_accents_are_read_as_words():
+    assert verifier.readable("Wie ist das Wetter in Zürich?") and verifier.readable("Việt Nam")
+    assert analyze("Wie ist das Wetter in Zürich?").tokens[-1] == "zürich"
