@@ -1251,6 +1251,8 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         inputs.model = request.model
         inputs.max_prompt_tokens = request.max_prompt_tokens
         inputs.tokenizer = counter.spec
+        inputs.context_window_tokens = model.context_window_tokens
+        inputs.counter_id = counter.id
         inputs.strategy = _STRATEGY_NAMES[strategy]
         inputs.packs_older_turns = packs
         digest = hashlib.sha256()

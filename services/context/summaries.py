@@ -1051,9 +1051,11 @@ def add_summaries(
 ) -> list[Summary]:
     """Adds, oldest first and while the budget allows, the summaries of
     spans the assembly left out: each as a system message after the
-    prompt's leading system messages (so before every kept turn, as the
-    spans it stands for are older than those), its turns marked SUMMARIZED
-    with its id, and its reference in the response's inputs.
+    prompt's leading system messages, so before every kept turn (the order
+    AssembleContextResponse.messages documents: what stands for left-out
+    history first; a kept turn older than the span, pinned or relevant,
+    still comes after it), its turns marked SUMMARIZED with its id, and its
+    reference in the response's inputs.
 
     ``summary_tokens`` are the summaries' messages as the chat template
     renders them; a template that adds a default system prompt when no

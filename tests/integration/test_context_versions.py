@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 
 import grpc
@@ -349,6 +350,29 @@ async def test_the_recency_floor_is_one_of_an_adaptive_assemblys_inputs(redis_ur
     assert deeper.assembly_id != floored.assembly_id
     newest = await assemble(stub, tenant, session_id, strategy=pb.ASSEMBLY_STRATEGY_NEWEST, **request)
     assert newest.inputs.recency_floor_turns == 0
+
+
+async def test_the_models_window_and_prompt_counter_are_among_an_assemblys_inputs(
+    redis_url, stub, tenant
+) -> None:
+    """A review's finding: the budget used is the smaller of the request's
+    and the model's window, and the prompt is rendered and counted with the
+    model's tokenizer and chat template, but neither was an input: replicas
+    with another window (or template) gave the same assembly_id for prompts
+    of 41 and 14 messages."""
+    session_id = await new_session(stub, tenant)
+    await append(stub, tenant, session_id, *(f"turn {i} about crate {100 + i}" for i in range(40)))
+    request = {"max_prompt_tokens": 8192}
+    wide = await assemble(stub, tenant, session_id, **request)
+    settings = make_settings(redis_url)
+    settings.models[MODEL] = dataclasses.replace(settings.models[MODEL], context_window_tokens=160)
+    async with running(settings) as other:
+        narrow = await assemble(other, tenant, session_id, **request)
+    assert (wide.inputs.context_window_tokens, narrow.inputs.context_window_tokens) == (512, 160)
+    assert len(narrow.messages) < len(wide.messages)
+    assert narrow.assembly_id != wide.assembly_id
+    # The same tokenizer and template, the same counter id; set, it names them.
+    assert narrow.inputs.counter_id == wide.inputs.counter_id != ""
 
 
 # --- the turn cap -------------------------------------------------------------

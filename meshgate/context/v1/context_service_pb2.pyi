@@ -395,7 +395,7 @@ class SummaryRef(_message.Message):
     def __init__(self, summary_id: _Optional[str] = ..., first_turn: _Optional[int] = ..., end_turn: _Optional[int] = ..., first_version: _Optional[int] = ..., end_version: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
 
 class AssemblyInputs(_message.Message):
-    __slots__ = ("tenant_id", "session_id", "session_version", "model", "max_prompt_tokens", "strategy", "tokenizer", "new_messages_sha256", "summaries", "packs_older_turns", "ranking", "dense_scored", "pins_sha256", "compacted_turns", "session_create_time_ms", "recency_floor_turns")
+    __slots__ = ("tenant_id", "session_id", "session_version", "model", "max_prompt_tokens", "strategy", "tokenizer", "new_messages_sha256", "summaries", "packs_older_turns", "ranking", "dense_scored", "pins_sha256", "compacted_turns", "session_create_time_ms", "recency_floor_turns", "context_window_tokens", "counter_id")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -412,6 +412,8 @@ class AssemblyInputs(_message.Message):
     COMPACTED_TURNS_FIELD_NUMBER: _ClassVar[int]
     SESSION_CREATE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     RECENCY_FLOOR_TURNS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COUNTER_ID_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     session_id: str
     session_version: int
@@ -428,7 +430,9 @@ class AssemblyInputs(_message.Message):
     compacted_turns: int
     session_create_time_ms: int
     recency_floor_turns: int
-    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., strategy: _Optional[str] = ..., tokenizer: _Optional[str] = ..., new_messages_sha256: _Optional[str] = ..., summaries: _Optional[_Iterable[_Union[SummaryRef, _Mapping]]] = ..., packs_older_turns: _Optional[bool] = ..., ranking: _Optional[str] = ..., dense_scored: _Optional[bool] = ..., pins_sha256: _Optional[str] = ..., compacted_turns: _Optional[int] = ..., session_create_time_ms: _Optional[int] = ..., recency_floor_turns: _Optional[int] = ...) -> None: ...
+    context_window_tokens: int
+    counter_id: str
+    def __init__(self, tenant_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., model: _Optional[str] = ..., max_prompt_tokens: _Optional[int] = ..., strategy: _Optional[str] = ..., tokenizer: _Optional[str] = ..., new_messages_sha256: _Optional[str] = ..., summaries: _Optional[_Iterable[_Union[SummaryRef, _Mapping]]] = ..., packs_older_turns: _Optional[bool] = ..., ranking: _Optional[str] = ..., dense_scored: _Optional[bool] = ..., pins_sha256: _Optional[str] = ..., compacted_turns: _Optional[int] = ..., session_create_time_ms: _Optional[int] = ..., recency_floor_turns: _Optional[int] = ..., context_window_tokens: _Optional[int] = ..., counter_id: _Optional[str] = ...) -> None: ...
 
 class ForkSessionRequest(_message.Message):
     __slots__ = ("tenant_id", "session_id", "version", "new_session_id", "request_id")
