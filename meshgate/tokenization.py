@@ -37,9 +37,16 @@ PLAIN_CHAT_TEMPLATE = (
 def resolve(spec: str) -> pathlib.Path:
     """``package:relative/path`` inside an installed package, or a plain path."""
     package, sep, relative = spec.partition(":")
-    if sep and "/" not in package and importlib.util.find_spec(package) is not None:
-        origin = importlib.util.find_spec(package).origin
-        return pathlib.Path(origin).parent / relative
+    if sep and "/" not in package:
+        try:
+            found = importlib.util.find_spec(package)
+        except ImportError:
+            # A dotted name whose parent package is not installed: find_spec
+            # imports the parent, and its ModuleNotFoundError failed a
+            # router's start with a traceback naming no setting (a review).
+            found = None
+        if found is not None and found.origin is not None:
+            return pathlib.Path(found.origin).parent / relative
     return pathlib.Path(spec)
 
 

@@ -208,3 +208,14 @@ def test_a_template_that_rewrites_contents_is_refused(tmp_path) -> None:
     )
     with pytest.raises(ConfigError, match="changes contents"):
         token_counts.build(MODELS["smollm2"].tokenizer, str(template))
+
+
+def test_a_package_path_naming_a_package_not_installed_is_a_missing_file():
+    """A review's finding: "nosuchpkg.sub:chat.jinja" (a dotted package whose
+    parent is not installed) raised ModuleNotFoundError from find_spec,
+    which failed a router's start with a traceback naming no setting; a
+    missing file is an OSError, which says which setting it was."""
+    with pytest.raises(OSError, match="nosuchpkg.sub:tok.json"):
+        tokenization.load("nosuchpkg.sub:tok.json")
+    with pytest.raises(OSError):
+        tokenization.load_chat_template("nosuchpkg.sub:chat.jinja")
