@@ -315,10 +315,15 @@ def _toml_string(value: str) -> str:
 # had them listen in plain text while the stack dialled them with mutual TLS
 # and waited 180 s for nothing. Other overrides (a cache threshold, a limit)
 # are the services' own business and pass on.
+# A whole table given in one variable (MESHGATE_ROUTER='{ listen = ... }',
+# MESHGATE_MODELS__SMOLLM2='{ deployments = [...] }') may hold any of them:
+# a review's alias table sent the stack's smollm2 to 10.9.9.9, so such a
+# table of a section or model that holds one is the stack's too.
 _STACK_OWNED = re.compile(
     r"MESHGATE_(DEV_API_KEY|MESH__(TLS|CA_FILE|CERT_FILE|KEY_FILE|ROUTER_CERT_FILE)|REDIS__.+"
     r"|ROUTER__DEV_API_KEY|ROUTER__DEV_TENANT|ROUTER__CACHE_REDIS_URL"
-    r"|[^_]+__(.+_)?(LISTEN|ADDRESS|TRITON_URLS)|MODELS__.+__DEPLOYMENTS.*)",
+    r"|[^_]+__(.+_)?(LISTEN|ADDRESS|TRITON_URLS)|MODELS__.+__DEPLOYMENTS.*"
+    r"|MESH|REDIS|ROUTER|CONTEXT|CACHE|INFERENCE|MODELS|MODELS__[^_]+(_[^_]+)*)",
     re.IGNORECASE,
 )
 

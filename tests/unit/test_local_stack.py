@@ -70,12 +70,18 @@ OWNED = {
     "MESHGATE_ROUTER__DEV_TENANT": "false",
     # Every service of the stack is on its Redis: another would be unheard.
     "MESHGATE_ROUTER__CACHE_REDIS_URL": "redis://127.0.0.1:9004/0",
+    # Whole tables may hold any of the above (a review's sent smollm2 elsewhere).
+    "MESHGATE_MODELS__SMOLLM2": '{ deployments = [{ address = "10.9.9.9:50054" }] }',
+    "MESHGATE_MODELS__TINY-GPT": '{ deployments = [{ address = "10.9.9.9:50054" }] }',
+    "MESHGATE_ROUTER": '{ listen = "127.0.0.1:9005" }',
+    "MESHGATE_MODELS": "{}",
 }
 # The services' own business: passed on whoever starts them.
 TUNING = {
     "MESHGATE_CACHE__SEMANTIC_THRESHOLD": "0.85",
     "MESHGATE_ROUTER__MAX_MESSAGES": "64",
     "MESHGATE_MESH__TENANT_TOKEN_TTL_S": "60",
+    "MESHGATE_MODELS__SMOLLM2__DEFAULT_MAX_TOKENS": "128",
 }
 
 
