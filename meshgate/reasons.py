@@ -302,6 +302,13 @@ class Reason(enum.StrEnum):
     keys: e.g. ``invalidation marks``, ``stats``), ``key`` (clipped) and
     ``held_type``; the message says what puts it right."""
 
+    USAGE_TOTALS_UNREADABLE = enum.auto()
+    """FAILED_PRECONDITION: a tenant's usage totals of a day cannot be read
+    as the router writes them (its key holds another type, or a total is
+    not an integer: an operator's or another program's write), so GetUsage
+    cannot add them up: metadata ``key`` (clipped) and ``held``; the router
+    writes no records there until it is mended (each logged, given up)."""
+
     RESPONSE_TOO_LARGE = enum.auto()
     """RESOURCE_EXHAUSTED: the answer would pass the mesh's message bound
     (GetSession of a session held under context.max_session_bytes = 0, or a

@@ -60,12 +60,15 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 
+import grpc
 import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from meshgate import metrics, redis_access, telemetry
 from meshgate.config import ContextSettings, summary_usage_ttl_s
+from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
 from services.router.script_calls import (
     KEY_TYPES_LUA,
     MARK_WRITTEN,
@@ -336,6 +339,20 @@ return 1
 
 # Where a call's records begin in its ARGV (0-based; ARGV[9] in the script).
 _RECORDS_FROM = 8
+
+
+def _unreadable(key: str, held: str) -> MeshgateError:
+    """GetUsage's refusal of a day's totals it cannot add up (an operator's
+    or another program's write), logged with the key in full."""
+    log.warning("a tenant's usage totals cannot be read", key=key, held=held)
+    return MeshgateError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        Reason.USAGE_TOTALS_UNREADABLE,
+        f"a day's usage totals hold {held} in Redis, not what the router writes there; "
+        "an operator must mend or delete the key",
+        {"key": key, "held": held},
+    )
+
 
 # A tenant's records skipped for a key of another type (_RECORD) are logged
 # once per this long per tenant, each line with the count left unlogged
@@ -672,23 +689,33 @@ class Ledger:
     ) -> dict[tuple[str, str], dict[str, int]]:
         """Totals per (key id, model) over the days, both ends included."""
         days = [first_day + datetime.timedelta(days=i) for i in range((last_day - first_day).days + 1)]
+        keys = [day_key(tenant, f"{day:%Y-%m-%d}") for day in days]
         pipe = self._redis.pipeline(transaction=False)
-        for day in days:
-            pipe.hgetall(day_key(tenant, f"{day:%Y-%m-%d}"))
+        for key in keys:
+            pipe.hgetall(key)
         totals: dict[tuple[str, str], dict[str, int]] = {}
         try:
-            replies = await pipe.execute()
+            replies = await pipe.execute(raise_on_error=False)
         except (*redis_access.CONNECTION_ERRORS, RedisError) as error:
             raise redis_access.outage("usage cannot be read", error) from error
-        for fields in replies:
+        for key, fields in zip(keys, replies, strict=True):
+            if redis_access.is_wrong_type(fields):
+                # An operator's write: UNAVAILABLE (as any Redis error was)
+                # told the caller to retry what no retry mends.
+                raise _unreadable(key, "another type than a hash")
+            if isinstance(fields, Exception):
+                raise redis_access.outage("usage cannot be read", fields)
             for field, value in fields.items():
-                key_id, rest = field.decode().split("|", 1)
-                model, metric = rest.rsplit("|", 1)
-                if metric not in METRICS:
-                    # A newer replica's (a rolling upgrade that adds one, as
-                    # the summaries' did): left out, not the whole read
-                    # failed INTERNAL on this one's KeyError.
+                key_id, bar, rest = field.decode(errors="replace").partition("|")
+                model, bar_again, metric = rest.rpartition("|")
+                if not (bar and bar_again) or metric not in METRICS:
+                    # A newer replica's metric (a rolling upgrade that adds
+                    # one, as the summaries' did), or no field the router
+                    # writes: left out, not the whole read failed INTERNAL.
                     continue
+                if not value.isdigit() and not (value[:1] == b"-" and value[1:].isdigit()):
+                    held = f"a total that is not an integer ({key_id}|{model}|{metric})"
+                    raise _unreadable(key, held)
                 row = totals.setdefault((key_id, model), dict.fromkeys(METRICS, 0))
                 row[metric] += int(value)
         return totals

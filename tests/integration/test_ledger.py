@@ -6,10 +6,13 @@ import asyncio
 import datetime
 import uuid
 
+import grpc
 import pytest
 import structlog
 
 from meshgate import metrics, redis_access
+from meshgate.errors import MeshgateError
+from meshgate.reasons import Reason
 from services.router import ledger as ledger_module
 from services.router.ledger import (
     METRICS,
@@ -536,5 +539,34 @@ async def test_a_claim_bills_the_turns_of_a_journal_around_one_whose_key_holds_a
         assert await ledger.usage(broken, today, today) == {}
         [line] = [line for line in logged if line["event"].startswith("a usage record was not written")]
         assert (line["tenant"], line["key_kind"], line["turn_id"]) == (broken, "turn mark", broken_turn)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("broken", ["another type", "not an integer"])
+async def test_totals_that_cannot_be_read_are_refused_failed_precondition_naming_the_key(redis_url, broken):
+    """A day's totals key of another type (or a total that is not an
+    integer) failed GetUsage UNAVAILABLE REDIS_UNAVAILABLE (or INTERNAL on
+    int()), which told the caller to retry what no retry mends. Now
+    FAILED_PRECONDITION USAGE_TOTALS_UNREADABLE naming the key; a field the
+    router never writes is left out as a newer replica's metric is."""
+    client = redis_access.connect(redis_url)
+    ledger = Ledger(client, stream_max_len=10_000, retention_days=2)
+    tenant = f"unreadable-{uuid.uuid4().hex[:8]}"
+    today = ledger.today()
+    key = day_key(tenant, f"{today:%Y-%m-%d}")
+    try:
+        await client.hset(key, mapping={"k|tiny-gpt|requests": 3, "no bar at all": 1, "k|m|newer_metric": 5})
+        assert (await ledger.usage(tenant, today, today))[("k", "tiny-gpt")]["requests"] == 3
+        if broken == "another type":
+            await client.delete(key)
+            await client.set(key, "not a hash")
+        else:
+            await client.hset(key, "k|tiny-gpt|prompt_tokens", "12abc")
+        with pytest.raises(MeshgateError) as refused:
+            await ledger.usage(tenant, today, today)
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert refused.value.reason == Reason.USAGE_TOTALS_UNREADABLE
+        assert refused.value.metadata["key"] == key
     finally:
         await client.aclose()
