@@ -272,13 +272,14 @@ def test_a_short_reply_binds_the_same_whatever_its_wording():
         assert bound("I pay for the premium plan.", filler) == []
 
 
-def test_the_users_turns_before_the_topic_turn_bind_their_names_and_numbers():
+def test_the_users_turns_before_a_topic_turn_that_asks_nothing_bind_their_names_and_numbers():
     """A review's finding: only the latest user turn that says something was
-    read, and in a slot-filling chat that turn is itself a follow-up: "How
-    much will it cost?" after "... a flight to Tokyo." / "For next
-    Friday." was served the answer given after "... to Paris.". Earlier
-    turns now bind their names and numbers; one in letters the analysis
-    cannot read binds whole."""
+    read, and in a slot-filling chat that turn is itself a piece of the
+    question: "How much will it cost?" after "... a flight to Tokyo." /
+    "For next Friday." was served the answer given after "... to Paris.".
+    Back from a topic turn that asks nothing, earlier turns bind their names
+    and numbers, up to the first that asks; one in letters the analysis
+    cannot read binds whole. A topic turn that asks stands alone."""
 
     def bound(*contents: str) -> list[str]:
         return [m.content for m in conversation.matched_exactly(turns(*contents))]
@@ -286,13 +287,26 @@ def test_the_users_turns_before_the_topic_turn_bind_their_names_and_numbers():
     flight = ("Sure.", "For next Friday.", "Got it.", "How much will it cost?")
     assert bound("I want to book a flight to Paris.", *flight) == ["paris"]
     assert bound("I want to book a flight to Tokyo.", *flight) == ["tokyo"]
-    assert bound("Where is order 4521?", "Checking.", "Is it late?", "Sure.", "Why?") == ["4521"]
-    assert bound("Я живу в Москве.", "Хорошо.", "Is Netflix there?", "Sure.", "How much?") == [
-        "Я живу в Москве."
-    ]
+    assert bound("Where is order 4521?", "Checking.", "It was due Monday.", "Sure.", "Why?") == ["4521"]
+    moscow = ("Я живу в Москве.", "Хорошо.", "I want Netflix.", "Sure.", "How much?")
+    assert bound(*moscow) == ["Я живу в Москве."]
+    # Up to the first turn that asks: what came before it was another question.
+    hamlet = (
+        "Is Oslo cold?",
+        "Yes.",
+        "Who wrote Hamlet?",
+        "Shakespeare.",
+        "I mean in 1600.",
+        "Sure.",
+        "Why?",
+    )
+    assert bound(*hamlet) == ["hamlet"]
     # A reworded earlier turn with the same referents still shares.
     assert bound("Book me a flight to Paris please.", *flight) == ["paris"]
-    # Small talk and turns with neither bind nothing.
+    # A topic turn that asks stands alone: unrelated history binds nothing.
+    # (Its reply binds as replies did: "Paris.", a word opening a sentence, as "pari".)
+    unrelated = ("Who wrote Romeo and Juliet?", "Shakespeare.", "What is France's capital?", "Paris.", "Why?")
+    assert bound(*unrelated) == ["pari"]
     assert bound("Hi!", "Hello!", "I need a hotel.", "Sure.", "Any with a pool?") == []
 
 
