@@ -228,6 +228,16 @@ class Reason(enum.StrEnum):
     """An HTTP request's URL and header fields are larger than
     router.http_max_header_bytes (HTTP 431; the connection is closed)."""
 
+    UNSUPPORTED_CONTENT_ENCODING = enum.auto()
+    """INVALID_ARGUMENT: an HTTP request's body is sent in a content coding
+    (Content-Encoding: gzip, br, ...) the edge does not decode (HTTP 415,
+    with Accept-Encoding: identity); send it uncompressed."""
+
+    UNSUPPORTED_TRANSFER_CODING = enum.auto()
+    """UNIMPLEMENTED: an HTTP request's Transfer-Encoding names a coding other
+    than chunked, which the edge does not decode (HTTP 501; the connection
+    is closed: where the body ends is not known)."""
+
     REQUEST_BODY_TIMEOUT = enum.auto()
     """DEADLINE_EXCEEDED: an HTTP request's body did not arrive in full within
     router.http_body_timeout_s of its headers (HTTP 408; the connection is closed)."""

@@ -73,6 +73,8 @@ HTTP_ERRORS: dict[tuple[grpc.StatusCode, str | None], tuple[int, str]] = {
     (grpc.StatusCode.INVALID_ARGUMENT, None): (400, "invalid_request_error"),
     (grpc.StatusCode.INVALID_ARGUMENT, Reason.BODY_TOO_LARGE): (413, "invalid_request_error"),
     (grpc.StatusCode.INVALID_ARGUMENT, Reason.HEADERS_TOO_LARGE): (431, "invalid_request_error"),
+    (grpc.StatusCode.INVALID_ARGUMENT, Reason.UNSUPPORTED_CONTENT_ENCODING): (415, "invalid_request_error"),
+    (grpc.StatusCode.UNIMPLEMENTED, Reason.UNSUPPORTED_TRANSFER_CODING): (501, "invalid_request_error"),
     (grpc.StatusCode.FAILED_PRECONDITION, None): (400, "invalid_request_error"),
     (grpc.StatusCode.OUT_OF_RANGE, None): (400, "invalid_request_error"),
     (grpc.StatusCode.UNAUTHENTICATED, None): (401, "authentication_error"),
@@ -105,7 +107,15 @@ _DEFAULT_HTTP_ERROR = (500, "api_error")
 # unread bytes resets the connection, which can lose the answer. The rest
 # of their body must come within router.http_header_timeout_s of its first
 # byte after the answer, else the connection is closed (_BoundedHeaders).
-_CLOSES_CONNECTION = {Reason.REQUEST_BODY_TIMEOUT, Reason.HEADERS_TOO_LARGE}
+# A body of a coding not decoded has no end the parser knows either; a body
+# refused by its Content-Length before a client that sent "Expect:
+# 100-continue" sent it (_check_body_framing) will never come, and the
+# parser would read the next request as it.
+_CLOSES_CONNECTION = {
+    Reason.REQUEST_BODY_TIMEOUT,
+    Reason.HEADERS_TOO_LARGE,
+    Reason.UNSUPPORTED_TRANSFER_CODING,
+}
 
 # The OpenAI SDKs resend a 408, 409, 429 or 5xx answer (twice by default,
 # after a backoff) unless its "x-should-retry: false" says not to. These fail
@@ -167,8 +177,11 @@ def http_error(
     if status == 401:
         # RFC 6750 §3: a 401 names the scheme the caller should use.
         headers.append((b"www-authenticate", b"Bearer"))
-    if error.reason in _CLOSES_CONNECTION:
+    if error.reason in _CLOSES_CONNECTION or error.metadata.get("expect") == "100-continue":
         headers.append((b"connection", b"close"))
+    if error.reason == Reason.UNSUPPORTED_CONTENT_ENCODING:
+        # RFC 9110 §12.5.3: what the server takes.
+        headers.append((b"accept-encoding", b"identity"))
     if error.reason in _NOT_WORTH_RESENDING or turn_may_be_stored:
         headers.append((b"x-should-retry", b"false"))
     if status == 405 and "allow" in error.metadata:
@@ -889,6 +902,7 @@ class HttpEdge:
             # (the admin credential is no tenant's and is refused here).
             tenant = await self._tenant(scope)
             response.hold = self._calls.open(tenant.id, asyncio.current_task())
+            _check_body_framing(scope["headers"], self._settings.http_max_body_bytes)
             body = await _read_body(
                 receive, self._settings.http_max_body_bytes, self._settings.http_body_timeout_s
             )
@@ -1251,6 +1265,47 @@ async def _until_disconnect(work, receive, response: _Response) -> None:
         raise
     finally:
         watcher.cancel()
+
+
+def _check_body_framing(headers: list[tuple[bytes, bytes]], limit: int) -> None:
+    """Refuses, before any of it is read, a body the edge would read as
+    another than the one sent, or need not read at all (a review):
+
+    - a Content-Encoding other than identity: a gzip body was refused 400 as
+      "not UTF-8", and one marked br but plain was served, as a reader in
+      front of the edge would not have read it (415);
+    - a Transfer-Encoding coding other than chunked: "gzip, chunked" was
+      de-chunked and served, the gzip ignored (RFC 9112 §6.1: 501);
+    - a Content-Length over the limit: a client that sent "Expect:
+      100-continue" (curl does, for a large body) was told to continue, and
+      refused 413 once it had sent all of it (RFC 9110 §10.1.1). Refused
+      before anything is received, so no 100 Continue goes out."""
+    lengths, expect = [], False
+    for name, value in headers:
+        if name == b"content-encoding":
+            codings = [coding.strip().lower() for coding in value.split(b",")]
+            if any(coding not in (b"", b"identity") for coding in codings):
+                raise invalid_argument(
+                    Reason.UNSUPPORTED_CONTENT_ENCODING,
+                    "the body must not be compressed: no Content-Encoding but identity is taken",
+                )
+        elif name == b"transfer-encoding":
+            codings = [coding.strip().lower() for coding in value.split(b",")]
+            if any(coding not in (b"", b"chunked") for coding in codings):
+                raise MeshgateError(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    Reason.UNSUPPORTED_TRANSFER_CODING,
+                    "no Transfer-Encoding but chunked is taken",
+                )
+        elif name == b"content-length":
+            lengths.append(value.strip())
+        elif name == b"expect":
+            expect = value.strip().lower() == b"100-continue"
+    if len(lengths) == 1 and lengths[0].isdigit() and int(lengths[0]) > limit:
+        metadata = {"limit": str(limit), "content_length": lengths[0].decode()}
+        if expect:
+            metadata["expect"] = "100-continue"
+        raise invalid_argument(Reason.BODY_TOO_LARGE, f"the body is larger than {limit} bytes", **metadata)
 
 
 async def _read_body(receive, limit: int, timeout_s: float) -> bytes:

@@ -4,6 +4,9 @@ the pipeline; one it takes reaches it as the ChatRequest asserted."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gzip
 import json
 
 import httpx
@@ -37,22 +40,29 @@ class RecordingPipeline(ScriptedPipeline):
 
 
 @pytest.fixture(scope="module")
-async def edge():
-    """(httpx client on the edge's /v1, the pipeline behind it)."""
+async def edge_server():
+    """(the edge's port, the pipeline behind it)."""
     settings = RouterSettings(dev_api_key=KEY)
     pipeline = RecordingPipeline()
     app = HttpEdge(settings, {"m": ModelSettings()}, Authenticator(settings), TenantCalls(0), pipeline, None)
     server = HttpServer(app, "127.0.0.1:0", 5.0, 65536, stalled_client_timeout_s=30.0)
     await server.start()
     try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{server.port}/v1",
-            headers={"authorization": f"Bearer {KEY}"},
-            timeout=10,
-        ) as http:
-            yield http, pipeline
+        yield server.port, pipeline
     finally:
         await server.stop()
+
+
+@pytest.fixture(scope="module")
+async def edge(edge_server):
+    """(httpx client on the edge's /v1, the pipeline behind it)."""
+    port, pipeline = edge_server
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}/v1",
+        headers={"authorization": f"Bearer {KEY}"},
+        timeout=10,
+    ) as http:
+        yield http, pipeline
 
 
 async def posted(edge, body: bytes, content_type: str = "application/json") -> tuple[httpx.Response, list]:
@@ -322,3 +332,102 @@ async def test_an_assistants_tool_field_of_the_wrong_shape_is_refused(edge, fiel
     messages = [{"role": "user", "content": "hi"}, assistant, {"role": "user", "content": "hi"}]
     error = refused(*await posted(edge, json.dumps({**CHAT, "messages": messages}).encode()))
     assert (error["code"], error["param"], error["message"]) == ("MALFORMED_REQUEST", "messages", message)
+
+
+# --- codings and lengths the edge does not read (a review) ---------------------------------------
+
+
+async def test_a_compressed_body_is_refused_415_not_read_as_text(edge):
+    """A gzip body was refused 400 as "not UTF-8"; one marked br but plain
+    was served, as a reader in front of the edge would not have read it."""
+    http, pipeline = edge
+    body = json.dumps(CHAT).encode()
+    for coding, sent in (
+        ("gzip", gzip.compress(body)),
+        ("br", body),
+        ("gzip, identity", gzip.compress(body)),
+    ):
+        pipeline.requests.clear()
+        answer = await http.post(
+            "/chat/completions",
+            content=sent,
+            headers={"content-type": "application/json", "content-encoding": coding},
+        )
+        assert answer.status_code == 415, answer.text
+        assert answer.headers["accept-encoding"] == "identity"
+        assert answer.json()["error"]["code"] == "UNSUPPORTED_CONTENT_ENCODING"
+        assert pipeline.requests == []
+    answer = await http.post(
+        "/chat/completions",
+        content=body,
+        headers={"content-type": "application/json", "content-encoding": "identity"},
+    )
+    assert answer.status_code == 200
+
+
+async def exchange(port: int, request: bytes, then: bytes = b"") -> bytes:
+    """What a raw HTTP/1.1 client reads back for ``request`` (then ``then``
+    sent once the first answer came), until the server closes or 2 s pass."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        got = b""
+        async with asyncio.timeout(5):
+            while b"\r\n\r\n" not in got:
+                got += await reader.read(65536)
+        if then:
+            writer.write(then)
+            await writer.drain()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                while chunk := await reader.read(65536):
+                    got += chunk
+        return got
+    finally:
+        writer.close()
+
+
+def head(path: str, port: int, *headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"host: 127.0.0.1:{port}", f"authorization: Bearer {KEY}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def test_a_transfer_coding_other_than_chunked_is_refused_501_and_the_connection_closed(edge_server):
+    """ "gzip, chunked" was de-chunked and served, the gzip ignored."""
+    port, pipeline = edge_server
+    pipeline.requests.clear()
+    body = json.dumps(CHAT).encode()
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    got = await exchange(
+        port,
+        head(
+            "/v1/chat/completions", port, "content-type: application/json", "transfer-encoding: gzip, chunked"
+        )
+        + chunked,
+    )
+    assert got.startswith(b"HTTP/1.1 501 "), got[:200]
+    assert b"connection: close" in got.lower() and b"UNSUPPORTED_TRANSFER_CODING" in got
+    assert pipeline.requests == []
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_a_100_continue(edge_server):
+    """curl sends "Expect: 100-continue" with a large body: it was told to
+    continue, sent 20 MB, then got 413. Now the 413 comes first, no 100, and
+    the connection closes (the body will not come)."""
+    port, pipeline = edge_server
+    pipeline.requests.clear()
+    got = await exchange(
+        port,
+        head(
+            "/v1/chat/completions",
+            port,
+            "content-type: application/json",
+            f"content-length: {20 * 1024 * 1024}",
+            "expect: 100-continue",
+        ),
+    )
+    assert got.startswith(b"HTTP/1.1 413 "), got[:200]
+    assert b"100 Continue" not in got
+    assert b"connection: close" in got.lower() and b"BODY_TOO_LARGE" in got
+    assert pipeline.requests == []
