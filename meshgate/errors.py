@@ -58,6 +58,11 @@ class MeshgateError(Exception):
         domain: str = DOMAIN,
         details: collections.abc.Sequence[protobuf_message.Message] = (),
     ) -> None:
+        # Clipped as its status would be (to_status_proto): a message quotes
+        # a caller's text ("unknown model '...'"), and the exception's own
+        # text goes into span events and log lines (a review: a 2 MB model
+        # name, whole, in its refusal's exception events).
+        message = clip(message, _MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.code = code
         self.reason = reason

@@ -105,15 +105,23 @@ def _add_trace_ids(_, __, event: dict) -> dict:
 # records the caller's user-agent whole, on every server span and before any
 # key is checked: 15,000 characters of it (grpc takes ~16 KiB of metadata)
 # made each span 30 times its size, in every trace back end. Ours are model
-# names, addresses and reasons; events (an exception's stack trace) are not
-# clipped.
+# names, addresses and reasons.
 MAX_SPAN_ATTRIBUTE_CHARS = 256
+# The longest an event's (or a link's) attribute value is kept: an
+# exception's stack trace, kept whole up to this. A review's 2 MB model name
+# came back in the stack trace of its refusal's exception event, twice: a
+# 4 MB span, which the OTLP collector refused (4 MiB) with the batch of
+# every other call's spans (MeshgateError now clips its own message; this
+# bounds what other exceptions quote).
+MAX_EVENT_ATTRIBUTE_CHARS = 32768
 
 
 def tracer_provider(service_name: str) -> TracerProvider:
     return TracerProvider(
         resource=Resource.create({"service.name": service_name}),
-        span_limits=SpanLimits(max_span_attribute_length=MAX_SPAN_ATTRIBUTE_CHARS),
+        span_limits=SpanLimits(
+            max_span_attribute_length=MAX_SPAN_ATTRIBUTE_CHARS, max_attribute_length=MAX_EVENT_ATTRIBUTE_CHARS
+        ),
     )
 
 

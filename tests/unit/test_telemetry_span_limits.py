@@ -5,11 +5,14 @@ server on 127.0.0.1 with the services' interceptor chain and tracer provider."""
 from __future__ import annotations
 
 import grpc
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from meshgate import telemetry
+from meshgate.errors import ErrorInterceptor, not_found
+from meshgate.reasons import Reason
 
 SERVICE = "meshgate.test.v1.Probe"
 
@@ -43,3 +46,45 @@ async def test_a_callers_huge_user_agent_is_clipped_on_the_server_span(monkeypat
     user_agent = span.attributes["rpc.user_agent"]
     assert user_agent.startswith("AAAA") and len(user_agent) == telemetry.MAX_SPAN_ATTRIBUTE_CHARS
     assert (span.attributes["rpc.method"], span.attributes["rpc.service"]) == ("Echo", SERVICE)
+
+
+async def test_a_refusal_quoting_a_callers_huge_text_keeps_its_span_small(monkeypatch):
+    """A review's finding: a refusal's message quoted a 2 MB model name
+    whole ("unknown model '...'"), and the instrumentation's exception
+    events carried it in their stack trace, twice: a 4 MB span, which an
+    OTLP collector (4 MiB) refused with the batch of every other call's
+    spans. The message is clipped as its status is, and events' values are
+    bounded."""
+    exporter = InMemorySpanExporter()
+    provider = telemetry.tracer_provider("meshgate-test")
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    huge = "ModelSecret" * 200_000
+
+    async def refuse(request: bytes, context) -> bytes:
+        raise not_found(Reason.MODEL_NOT_FOUND, f"unknown model {huge!r}")
+
+    server = grpc.aio.server(interceptors=[*telemetry.server_interceptors(), ErrorInterceptor()])
+    handlers = {"Echo": grpc.unary_unary_rpc_method_handler(refuse)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5)
+    finally:
+        await server.stop(1)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    (span,) = exporter.get_finished_spans()
+    size = len(span.to_json())
+    assert size < 2 * telemetry.MAX_EVENT_ATTRIBUTE_CHARS * max(1, len(span.events)), size
+    assert span.to_json().count("ModelSecret") < 200
+
+
+def test_an_exception_event_longer_than_the_bound_is_clipped():
+    provider = telemetry.tracer_provider("meshgate-test")
+    with provider.get_tracer("test").start_as_current_span("s") as span:
+        span.record_exception(ValueError("x" * 1_000_000))
+    (event,) = span.events
+    assert len(event.attributes["exception.message"]) == telemetry.MAX_EVENT_ATTRIBUTE_CHARS
