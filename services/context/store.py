@@ -367,23 +367,35 @@ end
 # for the caller to answer a resend with it or refuse another request;
 # {0} where the id is not a request id's. False where there is none: the
 # script makes it.
+# A session made under a request id and deleted leaves its request's
+# digest (deleted_key(), DELETED_MARK_TTL_S): {3, that digest} for a send of
+# a request id whose session is gone that way, for the caller to refuse it,
+# which made it again, empty, under the deleted id (a review: every other
+# holder of the id wrote into it again, and a resent fork came back).
 _MADE_UNDER = """
-local function made_under(meta_key, digest)
-  if redis.call('EXISTS', meta_key) == 0 then return false end
+local function made_under(meta_key, digest, deleted_key)
+  if redis.call('EXISTS', meta_key) == 0 then
+    if digest ~= '' then
+      local gone = redis.call('GET', deleted_key)
+      if gone then return {3, gone} end
+    end
+    return false
+  end
   if digest == '' then return {0} end
   return {2, redis.call('HGET', meta_key, 'create_time_ms'), redis.call('HGET', meta_key, 'request_digest')}
 end
 """
 
-# KEYS: session_keys. ARGV: ttl_s, the digest of the request whose request
-# id the session's id is drawn from, else ''. Returns {1, creation time},
-# {2, ...} where a session lives at the id, drawn from a request id
-# (_MADE_UNDER; nothing written), or {0} if the id is taken.
+# KEYS: session_keys, then deleted_key. ARGV: ttl_s, the digest of the
+# request whose request id the session's id is drawn from, else ''. Returns
+# {1, creation time}, {2, ...} where a session lives at the id, drawn from a
+# request id, {3, ...} where it was deleted (_MADE_UNDER; nothing written),
+# or {0} if the id is taken.
 _CREATE = (
     RENEW
     + _MADE_UNDER
     + """
-local made = made_under(KEYS[1], ARGV[2])
+local made = made_under(KEYS[1], ARGV[2], KEYS[#KEYS])
 if made then return made end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -904,16 +916,17 @@ return {1, turns, counts, redis.call('GETRANGE', KEYS[4], 0, 4 * target + 3),
 # turns, c such pairs, p pins, then (term, packed postings) pairs.
 # It has no turn ids (those were the source's appends), and its
 # ``bytes`` are its turns' (a prefix of the source's: never past the
-# source's cap). Returns {1, creation time, the bytes beside its turns
-# (BESIDE_TURNS: the pins it took)}, {2, ...} where a session lives at the
-# id, drawn from a request id (_MADE_UNDER; nothing written), or {0}
-# if the fork's id is taken.
+# source's cap). KEYS: the fork's session_keys, then its deleted_key.
+# Returns {1, creation time, the bytes beside its turns (BESIDE_TURNS: the
+# pins it took)}, {2, ...} where a session lives at the id, drawn from a
+# request id, {3, ...} where it was deleted (_MADE_UNDER; nothing written),
+# or {0} if the fork's id is taken.
 _FORK_CREATE = (
     RENEW
     + BESIDE_TURNS
     + _MADE_UNDER
     + """
-local made = made_under(KEYS[1], ARGV[12])
+local made = made_under(KEYS[1], ARGV[12], KEYS[#KEYS])
 if made then return made end
 local n = tonumber(ARGV[4])
 local turns_at = 13
@@ -1066,16 +1079,20 @@ end
 # of its summaries' content keys (SUMMARY_DIGEST), for the caller to delete
 # in their own slots}. A script rather than MULTI with PUBLISH: a cluster
 # transaction takes keyed commands only.
+# Then deleted_key, set (ARGV[1] s) to the digest of the request whose
+# request id the session's id was drawn from, where it was (_MADE_UNDER).
 _DELETE = (
     SUMMARY_DIGEST
     + """
 local created = redis.call('HGET', KEYS[1], 'create_time_ms')
+local made_by = redis.call('HGET', KEYS[1], 'request_digest')
 local digests = {}
 for _, held in ipairs(redis.call('HVALS', KEYS[10])) do
   local digest = summary_digest(held)
   if digest then table.insert(digests, digest) end
 end
 redis.call('DEL', unpack(KEYS))
+if made_by then redis.call('SET', KEYS[#KEYS], made_by, 'EX', ARGV[1]) end
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
 return {created, digests}
 """
@@ -1418,6 +1435,18 @@ def holds_key(tenant_id: str, session_id: str) -> str:
     return key(tenant_id, session_id, "holds")
 
 
+# How long a session made under a request id and deleted refuses a resend
+# of that request id (_MADE_UNDER): the request id's retention, as a
+# router's request ids are kept (services/router/keys.py).
+DELETED_MARK_TTL_S = 24 * 3600
+
+
+def deleted_key(tenant_id: str, session_id: str) -> str:
+    """The mark a session made under a request id leaves when deleted
+    (_MADE_UNDER): in its slot, not one of its parts."""
+    return key(tenant_id, session_id, "deleted")
+
+
 def fork_request_key(tenant_id: str, fork_id: str) -> str:
     """The record of the request id whose fork is ``fork_id``, as replicas
     of before kept it (the module's docstring): in the fork's slot, not one
@@ -1529,6 +1558,20 @@ def decode_counts(data: bytes, count: int) -> np.ndarray:
 
 def session_not_found(session_id: str) -> MeshgateError:
     return not_found(Reason.SESSION_NOT_FOUND, f"no session {session_id!r}", session_id=session_id)
+
+
+def _made_and_deleted(session_id: str, send: RequestIdSend | None, made_by: bytes) -> MeshgateError:
+    """A send of a request id whose session was made and deleted since: the
+    deleted session stays deleted (SESSION_NOT_FOUND, naming it), or another
+    request reused the request id (REQUEST_ID_REUSED)."""
+    if send is None or not send.made(made_by):
+        return request_ids.reused()
+    return not_found(
+        Reason.SESSION_NOT_FOUND,
+        f"the session this request_id made, {session_id!r}, was deleted; "
+        "draw a new request_id to make another",
+        session_id=session_id,
+    )
 
 
 @contextlib.contextmanager
@@ -2033,9 +2076,14 @@ class SessionStore:
                 return made[1]
         await self.holdings.fits(tenant_id, session_id, held_by(0, 0))
         with redis_reachable():
-            outcome = await self._create(keys=keys, args=[self._ttl_s, "" if send is None else send.digest])
+            outcome = await self._create(
+                keys=[*keys, deleted_key(tenant_id, session_id)],
+                args=[self._ttl_s, "" if send is None else send.digest],
+            )
         if outcome[0] == 2:
             return await self._answered(tenant_id, session_id, send, outcome[2], outcome[1])
+        if outcome[0] == 3:
+            raise _made_and_deleted(session_id, send, outcome[1])
         if outcome[0] == 0:
             raise MeshgateError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -2377,7 +2425,7 @@ class SessionStore:
         await self.holdings.fits(tenant_id, new_session_id, held_by(turn_bytes, len(turns)) + pin_bytes)
         with redis_reachable():
             outcome = await self._fork_create(
-                keys=session_keys(tenant_id, new_session_id),
+                keys=[*session_keys(tenant_id, new_session_id), deleted_key(tenant_id, new_session_id)],
                 args=[
                     version,
                     self._ttl_s,
@@ -2409,6 +2457,8 @@ class SessionStore:
             return new_session_id, await self._answered(
                 tenant_id, new_session_id, send, outcome[2], outcome[1]
             )
+        if outcome[0] == 3:
+            raise _made_and_deleted(new_session_id, send, outcome[1])
         _, created_ms, beside = outcome
         await self.holdings.held(tenant_id, new_session_id, turn_bytes, len(turns), int(beside))
         await self._listed(tenant_id, new_session_id, int(created_ms), of_request_id=send is not None)
@@ -2515,8 +2565,12 @@ class SessionStore:
         summaries, which hold what was said and are counted toward no
         session once it is gone (drop_summary_copies)."""
         with redis_reachable():
-            keys = [*session_keys(tenant_id, session_id), fork_request_key(tenant_id, session_id)]
-            created_ms, digests = await self._delete(keys=keys)
+            keys = [
+                *session_keys(tenant_id, session_id),
+                fork_request_key(tenant_id, session_id),
+                deleted_key(tenant_id, session_id),
+            ]
+            created_ms, digests = await self._delete(keys=keys, args=[DELETED_MARK_TTL_S])
         await self.holdings.dropped(tenant_id, session_id)
         # Decoded without raising: a value damaged in Redis is no digest
         # (drop_summary_copies skips it), and the delete has happened.

@@ -36,8 +36,9 @@ async def test_a_resend_of_a_creates_request_id_is_answered_with_that_session(
     """Two sends of one create, as a client whose reply was lost sends
     them, made two sessions. With a request_id the second gets the first's
     answer (in either case of the id), even once the session was written
-    to, and nothing more is made or counted; once the session is deleted,
-    a resend makes it again."""
+    to, and nothing more is made or counted. Once the session is deleted, a
+    resend is refused SESSION_NOT_FOUND: it made the deleted id again,
+    empty, and every other holder of the id wrote into it (a review)."""
     request_id = str(uuid.uuid4())
     create = pb.CreateSessionRequest(tenant_id=tenant, request_id=request_id)
     first = await stub.CreateSession(create)
@@ -55,9 +56,18 @@ async def test_a_resend_of_a_creates_request_id_is_answered_with_that_session(
     assert (await counted(redis_client, tenant))[b"total"] > held[b"total"]
     assert (await stub.GetSession(pb.GetSessionRequest(**here))).session.version == 1
     await stub.DeleteSession(pb.DeleteSessionRequest(**here))
-    again = await stub.CreateSession(create)
-    assert again.session.session_id == first.session.session_id
-    assert again.session.create_time_ms >= first.session.create_time_ms
+    session_id = first.session.session_id
+    assert await failure(stub.CreateSession(create)) == (
+        grpc.StatusCode.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+        {"session_id": session_id},
+    )
+    assert (await failure(stub.GetSession(pb.GetSessionRequest(**here))))[1] == "SESSION_NOT_FOUND"
+    assert session_id not in await sessions_of(redis_client, tenant)
+    # The same request id with another request is another request's.
+    other = await new_session(stub, tenant)
+    fork = pb.ForkSessionRequest(tenant_id=tenant, session_id=other, request_id=request_id)
+    assert (await failure(stub.ForkSession(fork)))[1] == "REQUEST_ID_REUSED"
 
 
 async def test_sends_of_one_request_id_at_once_make_one_session(stub, tenant, redis_client) -> None:

@@ -118,8 +118,9 @@ async def test_the_request_that_made_a_fork_is_kept_with_it_for_its_life(stub, t
     """The fork's meta names the request that made it (written by the
     script that makes the fork; no record of its own beside it, as replicas
     of before kept for 24 hours, past which a resend was SESSION_EXISTS):
-    a resend is answered while the fork lives. A deletion of the fork takes
-    it: a resend then makes it again."""
+    a resend is answered while the fork lives. Once the fork is deleted, a
+    resend is refused SESSION_NOT_FOUND: it made the fork again, holding
+    the source's turns the user had deleted it to be rid of (a review)."""
     source = await source_of(stub, tenant)
     fork = pb.ForkSessionRequest(tenant_id=tenant, session_id=source, version=1, request_id=str(uuid.uuid4()))
     first = await stub.ForkSession(fork)
@@ -131,10 +132,11 @@ async def test_the_request_that_made_a_fork_is_kept_with_it_for_its_life(stub, t
     assert await stub.ForkSession(fork) == first
 
     await stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=fork_id))
-    again = await stub.ForkSession(fork)
-    assert again.session.session_id == fork_id
-    assert again.session.create_time_ms >= first.session.create_time_ms
-    assert fork_id in await sessions_of(redis_client, tenant)
+    assert (await failure(stub.ForkSession(fork)))[:2] == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert fork_id not in await sessions_of(redis_client, tenant)
+    # The mark lasts the request id's retention, in the fork's slot.
+    mark = session_store.deleted_key(tenant, fork_id)
+    assert 0 < await redis_client.ttl(mark) <= session_store.DELETED_MARK_TTL_S
 
 
 async def test_sessions_that_replicas_of_before_drew_from_a_request_id_answer_its_resends(
