@@ -31,6 +31,7 @@ import functools
 import http
 import ipaddress
 import json
+import logging
 import math
 import socket
 import struct
@@ -1729,6 +1730,48 @@ def _listening_socket(listen: str) -> socket.socket:
     return socket.create_server((host, port), family=socket.AF_INET6, backlog=1024, dualstack_ipv6=dualstack)
 
 
+# uvicorn's own warnings (its logger, uvicorn.error) a client's bytes cause
+# one a request, before any key is checked: "Invalid HTTP request received."
+# for each request its parser refuses (a review: 100 lines for 100 requests
+# of a made-up method), "Exceeded concurrency limit." and the like. At most
+# one line per message this often, saying how many went unlogged since.
+PARSER_WARNING_INTERVAL_S = 60.0
+
+
+class _ThrottledWarnings(logging.Filter):
+    """uvicorn.error's warnings, throttled per message (telemetry.ThrottledLog's rule)."""
+
+    def __init__(self, interval_s: float, clock=time.monotonic) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._clock = clock
+        self._logged_at: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        message, now = str(record.msg), self._clock()
+        logged_at = self._logged_at.get(message)
+        if logged_at is not None and now - logged_at < self._interval_s:
+            self._suppressed[message] = self._suppressed.get(message, 0) + 1
+            return False
+        if len(self._logged_at) >= 64 and message not in self._logged_at:
+            # Messages are uvicorn's own few; a bound all the same.
+            self._logged_at.clear()
+        self._logged_at[message] = now
+        suppressed = self._suppressed.pop(message, 0)
+        if suppressed:
+            record.msg = f"{message} ({suppressed} more since the last, not logged)"
+        return True
+
+
+def _throttle_uvicorns_warnings() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _ThrottledWarnings) for f in logger.filters):
+        logger.addFilter(_ThrottledWarnings(PARSER_WARNING_INTERVAL_S))
+
+
 class HttpServer:
     """uvicorn serving an app on the running loop, from a socket bound here
     (a taken port fails setup with OSError, not uvicorn's sys.exit), with
@@ -1745,6 +1788,7 @@ class HttpServer:
         graceful_s: float = 5.0,
     ) -> None:
         self._app = app
+        _throttle_uvicorns_warnings()
         try:
             self._socket = _listening_socket(listen)
         except OSError as error:

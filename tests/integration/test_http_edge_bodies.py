@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import logging
 
 import httpx
 import pytest
@@ -431,3 +432,18 @@ async def test_a_declared_length_over_the_limit_is_refused_before_a_100_continue
     assert b"100 Continue" not in got
     assert b"connection: close" in got.lower() and b"BODY_TOO_LARGE" in got
     assert pipeline.requests == []
+
+
+async def test_uvicorns_warning_for_each_unparsable_request_is_logged_once_a_minute(edge_server, caplog):
+    """A review's finding: each request uvicorn's parser refuses (a made-up
+    method, before any key is checked) wrote "Invalid HTTP request
+    received." to the router's log: 100 lines for 100 requests."""
+    port, _ = edge_server
+    with caplog.at_level(logging.WARNING, logger="uvicorn.error"):
+        for i in range(5):
+            got = await exchange(port, f"CARDMETHOD{i} /v1/models HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+            assert got.startswith(b"HTTP/1.1 400 "), got[:100]
+    warned = [
+        r for r in caplog.records if r.name == "uvicorn.error" and "Invalid HTTP request" in r.getMessage()
+    ]
+    assert len(warned) <= 1, [r.getMessage() for r in warned]
