@@ -872,7 +872,8 @@ class HttpEdge:
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            await self._answer(scope, receive, _Response(send, uuid.uuid4().hex), span)
+            response = _Response(send, uuid.uuid4().hex, scope.get("http_version", "1.1"))
+            await self._answer(scope, receive, response, span)
 
     async def _answer(self, scope, receive, response: _Response, span: trace.Span) -> None:
         started, route_label = time.perf_counter(), _UNKNOWN_ROUTE
@@ -963,6 +964,15 @@ class HttpEdge:
 
     async def _chat(self, tenant: Tenant, body: bytes, response: _Response) -> None:
         call = ChatCall(_parse_json(body), self._settings.max_messages)
+        if call.stream and response.http_version == "1.0":
+            # uvicorn frames a body of no known length in chunks, which RFC
+            # 9112 §6.1 forbids to an HTTP/1.0 client: its events came with
+            # hex chunk sizes among them (a review).
+            raise _bad_request(
+                "stream needs HTTP/1.1 (its events are sent in chunks); send stream: false",
+                "stream",
+                Reason.UNSUPPORTED_PARAMETER,
+            )
         completion_id = f"chatcmpl-{response.request_id}"
         try:
 
@@ -1160,10 +1170,13 @@ class _Response:
     pipeline's short bookkeeping, not the caller's request: the caller has
     its whole answer."""
 
-    def __init__(self, send, request_id: str) -> None:
+    def __init__(self, send, request_id: str, http_version: str = "1.1") -> None:
         self._send = send
         # Sent as x-request-id on every answer, and the completion's id.
         self.request_id = request_id
+        # The request's ("1.0", "1.1"): a stream is sent in chunks, which an
+        # HTTP/1.0 client does not read.
+        self.http_version = http_version
         self.started = False
         self.complete = False
         # The client went away before the response was complete (its

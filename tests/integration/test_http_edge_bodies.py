@@ -447,3 +447,27 @@ async def test_uvicorns_warning_for_each_unparsable_request_is_logged_once_a_min
         r for r in caplog.records if r.name == "uvicorn.error" and "Invalid HTTP request" in r.getMessage()
     ]
     assert len(warned) <= 1, [r.getMessage() for r in warned]
+
+
+async def test_a_stream_asked_over_http_1_0_is_refused_not_sent_in_chunks(edge_server):
+    """A review's finding: uvicorn frames a body of no known length in
+    chunks, which RFC 9112 §6.1 forbids to an HTTP/1.0 client: its events
+    came with hex chunk sizes among them. A whole answer is sent as before."""
+    port, pipeline = edge_server
+    pipeline.requests.clear()
+
+    def request(stream: bool) -> bytes:
+        body = json.dumps({**CHAT, "stream": stream}).encode()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.0\r\nhost: 127.0.0.1:{port}\r\nauthorization: Bearer {KEY}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+    streamed = await exchange(port, request(stream=True))
+    assert streamed.startswith(b"HTTP/1.1 400 "), streamed[:200]
+    assert b"transfer-encoding: chunked" not in streamed.lower()
+    assert b"UNSUPPORTED_PARAMETER" in streamed and b'"param":"stream"' in streamed
+    assert pipeline.requests == []
+    whole = await exchange(port, request(stream=False))
+    assert whole.startswith(b"HTTP/1.1 200 ") and b"content-length:" in whole.lower(), whole[:300]
