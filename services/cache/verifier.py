@@ -355,6 +355,9 @@ class Analysis:
     # in backticks, their spaces folded (code_veto).
     symbols: tuple[str, ...] = ()
     code: tuple[str, ...] = ()
+    # (number, the unit right after it: "" for none), as numbers and units
+    # are normalized ("three months" -> ("3", "month")).
+    number_units: frozenset[tuple[str, str]] = frozenset()
 
 
 def singular(word: str) -> str:
@@ -440,7 +443,12 @@ def analyze_uncached(text: str) -> Analysis:
         tokens.extend(parts)
     numbers: Counter = Counter()
     units = set()
+    number_units = set()
     for at, token in enumerate(tokens):
+        number = _number_of(token)
+        if number is not None:
+            following = tokens[at + 1] if at + 1 < len(tokens) else ""
+            number_units.add((number, _unit_of(following) or ""))
         if token in _MERIDIEMS and at and tokens[at - 1][0].isdigit():
             # A time's half of the day ("9am" vs "9pm"; "I am" is no unit).
             units.add(token)
@@ -492,7 +500,29 @@ def analyze_uncached(text: str) -> Analysis:
         sentences=max(1, len(_SENTENCE_END.findall(text))),
         symbols=_code_symbols(text),
         code=tuple(" ".join(span.split()) for span in _BACKTICKED.findall(text)),
+        number_units=frozenset(number_units),
     )
+
+
+def _number_of(token: str) -> str | None:
+    """A token's number as Analysis.numbers writes it; None for none."""
+    if token[0].isdigit():
+        return token.replace(",", "")
+    if token in NUMBER_WORDS:
+        return f"{NUMBER_WORDS[token]:g}"
+    return None
+
+
+def _unit_of(token: str) -> str | None:
+    """A token's unit as Analysis.units writes it (am/pm too); None for none."""
+    if not token:
+        return None
+    if token in _MERIDIEMS:
+        return token
+    if token in UNIT_WORDS or singular(token) in UNIT_WORDS:
+        unit = token if token in UNIT_WORDS else singular(token)
+        return UNIT_SYNONYMS.get(unit, unit)
+    return None
 
 
 def _particles(tokens: list[str]) -> frozenset[tuple[str, str]]:
@@ -715,6 +745,24 @@ def entity_veto(a: Analysis, b: Analysis) -> bool:
     before_a = {before for before, _, _ in only_a} - {""}
     after_a = {after for _, _, after in only_a} - {""}
     return any(before in before_a or after in after_a for before, _, after in only_b)
+
+
+def topic_unit_veto(a: Analysis, b: Analysis) -> bool:
+    """Two topic turns stating one number with another unit, or a unit on
+    one side only: "My son is 3." vs "My son is three months old." (a
+    review: the follow-up "How much ibuprofen can he take?" was served the
+    three-year-old's dose, the conversation head scoring 0.95; also "9am"
+    vs "9pm"). In a question alone the learned stage weighs a unit one side
+    adds ("lose 10 kg" vs "lose 10 kilos" are one question); a topic turn
+    is what the follow-up's answer depends on, so there it vetoes, at the
+    price of "3" vs "3 years old" said in other words."""
+    shared = a.numbers.keys() & b.numbers.keys()
+    for number in shared:
+        units_a = {unit for n, unit in a.number_units if n == number}
+        units_b = {unit for n, unit in b.number_units if n == number}
+        if units_a != units_b:
+            return True
+    return False
 
 
 def topic_entity_veto(a: Analysis, b: Analysis) -> bool:
@@ -1148,9 +1196,11 @@ class Verifier:
             # with one of the other question; each part against its own kind
             # sees a replaced referent as one.
             query_topic_analysis, candidate_topic_analysis = analyze(query_topic), analyze(candidate_topic)
-            if structural_veto(
-                query_topic_analysis, candidate_topic_analysis
-            ) is not None or topic_entity_veto(query_topic_analysis, candidate_topic_analysis):
+            if (
+                structural_veto(query_topic_analysis, candidate_topic_analysis) is not None
+                or topic_entity_veto(query_topic_analysis, candidate_topic_analysis)
+                or topic_unit_veto(query_topic_analysis, candidate_topic_analysis)
+            ):
                 return Decision(False, 0.0, "context")
             veto = structural_veto(analyze(query_question), analyze(candidate_question))
             if veto is not None:

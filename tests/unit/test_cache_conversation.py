@@ -106,6 +106,11 @@ def unit(seed: int) -> np.ndarray:
         ("I'm thinking of buying my neighbour's car.", "I'm thinking of selling my car to my neighbour."),
         ("I want to upgrade my phone plan.", "I'd like to downgrade my phone plan."),
         ("I'm cooking dinner for 4 people.", "I'm cooking dinner for a dozen guests."),
+        # A unit one side adds to the same number (a review: served the
+        # three-year-old's dose for three months, scored 0.95), or another.
+        ("My son is 3.", "My son is three months old."),
+        ("My daughter is 2.", "My daughter is 2 weeks old."),
+        ("Our flight is at 9am.", "Our flight is at 9pm."),
     ],
 )
 def test_a_changed_referent_in_the_topic_is_vetoed_as_context(verifier, stored_topic, asked_topic):
@@ -134,6 +139,8 @@ def test_a_question_in_context_never_matches_a_bare_one(verifier):
         ("My laptop runs Ubuntu.", "I run Ubuntu on my laptop."),
         # A name added is no other referent.
         ("I run Ubuntu on my laptop.", "I run Ubuntu on my Dell laptop."),
+        # The same number with the same unit, said otherwise.
+        ("My son is 3 years old.", "My son is three years old."),
     ],
 )
 def test_a_topic_naming_the_same_things_in_other_words_is_left_to_the_score(
