@@ -1854,8 +1854,14 @@ def _apply_environment(raw: dict[str, Any], environ: typing.Mapping[str, str]) -
     if key := environ.get("MESHGATE_DEV_API_KEY"):
         raw.setdefault("router", {})["dev_api_key"] = key
     # Whole tables before keys inside them, whatever the environment's order.
+    # A whole section too (MESHGATE_ROUTER='{ tenants = [...] }'): skipped,
+    # it left a review's tenants out without a word, and the dev tenant on.
+    # Other MESHGATE_ names without "__" (MESHGATE_CONFIG) are no settings.
+    sections = {field.name for field in dataclasses.fields(Settings)}
     for name, value in sorted(environ.items(), key=lambda item: item[0].count("__")):
-        if not name.startswith("MESHGATE_") or "__" not in name:
+        if not name.startswith("MESHGATE_"):
+            continue
+        if "__" not in name and name[len("MESHGATE_") :].lower() not in sections:
             continue
         node = raw
         *parents, leaf = name[len("MESHGATE_") :].split("__")

@@ -887,3 +887,23 @@ def test_what_those_refusals_leave_alone_still_loads(tmp_path):
     settings = load_settings(path, environ={})
     assert settings.models["tiny-gpt"].max_output_tokens == 64
     assert settings.router.listen == "unix:/tmp/router.sock" and settings.router.http_listen == ""
+
+
+def test_a_whole_section_given_in_one_variable_is_read_as_a_whole_table():
+    """A docs review's finding: MESHGATE_ROUTER='{ ... }' (a whole section in
+    one variable, as MESHGATE_MODELS__SMOLLM2='{ ... }' is a whole table)
+    was skipped without a word: a router given its tenants so served the
+    dev tenant instead. Keys inside it set by their own variables still
+    apply on top; other MESHGATE_ names are no settings."""
+    settings = load_settings(
+        environ={
+            "MESHGATE_ROUTER": "{ max_messages = 7, max_message_bytes = 4096 }",
+            "MESHGATE_ROUTER__MAX_MESSAGES": "9",
+            "MESHGATE_CACHE": "{ semantic_threshold = 0.95 }",
+            "MESHGATE_SMOLLM2_FILES": "/opt/smollm2",
+        }
+    )
+    assert (settings.router.max_messages, settings.router.max_message_bytes) == (9, 4096)
+    assert settings.cache.semantic_threshold == 0.95
+    with pytest.raises(ConfigError, match="router: expected a table"):
+        load_settings(environ={"MESHGATE_ROUTER": "7"})
