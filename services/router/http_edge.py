@@ -108,10 +108,9 @@ _DEFAULT_HTTP_ERROR = (500, "api_error")
 # unread bytes resets the connection, which can lose the answer. The rest
 # of their body must come within router.http_header_timeout_s of its first
 # byte after the answer, else the connection is closed (_BoundedHeaders).
-# A body of a coding not decoded has no end the parser knows either; a body
-# refused by its Content-Length before a client that sent "Expect:
-# 100-continue" sent it (_check_body_framing) will never come, and the
-# parser would read the next request as it.
+# A body of a coding not decoded has no end the parser knows either. (And a
+# refusal before the body of a request that said "Expect: 100-continue":
+# _Response.body_unsent.)
 _CLOSES_CONNECTION = {
     Reason.REQUEST_BODY_TIMEOUT,
     Reason.HEADERS_TOO_LARGE,
@@ -178,7 +177,7 @@ def http_error(
     if status == 401:
         # RFC 6750 §3: a 401 names the scheme the caller should use.
         headers.append((b"www-authenticate", b"Bearer"))
-    if error.reason in _CLOSES_CONNECTION or error.metadata.get("expect") == "100-continue":
+    if error.reason in _CLOSES_CONNECTION:
         headers.append((b"connection", b"close"))
     if error.reason == Reason.UNSUPPORTED_CONTENT_ENCODING:
         # RFC 9110 §12.5.3: what the server takes.
@@ -873,6 +872,7 @@ class HttpEdge:
             set_status_on_exception=False,
         ) as span:
             response = _Response(send, uuid.uuid4().hex, scope.get("http_version", "1.1"))
+            response.body_unsent = _expects_continue(scope["headers"])
             await self._answer(scope, receive, response, span)
 
     async def _answer(self, scope, receive, response: _Response, span: trace.Span) -> None:
@@ -905,6 +905,7 @@ class HttpEdge:
             tenant = await self._tenant(scope)
             response.hold = self._calls.open(tenant.id, asyncio.current_task())
             _check_body_framing(scope["headers"], self._settings.http_max_body_bytes)
+            response.body_unsent = False  # asked for now (uvicorn sends the 100)
             body = await _read_body(
                 receive, self._settings.http_max_body_bytes, self._settings.http_body_timeout_s
             )
@@ -939,7 +940,7 @@ class HttpEdge:
             # call there for the same reason: no channel resends it.)
             response.failed(error)
             if not response.started:
-                await _send_error(response.send, error, response.saving)
+                await _send_error(response.send, error, response.saving, close=response.body_unsent)
         except Exception:  # noqa: BLE001 - a bug fails its request with a 500, nothing of its insides
             log.exception("http request failed", route=route_label, request_id=response.request_id)
             response.failed(internal_error())
@@ -1177,6 +1178,12 @@ class _Response:
         # The request's ("1.0", "1.1"): a stream is sent in chunks, which an
         # HTTP/1.0 client does not read.
         self.http_version = http_version
+        # The request said "Expect: 100-continue" and its body was not asked
+        # for yet: a refusal now (a 401, 404, 413, 415...) sends no 100, so
+        # the body never comes, and the parser would read the connection's
+        # next request as it (a review: a 415 then a GET got 400): it closes
+        # the connection (_send_error).
+        self.body_unsent = False
         self.started = False
         self.complete = False
         # The client went away before the response was complete (its
@@ -1294,7 +1301,7 @@ def _check_body_framing(headers: list[tuple[bytes, bytes]], limit: int) -> None:
       100-continue" (curl does, for a large body) was told to continue, and
       refused 413 once it had sent all of it (RFC 9110 §10.1.1). Refused
       before anything is received, so no 100 Continue goes out."""
-    lengths, expect = [], False
+    lengths = []
     for name, value in headers:
         if name == b"content-encoding":
             codings = [coding.strip().lower() for coding in value.split(b",")]
@@ -1313,13 +1320,17 @@ def _check_body_framing(headers: list[tuple[bytes, bytes]], limit: int) -> None:
                 )
         elif name == b"content-length":
             lengths.append(value.strip())
-        elif name == b"expect":
-            expect = value.strip().lower() == b"100-continue"
     if len(lengths) == 1 and lengths[0].isdigit() and int(lengths[0]) > limit:
-        metadata = {"limit": str(limit), "content_length": lengths[0].decode()}
-        if expect:
-            metadata["expect"] = "100-continue"
-        raise invalid_argument(Reason.BODY_TOO_LARGE, f"the body is larger than {limit} bytes", **metadata)
+        raise invalid_argument(
+            Reason.BODY_TOO_LARGE,
+            f"the body is larger than {limit} bytes",
+            limit=str(limit),
+            content_length=lengths[0].decode(),
+        )
+
+
+def _expects_continue(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"expect" and value.strip().lower() == b"100-continue" for name, value in headers)
 
 
 async def _read_body(receive, limit: int, timeout_s: float) -> bytes:
@@ -1407,8 +1418,14 @@ async def _send_json(send, status: int, body) -> None:
     await _send_whole(send, status, _JSON_HEADERS, _json(body))
 
 
-async def _send_error(send, error: MeshgateError, turn_may_be_stored: bool = False) -> None:
-    await _send_whole(send, *http_error(error, turn_may_be_stored))
+async def _send_error(
+    send, error: MeshgateError, turn_may_be_stored: bool = False, close: bool = False
+) -> None:
+    """``close``: with Connection: close (_Response.body_unsent)."""
+    status, headers, body = http_error(error, turn_may_be_stored)
+    if close and (b"connection", b"close") not in headers:
+        headers.append((b"connection", b"close"))
+    await _send_whole(send, status, headers, body)
 
 
 async def _send_whole(send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

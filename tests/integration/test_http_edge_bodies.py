@@ -471,3 +471,32 @@ async def test_a_stream_asked_over_http_1_0_is_refused_not_sent_in_chunks(edge_s
     assert pipeline.requests == []
     whole = await exchange(port, request(stream=False))
     assert whole.startswith(b"HTTP/1.1 200 ") and b"content-length:" in whole.lower(), whole[:300]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        (("content-encoding: gzip", "content-length: 66"), b"415"),
+        (("content-length: 66",), b"401"),
+    ],
+    ids=["compressed", "a wrong key"],
+)
+async def test_a_refusal_before_the_body_of_a_request_expecting_a_100_closes_the_connection(
+    edge_server, headers, status
+):
+    """A final read's finding: a 415 (and a 401, as before) sent before the
+    body of a request that said "Expect: 100-continue" kept the connection:
+    the body never comes (no 100 went out), and the connection's next
+    request was read as it (a GET got 400)."""
+    port, _ = edge_server
+    lines = [
+        "POST /v1/chat/completions HTTP/1.1",
+        f"host: 127.0.0.1:{port}",
+        "expect: 100-continue",
+        *headers,
+    ]
+    if status != b"401":
+        lines.append(f"authorization: Bearer {KEY}")
+    got = await exchange(port, ("\r\n".join(lines) + "\r\n\r\n").encode())
+    assert got.startswith(b"HTTP/1.1 " + status + b" "), got[:200]
+    assert b"connection: close" in got.lower() and b"100 Continue" not in got
