@@ -1810,12 +1810,15 @@ def check_router_models(settings: Settings) -> None:
                 raise ConfigError(
                     f"models.{alias}.deployments must name at least one deployment (or set its selection)"
                 )
-            # The window holds the prompt and the answer: an answer that may
-            # fill it leaves the prompt no token, and every turn asking for
-            # that many was refused as the caller's INVALID_TOKEN_BUDGET.
-            if model.max_output_tokens >= model.context_window_tokens:
+            # The window holds the prompt and the answer: a default answer
+            # that fills it leaves the prompt no token, and every turn not
+            # naming max_tokens was refused as the caller's
+            # INVALID_TOKEN_BUDGET. (A max_output_tokens at or above it, its
+            # default 256 beside a small window, is no error: a turn asking
+            # for that many is refused MAX_TOKENS_TOO_LARGE.)
+            if model.default_max_tokens >= model.context_window_tokens:
                 raise ConfigError(
-                    f"models.{alias}.max_output_tokens ({model.max_output_tokens}) must be below its "
+                    f"models.{alias}.default_max_tokens ({model.default_max_tokens}) must be below its "
                     f"context_window_tokens ({model.context_window_tokens}): the prompt needs room too"
                 )
             continue

@@ -81,11 +81,13 @@ def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
         max_tokens = parameters.max_tokens
         if max_tokens <= 0:
             raise invalid_argument(Reason.INVALID_MAX_TOKENS, "max_tokens must be positive")
-        if max_tokens > model.max_output_tokens:
+        # Below the window too: the prompt needs a token of it (an alias
+        # whose max_output_tokens fills its window was refused deeper in,
+        # as INVALID_TOKEN_BUDGET, which blamed nothing the caller sent).
+        most = min(model.max_output_tokens, model.context_window_tokens - 1)
+        if max_tokens > most:
             raise invalid_argument(
-                Reason.MAX_TOKENS_TOO_LARGE,
-                f"max_tokens may be at most {model.max_output_tokens}",
-                limit=str(model.max_output_tokens),
+                Reason.MAX_TOKENS_TOO_LARGE, f"max_tokens may be at most {most}", limit=str(most)
             )
     check_sampling(parameters)
     return max_tokens

@@ -846,8 +846,8 @@ def test_a_tenants_queued_generations_leave_most_of_the_inference_call_bound_to_
         # dialled so UNAVAILABLE.
         ("[models.tiny-gpt]\ndeployments = []\n", "models.tiny-gpt.deployments must name at least one"),
         (
-            "[models.tiny-gpt]\ncontext_window_tokens = 64\nmax_output_tokens = 64\ndefault_max_tokens = 8\n",
-            r"models.tiny-gpt.max_output_tokens \(64\) must be below its context_window_tokens \(64\)",
+            "[models.tiny-gpt]\ncontext_window_tokens = 64\ndefault_max_tokens = 64\n",
+            r"models.tiny-gpt.default_max_tokens \(64\) must be below its context_window_tokens \(64\)",
         ),
         ('[router]\nlisten = ""\n', "router.listen must not be empty"),
         ('[context]\nlisten = ""\n', "context.listen must not be empty"),
@@ -880,12 +880,13 @@ def test_what_those_refusals_leave_alone_still_loads(tmp_path):
     and the optional endpoints left empty (not listened on)."""
     path = tmp_path / "meshgate.toml"
     path.write_text(
-        "[models.tiny-gpt]\ncontext_window_tokens = 65\nmax_output_tokens = 64\ndefault_max_tokens = 8\n"
+        # A window at the default max_output_tokens (256), a final read's: no error.
+        "[models.tiny-gpt]\ncontext_window_tokens = 256\ndefault_max_tokens = 8\n"
         '[router]\nlisten = "unix:/tmp/router.sock"\ncontext_address = "unix:///tmp/context.sock"\n'
         'http_listen = ""\nmetrics_listen = ""\n[inference]\nlisten = "unix-abstract:meshgate-inference"\n'
     )
     settings = load_settings(path, environ={})
-    assert settings.models["tiny-gpt"].max_output_tokens == 64
+    assert settings.models["tiny-gpt"].context_window_tokens == 256
     assert settings.router.listen == "unix:/tmp/router.sock" and settings.router.http_listen == ""
 
 

@@ -234,3 +234,15 @@ async def test_a_reload_swaps_the_configured_keys():
         grpc.StatusCode.UNAUTHENTICATED,
         "API_KEY_INVALID",
     )
+
+
+def test_max_tokens_that_would_fill_the_window_is_too_large_for_the_caller():
+    """A configuration review's: an alias whose max_output_tokens (its
+    default 256) reaches a small window took a turn asking for that many,
+    which the context service then refused as INVALID_TOKEN_BUDGET, blaming
+    nothing the caller sent. MAX_TOKENS_TOO_LARGE names the most it may ask."""
+    small = ModelSettings(context_window_tokens=64, default_max_tokens=8)
+    assert check_turn(turn(user("hi"), max_tokens=63), small, SETTINGS) == 63
+    with pytest.raises(MeshgateError) as refused:
+        check_turn(turn(user("hi"), max_tokens=64), small, SETTINGS)
+    assert refused.value.reason == "MAX_TOKENS_TOO_LARGE" and refused.value.metadata["limit"] == "63"
