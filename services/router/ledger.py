@@ -78,6 +78,7 @@ from services.router.script_calls import (
     Backlog,
     Skipped,
     begin_call_lua,
+    is_counter,
     run_scripts,
     skipped_in,
 )
@@ -713,7 +714,7 @@ class Ledger:
                     # one, as the summaries' did), or no field the router
                     # writes: left out, not the whole read failed INTERNAL.
                     continue
-                if not value.isdigit() and not (value[:1] == b"-" and value[1:].isdigit()):
+                if not is_counter(value):
                     held = f"a total that is not an integer ({key_id}|{model}|{metric})"
                     raise _unreadable(key, held)
                 row = totals.setdefault((key_id, model), dict.fromkeys(METRICS, 0))

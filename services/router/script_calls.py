@@ -191,6 +191,16 @@ end
 # as a key of another type did) or may overflow: anything but a decimal
 # integer as Redis writes one, of at most 18 digits; ``counter_holds(key)``,
 # a counter's type, 'string, not an integer' where its value is such.
+_COUNTER = re.compile(rb"0|-?[1-9][0-9]{0,17}")
+
+
+def is_counter(value: bytes) -> bool:
+    """Python's not_counter, negated: a stored total the scripts add to (a
+    reader that took more, "007" or 19 digits, read totals the writers had
+    stopped adding to, a final read found)."""
+    return _COUNTER.fullmatch(value) is not None
+
+
 KEY_TYPES_LUA = """
 local key_types = {}
 local function holds(key)
