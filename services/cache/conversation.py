@@ -178,8 +178,10 @@ def _bound_before_topic(earlier: Sequence[common_pb2.Message], topic: str) -> li
     nothing, each user turn binds its names and numbers (_bound_by_earlier_turn),
     up to and including the first that asks a question. A topic turn that
     asks one ("What is the capital of France?") stands alone: history before
-    it on other things binds nothing (bench/README.md: conversations with
-    unrelated history, served 27 of 27 with this, 13 of 27 when every earlier
+    it on other things binds nothing. One that asks without a question mark
+    ("Describe the process of ...") binds the history before it all the
+    same: bench/README.md's conversations with unrelated history were served
+    22 of 27 with this (27 before earlier turns bound, 13 when every earlier
     turn bound)."""
     if not topic or _asks(topic):
         return []
