@@ -186,19 +186,28 @@ end
 # The Lua of that read-only pass: ``holds(key)``, the key's type as Redis's
 # TYPE names it ('none': no such key), asked once per call;
 # ``not_counter(value)``, whether a stored value (GET's, HMGET's; nil: none)
-# is one INCRBY and HINCRBY refuse ("not an integer", an operator's or a
-# bug's write: a type check does not see it, and it stopped a call midway
-# as a key of another type did) or may overflow: anything but a decimal
-# integer as Redis writes one, of at most 18 digits; ``counter_holds(key)``,
-# a counter's type, 'string, not an integer' where its value is such.
-_COUNTER = re.compile(rb"0|-?[1-9][0-9]{0,17}")
+# is one INCRBY and HINCRBY refuse ("not an integer or out of range", an
+# operator's or a bug's write: a type check does not see it, and it stopped
+# a call midway as a key of another type did): anything but a decimal
+# integer as Redis writes one, within int64 (an add that overflows one near
+# its end still stops a call midway: given up, STOPPED_BEFORE);
+# ``counter_holds(key)``, a counter's type, 'string, not an integer' where
+# its value is such.
+# The most a Redis integer holds (int64): a total of 19 digits above it is
+# one HINCRBY refuses as out of range.
+_INT64_MAX = b"9223372036854775807"
+_COUNTER = re.compile(rb"0|-?([1-9][0-9]{0,18})")
 
 
 def is_counter(value: bytes) -> bool:
-    """Python's not_counter, negated: a stored total the scripts add to (a
-    reader that took more, "007" or 19 digits, read totals the writers had
+    """Python's not_counter, negated: a stored total the scripts add to, as
+    Redis writes one (a reader that took "007" read totals the writers had
     stopped adding to, a final read found)."""
-    return _COUNTER.fullmatch(value) is not None
+    matched = _COUNTER.fullmatch(value)
+    if matched is None:
+        return False
+    digits = matched.group(1) or b"0"
+    return len(digits) < len(_INT64_MAX) or digits <= _INT64_MAX
 
 
 KEY_TYPES_LUA = """
@@ -209,8 +218,10 @@ local function holds(key)
 end
 local function not_counter(value)
   if not value then return false end
+  if value == '0' then return false end
   local digits = string.match(value, '^%-?([1-9]%d*)$')
-  return not (value == '0' or (digits and #digits <= 18))
+  if not digits then return true end
+  return #digits > 19 or (#digits == 19 and digits > '9223372036854775807')
 end
 local function counter_holds(key)
   local found = holds(key)

@@ -941,12 +941,12 @@ async def test_a_turn_whose_key_holds_another_type_is_skipped_and_the_others_of_
     assert (line["tenant"], line["key_kind"], line["holds"]) == (broken.id, "streams", "string")
 
 
-@pytest.mark.parametrize("counter", ["not a number", "1.5", "1" * 19])
+@pytest.mark.parametrize("counter", ["not a number", "1.5", "9" * 19])
 async def test_a_turn_whose_counter_is_not_an_integer_is_skipped_and_the_others_of_its_batch_settle(
     redis_client, counter
 ):
     """A budget counter holding a string INCRBY refuses (an operator's or a
-    bug's write; 19 digits: an add may overflow) stopped the batch midway,
+    bug's write; 9 x 19: past int64) stopped the batch midway,
     as a key of another type did: given up, every other tenant's turn in it
     unsettled, their streams held. Now that turn's part in the counter's
     slot is skipped, the others settle."""

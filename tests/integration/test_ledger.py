@@ -390,12 +390,12 @@ async def test_a_call_that_skipped_a_record_sent_again_writes_nothing_twice(redi
         await client.aclose()
 
 
-@pytest.mark.parametrize("total", ["not a number", "1.5", "007", "1" * 19])
+@pytest.mark.parametrize("total", ["not a number", "1.5", "007", "9" * 19])
 async def test_a_record_whose_total_is_not_an_integer_is_skipped_and_the_others_of_its_call_are_written(
     redis_url, total
 ):
     """A tenant's day hash whose total is a string HINCRBY refuses (an
-    operator's or a bug's write; 19 digits: an add may overflow) stopped
+    operator's or a bug's write; 9 x 19: past int64, out of Redis's range) stopped
     the call midway, as a key of another type did: given up, with the
     other tenants' records of the call (up to 128). Now skipped as such a
     record is, the others written."""
@@ -430,10 +430,11 @@ async def test_a_record_whose_total_is_not_an_integer_is_skipped_and_the_others_
         await client.aclose()
 
 
-@pytest.mark.parametrize("total", ["0", "-5", "9" * 18])
+@pytest.mark.parametrize("total", ["0", "-5", "9" * 18, "1" * 19])
 async def test_integer_totals_of_every_form_redis_writes_are_added_to(redis_url, total):
     """The other side of not_counter: what HINCRBY writes (0, negatives, 18
-    digits) is a total, added to as before."""
+    and 19 digits within int64) is a total, added to and read back (a final
+    read: an 18-digit total the ledger grew to 19 was refused as unreadable)."""
     client = redis_access.connect(redis_url)
     ledger = Ledger(client, stream_max_len=10_000, retention_days=2)
     tenant = f"odd-{uuid.uuid4().hex[:8]}"
@@ -543,7 +544,7 @@ async def test_a_claim_bills_the_turns_of_a_journal_around_one_whose_key_holds_a
         await client.aclose()
 
 
-@pytest.mark.parametrize("broken", ["another type", "12abc", "007", "1" * 19])
+@pytest.mark.parametrize("broken", ["another type", "12abc", "007", "9" * 19])
 async def test_totals_that_cannot_be_read_are_refused_failed_precondition_naming_the_key(redis_url, broken):
     """A day's totals key of another type (or a total that is not an
     integer) failed GetUsage UNAVAILABLE REDIS_UNAVAILABLE (or INTERNAL on
@@ -563,7 +564,7 @@ async def test_totals_that_cannot_be_read_are_refused_failed_precondition_naming
             await client.set(key, "not a hash")
         else:
             # What the writers' not_counter skips reads so too (a final read:
-            # "007" and 19 digits were read as totals that no longer grew).
+            # "007" was read as a total that no longer grew).
             await client.hset(key, "k|tiny-gpt|prompt_tokens", broken)
         with pytest.raises(MeshgateError) as refused:
             await ledger.usage(tenant, today, today)
