@@ -1852,20 +1852,32 @@ def hash_api_key(key: str) -> str:
 
 
 def _apply_environment(raw: dict[str, Any], environ: typing.Mapping[str, str]) -> None:
-    if url := environ.get("REDIS_URL"):
-        raw.setdefault("redis", {})["url"] = url
-    if key := environ.get("MESHGATE_DEV_API_KEY"):
-        raw.setdefault("router", {})["dev_api_key"] = key
     # Whole tables before keys inside them, whatever the environment's order.
     # A whole section too (MESHGATE_ROUTER='{ tenants = [...] }'): skipped,
     # it left a review's tenants out without a word, and the dev tenant on.
     # Other MESHGATE_ names without "__" (MESHGATE_CONFIG) are no settings.
     sections = {field.name for field in dataclasses.fields(Settings)}
-    for name, value in sorted(environ.items(), key=lambda item: item[0].count("__")):
-        if not name.startswith("MESHGATE_"):
-            continue
-        if "__" not in name and name[len("MESHGATE_") :].lower() not in sections:
-            continue
+    named = [(name, value) for name, value in environ.items() if name.startswith("MESHGATE_")]
+    whole = [(name, value) for name, value in named if name[len("MESHGATE_") :].lower() in sections]
+    keyed = sorted(
+        ((name, value) for name, value in named if "__" in name), key=lambda item: item[0].count("__")
+    )
+    for name, value in whole:
+        raw[name[len("MESHGATE_") :].lower()] = _parse_scalar(value)
+    # The two aliases of settings inside sections, after a whole section
+    # (which dropped them: a final read's MESHGATE_ROUTER='{...}' put the
+    # public dev key back in place of MESHGATE_DEV_API_KEY's), before the
+    # variables of keys, which name their setting outright.
+    for alias, (section, setting) in (
+        ("REDIS_URL", ("redis", "url")),
+        ("MESHGATE_DEV_API_KEY", ("router", "dev_api_key")),
+    ):
+        if value := environ.get(alias):
+            table = raw.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section}: expected a table")
+            table[setting] = value
+    for name, value in keyed:
         node = raw
         *parents, leaf = name[len("MESHGATE_") :].split("__")
         for parent in parents:

@@ -908,3 +908,25 @@ def test_a_whole_section_given_in_one_variable_is_read_as_a_whole_table():
     assert settings.cache.semantic_threshold == 0.95
     with pytest.raises(ConfigError, match="router: expected a table"):
         load_settings(environ={"MESHGATE_ROUTER": "7"})
+
+
+def test_the_two_aliases_apply_over_a_whole_section_variable():
+    """A final read's finding: MESHGATE_ROUTER='{...}' replaced the router
+    table after MESHGATE_DEV_API_KEY had set its key in it (the published
+    mg-dev-local-key came back), and MESHGATE_REDIS='{...}' dropped
+    REDIS_URL (the services dialled 127.0.0.1:6379). A key's own variable
+    still wins over either."""
+    settings = load_settings(
+        environ={
+            "MESHGATE_DEV_API_KEY": "prod-dev-key",
+            "MESHGATE_ROUTER": "{ max_messages = 7 }",
+            "REDIS_URL": "redis://redis.internal:6379/0",
+            "MESHGATE_REDIS": "{ timeout_s = 1.5 }",
+        }
+    )
+    assert (settings.router.dev_api_key, settings.router.max_messages) == ("prod-dev-key", 7)
+    assert (settings.redis.url, settings.redis.timeout_s) == ("redis://redis.internal:6379/0", 1.5)
+    settings = load_settings(
+        environ={"MESHGATE_DEV_API_KEY": "prod-dev-key", "MESHGATE_ROUTER__DEV_API_KEY": "named-key"}
+    )
+    assert settings.router.dev_api_key == "named-key"
