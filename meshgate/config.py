@@ -197,6 +197,18 @@ class ModelSettings:
         _check_one_of("assembly_strategy", self.assembly_strategy, ASSEMBLY_STRATEGIES)
         _check_strategy(self.routing_strategy)
 
+    @property
+    def most_output_tokens(self) -> int:
+        """The most max_tokens a turn may ask for: max_output_tokens, and
+        below the window, where the prompt needs a token (its default 256
+        beside a window of 256: a turn asking for 256 reached the context
+        service's INVALID_TOKEN_BUDGET). What validation allows, templates
+        may set, and ListModels and /v1/models say. A selection's alias has
+        no window of its own: its choices' windows bound their turns."""
+        if self.selection is not None:
+            return self.max_output_tokens
+        return min(self.max_output_tokens, self.context_window_tokens - 1)
+
 
 # The longest route a cache scope may carry: the cache service refuses a
 # longer one (SCOPE_TOO_LARGE, services/cache/servicer.py), so every cache
@@ -1766,12 +1778,14 @@ def check_router_models(settings: Settings) -> None:
         # every invocation on that model that left max_tokens unset.
         max_tokens = template.parameters.max_tokens
         over = [
-            alias for alias in template.models if settings.models[alias].max_output_tokens < (max_tokens or 0)
+            alias
+            for alias in template.models
+            if settings.models[alias].most_output_tokens < (max_tokens or 0)
         ]
         if over:
             raise ConfigError(
                 f"router.templates {template.name!r} version {template.version}: parameters.max_tokens "
-                f"({max_tokens}) exceeds the max_output_tokens of {over}"
+                f"({max_tokens}) exceeds what {over} take (max_output_tokens, below the window)"
             )
     for alias, model in settings.models.items():
         # A request without max_tokens gets default_max_tokens, which

@@ -1101,7 +1101,7 @@ class HttpEdge:
         model = self._models.get(alias)
         if model is not None:
             entry["context_window"] = model.context_window_tokens
-            entry["max_output_tokens"] = model.max_output_tokens
+            entry["max_output_tokens"] = model.most_output_tokens
         return entry
 
     async def _models_list(self, tenant: Tenant, body: bytes, response: _Response) -> None:

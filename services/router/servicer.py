@@ -592,7 +592,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 pb.ModelInfo(
                     alias=alias,
                     context_window_tokens=model.context_window_tokens,
-                    max_output_tokens=model.max_output_tokens,
+                    max_output_tokens=model.most_output_tokens,
                 )
                 for alias, model in sorted(self._models.items())
                 if tenant.may_use(alias)

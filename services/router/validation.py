@@ -81,10 +81,8 @@ def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
         max_tokens = parameters.max_tokens
         if max_tokens <= 0:
             raise invalid_argument(Reason.INVALID_MAX_TOKENS, "max_tokens must be positive")
-        # Below the window too: the prompt needs a token of it (an alias
-        # whose max_output_tokens fills its window was refused deeper in,
-        # as INVALID_TOKEN_BUDGET, which blamed nothing the caller sent).
-        most = min(model.max_output_tokens, model.context_window_tokens - 1)
+        # Below the window too (ModelSettings.most_output_tokens).
+        most = model.most_output_tokens
         if max_tokens > most:
             raise invalid_argument(
                 Reason.MAX_TOKENS_TOO_LARGE, f"max_tokens may be at most {most}", limit=str(most)

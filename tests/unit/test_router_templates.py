@@ -332,3 +332,29 @@ content = "Say $x"
     config.write_text(text.replace("max_tokens = 1000", "max_tokens = 64"))
     (template,) = load_settings(config, environ={}).router.templates
     assert template.parameters.max_tokens == 64
+
+
+def test_a_templates_default_max_tokens_must_leave_the_prompt_room_in_the_window(tmp_path):
+    """A final read's finding: an alias with a window of 256 (its
+    max_output_tokens the default 256) took a template whose max_tokens was
+    256, and every invocation leaving max_tokens unset was refused
+    MAX_TOKENS_TOO_LARGE (255 at most), blaming what the caller never sent."""
+    config = tmp_path / "meshgate.toml"
+    text = """
+[models.small]
+context_window_tokens = 256
+default_max_tokens = 8
+[[router.templates]]
+name = "t"
+models = ["small"]
+[router.templates.parameters]
+max_tokens = 256
+[[router.templates.messages]]
+content = "Say $x"
+"""
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=r"parameters.max_tokens \(256\) exceeds .*\['small'\]"):
+        load_settings(config, environ={})
+    config.write_text(text.replace("max_tokens = 256", "max_tokens = 255"))
+    settings = load_settings(config, environ={})
+    assert settings.models["small"].most_output_tokens == 255
