@@ -905,6 +905,26 @@ def _settlements_given_up() -> float:
     return metrics.router().deferred_writes.labels("settlement", "given_up")._value.get()
 
 
+async def _settled_beside_a_broken_key(redis_client, admission: Admission, break_it):
+    """Two tenants' turns admitted, the first's key broken by ``break_it``
+    (its scope, its turn), both settled in one batch; the victim's settled
+    whole. Returns (broken scope, victim scope, broken turn, the logs, the
+    given_up count before)."""
+    limits = dict(concurrent_streams=1, tokens_per_day=1_000)
+    broken, victim = _scope(**limits), _scope(**limits)
+    broken_turn = await admission.admit([broken], 10, 90)
+    victim_turn = await admission.admit([victim], 10, 90)
+    await break_it(broken, broken_turn)
+    given_up = _settlements_given_up()
+    with structlog.testing.capture_logs() as logged:
+        admission.settle_soon(broken_turn, 20, 0)
+        admission.settle_soon(victim_turn, 20, 0)
+        await admission.flush()
+    assert await redis_client.zcard(f"{victim.prefix}:streams") == 0
+    assert int(await redis_client.get(f"{victim.prefix}:tokens:day:{victim_turn.day}")) == 20
+    return broken, victim, broken_turn, logged, given_up
+
+
 @pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
 async def test_a_turn_whose_key_holds_another_type_is_skipped_and_the_others_of_its_batch_settle(
     redis_client, split_by_slot
@@ -919,19 +939,14 @@ async def test_a_turn_whose_key_holds_another_type_is_skipped_and_the_others_of_
     broken turn is now skipped whole (its reservation stands), logged naming
     its tenant and key, counted given up; the others settle."""
     admission = Admission(redis_client, max_generation_s=60, split_by_slot=split_by_slot)
-    limits = dict(concurrent_streams=1, tokens_per_day=1_000)
-    broken, victim = _scope(**limits), _scope(**limits)
-    broken_turn = await admission.admit([broken], 10, 90)
-    victim_turn = await admission.admit([victim], 10, 90)
-    await redis_client.delete(f"{broken.prefix}:streams")
-    await redis_client.set(f"{broken.prefix}:streams", "not a sorted set")
-    given_up = _settlements_given_up()
-    with structlog.testing.capture_logs() as logged:
-        admission.settle_soon(broken_turn, 20, 0)
-        admission.settle_soon(victim_turn, 20, 0)
-        await admission.flush()
-    assert await redis_client.zcard(f"{victim.prefix}:streams") == 0
-    assert int(await redis_client.get(f"{victim.prefix}:tokens:day:{victim_turn.day}")) == 20
+
+    async def break_streams(broken: Scope, _) -> None:
+        await redis_client.delete(f"{broken.prefix}:streams")
+        await redis_client.set(f"{broken.prefix}:streams", "not a sorted set")
+
+    broken, victim, broken_turn, logged, given_up = await _settled_beside_a_broken_key(
+        redis_client, admission, break_streams
+    )
     await admission.admit([victim], 10, 90)  # its stream was freed
     # Nothing of the broken turn was settled: its reservation stands.
     assert int(await redis_client.get(f"{broken.prefix}:tokens:day:{broken_turn.day}")) == 100
@@ -951,19 +966,14 @@ async def test_a_turn_whose_counter_is_not_an_integer_is_skipped_and_the_others_
     unsettled, their streams held. Now that turn's part in the counter's
     slot is skipped, the others settle."""
     admission = Admission(redis_client, max_generation_s=60)
-    limits = dict(concurrent_streams=1, tokens_per_day=1_000)
-    broken, victim = _scope(**limits), _scope(**limits)
-    broken_turn = await admission.admit([broken], 10, 90)
-    victim_turn = await admission.admit([victim], 10, 90)
+
+    async def break_budget(broken: Scope, broken_turn) -> None:
+        await redis_client.set(f"{broken.prefix}:tokens:day:{broken_turn.day}", counter)
+
+    broken, _, broken_turn, logged, given_up = await _settled_beside_a_broken_key(
+        redis_client, admission, break_budget
+    )
     budget = f"{broken.prefix}:tokens:day:{broken_turn.day}"
-    await redis_client.set(budget, counter)
-    given_up = _settlements_given_up()
-    with structlog.testing.capture_logs() as logged:
-        admission.settle_soon(broken_turn, 20, 0)
-        admission.settle_soon(victim_turn, 20, 0)
-        await admission.flush()
-    assert await redis_client.zcard(f"{victim.prefix}:streams") == 0
-    assert int(await redis_client.get(f"{victim.prefix}:tokens:day:{victim_turn.day}")) == 20
     assert await redis_client.get(budget) == counter.encode()
     assert await redis_client.zcard(f"{broken.prefix}:streams") == 1
     assert _settlements_given_up() == given_up + 1 and len(admission._settlements) == 0

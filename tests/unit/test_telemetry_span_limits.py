@@ -13,8 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from meshgate import telemetry
 from meshgate.errors import ErrorInterceptor, not_found
 from meshgate.reasons import Reason
-
-SERVICE = "meshgate.test.v1.Probe"
+from tests.grpc_probe import SERVICE, serving
 
 
 async def test_a_callers_huge_user_agent_is_clipped_on_the_server_span(monkeypatch):
@@ -30,18 +29,11 @@ async def test_a_callers_huge_user_agent_is_clipped_on_the_server_span(monkeypat
     async def echo(request: bytes, context) -> bytes:
         return request
 
-    server = grpc.aio.server(interceptors=telemetry.server_interceptors())
-    handlers = {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     agent = "A" * 7_000  # under this bare server's 8 KiB; the router takes ~16
-    try:
-        options = [("grpc.primary_user_agent", agent)]
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-            assert await channel.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
-    finally:
-        await server.stop(1)
+    handler = grpc.unary_unary_rpc_method_handler(echo)
+    options = [("grpc.primary_user_agent", agent)]
+    async with serving("Echo", handler, telemetry.server_interceptors(), options) as channel:
+        assert await channel.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5) == b"hi"
     (span,) = exporter.get_finished_spans()
     user_agent = span.attributes["rpc.user_agent"]
     assert user_agent.startswith("AAAA") and len(user_agent) == telemetry.MAX_SPAN_ATTRIBUTE_CHARS
@@ -64,17 +56,10 @@ async def test_a_refusal_quoting_a_callers_huge_text_keeps_its_span_small(monkey
     async def refuse(request: bytes, context) -> bytes:
         raise not_found(Reason.MODEL_NOT_FOUND, f"unknown model {huge!r}")
 
-    server = grpc.aio.server(interceptors=[*telemetry.server_interceptors(), ErrorInterceptor()])
-    handlers = {"Echo": grpc.unary_unary_rpc_method_handler(refuse)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await channel.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5)
-    finally:
-        await server.stop(1)
+    handler = grpc.unary_unary_rpc_method_handler(refuse)
+    async with serving("Echo", handler, [*telemetry.server_interceptors(), ErrorInterceptor()]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await channel.unary_unary(f"/{SERVICE}/Echo")(b"hi", timeout=5)
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     (span,) = exporter.get_finished_spans()
     size = len(span.to_json())

@@ -6,7 +6,6 @@ server on 127.0.0.1 with the services' interceptor chain."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 
@@ -19,8 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from meshgate import telemetry
 from meshgate.errors import ErrorInterceptor
+from tests.grpc_probe import SERVICE, serving
 
-SERVICE = "meshgate.test.v1.Probe"
 METHOD = f"/{SERVICE}/Stream"
 
 
@@ -43,19 +42,9 @@ def spans(monkeypatch):
     yield exporter
 
 
-@contextlib.asynccontextmanager
-async def _serving(stream, interceptors):
+def _serving(stream, interceptors):
     """A channel to a server answering METHOD with ``stream``."""
-    server = grpc.aio.server(interceptors=interceptors)
-    handlers = {"Stream": grpc.unary_stream_rpc_method_handler(stream)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel
-    finally:
-        await server.stop(1)
+    return serving("Stream", grpc.unary_stream_rpc_method_handler(stream), interceptors)
 
 
 async def _endless(request, context):
