@@ -13,12 +13,13 @@ accepts. Exit status 0 only for SERVING; 1 otherwise, with the reason on stderr.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshgate import mesh_auth
+from meshgate import mesh_auth, serving
 from meshgate.config import Settings, load_settings
 
 # Settings attribute that holds each service's listen address.
@@ -54,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="host:port to dial (default: from the service's listen setting)")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds (default: 2)")
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout!r}")
+    if args.address is not None:
+        # Checked as every dialled address is at load: grpc dials a port
+        # past 65535 modulo 65536 (127.0.0.1:99999 probed port 34463, which
+        # another process may answer SERVING) and one left out on 443.
+        try:
+            serving.channel_target(args.address)
+        except ValueError as error:
+            parser.error(f"--address: {error}")
     try:
         status = check(load_settings(args.config), args.service, args.timeout, args.address)
     except grpc.RpcError as error:
