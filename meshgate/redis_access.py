@@ -182,15 +182,21 @@ _FIXED_QUERY_KEYS = {
 
 def check_url(url: str) -> None:
     parts = urllib.parse.urlsplit(url)
-    if not is_cluster(url):  # _cluster_nodes reads a cluster's ports
+    if is_cluster(url):
+        _cluster_nodes(url)  # each node's host and port, refused at load as at connect
+    else:
         try:
-            parts.port  # noqa: B018 - read for the ValueError redis-py would raise
+            port = parts.port
         except ValueError:
             # urllib's own message quotes the "port", which is the piece of
             # a password after an unencoded '/', '?' or '#' (":pa/ss@h").
             raise ConfigError(
-                f"redis URL {redacted(url)!r}: its port is not a number from 0 to 65535"
+                f"redis URL {redacted(url)!r}: its port is not a number from 1 to 65535"
             ) from None
+        if port == 0:
+            # Port 0 loaded, and every connection failed at start (nothing
+            # listens there), naming no setting.
+            raise ConfigError(f"redis URL {redacted(url)!r}: its port is not a number from 1 to 65535")
     fixed = sorted(_FIXED_QUERY_KEYS.keys() & urllib.parse.parse_qs(parts.query).keys())
     if fixed:
         reasons = "; ".join(dict.fromkeys(_FIXED_QUERY_KEYS[key] for key in fixed))
@@ -270,8 +276,10 @@ def _cluster_nodes(url: str) -> tuple[str, list[ClusterNode]]:
     nodes = []
     for host_port in hosts.split(","):
         host, _, port = host_port.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"redis URL {redacted(url)!r}: name each cluster node as host:port")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(
+                f"redis URL {redacted(url)!r}: name each cluster node as host:port, the port from 1 to 65535"
+            )
         nodes.append(ClusterNode(host, int(port)))
     first = f"{credentials}@{hosts.split(',')[0]}" if credentials else hosts.split(",")[0]
     plain = urllib.parse.urlunsplit((CLUSTER_SCHEMES[parts.scheme], first, parts.path, parts.query, ""))

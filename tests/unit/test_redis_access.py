@@ -16,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 
 from meshgate import redis_access
-from meshgate.config import ConfigError
+from meshgate.config import ConfigError, load_settings
 from meshgate.reasons import Reason
 from meshgate.telemetry import ThrottledLog
 from tests.clocks import Clock
@@ -47,10 +47,27 @@ async def test_a_cluster_url_names_every_startup_node_and_keeps_credentials() ->
         await client.aclose()
 
 
-@pytest.mark.parametrize("url", ["redis+cluster://127.0.0.1", "redis+cluster://127.0.0.1:7000,:7001"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://127.0.0.1",
+        "redis+cluster://127.0.0.1:7000,:7001",
+        "redis+cluster://127.0.0.1:0,h:7001",
+    ],
+)
 def test_a_cluster_node_without_host_and_port_is_refused(url: str) -> None:
     with pytest.raises(ValueError, match="host:port"):
         redis_access.connect(url)
+    # At load too, naming the setting, not at a service's first connection.
+    with pytest.raises(ConfigError, match="redis.url: .*host:port"):
+        load_settings(environ={"REDIS_URL": url})
+
+
+def test_a_url_on_port_0_is_refused_at_load():
+    """It loaded, and every connection failed at start, naming no setting."""
+    with pytest.raises(ConfigError, match="redis.url: .*port is not a number from 1 to 65535"):
+        load_settings(environ={"REDIS_URL": "redis://127.0.0.1:0/0"})
+    assert load_settings(environ={"REDIS_URL": "redis://127.0.0.1/0"}).redis.url == "redis://127.0.0.1/0"
 
 
 @pytest.mark.parametrize(
