@@ -387,10 +387,17 @@ class ThrottledLog:
         self._suppressed: dict[Hashable, int] = {}
 
     def warning(self, event: str, per: Hashable = None, **fields) -> None:
+        suppressed = self.admit(per)
+        if suppressed is not None:
+            self._log.warning(event, suppressed=suppressed, **fields)
+
+    def admit(self, per: Hashable = None) -> int | None:
+        """Whether a line for ``per`` goes out now: how many went unlogged
+        since its last (0 for none), or None to leave this one out (counted)."""
         now = self._clock()
         logged_at = self._logged_at.get(per)
         if logged_at is not None and now - logged_at < self._interval_s:
             self._suppressed[per] = self._suppressed.get(per, 0) + 1
-            return
+            return None
         self._logged_at[per] = now
-        self._log.warning(event, suppressed=self._suppressed.pop(per, 0), **fields)
+        return self._suppressed.pop(per, 0)

@@ -447,20 +447,17 @@ def analyze_uncached(text: str) -> Analysis:
     for at, token in enumerate(tokens):
         number = _number_of(token)
         if number is not None:
+            numbers[number] += 1
             following = tokens[at + 1] if at + 1 < len(tokens) else ""
             number_units.add((number, _unit_of(following) or ""))
-        if token in _MERIDIEMS and at and tokens[at - 1][0].isdigit():
-            # A time's half of the day ("9am" vs "9pm"; "I am" is no unit).
-            units.add(token)
-        elif token[0].isdigit():
-            numbers[token.replace(",", "")] += 1
-        elif token in NUMBER_WORDS:
-            numbers[f"{NUMBER_WORDS[token]:g}"] += 1
         elif token in CALENDAR_WORDS:
             numbers[token] += 1
-        elif singular(token) in UNIT_WORDS or token in UNIT_WORDS:
-            unit = token if token in UNIT_WORDS else singular(token)
-            units.add(UNIT_SYNONYMS.get(unit, unit))
+        elif token in _MERIDIEMS:
+            # A time's half of the day ("9am" vs "9pm"; "I am" is no unit).
+            if at and tokens[at - 1][0].isdigit():
+                units.add(token)
+        elif (unit := _unit_of(token)) is not None:
+            units.add(unit)
     negations = sum(1 for t in tokens if t in NEGATIONS) - len(_NEUTRAL_NEGATION.findall(text))
     padded = ("", *tokens, "")
     name_contexts = tuple(

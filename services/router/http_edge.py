@@ -46,7 +46,7 @@ from google.rpc import error_details_pb2
 from opentelemetry import propagate, trace
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from meshgate import metrics, serving
+from meshgate import metrics, serving, telemetry
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings, tcp_listen_address
 from meshgate.errors import (
@@ -1771,29 +1771,17 @@ PARSER_WARNING_INTERVAL_S = 60.0
 class _ThrottledWarnings(logging.Filter):
     """uvicorn.error's warnings, throttled per message (telemetry.ThrottledLog's rule)."""
 
-    def __init__(self, interval_s: float, clock=time.monotonic) -> None:
+    def __init__(self, interval_s: float) -> None:
         super().__init__()
-        self._interval_s = interval_s
-        self._clock = clock
-        self._logged_at: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self._throttle = telemetry.ThrottledLog(logging.getLogger("uvicorn.error"), interval_s)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING:
             return True
-        message, now = str(record.msg), self._clock()
-        logged_at = self._logged_at.get(message)
-        if logged_at is not None and now - logged_at < self._interval_s:
-            self._suppressed[message] = self._suppressed.get(message, 0) + 1
-            return False
-        if len(self._logged_at) >= 64 and message not in self._logged_at:
-            # Messages are uvicorn's own few; a bound all the same.
-            self._logged_at.clear()
-        self._logged_at[message] = now
-        suppressed = self._suppressed.pop(message, 0)
+        suppressed = self._throttle.admit(str(record.msg))
         if suppressed:
-            record.msg = f"{message} ({suppressed} more since the last, not logged)"
-        return True
+            record.msg = f"{record.msg} ({suppressed} more since the last, not logged)"
+        return suppressed is not None
 
 
 def _throttle_uvicorns_warnings() -> None:
