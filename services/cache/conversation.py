@@ -167,6 +167,43 @@ def _asks(text: str) -> bool:
     return text.rstrip().endswith("?")
 
 
+# Words that point back at what an earlier turn asked for: a topic turn
+# with one ("Make it vegan.", "Keep that formal.") is a piece of that request.
+REFERS_BACK = _words("it its that this these those them they one ones same there")
+
+# A topic turn saying this many content words or fewer (besides small talk)
+# is a fragment of an earlier request ("Vegan, please.", "Just me and my
+# wife.", "For next Friday."), not one of its own.
+FRAGMENT_WORDS = 2
+
+# What a user's earlier turn says that binds no referent, as analyze() gives
+# its words (singular).
+_USER_FILLER = frozenset(singular(w) for w in SMALL_TALK)
+
+
+def _continues(earlier: Sequence[common_pb2.Message], topic: str) -> bool:
+    """Whether a topic turn that asks nothing is a piece of an earlier
+    request rather than one of its own: it answers the assistant's question
+    right before it ("Any restrictions?" / "Make it vegan."), points back at
+    it, or is a fragment (REFERS_BACK, FRAGMENT_WORDS). "Describe the
+    process of photosynthesis." is none of these: history before it on
+    other things binds only its names and numbers."""
+    before = next(
+        (m for m in reversed(earlier) if m.role in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)), None
+    )
+    if (
+        before is not None
+        and before.role == common_pb2.ROLE_ASSISTANT
+        and _asks(normalize_text(before.content))
+    ):
+        return True
+    if len(topic) > REPLY_ANALYSIS_MAX_CHARS or not readable(topic):
+        # Not analysed: the stricter side.
+        return True
+    analysis = analyze(topic)
+    return bool(analysis.token_set & REFERS_BACK) or len(analysis.content - _USER_FILLER) <= FRAGMENT_WORDS
+
+
 def _bound_before_topic(earlier: Sequence[common_pb2.Message], topic: str) -> list[common_pb2.Message]:
     """What the user's turns before the topic turn bind. No verifier reads
     them, yet where the topic turn is no question of its own but a piece of
@@ -182,9 +219,19 @@ def _bound_before_topic(earlier: Sequence[common_pb2.Message], topic: str) -> li
     ("Describe the process of ...") binds the history before it all the
     same: bench/README.md's conversations with unrelated history were served
     22 of 27 with this (27 before earlier turns bound, 13 when every earlier
-    turn bound)."""
+    turn bound).
+
+    Where the topic turn continues an earlier request (_continues), that
+    request's words bind too, not only its names and numbers: "Suggest a
+    recipe for dinner." / "Any restrictions?" / "Make it vegan." / "How long
+    will it take?" was served the answer given after "Suggest a dessert
+    recipe." (likewise a cover letter for a nursing or a teaching job, a
+    trip to the beach or the mountains), the topic turns and questions the
+    same. The request reworded with other words is then another
+    conversation: a miss, never a wrong answer."""
     if not topic or _asks(topic):
         return []
+    with_words = None  # worked out at the first turn that says something
     bound = []
     for message in reversed(earlier):
         if message.role != common_pb2.ROLE_USER:
@@ -192,7 +239,9 @@ def _bound_before_topic(earlier: Sequence[common_pb2.Message], topic: str) -> li
         text = normalize_text(message.content)
         if not text or is_small_talk(text):
             continue
-        referents = _bound_by_earlier_turn(text)
+        if with_words is None:
+            with_words = _continues(earlier, topic)
+        referents = _bound_by_earlier_turn(text, with_words)
         if referents is not None:
             bound.append(referents)
         if _asks(text):
@@ -200,14 +249,20 @@ def _bound_before_topic(earlier: Sequence[common_pb2.Message], topic: str) -> li
     return bound[::-1]
 
 
-def _bound_by_earlier_turn(text: str) -> common_pb2.Message | None:
+def _bound_by_earlier_turn(text: str, with_words: bool = False) -> common_pb2.Message | None:
     """What a user's turn (normalized) before the topic turn binds: its names
-    and numbers (None: it has neither); its whole text where it is too long
-    to analyse or written in letters the analysis cannot read."""
+    and numbers, and with ``with_words`` its other words but small talk
+    (None: it has none); its whole text where it is too long to analyse or
+    written in letters the analysis cannot read."""
     if len(text) > REPLY_ANALYSIS_MAX_CHARS or not readable(text):
         return common_pb2.Message(role=common_pb2.ROLE_USER, content=text)
     analysis = analyze(text)
-    referents = sorted(analysis.names) + sorted(analysis.numbers.elements())
+    words = set(analysis.names)
+    if with_words:
+        # Names as the content words spell them (singular), as replies bind them.
+        words = {singular(name) for name in analysis.names} | (analysis.content - _USER_FILLER)
+    words -= analysis.numbers.keys() | NUMBER_WORDS.keys()
+    referents = sorted(words) + sorted(analysis.numbers.elements())
     if not referents:
         return None
     return common_pb2.Message(role=common_pb2.ROLE_USER, content=" ".join(referents))

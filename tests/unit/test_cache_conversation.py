@@ -291,10 +291,14 @@ def test_the_users_turns_before_a_topic_turn_that_asks_nothing_bind_their_names_
     def bound(*contents: str) -> list[str]:
         return [m.content for m in conversation.matched_exactly(turns(*contents))]
 
-    flight = ("Sure.", "For next Friday.", "Got it.", "How much will it cost?")
+    # (Topic turns of their own, not pieces of the earlier request, which
+    # bind its words too: the next test.)
+    flight = ("Sure.", "Departing next Friday evening, economy class.", "Got it.", "How much will it cost?")
     assert bound("I want to book a flight to Paris.", *flight) == ["paris"]
     assert bound("I want to book a flight to Tokyo.", *flight) == ["tokyo"]
-    assert bound("Where is order 4521?", "Checking.", "It was due Monday.", "Sure.", "Why?") == ["4521"]
+    assert bound("Where is order 4521?", "Checking.", "Delivery was promised Monday.", "Sure.", "Why?") == [
+        "4521"
+    ]
     moscow = ("Я живу в Москве.", "Хорошо.", "I want Netflix.", "Sure.", "How much?")
     assert bound(*moscow) == ["Я живу в Москве."]
     # Up to the first turn that asks: what came before it was another question.
@@ -303,7 +307,7 @@ def test_the_users_turns_before_a_topic_turn_that_asks_nothing_bind_their_names_
         "Yes.",
         "Who wrote Hamlet?",
         "Shakespeare.",
-        "I mean in 1600.",
+        "Specifically the first printed edition in 1600.",
         "Sure.",
         "Why?",
     )
@@ -315,6 +319,49 @@ def test_the_users_turns_before_a_topic_turn_that_asks_nothing_bind_their_names_
     unrelated = ("Who wrote Romeo and Juliet?", "Shakespeare.", "What is France's capital?", "Paris.", "Why?")
     assert bound(*unrelated) == ["pari"]
     assert bound("Hi!", "Hello!", "I need a hotel.", "Sure.", "Any with a pool?") == []
+
+
+def test_a_topic_turn_that_continues_an_earlier_request_binds_that_requests_words():
+    """A hunt's finding: "Suggest a recipe for dinner." / "Any restrictions?"
+    / "Make it vegan." / "How long will it take?" was served the answer
+    given after "Suggest a dessert recipe.", the topic turns and questions
+    the same and the earlier requests naming nothing (likewise a cover
+    letter for a nursing or a teaching job, a trip to the beach or the
+    mountains). A topic turn that answers the assistant's question, points
+    back, or is a fragment binds the earlier request's words as well."""
+
+    def bound(*contents: str) -> list[str]:
+        return [m.content for m in conversation.matched_exactly(turns(*contents))]
+
+    vegan = ("Any restrictions?", "Make it vegan.", "Sure.", "How long will it take?")
+    assert bound("Suggest a recipe for dinner.", *vegan) == ["dinner recipe suggest"]
+    assert bound("Suggest a dessert recipe.", *vegan) == ["dessert recipe suggest"]
+    # The same words asked otherwise still share.
+    assert bound("Can you suggest a dinner recipe?", *vegan) == ["dinner recipe suggest"]
+    # Answering no question, pointing back ("Keep it formal.") or a fragment ("Vegan, please.").
+    letter = ("Here is a draft.", "Keep it formal.", "Okay.", "How long should it be?")
+    assert bound("Write a cover letter for a nursing job.", *letter) != bound(
+        "Write a cover letter for a teaching job.", *letter
+    )
+    fragment = ("Here is one.", "Vegan, please.", "Okay.", "How long will it take?")
+    assert bound("Suggest a recipe for dinner.", *fragment) == ["dinner recipe suggest"]
+    # A request of its own binds the names and numbers before it only.
+    own = (
+        "Here is one.",
+        "Describe the process of making sourdough bread.",
+        "Okay.",
+        "How long will it take?",
+    )
+    assert bound("Suggest a recipe for dinner.", *own) == []
+    assert bound("Suggest a recipe for dinner in Paris.", *own) == ["paris"]
+    # The whole flight, the trip and the recipe, through resolve: one text, two conversations.
+    trip = ("Who is going?", "Just me and my wife.", "Nice.", "What should we pack?")
+    beach, mountains = (
+        turns("Plan a trip to the beach.", *trip),
+        turns("Plan a trip to the mountains.", *trip),
+    )
+    assert conversation.resolve(beach) == conversation.resolve(mountains)
+    assert conversation.matched_exactly(beach) != conversation.matched_exactly(mountains)
 
 
 def test_a_turn_in_letters_the_analysis_cannot_read_is_never_small_talk():
