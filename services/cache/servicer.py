@@ -389,7 +389,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 return self._undo_store(partition, entry_id, answer, now_ms + ttl_ms)
 
             replaced, invalidated = await self._fenced_write(partition, request.store_fence, write, undo)
-            await self._give_back(partition, replaced, now_ms)
+            await self._give_back_removed(partition.tenant_id, replaced.charges(self._settings.ttl_s))
             if invalidated:
                 return pb.StoreResponse(entry_id=entry_id, invalidated_since_lookup=True)
         else:
@@ -405,7 +405,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             (seq, evicted, replaced), invalidated = await self._fenced_write(
                 partition, request.store_fence, write, undo
             )
-            await self._give_back(partition, replaced, now_ms)
+            await self._give_back_removed(partition.tenant_id, replaced.charges(self._settings.ttl_s))
             index_key = partition.vectors_key(context_id)
             index = self._indexes.get(index_key)
             if index is not None and index.dimensions == len(vector):
@@ -448,14 +448,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
 
     async def _give_back(self, partition: keys.Partition, size: int, now_ms: int) -> None:
         """Gives back to the tenant's count bytes charged at ``now_ms`` that
-        Redis does not hold: what the entry a Store replaced was charged
-        (``_charge``), or a report's pair that it did not keep (it named no
-        entry, or the pair was held already). Each caller sharing a
-        generation (the router's coalescing) Stores the same answer under
-        one entry, and a refresh stores over it: in a bug hunt, 8 identical
-        greedy turns at once through the router charged 33,088 bytes, 8
-        entries' worth, for the one entry they left. A failure is only logged: the count errs high, as it
-        does for a write that fails after its charge."""
+        Redis does not hold: a report's pair that it did not keep (it named
+        no entry, or the pair was held already). A failure is only logged:
+        the count errs high, as it does for a write that fails after its
+        charge."""
         if not size or not self._settings.max_bytes_per_tenant:
             return
         try:
@@ -464,12 +460,17 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             log.warning("cache's refund of bytes it does not hold failed", error=error.message)
 
     async def _give_back_removed(self, tenant_id: str, charged: collections.Counter[int]) -> None:
-        """Gives back to the tenant's counts what the entries an Invalidate or
-        a Store's undo removed were charged (``charged``: bytes by window).
-        A failure is only logged: the entries are gone all the same, and the
-        count errs high, for two windows at most, as for a Store's write that
-        failed."""
-        if not self._settings.max_bytes_per_tenant:
+        """Gives back to the tenant's counts what the entries an Invalidate, a
+        Store's undo, or a Store over them removed were charged (``charged``:
+        bytes by the window charged, which for a Store over an entry stored
+        in the window before is that one). Each caller sharing a generation
+        (the router's coalescing) Stores the same answer under one entry,
+        and a refresh stores over it: in a bug hunt, 8 identical greedy
+        turns at once through the router charged 33,088 bytes, 8 entries'
+        worth, for the one entry they left. A failure is only logged: the
+        entries are gone all the same, and the count errs high, for two
+        windows at most, as for a Store's write that failed."""
+        if not charged or not self._settings.max_bytes_per_tenant:
             return
         try:
             await self._store.refund_windows(tenant_id, charged, self._settings.ttl_s, _now_ms())

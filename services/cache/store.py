@@ -37,7 +37,7 @@
   the bytes the tenant's Stores charged in one window of
   ``cache.max_bytes_per_tenant``'s count (``charge``), less what the
   entries they replaced, or that an Invalidate or a Store's undo removed,
-  had been charged (``refund``); lives two windows. An entry is charged
+  had been charged (``refund_windows``); lives two windows. An entry is charged
   to the window before the one it expires in (``charge_window``), so an
   Invalidate finds the window of each entry it removes from the entry's
   expiry.
@@ -131,8 +131,33 @@ local function clear_wrong_type(key, kind)
 end
 """
 
+# What a Store's entry replaces was charged, and when: the size of its
+# answer (its row) with the expiry its value starts with, {0, 0} for none.
+# The window its charge went to follows from the expiry (charge_window): a
+# refresh gave the bytes back to the window it ran in, so an entry first
+# stored in the window before was charged there still, given back here, and
+# counted in no window the bound reads once that one passed, while it lived
+# (a review: a tenant over cache.max_bytes_per_tenant by the refreshed
+# entries' bytes, up to twice the bound). Reads the expiry alone of an
+# answer (GETRANGE), as _INVALIDATE_ANSWERS does.
+_REPLACED = """
+local function answer_charged(key)
+  local size = redis.call('STRLEN', key)
+  if size < 8 then return {0, 0} end
+  -- In parentheses: struct.unpack's second value (the next position)
+  -- would be a third element of the table.
+  return {size, (struct.unpack('<i8', redis.call('GETRANGE', key, 0, 7)))}
+end
+local function row_charged(key, field)
+  local row = redis.call('HGET', key, field)
+  if (not row) or #row < 8 then return {0, 0} end
+  return {#row, (struct.unpack('<i8', row))}
+end
+"""
+
 _STORE_SEMANTIC = (
     _CLEAR_WRONG_TYPE
+    + _REPLACED
     + """
 -- KEYS: exact key, order zset, vectors hash, sequence counter, wrong-hit counter, reported pairs
 -- ARGV: entry value, ttl ms, entry id, vector value, max entries, exact key prefix,
@@ -141,8 +166,9 @@ local ttl = tonumber(ARGV[2])
 for i, kind in ipairs({'string', 'zset', 'hash', 'string', 'string', 'set'}) do
   clear_wrong_type(KEYS[i], kind)
 end
--- What the entry replaces, for the tenant's count (CacheStore.replaced_charge).
-local replaced = {redis.call('STRLEN', KEYS[1]), redis.call('HSTRLEN', KEYS[3], ARGV[3])}
+-- What the entry replaces, for the tenant's count (CacheStore.replaced_charges):
+-- the sizes of its answer and its row, each with its expiry.
+local replaced = {answer_charged(KEYS[1]), row_charged(KEYS[3], ARGV[3])}
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 -- Announced even when new: see _STORE_EXACT.
 redis.call('PUBLISH', ARGV[7], ARGV[8])
@@ -214,11 +240,12 @@ return {seq, evicted, replaced}
 # not kept (one more hop, hot_exact.py).
 _STORE_EXACT = (
     _CLEAR_WRONG_TYPE
+    + _REPLACED
     + """
 -- KEYS: exact key; ARGV: entry value, ttl ms, notices channel, the entry's notice
 clear_wrong_type(KEYS[1], 'string')
--- What the entry replaces, for the tenant's count (CacheStore.replaced_charge).
-local replaced = redis.call('STRLEN', KEYS[1])
+-- What the entry replaces, for the tenant's count (CacheStore.replaced_charges).
+local replaced = {answer_charged(KEYS[1]), {0, 0}}
 redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return replaced
@@ -581,12 +608,33 @@ class WrongHitReport:
     replicas_acknowledged: int
 
 
-def replaced_charge(value_bytes: int, row_bytes: int) -> int:
-    """What the Store of an entry was charged (the cache servicer's
-    ``_charge``), from the bytes its answer's value and its row held (0:
-    none): each less its expiry, the overhead with the answer."""
-    charge = value_bytes - _EXPIRY.size + ENTRY_OVERHEAD_BYTES if value_bytes else 0
-    return charge + (row_bytes - _EXPIRY.size if row_bytes else 0)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replaced:
+    """What a Store's entry replaced: the bytes its answer's value and its
+    row held (0: none), each with the expiry it carried (ms)."""
+
+    value_bytes: int = 0
+    value_expires_ms: int = 0
+    row_bytes: int = 0
+    row_expires_ms: int = 0
+
+    def charges(self, window_s: int) -> collections.Counter[int]:
+        """What its Store was charged (the cache servicer's ``_charge``), by
+        the window charged (``charge_window``): each part less its expiry,
+        the overhead with the answer."""
+        charged: collections.Counter[int] = collections.Counter()
+        if self.value_bytes:
+            window = charge_window(self.value_expires_ms, window_s)
+            charged[window] += self.value_bytes - _EXPIRY.size + ENTRY_OVERHEAD_BYTES
+        if self.row_bytes:
+            charged[charge_window(self.row_expires_ms, window_s)] += self.row_bytes - _EXPIRY.size
+        return charged
+
+
+def _replaced(reply) -> Replaced:
+    """A store script's reply of what its entry replaced (_REPLACED)."""
+    (value_bytes, value_expires_ms), (row_bytes, row_expires_ms) = reply
+    return Replaced(int(value_bytes), int(value_expires_ms), int(row_bytes), int(row_expires_ms))
 
 
 def charge_window(expires_ms: int, window_s: int) -> int:
@@ -832,12 +880,11 @@ class CacheStore:
 
     async def refund(self, tenant_id: str, size: int, window_s: int, now_ms: int) -> None:
         """Gives ``size`` bytes back to the tenant's count of the window
-        ``charge`` charged at ``now_ms``, as far as it holds them: what a
-        Store replaced (``replaced_charge``), charged when it was stored,
-        no longer in Redis, or a report's pair that it did not keep (it
-        named no entry, or Redis held the pair already). Not
-        from the window before, where it may have been charged: the two are
-        held to the bound together."""
+        ``charge`` charged at ``now_ms``, as far as it holds them: a
+        report's pair that it did not keep (it named no entry, or Redis held
+        the pair already), charged at ``now_ms``. (What an entry replaced,
+        invalidated or undone gives back goes to the window it was charged
+        in, from its expiry: ``refund_windows``.)"""
         await self.refund_windows(tenant_id, {now_ms // (window_s * 1000): size}, window_s, now_ms)
 
     async def refund_windows(self, tenant_id: str, sizes: dict[int, int], window_s: int, now_ms: int) -> None:
@@ -861,9 +908,8 @@ class CacheStore:
 
     async def put_exact(
         self, partition: Partition, entry_id: str, answer: bytes, now_ms: int, ttl_ms: int
-    ) -> int:
-        """Stores an exact entry; returns what the entry it replaced was
-        charged (``replaced_charge``)."""
+    ) -> Replaced:
+        """Stores an exact entry; returns what the entry it replaced held."""
         value = _EXPIRY.pack(now_ms + ttl_ms) + answer
         try:
             replaced = await self._store_exact(
@@ -872,7 +918,7 @@ class CacheStore:
             )
         except CONNECTION_ERRORS as error:
             raise _unavailable(error) from error
-        return replaced_charge(int(replaced), 0)
+        return _replaced(replaced)
 
     async def put_semantic(
         self,
@@ -884,14 +930,14 @@ class CacheStore:
         question: str,
         now_ms: int,
         ttl_ms: int,
-    ) -> tuple[int, list[tuple[str, int]], int]:
+    ) -> tuple[int, list[tuple[str, int]], Replaced]:
         """Stores an entry with its question vector and text; returns its
         sequence number, the entries evicted to make room or found
         expired, each as (id, sequence number), and what the version of the
-        entry it replaced was charged (``replaced_charge``)."""
+        entry it replaced held."""
         expiry = _EXPIRY.pack(now_ms + ttl_ms)
         try:
-            seq, evicted, (replaced_value, replaced_row) = await self._store_semantic(
+            seq, evicted, replaced = await self._store_semantic(
                 keys=[
                     partition.exact_key(entry_id),
                     partition.order_key(context_id),
@@ -916,7 +962,7 @@ class CacheStore:
         # Scores come back as strings of doubles; a sequence number (µs) is exact in one.
         pairs = zip(evicted[::2], evicted[1::2], strict=True)
         evicted_rows = [(entry_id.decode(), int(float(score))) for entry_id, score in pairs]
-        return int(seq), evicted_rows, replaced_charge(int(replaced_value), int(replaced_row))
+        return int(seq), evicted_rows, _replaced(replaced)
 
     async def batches_since(
         self, partition: Partition, context_id: str, after_seq: int

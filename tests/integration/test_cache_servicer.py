@@ -2312,6 +2312,44 @@ async def test_an_entry_living_less_than_the_ttl_is_charged_to_the_window_before
     assert await charged_bytes(redis_client, tenant) == still_charged
 
 
+@pytest.mark.parametrize("semantic", [True, False], ids=["with its question's vector", "exact only"])
+async def test_a_store_over_an_entry_of_the_window_before_gives_its_charge_back_there(
+    redis_client, embedder, tenant, monkeypatch, semantic
+):
+    """A review's finding: a Store over an entry (a refresh, or coalesced
+    callers storing one answer) gave the entry's charge back to the window
+    it ran in. An entry first stored in the window before was still charged
+    there, so once that window left the two the bound reads, the refreshed
+    entry, live, was counted nowhere: 3 such entries of ~9.8 KB each, then 3
+    new ones, all admitted under a bound of 40,000 bytes. Given back to the
+    window charged (from the replaced entry's expiry), the bound holds."""
+    ttl_s, bound = 60, 40_000
+    clock = {"ms": 29_000_000 * ttl_s * 1000 + 1000}  # 1 s into a window
+    monkeypatch.setattr(servicer_module, "_now_ms", lambda: clock["ms"])
+    cache = make_servicer(redis_client, embedder, max_bytes_per_tenant=bound, ttl_s=ttl_s)
+    embedder.available = semantic
+    answer = "x" * 8000
+    questions = [f"Question number {n}?" for n in range(3)]
+
+    async def stored(question: str) -> bool:
+        try:
+            await store(cache, scope(tenant), conversation(question), text=answer)
+        except MeshgateError as error:
+            assert error.reason == Reason.CACHE_QUOTA_EXCEEDED
+            return False
+        return True
+
+    assert [await stored(q) for q in questions] == [True] * 3
+    clock["ms"] += ttl_s * 1000  # the next window: each entry refreshed
+    assert [await stored(q) for q in questions] == [True] * 3
+    clock["ms"] += ttl_s * 1000 - 500  # the refreshed entries live 0.5 s more
+    for question in questions:
+        hit = await cache.Lookup(pb.LookupRequest(scope=scope(tenant), messages=conversation(question)), None)
+        assert hit.status == pb.LOOKUP_STATUS_EXACT_HIT
+    # Room for one entry more under the bound, not for three.
+    assert [await stored(f"Another question {n}?") for n in range(3)] == [True, False, False]
+
+
 class NewRevision(FakeEmbedder):
     """The same model under another revision (meshgate/minilm.py, REVISION):
     an unrelated question lands where STORED's vector of the old one was."""
