@@ -215,6 +215,9 @@ CONVERSATION_ORDER = (
     "later_other_topic",
     "swapped_referent",
     "swapped_referent_reworded",
+    "slot_small_talk",
+    "slot_reworded_request",
+    "slot_other_request",
 )
 _ROLES = {"user": common_pb2.ROLE_USER, "assistant": common_pb2.ROLE_ASSISTANT}
 
@@ -635,7 +638,13 @@ async def main_async(args, stack: Stack) -> list[str]:
     for category in CONVERSATION_ORDER:
         outcomes = conversed.get(category, [])
         own, other = outcomes.count("own"), outcomes.count("other")
-        should = category in ("reworded", "small_talk", "unrelated_history")
+        should = category in (
+            "reworded",
+            "small_talk",
+            "unrelated_history",
+            "slot_small_talk",
+            "slot_reworded_request",
+        )
         if should:
             same, same_hits = same + len(outcomes), same_hits + own
         else:

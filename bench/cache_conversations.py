@@ -193,6 +193,111 @@ HAND_WRITTEN = [
         "I'd like a lower credit limit.",
     ),
 ]
+# Slot-filling conversations, written by hand: a request, the assistant's
+# question about it, the user's answer (a fragment, which names nothing of
+# the request), and a follow-up. The follow-up's answer depends on the
+# request, which neither the answer turn nor the follow-up repeats: (the
+# request, the request asked with the same words otherwise, another request,
+# the assistant's question, the user's answer, the follow-up).
+SLOT_FILLING = [
+    (
+        "Suggest a recipe for dinner.",
+        "Can you suggest a dinner recipe?",
+        "Suggest a dessert recipe.",
+        "Any dietary restrictions?",
+        "Make it vegan.",
+        "How long will it take?",
+    ),
+    (
+        "Write a cover letter for a nursing job.",
+        "Could you write a nursing job cover letter?",
+        "Write a cover letter for a teaching job.",
+        "What tone would you like?",
+        "Keep it formal.",
+        "How long should it be?",
+    ),
+    (
+        "Plan a weekend trip to the beach.",
+        "Can you plan a beach trip for the weekend?",
+        "Plan a weekend trip to the mountains.",
+        "Who is going?",
+        "Just me and my wife.",
+        "What should we pack?",
+    ),
+    (
+        "Recommend a laptop for video editing.",
+        "Which laptop would you recommend for video editing?",
+        "Recommend a laptop for office work.",
+        "What is your budget?",
+        "Not too expensive.",
+        "Which brand is most reliable?",
+    ),
+    (
+        "Create a workout plan for building muscle.",
+        "Can you create a muscle building workout plan?",
+        "Create a workout plan for losing weight.",
+        "How experienced are you?",
+        "A complete beginner.",
+        "How often should I rest?",
+    ),
+    (
+        "Translate my resume into Spanish.",
+        "Could you translate my resume to Spanish?",
+        "Translate my resume into German.",
+        "Should I keep the formatting?",
+        "Yes, keep it.",
+        "Will the job titles change?",
+    ),
+    (
+        "Suggest a name for my new puppy.",
+        "Can you suggest a puppy name for me?",
+        "Suggest a name for my new kitten.",
+        "Male or female?",
+        "A girl.",
+        "Which one is most popular?",
+    ),
+    (
+        "Help me write a toast for my sister's wedding.",
+        "Could you help me write a wedding toast for my sister?",
+        "Help me write a toast for my sister's retirement.",
+        "Funny or sentimental?",
+        "A bit of both.",
+        "How long should I speak?",
+    ),
+    (
+        "Recommend a houseplant for my bedroom.",
+        "Which houseplant would you recommend for a bedroom?",
+        "Recommend a houseplant for my bathroom.",
+        "How much light does it get?",
+        "Very little.",
+        "How often do I water it?",
+    ),
+    (
+        "Draft an email asking my landlord to fix the heating.",
+        "Could you draft an email to my landlord asking to fix the heating?",
+        "Draft an email asking my landlord to fix the plumbing.",
+        "How urgent is it?",
+        "Pretty urgent.",
+        "Should I mention the lease?",
+    ),
+    (
+        "Pick a board game for family night.",
+        "Can you pick a family night board game?",
+        "Pick a card game for family night.",
+        "How many players?",
+        "Five of us.",
+        "How long does a round take?",
+    ),
+    (
+        "Write a bedtime story about a dragon.",
+        "Could you write a dragon bedtime story?",
+        "Write a bedtime story about a mermaid.",
+        "How old is the listener?",
+        "She is six.",
+        "Can you make it rhyme?",
+    ),
+]
+
 GENERIC_REPLY = "Sure, I can help with that."
 GENERIC_REPLY_REWORDED = "Of course, happy to help."
 
@@ -304,6 +409,34 @@ def generate() -> list[dict]:
                     (changed, GENERIC_REPLY),
                     (changed_reworded, GENERIC_REPLY_REWORDED),
                 ),
+            }
+        )
+    for i, (request, reworded, changed, asked, answer, follow_up) in enumerate(SLOT_FILLING):
+        small_before = SMALL_TALK_BEFORE[i % len(SMALL_TALK_BEFORE)]
+        variants = [
+            (
+                "slot_small_talk",
+                True,
+                _turns(small_before, (request, asked), (answer, GENERIC_REPLY), question=follow_up),
+            ),
+            (
+                "slot_reworded_request",
+                True,
+                _turns((reworded, asked), (answer, GENERIC_REPLY), question=follow_up),
+            ),
+            (
+                "slot_other_request",
+                False,
+                _turns((changed, asked), (answer, GENERIC_REPLY), question=follow_up),
+            ),
+        ]
+        rows.append(
+            {
+                "source": "hand_slot_filling",
+                "portion": _portion(request),
+                "stored": _turns((request, asked), (answer, GENERIC_REPLY), question=follow_up),
+                "answer": f"(the answer to {follow_up!r} about: {request} {answer})",
+                "asked": [{"category": c, "should_hit": h, "messages": m} for c, h, m in variants],
             }
         )
     return rows
