@@ -1073,8 +1073,8 @@ end
 # KEYS: session_keys, then the request record of a fork a replica of
 # before made (fork_request_key), which must not answer a resend with the
 # fork once it is deleted.
-# Deletes all of them, whether or not the session exists (what an earlier
-# session of its id left goes too), and returns {the deleted session's
+# Deletes all of them but deleted_key, whether or not the session exists
+# (what an earlier session of its id left goes too), and returns {the deleted session's
 # create_time_ms (nil where there was none), for its unlisting, the digests
 # of its summaries' content keys (SUMMARY_DIGEST), for the caller to delete
 # in their own slots}. A script rather than MULTI with PUBLISH: a cluster
@@ -1091,7 +1091,11 @@ for _, held in ipairs(redis.call('HVALS', KEYS[10])) do
   local digest = summary_digest(held)
   if digest then table.insert(digests, digest) end
 end
-redis.call('DEL', unpack(KEYS))
+-- The mark last (KEYS[#KEYS]) is left as it is unless this delete sets it:
+-- a second delete (a resend after a lost reply, the router's cleanup
+-- retried) found no request digest and deleted the mark the first had
+-- set, and a resend of the create then made the deleted session again.
+redis.call('DEL', unpack(KEYS, 1, #KEYS - 1))
 if made_by then redis.call('SET', KEYS[#KEYS], made_by, 'EX', ARGV[1]) end
 redis.call('PUBLISH', 'mg:context:changes', KEYS[1] .. ' -1')
 return {created, digests}

@@ -64,6 +64,12 @@ async def test_a_resend_of_a_creates_request_id_is_answered_with_that_session(
     )
     assert (await failure(stub.GetSession(pb.GetSessionRequest(**here))))[1] == "SESSION_NOT_FOUND"
     assert session_id not in await sessions_of(redis_client, tenant)
+    # A second delete (a resend of its own, or the router's cleanup retried)
+    # leaves the mark: it deleted it, and the create's resend made the
+    # deleted session again (a review).
+    assert (await failure(stub.DeleteSession(pb.DeleteSessionRequest(**here))))[1] == "SESSION_NOT_FOUND"
+    assert (await failure(stub.CreateSession(create)))[1] == "SESSION_NOT_FOUND"
+    assert session_id not in await sessions_of(redis_client, tenant)
     # The same request id with another request is another request's.
     other = await new_session(stub, tenant)
     fork = pb.ForkSessionRequest(tenant_id=tenant, session_id=other, request_id=request_id)

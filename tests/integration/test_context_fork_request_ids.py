@@ -137,6 +137,10 @@ async def test_the_request_that_made_a_fork_is_kept_with_it_for_its_life(stub, t
     # The mark lasts the request id's retention, in the fork's slot.
     mark = session_store.deleted_key(tenant, fork_id)
     assert 0 < await redis_client.ttl(mark) <= session_store.DELETED_MARK_TTL_S
+    # A second delete leaves it (it deleted it: a resend made the fork again).
+    await failure(stub.DeleteSession(pb.DeleteSessionRequest(tenant_id=tenant, session_id=fork_id)))
+    assert 0 < await redis_client.ttl(mark) <= session_store.DELETED_MARK_TTL_S
+    assert (await failure(stub.ForkSession(fork)))[:2] == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
 
 
 async def test_sessions_that_replicas_of_before_drew_from_a_request_id_answer_its_resends(
