@@ -22,6 +22,7 @@ import pathlib
 import re
 import signal
 import socket
+import time
 import tomllib
 import typing
 import urllib.parse
@@ -645,6 +646,11 @@ class Service:
         # and must stop doing so once the service drains.
         self.serving_when_started = True
         self.draining = False
+        # When (time.monotonic()) the stop's grace ends, once stop() began:
+        # the cleanup's writes that Redis refuses (the router's usage) are
+        # tried again until then. None: no stop began (a failed start's
+        # cleanup), or none bounded.
+        self.stop_deadline: float | None = None
         # The settings file the service was started from, and what takes its
         # settings when it is read again (a service without hooks never is).
         self.config_path: str | None = None
@@ -933,6 +939,7 @@ async def stop(service: Service, grace_s: float = 10.0) -> None:
     steps = _Steps("stop")
     # Tell balancers first, then let in-flight calls (streams included) finish.
     service.draining = True
+    service.stop_deadline = time.monotonic() + grace_s
     await steps.run("not serving", lambda: service.set_serving(False))
     log.info("draining", grace_s=grace_s)
     # At once: a stream on another server gets the whole grace too, not

@@ -1286,15 +1286,16 @@ class Admission:
         if self._flushing:
             await asyncio.gather(*self._flushing, return_exceptions=True)
 
-    async def drain(self) -> None:
+    async def drain(self, until: float | None = None) -> None:
         """Writes every pending settlement, once the admits of callers that
-        went away have answered (and queued their refunds)."""
+        went away have answered (and queued their refunds); what Redis
+        refuses is tried again until ``until`` (time.monotonic(); Backlog.drain)."""
         if self._abandoned:
             await asyncio.gather(*self._abandoned, return_exceptions=True)
         await self.flush()
-        await self._settlements.drain()
-        await self._give_backs.drain()
-        await self._releases.drain()
+        await self._settlements.drain(until)
+        await self._give_backs.drain(until)
+        await self._releases.drain(until)
 
     async def _write_settlements(
         self, batch: list[tuple[Reservation, int, int]], refund: bool = False, once: bool = False
@@ -1769,14 +1770,15 @@ class TurnAdmission:
             turn_id=outcome.tracked.turn_id if outcome.tracked is not None else "",
         )
 
-    async def drain(self) -> None:
+    async def drain(self, until: float | None = None) -> None:
         """Waits for settlements and ledger records still in flight (before
-        Redis closes)."""
+        Redis closes), trying what Redis refuses again until ``until``
+        (time.monotonic(): the stop's deadline; None: once more)."""
         if self._journal is not None:
             self._journal.stop_settling()
-        await self._admission.drain()
+        await self._admission.drain(until)
         if self._ledger is not None:
-            await self._ledger.drain()
+            await self._ledger.drain(until)
 
 
 class Hold:

@@ -305,8 +305,9 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         ("context channel", context_channel.close),
         ("cache channel", cache_channel.close),
         # Settlements and usage records still in flight finish first, though
-        # a step before failed: they are what the tenants are billed.
-        ("admission", admission.drain),
+        # a step before failed: they are what the tenants are billed. Those
+        # Redis refuses are tried again until the stop's grace ends.
+        ("admission", lambda: admission.drain(service.stop_deadline)),
         # Its turns settled (admission's drain wrote their records): removed.
         ("turn journal", journal.close if journal is not None else None),
         ("redis", redis.aclose),

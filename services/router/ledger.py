@@ -544,12 +544,13 @@ class Ledger:
         oldest = min(self._flushing.values(), default=None)
         return oldest is not None and time.monotonic() - oldest > _SLOW_WRITE_S
 
-    async def drain(self) -> None:
-        """Writes every submitted record (before Redis closes)."""
+    async def drain(self, until: float | None = None) -> None:
+        """Writes every submitted record (before Redis closes), trying what
+        Redis refuses again until ``until`` (Backlog.drain)."""
         self._flush()
         if self._flushing:
             await asyncio.gather(*self._flushing, return_exceptions=True)
-        await self._backlog.drain()
+        await self._backlog.drain(until)
 
     async def record_take(self, take_id: str, records: list[UsageRecord]) -> bool:
         """Writes now the records of a take of a session's summaries' usage

@@ -325,6 +325,38 @@ async def test_drain_runs_what_is_held_once_more_then_gives_it_up():
     assert store.written == ["a"] and len(backlog) == 0
 
 
+async def test_drain_tries_what_is_held_again_until_its_deadline():
+    """A review's finding: a router stopped while Redis restarted gave up
+    its held usage writes 0.1 s into a stop of 10 s, though Redis was back
+    at 0.4 s: the turns it had served were never billed. Drained with a
+    deadline, what is held is tried again until it is written or the
+    deadline passes, then given up."""
+    store = StoreStandIn()
+    backlog = Backlog(store, "ledger", delays_s=(3600.0,), idempotent=True)
+    store.failures["*"] = _refused()
+    await backlog.run([(["a"], [])])
+
+    async def redis_back_after(seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        del store.failures["*"]
+
+    back = asyncio.ensure_future(redis_back_after(0.6))
+    await asyncio.wait_for(backlog.drain(until=time.monotonic() + 5), 10)
+    await back
+    assert store.written == ["a"] and len(backlog) == 0
+
+    # Still refused at the deadline: given up then, not before.
+    backlog = Backlog(store, "ledger", delays_s=(3600.0,), idempotent=True)
+    store.failures["*"] = _refused()
+    await backlog.run([(["b"], [])])
+    began = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.wait_for(backlog.drain(until=began + 0.8), 10)
+    assert time.monotonic() - began >= 0.8
+    assert store.written == ["a"] and len(backlog) == 0
+    assert [e["why"] for e in logs if e["event"] == "usage writes given up"] == ["the router stopped"]
+
+
 @pytest.mark.parametrize(
     ("error", "ran"),
     [
