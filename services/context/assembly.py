@@ -19,7 +19,7 @@ import numpy as np
 from meshgate import tokenization
 from meshgate.common.v1 import common_pb2
 from meshgate.context.v1 import context_service_pb2 as pb
-from meshgate.errors import invalid_argument
+from meshgate.errors import MeshgateError, invalid_argument
 from meshgate.reasons import Reason
 
 
@@ -136,6 +136,20 @@ class Plan:
 RECENCY_FLOOR_SHARE = 0.5
 
 
+def window_exceeded(needed: int, budget: int, counted_all: bool = True) -> MeshgateError:
+    """CONTEXT_WINDOW_EXCEEDED: what must be kept needs ``needed`` tokens
+    (at least that many, where not ``counted_all``: the new messages were
+    counted only until they passed the budget, token_counts.count_until)."""
+    at_least = "" if counted_all else "at least "
+    return invalid_argument(
+        Reason.CONTEXT_WINDOW_EXCEEDED,
+        f"the new messages, pinned items and the session's system messages, as the chat template"
+        f" renders them, need {at_least}{needed} tokens, more than the budget of {budget}",
+        tokens=str(needed),
+        budget=str(budget),
+    )
+
+
 def plan(
     turns: SessionCosts,
     required: collections.abc.Sequence[TurnCost],
@@ -196,13 +210,7 @@ def plan(
         + int(turns.tokens[reasons > 0].sum())
     )
     if needed > budget:
-        raise invalid_argument(
-            Reason.CONTEXT_WINDOW_EXCEEDED,
-            f"the new messages, pinned items and the session's system messages, as the chat template"
-            f" renders them, need {needed} tokens, more than the budget of {budget}",
-            tokens=str(needed),
-            budget=str(budget),
-        )
+        raise window_exceeded(needed, budget)
     remaining = budget - needed
     candidate = reasons == 0
     candidate[:compacted] = False

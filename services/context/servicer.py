@@ -1225,9 +1225,15 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         query_vector: asyncio.Task | None,
     ) -> pb.AssembleContextResponse:
         counter = self._counters[request.model]
-        new_counts = await counter.count(new_messages)
-        new = [assembly.Candidate(m, n) for m, n in zip(new_messages, new_counts, strict=True)]
         budget = min(request.max_prompt_tokens, model.context_window_tokens)
+        # Whatever else the prompt keeps, it has the template's own tokens
+        # and the new messages: past the budget with those, it is refused
+        # without counting the rest (each message up to 256 KiB).
+        fixed = counter.template_tokens.prompt_prefix + counter.template_tokens.generation_prompt
+        new_counts = await counter.count_until(new_messages, budget - fixed)
+        if len(new_counts) < len(new_messages):
+            raise assembly.window_exceeded(fixed + sum(new_counts), budget, counted_all=False)
+        new = [assembly.Candidate(m, n) for m, n in zip(new_messages, new_counts, strict=True)]
         packs = self._packs(strategy, counter)
         if request.session_id:
             response, view, turns, chosen = await self._assemble_session(

@@ -627,6 +627,26 @@ async def test_new_messages_over_budget_exceed_the_context_window(stub, tenant) 
     )
 
 
+async def test_new_messages_far_over_budget_are_refused_without_counting_them_all(stub, tenant) -> None:
+    """A review's finding: 127 messages of 256 KiB (a request the router
+    admits) were all tokenized to refuse a budget of 448 tokens: 1.3 GB
+    and 10.7 s of the context service, several at once enough to have it
+    killed for memory. Counted until they pass the budget, the refusal says
+    how many tokens at least (here: the first message's)."""
+    text = "word " * (256 * 1024 // 5)
+    call = stub.AssembleContext(
+        pb.AssembleContextRequest(
+            tenant_id=tenant, new_messages=[msg(USER, text)] * 100, model=MODEL, max_prompt_tokens=448
+        ),
+        timeout=20,
+    )
+    assert await failure(call) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "CONTEXT_WINDOW_EXCEEDED",
+        {"tokens": str(tokens_of(msg(USER, text)) + OUTSIDE_MESSAGES_TOKENS), "budget": "448"},
+    )
+
+
 async def test_stateless_assembly(stub, tenant) -> None:
     new = [msg(SYSTEM, "Be brief."), msg(USER, "Hi")]
     response = await stub.AssembleContext(

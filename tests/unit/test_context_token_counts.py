@@ -219,3 +219,31 @@ def test_a_package_path_naming_a_package_not_installed_is_a_missing_file():
         tokenization.load("nosuchpkg.sub:tok.json")
     with pytest.raises(OSError):
         tokenization.load_chat_template("nosuchpkg.sub:chat.jinja")
+
+
+@pytest.mark.parametrize("alias", ["tiny-gpt", "smollm2"])
+def test_count_until_stops_once_past_what_it_may_count_and_counts_exactly_before(
+    counters, alias, monkeypatch
+):
+    """A review's finding: AssembleContext counted every new message whole
+    to refuse a prompt over its budget, 127 messages of 256 KiB holding the
+    context service 1.3 GB and 10.7 s for a budget of 448 tokens. Counted in
+    groups of COUNT_GROUP_CHARS, it stops after the group that passes: the
+    counts it gives are count()'s, and all of them where the messages fit."""
+    counter = counters[alias]
+    counted_chars = []
+    count = tokenization.count
+    monkeypatch.setattr(
+        tokenization,
+        "count",
+        lambda tokenizer, texts: counted_chars.append(sum(map(len, texts))) or count(tokenizer, texts),
+    )
+    big = [msg(USER, "word " * (token_counts.COUNT_GROUP_CHARS // 5)) for _ in range(20)]
+    counts = asyncio.run(counter.count_until(big, 448))
+    assert counted_chars == [len(counter.framed(big[0]))]  # one message, not twenty
+    assert counts == asyncio.run(counter.count(big[:1]))
+    small = [msg(USER, f"message {n}") for n in range(50)]
+    assert asyncio.run(counter.count_until(small, 10_000)) == asyncio.run(counter.count(small))
+    # Past it, counting stops after the group that passed (small ones go in one group).
+    assert asyncio.run(counter.count_until(small, 5)) == asyncio.run(counter.count(small))
+    assert len(asyncio.run(counter.count_until([*big[:2], *small], 10))) == 1
