@@ -732,7 +732,7 @@ class Pipeline:
             parameters=parameters,
             session_id=session_id,
             create_session=create_session,
-            expected_version=check_expected_version(request, create_session),
+            expected_version=check_expected_version(request, session_id, create_session),
             cache=CachePlan(
                 reads=request.cache_policy in _READS_CACHE,
                 writes=request.cache_policy != router_pb.CACHE_POLICY_BYPASS,

@@ -91,13 +91,22 @@ def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
     return max_tokens
 
 
-def check_expected_version(turn, create_session: bool) -> int | None:
+def check_expected_version(turn, session_id: str, create_session: bool) -> int | None:
     """A strict turn's expected session version (None: not strict), checked
     before the session a first turn creates is: that session starts at
     version 0, so any other is refused here, as its assembly would refuse
-    it, rather than after the session was created (it stayed, empty)."""
+    it, rather than after the session was created (it stayed, empty). A
+    turn of no session has no version to hold it to: refused, not answered
+    as if the ordering it asked for had held (a review: a client setting
+    it but no session id got an answer, saved nowhere, and no error)."""
     if not turn.HasField("expected_session_version"):
         return None
+    if not (session_id or create_session):
+        raise invalid_argument(
+            Reason.UNSUPPORTED_PARAMETER,
+            "expected_session_version applies to a turn of a session: set session_id, or leave it unset",
+            field="expected_session_version",
+        )
     expected = turn.expected_session_version
     if expected < 0:
         raise invalid_argument(

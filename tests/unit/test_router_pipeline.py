@@ -447,6 +447,24 @@ async def test_a_strict_first_session_turn_at_another_version_creates_no_session
     assert (events[-1].session_id, events[-1].session_version) == ("s1", 1)
 
 
+async def test_a_strict_turn_of_no_session_is_refused_naming_the_field():
+    """A review's finding: a stateless turn setting expected_session_version
+    was answered (from the cache, or generated), saved nowhere, the strict
+    ordering it asked for silently dropped."""
+    contexts = FakeContexts(version=0)
+    turns, parts = pipeline(contexts=contexts)
+    events = await events_of(turns.run(request(expected_session_version=5), TENANT, "", Budget()))
+    assert [(e.error.code, e.error.reason, e.error.metadata) for e in events if isinstance(e, Failure)] == [
+        (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            Reason.UNSUPPORTED_PARAMETER,
+            {"field": "expected_session_version"},
+        )
+    ]
+    assert contexts.created == contexts.assembled == []
+    assert parts["generator"].session_ids == []
+
+
 async def until_deleted(contexts: FakeContexts) -> list[str]:
     """The sessions deleted, once the pipeline's deletion in the background has run."""
     for _ in range(100):
