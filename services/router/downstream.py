@@ -155,20 +155,26 @@ def _may_have_appended(error: grpc.aio.AioRpcError) -> bool:
     return received_code(error) in _APPEND_OUTCOME_UNKNOWN
 
 
-def time_for_a_try(budget: Budget, limit_s: float, spent: str) -> float:
+def limit_metadata(budget: Budget, limit_s: float) -> dict[str, str]:
+    """The metadata of a refusal for time spent that names
+    router.max_generation_s (``limit_s``): where that limit, from now, ends
+    before the caller's deadline (``budget``), else none. A caller's own
+    deadline of 0.5 s was reported with max_generation_s 300, and the
+    caller could not tell which limit it had met (a review)."""
+    if budget.deadline is not None and budget.deadline - budget.clock() <= limit_s:
+        return {}
+    return {"max_generation_s": f"{limit_s:g}"}
+
+
+def time_for_a_try(budget: Budget, limit_s: float, spent: str, metadata: dict[str, str]) -> float:
     """The timeout of one more inference service's try within ``budget``,
     which every try of one generation or embeddings request shares (at most
     ``limit_s``, router.max_generation_s); one failing late leaves the next
     what is left, not a fresh limit. Where under _LEAST_TRY_S is left, fails
-    DEADLINE_EXCEEDED saying ``spent``."""
+    DEADLINE_EXCEEDED saying ``spent``, with ``metadata`` (limit_metadata)."""
     timeout_s = budget.within(limit_s)
     if timeout_s < _LEAST_TRY_S:
-        raise MeshgateError(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            Reason.DEADLINE_EXCEEDED,
-            spent,
-            {"max_generation_s": f"{limit_s:g}"},
-        )
+        raise MeshgateError(grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED, spent, {**metadata})
     return timeout_s
 
 
@@ -817,6 +823,7 @@ class Deployments:
         # output (a Triton server dying under a waiting request; the health
         # checks end only the calls of a service that answers nothing) made
         # the turn last a multiple of it, past its admission lease too.
+        limit = limit_metadata(budget, self._limit_s)
         budget = budget.capped(self._limit_s)
         last_error: grpc.aio.AioRpcError | None = None
         # The deployments' refusals for the tenant's full queue there.
@@ -832,7 +839,7 @@ class Deployments:
         tried: list[Deployment] = []
         while (deployment := self._table.next_to_try(alias, route, ranked, tried)) is not None:
             tried.append(deployment)
-            timeout_s = time_for_a_try(budget, self._limit_s, spent.format("a deployment answered"))
+            timeout_s = time_for_a_try(budget, self._limit_s, spent.format("a deployment answered"), limit)
             # Over the untraced channel, with one client span per call (not
             # two more async generators per streamed message); its trace
             # context goes along, so the inference service's spans join.
@@ -973,9 +980,7 @@ class Deployments:
                     deployment.health.release_probe(probing)
                 # Cut midway, it did answer: the answer was not complete.
                 spent_on = "the answer was complete" if pieces else "a deployment answered"
-                failure = failure_within(
-                    error, "inference", budget, spent.format(spent_on), max_generation_s=f"{self._limit_s:g}"
-                )
+                failure = failure_within(error, "inference", budget, spent.format(spent_on), **limit)
                 if pieces:
                     # Our own count of what reached our caller (every piece
                     # was yielded before the next read failed), and of the

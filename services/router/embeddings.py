@@ -133,6 +133,8 @@ class Embeddings:
         downstream.not_taken), each try within what is left of ``budget``."""
         request = inference_pb.EmbedRequest(texts=texts, count_tokens=True)
         limit_s = self._limit_s
+        # The budget is the limit's alone (embed: no caller's deadline here).
+        limit = {"max_generation_s": f"{limit_s:g}"}
         last_error: grpc.aio.AioRpcError | None = None
         spent = (
             f"the request's {limit_s:g} s (router.max_generation_s) passed before an inference"
@@ -144,7 +146,7 @@ class Embeddings:
             # embedding_max_tokens each) took over 10 s on 2 CPU cores,
             # past downstream_timeout_s, and was refused 504 however
             # long its caller would wait. A caller who hangs up cancels it.
-            timeout_s = time_for_a_try(budget, limit_s, spent)
+            timeout_s = time_for_a_try(budget, limit_s, spent, limit)
             call = stub.Embed(request, timeout=timeout_s)
             # Open where the service's health checks can end it, as a
             # generation's call (deployments.OpenCalls). Sent to a service
@@ -164,7 +166,7 @@ class Embeddings:
             except grpc.aio.AioRpcError as error:
                 if not not_taken(error, "inference"):
                     raise failure_within(
-                        error, "inference", budget, spent, max_generation_s=f"{limit_s:g}"
+                        error, "inference", budget, spent, **limit
                     ) from error
                 last_error = error
             finally:
