@@ -165,9 +165,7 @@ class Embeddings:
                     raise left_rotation() from cancelled
             except grpc.aio.AioRpcError as error:
                 if not not_taken(error, "inference"):
-                    raise failure_within(
-                        error, "inference", budget, spent, **limit
-                    ) from error
+                    raise failure_within(error, "inference", budget, spent, **limit) from error
                 last_error = error
             finally:
                 calls.discard(call)
