@@ -80,10 +80,17 @@ class Counter:
     def __getattr__(self, name: str):
         return getattr(self._counter, name)
 
-    async def count(self, messages):
+    def _note(self) -> None:
         if self.embedding_asked_before_count is None:
             self.embedding_asked_before_count = self._embedder.called.is_set()
+
+    async def count(self, messages):
+        self._note()
         return await self._counter.count(messages)
+
+    async def count_until(self, messages, most: int):
+        self._note()
+        return await self._counter.count_until(messages, most)
 
 
 class Store:
