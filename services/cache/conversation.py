@@ -24,6 +24,7 @@ topic turn is cut, never the question.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from meshgate.common.v1 import common_pb2
@@ -78,6 +79,17 @@ POLARITY = _words("yes yeah yep no nope not never")
 # What a reply's words are matched against, as analyze() gives them
 # (singular: "sounds" is "sound", "cheers" is "cheer").
 _REPLY_FILLER = frozenset(singular(w) for w in (SMALL_TALK | ACKNOWLEDGEMENTS) - POLARITY)
+
+# Words of courtesy alone. A reply to a question, or a user's answer to the
+# assistant's, is the answer: its words bind but for these. SMALL_TALK holds
+# answers too ("Rainy." / "Sunny.", "Morning." / "Evening.", "Yes, please." /
+# "No, thanks."), each served the other's answer when read as small talk
+# (a review's hunt).
+COURTESY = _words(
+    """hi hello hey hiya thanks thank thx cheers please appreciate appreciated welcome sorry excuse
+    oh ah hmm wow lol haha great sure course certainly happy glad"""
+)
+_COURTESY = frozenset(singular(w) for w in COURTESY)
 
 
 # A reply whose words new to the topic turn are at most this many is an
@@ -155,16 +167,83 @@ def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.M
     found = _topic_at(messages[:-1])
     at, topic = (-1, "") if found is None else found
     exact += _bound_before_topic(messages[: max(at, 0)], topic)
-    for reply in messages[at + 1 : -1]:
-        if reply.role == common_pb2.ROLE_ASSISTANT:
-            bound = _bound_by_reply(normalize_text(reply.content), topic)
-            if bound is not None:
-                exact.append(bound)
+    for index in range(at + 1, len(messages) - 1):
+        message = messages[index]
+        if message.role == common_pb2.ROLE_ASSISTANT:
+            # Read against the user's turn it answers: the topic turn, or
+            # small talk after it ("Ok cool." / "Anything else?").
+            bound = _bound_by_reply(normalize_text(message.content), _user_turn_before(messages, index))
+        elif message.role == common_pb2.ROLE_USER and _answers_the_assistant(messages, index):
+            # Small talk (else it were the topic turn) that answers the
+            # assistant's question: "Do you already have car insurance?" /
+            # "No." was served the answer given after "Yes." (a review).
+            bound = _bound_by_answer(normalize_text(message.content))
+        else:
+            continue
+        if bound is not None:
+            exact.append(bound)
     return exact
 
 
+def _answers_the_assistant(messages: Sequence[common_pb2.Message], at: int) -> bool:
+    """Whether the user's turn at ``at`` follows an assistant's question."""
+    before = at - 1
+    while before >= 0 and messages[before].role not in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT):
+        before -= 1
+    return before >= 0 and _assistant_asks(messages[before])
+
+
+def _assistant_asks(message: common_pb2.Message) -> bool:
+    """Whether ``message`` is the assistant's asking something: not a
+    greeting's "How can I help you today?", which asks for the request."""
+    if message.role != common_pb2.ROLE_ASSISTANT:
+        return False
+    text = normalize_text(message.content)
+    return _asks(text) and not is_small_talk(text)
+
+
+def _bound_by_answer(text: str) -> common_pb2.Message | None:
+    """What a user's answer in small talk's words binds: its words but
+    courtesy ("Yes, please." and "Yes." bind "yes"; "Rainy." "rainy")."""
+    if len(text) > REPLY_ANALYSIS_MAX_CHARS or not readable(text):
+        return common_pb2.Message(role=common_pb2.ROLE_USER, content=text)
+    analysis = analyze(text)
+    words = (analysis.content | (analysis.token_set & POLARITY)) - _COURTESY
+    if not words:
+        return None
+    return common_pb2.Message(role=common_pb2.ROLE_USER, content=" ".join(sorted(words)))
+
+
+# Verbs a request opens with ("Explain the theory of relativity.", "Please
+# write a poem."): such a turn asks for something as a question does, and
+# history before it was about another thing (_bound_before_topic).
+REQUEST_VERBS = _words(
+    """explain describe tell write list give show suggest recommend compare summarize summarise
+    translate define name calculate plan create draft make find help teach outline generate
+    convert pick choose book provide share design build analyze analyse evaluate
+    review rewrite fix check"""
+)
+_LEADING_COURTESY = frozenset({"please", "kindly", "now", "so", "ok", "okay", "hey", "hi", "hello"})
+
+
+def _requests(text: str) -> bool:
+    """Whether a user's turn asks for something: a question, or a request
+    opening with one of REQUEST_VERBS."""
+    if _asks(text):
+        return True
+    for word in re.findall(r"[a-z']+", text[:64].lower()):
+        if word not in _LEADING_COURTESY:
+            return word in REQUEST_VERBS
+    return False
+
+
+_QUESTION_MARK = re.compile(r"\?(?:\s|$)")
+
+
 def _asks(text: str) -> bool:
-    return text.rstrip().endswith("?")
+    """Whether ``text`` asks a question: a sentence of it ends with "?" (not
+    only the last: "Should I get a cat or a dog? I work long hours.")."""
+    return _QUESTION_MARK.search(text) is not None
 
 
 # Words that point back at what an earlier turn asked for: a topic turn
@@ -178,7 +257,7 @@ FRAGMENT_WORDS = 2
 
 # What a user's earlier turn says that binds no referent, as analyze() gives
 # its words (singular).
-_USER_FILLER = frozenset(singular(w) for w in SMALL_TALK)
+_USER_FILLER = frozenset(singular(w) for w in SMALL_TALK - POLARITY)
 
 
 def _continues(earlier: Sequence[common_pb2.Message], topic: str) -> bool:
@@ -191,62 +270,96 @@ def _continues(earlier: Sequence[common_pb2.Message], topic: str) -> bool:
     before = next(
         (m for m in reversed(earlier) if m.role in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)), None
     )
-    if (
-        before is not None
-        and before.role == common_pb2.ROLE_ASSISTANT
-        and _asks(normalize_text(before.content))
-    ):
+    if before is not None and _assistant_asks(before):
         return True
     if len(topic) > REPLY_ANALYSIS_MAX_CHARS or not readable(topic):
         # Not analysed: the stricter side.
         return True
     analysis = analyze(topic)
-    return bool(analysis.token_set & REFERS_BACK) or len(analysis.content - _USER_FILLER) <= FRAGMENT_WORDS
+    if analysis.token_set & REFERS_BACK:
+        return True
+    # A short question is a question of its own ("What is photosynthesis?").
+    return not _asks(topic) and len(analysis.content - _USER_FILLER) <= FRAGMENT_WORDS
 
 
 def _bound_before_topic(earlier: Sequence[common_pb2.Message], topic: str) -> list[common_pb2.Message]:
-    """What the user's turns before the topic turn bind. No verifier reads
-    them, yet where the topic turn is no question of its own but a piece of
-    one ("For next Friday.", "Write it in Python.", "I'm cooking for 4.")
-    they say what the conversation is about: a review served "How much will
-    it cost?" after "I want to book a flight to Paris." / "For next Friday."
-    the answer given after "... to Tokyo." (likewise Rome and Oslo, order
-    4521 and 7788, Python and Java). So back from a topic turn that asks
-    nothing, each user turn binds its names and numbers (_bound_by_earlier_turn),
-    up to and including the first that asks a question. A topic turn that
-    asks one ("What is the capital of France?") stands alone: history before
-    it on other things binds nothing. One that asks without a question mark
-    ("Describe the process of ...") binds the history before it all the
-    same: bench/README.md's conversations with unrelated history were served
-    22 of 27 with this (27 before earlier turns bound, 13 when every earlier
-    turn bound).
+    """What the turns before the topic turn bind. No verifier reads them,
+    yet they may say what the question's answer depends on. Walking back
+    from the topic turn:
 
-    Where the topic turn continues an earlier request (_continues), that
-    request's words bind too, not only its names and numbers: "Suggest a
-    recipe for dinner." / "Any restrictions?" / "Make it vegan." / "How long
-    will it take?" was served the answer given after "Suggest a dessert
-    recipe." (likewise a cover letter for a nursing or a teaching job, a
-    trip to the beach or the mountains), the topic turns and questions the
-    same. The request reworded with other words is then another
-    conversation: a miss, never a wrong answer."""
-    if not topic or _asks(topic):
+    - A user's statement binds its words, names, numbers and negation
+      (_bound_by_earlier_turn): "I'm allergic to peanuts." / "Noted." /
+      "What's a popular Thai dish?" / "Pad Thai." / "Can I eat it?" was
+      served the answer given after "... to shellfish." (likewise "I don't
+      have a car." / "I have a car.", "My son is a toddler." / "... a
+      teenager.": a review's hunt). Such history said in other words is
+      then another conversation: a miss, never a wrong answer.
+    - A user's question ends the walk: history before it was about another
+      thing. A topic turn that asks a question of its own ("What is the
+      capital of France?") stands alone there, the question binding
+      nothing. One that asks nothing is a piece of that question ("For
+      next Friday." after "I want to book a flight to Paris."): it binds
+      its names and numbers, and where the topic turn continues it
+      (_continues: "Make it vegan." after "Suggest a recipe for dinner." /
+      "Any restrictions?") its words too.
+    - Where the topic turn continues what came before, the assistant's
+      replies bind as replies after it do (_bound_by_reply): "Recommend a
+      city in Europe." / "Lisbon." / "I'll go there in May." was served the
+      answer given after "Oslo.".
+    - A user's small talk binds nothing, but where it answers the
+      assistant's question (_bound_by_answer: "Do you have a yard?" /
+      "No.").
+
+    bench/README.md's conversations after unrelated history are served
+    less so (statements before the topic bind), a miss for a wrong answer."""
+    if not topic:
         return []
-    with_words = None  # worked out at the first turn that says something
+    asking = _asks(topic)
+    continues: bool | None = None  # worked out at the first turn that needs it
+
+    def continued() -> bool:
+        nonlocal continues
+        if continues is None:
+            continues = _continues(earlier, topic)
+        return continues
+
     bound = []
-    for message in reversed(earlier):
-        if message.role != common_pb2.ROLE_USER:
-            continue
+    for at in range(len(earlier) - 1, -1, -1):
+        message = earlier[at]
         text = normalize_text(message.content)
-        if not text or is_small_talk(text):
+        if not text:
             continue
-        if with_words is None:
-            with_words = _continues(earlier, topic)
-        referents = _bound_by_earlier_turn(text, with_words)
+        referents = None
+        if message.role == common_pb2.ROLE_ASSISTANT:
+            said = _user_turn_before(earlier, at)
+            # A reply to small talk ("Hey, quick question." / "Sure, ask
+            # away!") binds nothing, unless it asks (its answer may bind).
+            if continued() and not (is_small_talk(said) and not _assistant_asks(message)):
+                referents = _bound_by_reply(text, said)
+        elif message.role != common_pb2.ROLE_USER:
+            continue
+        elif is_small_talk(text):
+            if _answers_the_assistant(earlier, at):
+                referents = _bound_by_answer(text)
+        elif _requests(text):
+            if not asking or continued():
+                referents = _bound_by_earlier_turn(text, with_words=continued())
+                if referents is not None:
+                    bound.append(referents)
+            break
+        else:
+            referents = _bound_by_earlier_turn(text, with_words=True)
         if referents is not None:
             bound.append(referents)
-        if _asks(text):
-            break
     return bound[::-1]
+
+
+def _user_turn_before(messages: Sequence[common_pb2.Message], at: int) -> str:
+    """The normalized text of the user's turn before ``at`` ("" for none)."""
+    for before in range(at - 1, -1, -1):
+        if messages[before].role == common_pb2.ROLE_USER:
+            return normalize_text(messages[before].content)
+    return ""
 
 
 def _bound_by_earlier_turn(text: str, with_words: bool = False) -> common_pb2.Message | None:
@@ -259,8 +372,13 @@ def _bound_by_earlier_turn(text: str, with_words: bool = False) -> common_pb2.Me
     analysis = analyze(text)
     words = set(analysis.names)
     if with_words:
-        # Names as the content words spell them (singular), as replies bind them.
+        # Names as the content words spell them (singular), as replies bind
+        # them; "no" and a negation kept ("I have no kids." / "I have kids.",
+        # "I don't have a car." / "I have a car.").
         words = {singular(name) for name in analysis.names} | (analysis.content - _USER_FILLER)
+        words |= analysis.token_set & POLARITY
+        if analysis.negations:
+            words.add("not")
     words -= analysis.numbers.keys() | NUMBER_WORDS.keys()
     referents = sorted(words) + sorted(analysis.numbers.elements())
     if not referents:
@@ -279,15 +397,25 @@ def _bound_by_reply(text: str, topic: str) -> common_pb2.Message | None:
         # words, "Zürich" was "z rich").
         return whole
     analysis = analyze(text)
-    # A topic turn too long to analyse shares no word: the reply's are all new (the stricter side).
-    said = analyze(topic).content if len(topic) <= REPLY_ANALYSIS_MAX_CHARS else frozenset()
-    new_words = analysis.content - said - _REPLY_FILLER
+    if _asks(topic) and not _asks(text):
+        # An answer to a question: its words are the answer, those the
+        # question said too ("Paris or Rome?" / "Rome."), and those small
+        # talk also says ("Rainy." / "Sunny."): each was served the other's
+        # answer (a review's hunt).
+        filler = _COURTESY
+        new_words = (analysis.content | (analysis.token_set & POLARITY)) - filler
+    else:
+        # A topic turn too long to analyse shares no word: the reply's are all new (the stricter side).
+        said = analyze(topic).content if len(topic) <= REPLY_ANALYSIS_MAX_CHARS else frozenset()
+        filler = _REPLY_FILLER
+        new_words = analysis.content - said - filler
     if len(new_words) > SHORT_REPLY_WORDS:
         return whole
     # Names as the content words spell them, so "Paris." (no name: it opens
     # the sentence) and "It's Paris." bind the same; numbers as the analysis
     # writes them ("7", "seven" -> "7").
-    words = {singular(name) for name in analysis.names} | new_words
+    # ("I'm" mid-sentence reads as a name: filler all the same.)
+    words = ({singular(name) for name in analysis.names} - filler) | new_words
     words -= analysis.numbers.keys() | NUMBER_WORDS.keys()
     referents = sorted(words) + sorted(analysis.numbers.elements())
     if not referents:

@@ -762,6 +762,25 @@ def topic_unit_veto(a: Analysis, b: Analysis) -> bool:
     return False
 
 
+# Amounts and sizes said in words rather than numbers ("a couple of guests",
+# "dozens of guests", "a small party", "a huge party"): number_veto compares
+# numbers, and these are none.
+VAGUE_AMOUNTS = _words(
+    """couple few several many lot lots dozens hundreds thousands millions handful bunch tons plenty
+    numerous countless small large big huge tiny massive enormous giant little"""
+)
+
+
+def topic_amount_veto(a: Analysis, b: Analysis) -> bool:
+    """Two topic turns stating amounts or sizes in other words: "I'm
+    hosting a couple of guests." vs "... dozens of guests." (how much wine
+    to buy was served across them at 0.93, and "a few" / "a lot of", "a
+    small party" / "a huge party": a review's hunt). A topic turn is what
+    the follow-up's answer depends on, so there a changed amount vetoes, at
+    the price of "a few" vs "several" said in other words."""
+    return (a.token_set & VAGUE_AMOUNTS) != (b.token_set & VAGUE_AMOUNTS)
+
+
 def topic_entity_veto(a: Analysis, b: Analysis) -> bool:
     """Two topic turns (conversation.py) each naming something the other
     never mentions, wherever the names stand: "My laptop runs Ubuntu." vs
@@ -1197,6 +1216,7 @@ class Verifier:
                 structural_veto(query_topic_analysis, candidate_topic_analysis) is not None
                 or topic_entity_veto(query_topic_analysis, candidate_topic_analysis)
                 or topic_unit_veto(query_topic_analysis, candidate_topic_analysis)
+                or topic_amount_veto(query_topic_analysis, candidate_topic_analysis)
             ):
                 return Decision(False, 0.0, "context")
             veto = structural_veto(analyze(query_question), analyze(candidate_question))
