@@ -15,9 +15,13 @@ so a changed product, number or entity in the topic vetoes the hit), and
 entries of multi-turn prompts share one candidate set per partition
 (``keys.context_id``) instead of one per exact history.
 
-Small talk before or between the turns, and unrelated earlier history, thus
-drop out; a conversation of only small talk is no context at all, and its
-question is matched as a single-turn one. The question comes first in the
+Small talk before or between the turns, and earlier questions and requests
+on other things, thus drop out; a conversation of only small talk is no
+context at all, and its question is matched as a single-turn one. What else
+the answer may depend on is matched exactly, not by meaning
+(matched_exactly): the user's statements before the topic turn ("I'm
+allergic to peanuts."), answers to the assistant's questions, what the
+assistant's replies name. The question comes first in the
 text because the embedding model reads only its first 256 tokens: a long
 topic turn is cut, never the question.
 """
