@@ -154,6 +154,12 @@ class Reason(enum.StrEnum):
     INVALID_TTL = enum.auto()
     """A cache entry's time to live is outside 0..cache.ttl_s."""
 
+    INVALID_STORE_FENCE = enum.auto()
+    """A cache Store's store_fence is none a Lookup gives."""
+
+    INVALID_USAGE = enum.auto()
+    """A cache Store's answer carries negative token counts."""
+
     INVALID_SELECTED_MODEL = enum.auto()
     """ReportWrongHit's selected_model is not one the request's alias answers
     as: one of the two it selects between, or the alias itself."""

@@ -42,6 +42,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import re
 import time
 
 import grpc
@@ -165,6 +166,11 @@ def _matched_by_meaning(text: str) -> bool:
     )
 
 
+# A LookupResponse.store_fence: the scope's invalidation marks, the tenant's
+# and the model's, each Redis's clock in microseconds or 0 (store._fence).
+_FENCE = re.compile(r"[0-9]{1,20}/[0-9]{1,20}")
+
+
 def _partition(scope: pb.CacheScope) -> keys.Partition:
     if not scope.tenant_id:
         raise invalid_argument(Reason.TENANT_REQUIRED, "scope.tenant_id is required")
@@ -185,6 +191,11 @@ def _partition(scope: pb.CacheScope) -> keys.Partition:
     # a NaN temperature, nine stop strings, were stored here under keys no
     # valid request makes).
     check_sampling(scope.parameters)
+    # max_tokens is no sampling parameter (its bound differs per service),
+    # but one no caller may send: stored under it, a scope no valid request
+    # makes (a review: -1, 0 and -2^31 stored and served).
+    if scope.parameters.HasField("max_tokens") and scope.parameters.max_tokens < 1:
+        raise invalid_argument(Reason.INVALID_MAX_TOKENS, "scope.parameters.max_tokens must be positive")
     return keys.partition(scope)
 
 
@@ -343,6 +354,19 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         _check_messages(messages)
         if not request.HasField("answer"):
             raise invalid_argument(Reason.MISSING_ANSWER, "answer is required")
+        usage = request.answer.usage
+        if usage.prompt_tokens < 0 or usage.completion_tokens < 0:
+            # Served with every hit, and read by the router as the tokens a
+            # hit saved: its usage records would say negative (a review).
+            raise invalid_argument(Reason.INVALID_USAGE, "answer.usage token counts must not be negative")
+        if request.store_fence and not _FENCE.fullmatch(request.store_fence):
+            # Any fence but the scope's current one reads as an Invalidate
+            # since its lookup: a made-up one dropped the answer and said so,
+            # OK, though no Invalidate had come (a review).
+            raise invalid_argument(
+                Reason.INVALID_STORE_FENCE,
+                "store_fence must be empty or a LookupResponse.store_fence of the same scope",
+            )
         # At most the configured TTL: an entry (and the keys of its whole
         # sub-partition, which live as long as their longest entry) asked to
         # live 68 years would, and an operator's cache.ttl_s is the bound.

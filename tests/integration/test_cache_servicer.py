@@ -1205,6 +1205,38 @@ _TOO_MANY = [common_pb2.Message(role=ASSISTANT)] * servicer_module.MAX_PROMPT_ME
             "INVALID_TTL",
         ),
         (pb.InvalidateRequest(model="m"), "TENANT_REQUIRED"),
+        # A review's: each was stored and served, under a scope no valid
+        # request makes, with usage records of negative tokens saved, or
+        # dropped as if an Invalidate had come since its lookup.
+        (
+            pb.LookupRequest(scope=scope("t", max_tokens=0), messages=conversation("q")),
+            "INVALID_MAX_TOKENS",
+        ),
+        (
+            pb.StoreRequest(
+                scope=scope("t", max_tokens=-1), messages=conversation("q"), answer=pb.CachedAnswer(text="a")
+            ),
+            "INVALID_MAX_TOKENS",
+        ),
+        (
+            pb.StoreRequest(
+                scope=scope("t"),
+                messages=conversation("q"),
+                answer=pb.CachedAnswer(
+                    text="a", usage=common_pb2.Usage(prompt_tokens=-5, completion_tokens=7)
+                ),
+            ),
+            "INVALID_USAGE",
+        ),
+        (
+            pb.StoreRequest(
+                scope=scope("t"),
+                messages=conversation("q"),
+                answer=pb.CachedAnswer(text="a"),
+                store_fence="x*{}",
+            ),
+            "INVALID_STORE_FENCE",
+        ),
         # A scope of megabytes would be kept by count-bounded memos: refused.
         (
             pb.LookupRequest(scope=pb.CacheScope(tenant_id="t" * 513, model="m"), messages=conversation("q")),

@@ -176,7 +176,9 @@ class ContextServiceServicer:
         (AppendReservation.hold_id) before that append, for a turn that ended
         without one (failed, cut off, its caller gone): otherwise held until
         its hold_for_ms passes. Idempotent: a hold released, expired, never
-        made or taken by its append is answered alike.
+        made or taken by its append is answered alike. A hold_id that no
+        assembly could give (empty, over 128 bytes, with whitespace) is
+        INVALID_ARGUMENT INVALID_TURN_ID.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
