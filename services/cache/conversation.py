@@ -230,14 +230,24 @@ REQUEST_VERBS = _words(
 _LEADING_COURTESY = frozenset({"please", "kindly", "now", "so", "ok", "okay", "hey", "hi", "hello"})
 
 
+# Words of a turn about the user's own situation: a request holding one
+# states something too ("Make a note that I'm allergic to peanuts.",
+# "Recommend a laptop for my daughter.").
+FIRST_PERSON = _words("i i'm i've i'd i'll my me mine we we're we've our us")
+
+
 def _requests(text: str) -> bool:
     """Whether a user's turn asks for something: a question, or a request
-    opening with one of REQUEST_VERBS."""
+    opening with one of REQUEST_VERBS that says nothing of the user
+    (FIRST_PERSON): "Make a note that I'm allergic to peanuts." read as a
+    request bound nothing, and "Can I eat it?" was served the answer given
+    after "... shellfish." (a review)."""
     if _asks(text):
         return True
-    for word in re.findall(r"[a-z']+", text[:64].lower()):
+    words = re.findall(r"[a-z']+", text[:1024].lower())
+    for word in words:
         if word not in _LEADING_COURTESY:
-            return word in REQUEST_VERBS
+            return word in REQUEST_VERBS and FIRST_PERSON.isdisjoint(words)
     return False
 
 
@@ -402,12 +412,15 @@ def _bound_by_reply(text: str, topic: str) -> common_pb2.Message | None:
         return whole
     analysis = analyze(text)
     if _asks(topic) and not _asks(text):
-        # An answer to a question: its words are the answer, those the
-        # question said too ("Paris or Rome?" / "Rome."), and those small
+        # An answer to a question: its words are the answer, the question's
+        # alternatives too ("Paris or Rome?" / "Rome."), and those small
         # talk also says ("Rainy." / "Sunny."): each was served the other's
-        # answer (a review's hunt).
+        # answer (a review's hunt). Other words the question said are only
+        # repeated ("Which is bigger, Texas or Alaska?" / "Alaska is
+        # bigger." binds "alaska", as "Alaska." does).
         filler = _COURTESY
-        new_words = (analysis.content | (analysis.token_set & POLARITY)) - filler
+        said = _said_but_alternatives(topic)
+        new_words = (analysis.content | (analysis.token_set & POLARITY)) - filler - said
     else:
         # A topic turn too long to analyse shares no word: the reply's are all new (the stricter side).
         said = analyze(topic).content if len(topic) <= REPLY_ANALYSIS_MAX_CHARS else frozenset()
@@ -425,6 +438,23 @@ def _bound_by_reply(text: str, topic: str) -> common_pb2.Message | None:
     if not referents:
         return None
     return common_pb2.Message(role=common_pb2.ROLE_ASSISTANT, content=" ".join(referents))
+
+
+def _said_but_alternatives(question: str) -> frozenset[str]:
+    """The content words of ``question`` (normalized) but the alternatives
+    it offers: the words on either side of each "or" (stopwords skipped)."""
+    if len(question) > REPLY_ANALYSIS_MAX_CHARS:
+        return frozenset()
+    analysis = analyze(question)
+    tokens = [singular(t) for t in analysis.tokens]
+    alternatives = set()
+    for at, token in enumerate(tokens):
+        if token != "or":
+            continue
+        before = next((t for t in reversed(tokens[:at]) if t not in STOPWORDS), None)
+        after = next((t for t in tokens[at + 1 :] if t not in STOPWORDS), None)
+        alternatives.update(t for t in (before, after) if t is not None)
+    return analysis.content - alternatives
 
 
 def resolve(messages: Sequence[common_pb2.Message]) -> tuple[str, bool]:

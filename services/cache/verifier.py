@@ -765,10 +765,22 @@ def topic_unit_veto(a: Analysis, b: Analysis) -> bool:
 # Amounts and sizes said in words rather than numbers ("a couple of guests",
 # "dozens of guests", "a small party", "a huge party"): number_veto compares
 # numbers, and these are none.
-VAGUE_AMOUNTS = _words(
-    """couple few several many lot lots dozens hundreds thousands millions handful bunch tons plenty
-    numerous countless small large big huge tiny massive enormous giant little"""
-)
+# Each word's class: words of one class say the same amount in other words
+# ("a big file" / "a large file", "a few" / "several").
+VAGUE_AMOUNTS = {
+    **dict.fromkeys(("couple", "few", "several", "handful"), "a few"),
+    **dict.fromkeys(
+        ("many", "lot", "lots", "dozens", "hundreds", "thousands", "millions", "tons", "plenty", "numerous"),
+        "many",
+    ),
+    **dict.fromkeys(("countless", "bunch"), "many"),
+    **dict.fromkeys(("small", "little", "tiny"), "small"),
+    **dict.fromkeys(("large", "big", "huge", "massive", "enormous", "giant"), "large"),
+}
+
+
+def _amounts(analysis: Analysis) -> frozenset[str]:
+    return frozenset(VAGUE_AMOUNTS[w] for w in analysis.token_set if w in VAGUE_AMOUNTS)
 
 
 def topic_amount_veto(a: Analysis, b: Analysis) -> bool:
@@ -776,9 +788,10 @@ def topic_amount_veto(a: Analysis, b: Analysis) -> bool:
     hosting a couple of guests." vs "... dozens of guests." (how much wine
     to buy was served across them at 0.93, and "a few" / "a lot of", "a
     small party" / "a huge party": a review's hunt). A topic turn is what
-    the follow-up's answer depends on, so there a changed amount vetoes, at
-    the price of "a few" vs "several" said in other words."""
-    return (a.token_set & VAGUE_AMOUNTS) != (b.token_set & VAGUE_AMOUNTS)
+    the follow-up's answer depends on, so there a changed amount vetoes
+    (by class: "big" and "large" are one amount, "small" and "huge" two),
+    at the price of an amount said on one side only."""
+    return _amounts(a) != _amounts(b)
 
 
 def topic_entity_veto(a: Analysis, b: Analysis) -> bool:

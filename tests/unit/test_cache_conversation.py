@@ -116,6 +116,7 @@ def unit(seed: int) -> np.ndarray:
         ("I'm hosting a couple of guests.", "I'm hosting dozens of guests."),
         ("I'm cooking for a few friends.", "I'm cooking for a lot of friends."),
         ("I'm hosting a small party.", "I'm hosting a huge party."),
+        ("I'm hosting a small party.", "I'm hosting a party."),
     ],
 )
 def test_a_changed_referent_in_the_topic_is_vetoed_as_context(verifier, stored_topic, asked_topic):
@@ -146,6 +147,9 @@ def test_a_question_in_context_never_matches_a_bare_one(verifier):
         ("I run Ubuntu on my laptop.", "I run Ubuntu on my Dell laptop."),
         # The same number with the same unit, said otherwise.
         ("My son is 3 years old.", "My son is three years old."),
+        # The same amount in other words (a final read's finding).
+        ("My Python script reads a big CSV file.", "My Python script reads a large CSV file."),
+        ("I'm hosting a few friends.", "I'm hosting several friends."),
     ],
 )
 def test_a_topic_naming_the_same_things_in_other_words_is_left_to_the_score(
@@ -396,6 +400,15 @@ def test_answers_bind_their_words_small_talk_or_not():
     assert bound("Should I get a cat or a dog? I work long hours.", "A cat.", "What do I need?") == ["cat"]
     weather = "What's the forecast for Seattle tomorrow?"
     assert bound(weather, "Rainy.", "What should I wear?") != bound(weather, "Sunny.", "What should I wear?")
+    # A reply repeating the question's other words binds its answer alone (a final read's finding).
+    bigger = "Which is bigger, Texas or Alaska?"
+    assert bound(bigger, "Alaska is bigger.", "By how much?") == bound(bigger, "Alaska.", "By how much?")
+    assert bound(bigger, "Texas.", "By how much?") != bound(bigger, "Alaska.", "By how much?")
+    # A request that states something of the user binds it (a final read's finding).
+    thai = ("Noted.", "What's a popular Thai dish?", "Pad Thai.", "Can I eat it?")
+    assert bound("Make a note that I'm allergic to peanuts.", *thai) != bound(
+        "Make a note that I'm allergic to shellfish.", *thai
+    )
     # Small talk that answers nothing still binds nothing.
     thanks = ("Thanks, that's helpful.", "Glad to help.")
     assert bound("What is photosynthesis?", "It is ...", *thanks, "Where?") == []
