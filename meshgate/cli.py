@@ -480,7 +480,9 @@ def _describe_child(name: str, child: dict) -> str:
     # Absent from the file of a `meshgate up` older than the field.
     if stopped_for := child.get("stopped_for"):
         line += f"  stopped by the supervisor: {stopped_for}"
-    if child["state"] == "down":
+    if child["state"] == "down" and child["restart_at"] is None:
+        line += "  (exited since its supervisor last looked)"
+    elif child["state"] == "down":
         line += f"  restart at {_clock(child['restart_at'])}"
         if child["error"]:
             line += f" (last try: {child['error']})"
@@ -488,6 +490,17 @@ def _describe_child(name: str, child: dict) -> str:
         if log := child.get("log"):
             line += f"  log: {log}"
     return line
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs: it exists and is no zombie (one exited,
+    its parent, the supervisor, not yet having reaped it)."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command's closing parenthesis.
+    return stat.rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -509,6 +522,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"meshgate up (pid {pid}) on {state_dir}: starting")
         return STATUS_NOT_UP
     children = status["children"]
+    for child in children.values():
+        if child["state"] != "down" and child["pid"] is not None and not _running(child["pid"]):
+            # Exited since its supervisor last wrote (it notices within a
+            # fifth of a second, unless it is itself stopped: Ctrl-Z).
+            child["state"] = "down"
+            child["restart_at"] = None
     up = sum(child["state"] == "up" for child in children.values())
     print(f"meshgate up (pid {pid}) on {state_dir}: {up} of {len(children)} up")
     for name, child in children.items():

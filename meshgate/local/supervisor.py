@@ -158,8 +158,9 @@ class ChildStatus:
     """One child as the status file tells it. ``state``: "up" (running and
     ready for work: Stack.ready), "starting" (running, not ready yet since
     its start), "unready" (running, was up, is not ready now: a service
-    draining after SIGTERM, the inference service without a ready Triton)
-    or "down" (exited; ``restart_at`` says when it is tried again, ``error``
+    draining after SIGTERM, the inference service without a ready Triton),
+    "stopping" (the stack stops: supervision has ended) or "down" (exited;
+    ``restart_at`` says when it is tried again, ``error``
     why the last try started nothing). ``stopped_for``: why the supervisor
     stopped the child, from the SIGTERM on and kept for the one started in
     its place (unready past the grace, or not ready past the start
@@ -240,7 +241,11 @@ class Supervisor:
         self._thread.start()
 
     def stop(self) -> None:
-        """Ends supervision; returns once no restart is in progress."""
+        """Ends supervision; returns once no restart is in progress. Every
+        child is then written "stopping": the stack stops them in order
+        after this, and the file said "up" for each until the stack's lock
+        went, its services draining or exited (a review: `meshgate status`
+        read "6 of 6 up", exit code 0, for 13 s of a stop)."""
         with self._lock:
             self._stopping.set()
         if self._thread is not None:
@@ -249,6 +254,13 @@ class Supervisor:
             # The asks under way end within seconds (READY_TIMEOUT_S a call),
             # before the stack closes the channels they use.
             self._asker.shutdown()
+        if self.status:
+            now = time.time()
+            self.status = {
+                name: dataclasses.replace(child, state="stopping", since=now)
+                for name, child in self.status.items()
+            }
+            self._write_status()
 
     def __enter__(self) -> Supervisor:
         self.start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -106,3 +107,42 @@ def test_a_child_the_supervisor_stopped_says_why(stack, capsys, monkeypatch) -> 
         )
     finally:
         supervisor.stop()
+
+
+def test_a_stopping_stack_and_a_child_exited_unseen_are_not_up(stack, capsys, monkeypatch) -> None:
+    """A review's finding: `meshgate status` read "6 of 6 up", exit code 0,
+    through 13 s of a stop (services draining, then exited), and "up" for
+    a router killed while the supervisor was stopped (Ctrl-Z): it believed
+    the file. A child whose process is gone or a zombie is down, and once
+    supervision ends every child is stopping."""
+    monkeypatch.setattr(Stack, "ready", lambda stack, name: True)
+    stack._hold_state_dir()
+    for name in ("redis", "router"):
+        stack.processes[name] = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    supervisor = Supervisor(stack, poll_interval_s=3600, asker=InlineExecutor())
+    supervisor.start()
+    stopped = False
+    try:
+        supervisor.check(now=1.0)
+        assert status(stack) == cli.STATUS_UP
+        capsys.readouterr()
+        # Killed, not reaped: a zombie until the supervisor looks again.
+        stack.processes["router"].kill()
+        for _ in range(100):
+            if not cli._running(stack.processes["router"].pid):
+                break
+            time.sleep(0.01)
+        assert status(stack) == cli.STATUS_NOT_UP
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].endswith(": 1 of 2 up")
+        assert out[2].split()[:2] == ["router", "down"]
+        assert "exited since its supervisor last looked" in out[2]
+        supervisor.stop()
+        stopped = True
+        assert status(stack) == cli.STATUS_NOT_UP
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].endswith(": 0 of 2 up")
+        assert out[1].split()[:2] == ["redis", "stopping"]
+    finally:
+        if not stopped:
+            supervisor.stop()
