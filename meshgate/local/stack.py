@@ -14,6 +14,7 @@ import dataclasses
 import fcntl
 import functools
 import json
+import math
 import os
 import pathlib
 import re
@@ -33,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshgate import mesh_auth
 from meshgate.config import DEFAULT_DEV_API_KEY, MeshSettings
+from meshgate.inference.v1 import inference_service_pb2, inference_service_pb2_grpc
 from meshgate.local import certs, children, redis_server, triton
 from meshgate.local.ports import free_port
 
@@ -55,6 +57,10 @@ CHILDREN_FILE = "children.json"
 # How long one readiness check waits for its answer (Stack.ready): a child
 # that takes longer is not ready for work either.
 READY_TIMEOUT_S = 1.0
+# A Triton model whose stub died is loaded again at most this often
+# (Stack._triton_models_answer), each unload and load given this long.
+STUB_RELOAD_INTERVAL_S = 60.0
+STUB_RELOAD_TIMEOUT_S = 60.0
 
 # How long a start waits for a child to be ready: Stack.start for the whole
 # mesh, and a supervisor for a child it restarted (Triton loading its models
@@ -418,6 +424,9 @@ class Stack:
         # the next (see ready()); closed by stop().
         self._ready_channels: dict[str, grpc.Channel] = {}
         self._triton_client: tritonclient.grpc.InferenceServerClient | None = None
+        # When (time.monotonic()) each Triton model was last loaded again for
+        # its dead stub (_triton_models_answer).
+        self._stub_reloads: dict[str, float] = {}
 
     @property
     def redis_url(self) -> str:
@@ -451,10 +460,9 @@ class Stack:
         if name == "redis":
             return redis_server.answers_ping(self.ports.redis, READY_TIMEOUT_S)
         if name == "triton":
-            return triton.ready(self._triton(), self.triton_models, READY_TIMEOUT_S)
-        channel = self._ready_channels.get(name)
-        if channel is None:
-            channel = self._ready_channels[name] = self.channel(name, _reconnect_options())
+            models_ready = triton.ready(self._triton(), self.triton_models, READY_TIMEOUT_S)
+            return models_ready and self._triton_models_answer()
+        channel = self._ready_channel(name)
         try:
             answer = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=READY_TIMEOUT_S
@@ -462,6 +470,43 @@ class Stack:
         except grpc.RpcError:
             return False
         return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    def _ready_channel(self, name: str) -> grpc.Channel:
+        channel = self._ready_channels.get(name)
+        if channel is None:
+            channel = self._ready_channels[name] = self.channel(name, _reconnect_options())
+        return channel
+
+    def _triton_models_answer(self) -> bool:
+        """False while the inference service reads a Triton model's
+        Python-backend stub dead (BackendModel.stub_dead), and each such
+        model is loaded again (unloaded, then loaded: a load alone does
+        nothing while its files are unchanged), at most once every
+        STUB_RELOAD_INTERVAL_S. Triton reads such a model ready and refuses
+        its every request, and never starts the stub again itself: a stub
+        killed (the OOM killer's choice) left the model refused for good
+        while `meshgate status` read every process up (a review). Unready,
+        Triton is restarted after the grace if the reload does not help.
+        The inference service not answering says nothing of Triton's models."""
+        try:
+            health = inference_service_pb2_grpc.InferenceServiceStub(
+                self._ready_channel("inference")
+            ).GetBackendHealth(inference_service_pb2.GetBackendHealthRequest(), timeout=READY_TIMEOUT_S)
+        except grpc.RpcError:
+            return True
+        dead = sorted({m.name for b in health.backends for m in b.models if m.stub_dead})
+        now = time.monotonic()
+        for model in dead:
+            if now - self._stub_reloads.get(model, -math.inf) < STUB_RELOAD_INTERVAL_S:
+                continue
+            self._stub_reloads[model] = now
+            log.warning("a Triton model's stub process died: loading the model again", model=model)
+            try:
+                self._triton().unload_model(model, client_timeout=STUB_RELOAD_TIMEOUT_S)
+                self._triton().load_model(model, client_timeout=STUB_RELOAD_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 - tritonclient's own exception; unready all the same
+                log.warning("loading the model again failed", model=model, error=str(error))
+        return not dead
 
     def ready_depends_on(self, name: str) -> tuple[str, ...]:
         """The children whose readiness a child's own answer depends on

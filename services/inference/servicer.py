@@ -437,6 +437,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
                             name=model,
                             ready=model in b.ready_models,
                             not_ready_reason=b.not_ready_reason(model),
+                            stub_dead=model in b.stub_dead,
                         )
                         for model in b.models
                     ],

@@ -182,6 +182,8 @@ async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_t
     assert not dead_model.ready
     assert "stub process died" in dead_model.not_ready_reason
     assert "is not healthy" in dead_model.not_ready_reason
+    # Said apart too, for what loads it again (meshgate up's supervisor).
+    assert dead_model.stub_dead and not after_kill[(dead_url, "minilm")].stub_dead
     assert after_kill[(live_url, "tiny_gpt")].ready and after_kill[(dead_url, "minilm")].ready
     assert not minilm_killed.ready and "stub process died" in minilm_killed.not_ready_reason
 

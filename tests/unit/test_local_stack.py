@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import grpc
 import pytest
 
 from meshgate.config import load_settings
@@ -299,3 +300,60 @@ def test_a_children_record_that_cannot_be_read_names_no_child_to_end(tmp_path, t
     stack.children_path.parent.mkdir(parents=True, exist_ok=True)
     stack.children_path.write_text(text)
     assert stack._previous_children() == {}
+
+
+class _Health:
+    """The inference service's GetBackendHealth, answering ``models`` dead or not."""
+
+    def __init__(self, dead: list[str], failing: bool = False) -> None:
+        self.dead, self.failing = dead, failing
+
+    def __call__(self, channel):  # as InferenceServiceStub(channel)
+        return self
+
+    def GetBackendHealth(self, request, timeout=None):  # noqa: N802 - the stub's name
+        from meshgate.inference.v1 import inference_service_pb2 as pb
+
+        if self.failing:
+            raise grpc.RpcError()
+        models = [
+            pb.BackendModel(name=m, ready=m not in self.dead, stub_dead=m in self.dead) for m in ("a", "b")
+        ]
+        return pb.GetBackendHealthResponse(backends=[pb.Backend(address="t", models=models)])
+
+
+class _Triton:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def unload_model(self, model, client_timeout=None):
+        self.calls.append(("unload", model))
+
+    def load_model(self, model, client_timeout=None):
+        self.calls.append(("load", model))
+
+
+def test_a_triton_model_whose_stub_died_is_unready_and_loaded_again(tmp_path, monkeypatch) -> None:
+    """A review's finding: a tiny_gpt stub killed (the OOM killer's choice)
+    left the model refused for good, Triton reading it ready, while
+    `meshgate status` read every process up and nothing was restarted. The
+    inference service's health names such a model (stub_dead): Triton is
+    then not ready, and the model is unloaded and loaded again, at most
+    once a STUB_RELOAD_INTERVAL_S. (Against a real `meshgate up`: healed
+    within 11 s of the first refused request, /tmp/rev_supervisor.)"""
+    stack = Stack(tmp_path / "state")
+    monkeypatch.setattr(stack_module.triton, "ready", lambda client, models, timeout: True)
+    monkeypatch.setattr(Stack, "_ready_channel", lambda self, name: object())
+    triton_client = _Triton()
+    monkeypatch.setattr(Stack, "_triton", lambda self: triton_client)
+    health = _Health(dead=["b"])
+    monkeypatch.setattr(stack_module.inference_service_pb2_grpc, "InferenceServiceStub", health)
+    assert not stack.ready("triton")
+    assert triton_client.calls == [("unload", "b"), ("load", "b")]
+    assert not stack.ready("triton")  # within the interval: not loaded again
+    assert triton_client.calls == [("unload", "b"), ("load", "b")]
+    health.dead = []
+    assert stack.ready("triton")
+    # The inference service not answering says nothing of Triton's models.
+    health.failing = True
+    assert stack.ready("triton")

@@ -122,11 +122,13 @@ class Backend(_message.Message):
     def __init__(self, address: _Optional[str] = ..., live: _Optional[bool] = ..., ready: _Optional[bool] = ..., in_flight: _Optional[int] = ..., models: _Optional[_Iterable[_Union[BackendModel, _Mapping]]] = ...) -> None: ...
 
 class BackendModel(_message.Message):
-    __slots__ = ("name", "ready", "not_ready_reason")
+    __slots__ = ("name", "ready", "not_ready_reason", "stub_dead")
     NAME_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     NOT_READY_REASON_FIELD_NUMBER: _ClassVar[int]
+    STUB_DEAD_FIELD_NUMBER: _ClassVar[int]
     name: str
     ready: bool
     not_ready_reason: str
-    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., not_ready_reason: _Optional[str] = ...) -> None: ...
+    stub_dead: bool
+    def __init__(self, name: _Optional[str] = ..., ready: _Optional[bool] = ..., not_ready_reason: _Optional[str] = ..., stub_dead: _Optional[bool] = ...) -> None: ...
