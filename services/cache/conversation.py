@@ -28,6 +28,7 @@ topic turn is cut, never the question.
 
 from __future__ import annotations
 
+import collections
 import re
 from collections.abc import Sequence
 
@@ -170,7 +171,7 @@ def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.M
     exact = [m for m in messages[:-1] if m.role not in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)]
     found = _topic_at(messages[:-1])
     at, topic = (-1, "") if found is None else found
-    exact += _bound_before_topic(messages[: max(at, 0)], topic)
+    exact += _bound_before_topic(messages[: max(at, 0)], topic, normalize_text(messages[-1].content))
     for index in range(at + 1, len(messages) - 1):
         message = messages[index]
         if message.role == common_pb2.ROLE_ASSISTANT:
@@ -296,7 +297,9 @@ def _continues(earlier: Sequence[common_pb2.Message], topic: str) -> bool:
     return not _asks(topic) and len(analysis.content - _USER_FILLER) <= FRAGMENT_WORDS
 
 
-def _bound_before_topic(earlier: Sequence[common_pb2.Message], topic: str) -> list[common_pb2.Message]:
+def _bound_before_topic(
+    earlier: Sequence[common_pb2.Message], topic: str, question: str = ""
+) -> list[common_pb2.Message]:
     """What the turns before the topic turn bind. No verifier reads them,
     yet they may say what the question's answer depends on. Walking back
     from the topic turn:
@@ -323,6 +326,12 @@ def _bound_before_topic(earlier: Sequence[common_pb2.Message], topic: str) -> li
     - A user's small talk binds nothing, but where it answers the
       assistant's question (_bound_by_answer: "Do you have a yard?" /
       "No.").
+    - The question or request that ends the walk binds its words all the
+      same where it says something of the user ("Is peanut oil safe if I'm
+      allergic to peanuts?": _says_of_the_user) or is what the last
+      question names ("How much does the laptop cost?" after "Recommend a
+      laptop for coding." / ... / "And a monitor?": _named_by): a second
+      hunt's, served across peanuts and shellfish, coding and gaming.
 
     bench/README.md's conversations after unrelated history are served
     less so (statements before the topic bind), a miss for a wrong answer."""
@@ -356,8 +365,9 @@ def _bound_before_topic(earlier: Sequence[common_pb2.Message], topic: str) -> li
             if _answers_the_assistant(earlier, at):
                 referents = _bound_by_answer(text)
         elif _requests(text):
-            if not asking or continued():
-                referents = _bound_by_earlier_turn(text, with_words=continued())
+            said = _says_of_the_user(text) or _named_by(question, text, topic)
+            if not asking or continued() or said:
+                referents = _bound_by_earlier_turn(text, with_words=continued() or said)
                 if referents is not None:
                     bound.append(referents)
             break
@@ -366,6 +376,32 @@ def _bound_before_topic(earlier: Sequence[common_pb2.Message], topic: str) -> li
         if referents is not None:
             bound.append(referents)
     return bound[::-1]
+
+
+# FIRST_PERSON but the plural, which questions on general things use too
+# ("What's our solar system's largest planet?").
+_FIRST_PERSON_SINGULAR = FIRST_PERSON - _words("our us we we're we've")
+
+# Words after which a question names a thing said before ("the laptop").
+_DETERMINERS = _words("the that this these those")
+
+
+def _says_of_the_user(text: str) -> bool:
+    """Whether a question or request says something of the user's own
+    situation (a first-person singular word)."""
+    return not _FIRST_PERSON_SINGULAR.isdisjoint(re.findall(r"[a-z']+", text[:1024].lower()))
+
+
+def _named_by(question: str, text: str, topic: str) -> bool:
+    """Whether ``question`` names, after a determiner ("the laptop"), a word
+    of ``text`` that ``topic`` does not say: it is about ``text``'s thing,
+    not the topic turn's."""
+    if len(text) > REPLY_ANALYSIS_MAX_CHARS or len(question) > REPLY_ANALYSIS_MAX_CHARS:
+        return False
+    tokens = re.findall(r"[a-z']+", question.lower())
+    named = {singular(tokens[i + 1]) for i in range(len(tokens) - 1) if tokens[i] in _DETERMINERS} - STOPWORDS
+    topic_words = analyze(topic).content if len(topic) <= REPLY_ANALYSIS_MAX_CHARS else frozenset()
+    return bool((named & analyze(text).content) - topic_words)
 
 
 def _user_turn_before(messages: Sequence[common_pb2.Message], at: int) -> str:
@@ -442,19 +478,30 @@ def _bound_by_reply(text: str, topic: str) -> common_pb2.Message | None:
 
 def _said_but_alternatives(question: str) -> frozenset[str]:
     """The content words of ``question`` (normalized) but the alternatives
-    it offers: the words on either side of each "or" (stopwords skipped)."""
+    it offers: in a sentence with "or", the words on either side of it, the
+    first after each comma before it ("white rice, brown rice, quinoa or
+    couscous": a second hunt found "Brown rice." and "White rice." binding
+    nothing), and the words before a head noun the list repeats ("white",
+    "brown"); stopwords skipped."""
     if len(question) > REPLY_ANALYSIS_MAX_CHARS:
         return frozenset()
-    analysis = analyze(question)
-    tokens = [singular(t) for t in analysis.tokens]
     alternatives = set()
-    for at, token in enumerate(tokens):
-        if token != "or":
+    for sentence in re.split(r"[?.!;:]", question.lower()):
+        tokens = [t if t == "," else singular(t) for t in re.findall(r"[a-z0-9']+|,", sentence)]
+        if "or" not in tokens:
             continue
-        before = next((t for t in reversed(tokens[:at]) if t not in STOPWORDS), None)
-        after = next((t for t in tokens[at + 1 :] if t not in STOPWORDS), None)
-        alternatives.update(t for t in (before, after) if t is not None)
-    return analysis.content - alternatives
+        last_or = len(tokens) - 1 - tokens[::-1].index("or")
+        heads = collections.Counter(t for t in tokens if t not in STOPWORDS and t != ",")
+        for at, token in enumerate(tokens):
+            content_before = next((t for t in reversed(tokens[:at]) if t not in STOPWORDS), None)
+            content_after = next((t for t in tokens[at + 1 :] if t != "," and t not in STOPWORDS), None)
+            if token == "or":
+                alternatives.update(t for t in (content_before, content_after) if t not in (None, ","))
+            elif token == "," and at < last_or and content_after is not None:
+                alternatives.add(content_after)
+            elif token not in STOPWORDS and heads[token] >= 2 and content_before not in (None, ","):
+                alternatives.add(content_before)
+    return analyze(question).content - alternatives
 
 
 def resolve(messages: Sequence[common_pb2.Message]) -> tuple[str, bool]:

@@ -242,6 +242,12 @@ ANTONYMS = {
         ("hot", "cold"),
         ("early", "late"),
         ("always", "sometimes"),
+        # A second hunt's topic turns (2026-12-06): a changed season, time of
+        # day, level or direction of travel scored 0.905-0.920.
+        ("summer", "winter"),
+        ("morning", "evening"),
+        ("beginner", "advanced"),
+        ("arrive", "leave"),
     ]
 }
 # Each word's antonyms ("small": "big" and "large").
@@ -794,6 +800,21 @@ def topic_amount_veto(a: Analysis, b: Analysis) -> bool:
     return _amounts(a) != _amounts(b)
 
 
+# Words that bound a number from one side ("I'm over 65." / "... under 65.").
+_BOUNDS = frozenset({"over", "under", "above", "below"})
+
+
+def topic_condition_veto(a: Analysis, b: Analysis) -> bool:
+    """Two topic turns stating another day or another bound: "I'm flying to
+    Denver tonight." vs "... next week." (0.941), "I'm over 65." vs "I'm under
+    65." (0.924: a second hunt). number_veto reads relative days only where
+    each side has one the other lacks, and "over"/"under" are stopwords; a
+    topic turn is what the follow-up's answer depends on, so there one said
+    on one side only vetoes too, at the price of "tonight" added to the same
+    thing ("dinner for 4 tonight" vs "dinner for 4")."""
+    return a.days != b.days or (a.token_set & _BOUNDS) != (b.token_set & _BOUNDS)
+
+
 def topic_entity_veto(a: Analysis, b: Analysis) -> bool:
     """Two topic turns (conversation.py) each naming something the other
     never mentions, wherever the names stand: "My laptop runs Ubuntu." vs
@@ -1230,6 +1251,7 @@ class Verifier:
                 or topic_entity_veto(query_topic_analysis, candidate_topic_analysis)
                 or topic_unit_veto(query_topic_analysis, candidate_topic_analysis)
                 or topic_amount_veto(query_topic_analysis, candidate_topic_analysis)
+                or topic_condition_veto(query_topic_analysis, candidate_topic_analysis)
             ):
                 return Decision(False, 0.0, "context")
             veto = structural_veto(analyze(query_question), analyze(candidate_question))

@@ -117,6 +117,12 @@ def unit(seed: int) -> np.ndarray:
         ("I'm cooking for a few friends.", "I'm cooking for a lot of friends."),
         ("I'm hosting a small party.", "I'm hosting a huge party."),
         ("I'm hosting a small party.", "I'm hosting a party."),
+        # Another day, bound or season (a second hunt: 0.905-0.941).
+        ("I'm flying to Denver tonight.", "I'm flying to Denver next week."),
+        ("I'm over 65.", "I'm under 65."),
+        ("I'm going hiking in the Alps this winter.", "I'm going hiking in the Alps this summer."),
+        ("I usually run in the morning.", "I usually run in the evening."),
+        ("I arrive in Tokyo on Monday.", "I leave Tokyo on Monday."),
     ],
 )
 def test_a_changed_referent_in_the_topic_is_vetoed_as_context(verifier, stored_topic, asked_topic):
@@ -327,6 +333,16 @@ def test_the_users_turns_before_a_topic_turn_bind_what_they_say():
         bound("Explain relativity.", "It says...", "Describe the Great Barrier Reef.", "It is...", "Why?")
         == []
     )
+    # A question saying something of the user binds its words all the same (a second hunt's).
+    peanuts = ("Avoid it.", "What's a popular Thai dish?", "Pad Thai.", "Can I eat it?")
+    assert bound("Is peanut oil safe if I'm allergic to peanuts?", *peanuts) != bound(
+        "Is peanut oil safe if I'm allergic to shellfish?", *peanuts
+    )
+    # So does the request the last question names, past a later topic (a second hunt's).
+    laptop = ("And a monitor?", "The Dell U2723QE.", "How much does the laptop cost?")
+    assert bound("Recommend a laptop for coding.", "The MacBook Pro 14.", *laptop) != bound(
+        "Recommend a laptop for gaming.", "The Razer Blade 16.", *laptop
+    )
     # A topic turn that asks stands alone: questions and requests before it bind nothing.
     unrelated = ("Who wrote Romeo and Juliet?", "Shakespeare.", "What is France's capital?", "Paris.", "Why?")
     assert bound(*unrelated) == ["pari"]
@@ -409,6 +425,15 @@ def test_answers_bind_their_words_small_talk_or_not():
     assert bound("Make a note that I'm allergic to peanuts.", *thai) != bound(
         "Make a note that I'm allergic to shellfish.", *thai
     )
+    # A second hunt's: a list of more than two (each reply bound nothing, or only "milk").
+    rice = "Which is healthiest: white rice, brown rice, quinoa or couscous?"
+    assert bound(rice, "Brown rice.", "How long do I cook it?") != bound(
+        rice, "White rice.", "How long do I cook it?"
+    )
+    milk = "Should I use whole milk, skim milk or oat milk for a latte?"
+    assert bound(milk, "Whole milk.", "How much?") != bound(milk, "Skim milk.", "How much?")
+    pets = "Which pet is best for a small apartment: a cat, a dog, a hamster or a rabbit?"
+    assert bound(pets, "A cat.", "What do I need?") != bound(pets, "A dog.", "What do I need?")
     # Small talk that answers nothing still binds nothing.
     thanks = ("Thanks, that's helpful.", "Glad to help.")
     assert bound("What is photosynthesis?", "It is ...", *thanks, "Where?") == []
