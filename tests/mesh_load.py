@@ -17,6 +17,7 @@ import grpc
 from meshgate.common.v1 import common_pb2
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
+from services.router.servicer import SAVING_METADATA
 
 REQUEST_TIMEOUT_S = 30.0
 # A caller that failed waits a little before its next request, as a real
@@ -81,9 +82,12 @@ class Load:
         self._stopping.set()
         await asyncio.gather(*self._tasks)
 
-    def failed(self, phase: Any, error: grpc.aio.AioRpcError, text: str, began: float) -> None:
+    def failed(
+        self, phase: Any, error: grpc.aio.AioRpcError, text: str, began: float, saving: bool = False
+    ) -> None:
         """A request that started at ``began`` (monotonic) failed after
-        delivering ``text`` ("" before any delta)."""
+        delivering ``text`` ("" before any delta); ``saving``: its router had
+        committed it to store its turn (SAVING_METADATA)."""
         raise NotImplementedError
 
     def answered(self, phase: Any, kind: str, began: float) -> None:
@@ -123,16 +127,16 @@ class Load:
                 session_id = created.session_id
             request = self._request(worker, kind, turn, session_id)
             text, completion = "", None
+            call = self._router.Chat(request, metadata=self._metadata, timeout=REQUEST_TIMEOUT_S)
             try:
-                async for response in self._router.Chat(
-                    request, metadata=self._metadata, timeout=REQUEST_TIMEOUT_S
-                ):
+                async for response in call:
                     if response.HasField("delta"):
                         text += response.delta.text
                     else:
                         completion = response.completion
             except grpc.aio.AioRpcError as error:
-                self.failed(phase, error, text, began)
+                saving = tuple(SAVING_METADATA[0]) in tuple(await call.initial_metadata() or ())
+                self.failed(phase, error, text, began, saving=saving)
                 await asyncio.sleep(FAILURE_PAUSE_S)
                 continue
             short = short_answer(text, completion, request.parameters.max_tokens)

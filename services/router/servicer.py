@@ -79,6 +79,11 @@ SESSION_METADATA_KEY = "meshgate-session-id"
 # grpc.aio has the call done by the time a trailers-only response's empty
 # initial metadata is returned is up to its event loop's ordering.
 ADMITTED_METADATA = (("meshgate-admitted", "1"),)
+# The headers a session Chat sends as it commits its call, before its turn is
+# stored: a call that then fails bare (its router killed, the connection cut)
+# may have stored the turn, though no ErrorInfo can say turn_may_be_stored;
+# the client checks GetSession before sending it again.
+SAVING_METADATA = (("meshgate-turn-saving", "1"),)
 # A ChatSession turn refused with these named no session: the stream's stays
 # what it was (a turn refused for anything else still moves it to the one it
 # named, which the client chose).
@@ -289,7 +294,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 await call.saving_turn(session_id)
             if not sent:
                 try:
-                    await context.send_initial_metadata(())
+                    await context.send_initial_metadata(SAVING_METADATA)
                 except grpc.aio.InternalError as error:  # its caller went away (chat_with_status)
                     raise asyncio.CancelledError() from error
 

@@ -91,7 +91,9 @@ class Load(mesh_load.Load):
         if phase.killed_at is not None and began > phase.killed_at:
             phase.first_ok_after_kill.setdefault(kind, time.monotonic() - phase.killed_at)
 
-    def failed(self, phase: Phase, error: grpc.aio.AioRpcError, text: str, began: float) -> None:
+    def failed(
+        self, phase: Phase, error: grpc.aio.AioRpcError, text: str, began: float, saving: bool = False
+    ) -> None:
         info = error_info(error)
         phase.failed[f"{error.code().name} {info.reason if info else '(no ErrorInfo)'}"] += 1
         if text:

@@ -23,6 +23,7 @@ from services.cache import app as cache_app
 from services.context import store as session_store
 from services.inference import app as inference_app
 from services.router import app as router_app
+from services.router.servicer import SAVING_METADATA
 from tests.integration.conftest import (
     answer_of,
     router_and_context,
@@ -408,9 +409,17 @@ async def test_a_session_longer_than_the_window_keeps_being_answered(mesh):
     for max_tokens in (1, 7, 64):
         request = ask("and now?", policy=pb.CACHE_POLICY_BYPASS, max_tokens=max_tokens)
         request.session_id = session_id
-        _, completion = await answer_of(router.Chat(request, metadata=AUTH))
+        # One token, carried on the completion: nothing goes out before the turn is stored.
+        request.completion_may_carry_text = max_tokens == 1
+        call = router.Chat(request, metadata=AUTH)
+        _, completion = await answer_of(call)
         # The window is filled to within a turn of it, never past it.
         assert 512 - 200 < completion.usage.prompt_tokens + max_tokens <= 512
+        if max_tokens == 1:
+            # Nothing went out before the turn was stored: its headers, sent
+            # then, say it is committed to be stored (a call failing bare
+            # after them, its router killed, may have stored the turn).
+            assert set(SAVING_METADATA) <= set(await call.initial_metadata())
 
 
 async def test_a_hit_streams_in_whole_word_pieces_like_a_generated_answer(router):
