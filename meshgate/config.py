@@ -222,6 +222,21 @@ MAX_SCOPE_ROUTE_CHARS = 4096
 # without a call or a warning a turn: services/router/downstream.py).
 MAX_CACHED_PROMPT_MESSAGES = 16_384
 
+# The most text a prompt sent to the cache may hold, its messages' contents
+# together (characters): the cache reads every message on its event loop
+# (keys.entry_id's normalization, conversation.matched_exactly), and 120
+# messages of 256 KiB held a Lookup there 5-6.6 s, every other tenant's
+# lookups waiting (a review). A prompt that fits a bundled model's window is
+# far shorter; a longer one is kept uncached as a longer one in messages is.
+MAX_CACHED_PROMPT_CHARS = 512 * 1024
+
+
+def cacheable_prompt(messages) -> bool:
+    """Whether the cache takes a prompt of ``messages`` (the bounds above)."""
+    return len(messages) <= MAX_CACHED_PROMPT_MESSAGES and (
+        sum(len(message.content) for message in messages) <= MAX_CACHED_PROMPT_CHARS
+    )
+
 
 def route_of(model: ModelSettings, models: dict[str, ModelSettings]) -> str:
     """The models that answer an alias, as a cache scope's route: its

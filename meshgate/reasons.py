@@ -209,7 +209,8 @@ class Reason(enum.StrEnum):
     """A text to embed is larger than the limit."""
 
     PROMPT_TOO_LARGE = enum.auto()
-    """The rendered prompt is larger than inference.max_prompt_bytes (UTF-8 bytes)."""
+    """The rendered prompt is larger than inference.max_prompt_bytes (UTF-8 bytes), or a
+    cache request's prompt holds more text than the cache takes."""
 
     CONTEXT_WINDOW_EXCEEDED = enum.auto()
     """The new messages alone do not fit the model's window."""

@@ -120,13 +120,45 @@ def is_small_talk(text: str) -> bool:
     return not (analysis.content - SMALL_TALK - STOPWORDS)
 
 
-def _topic_at(earlier: Sequence[common_pb2.Message]) -> tuple[int, str] | None:
+_TURN_ROLES = (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)
+
+
+class _Texts:
+    """A prompt's messages' normalized texts, each worked out once, by index
+    (a slice from the start keeps its messages' indexes). The rules read a
+    turn's text from several places; normalized again each time, a 256 KiB
+    user turn read by each of 253 replies after it held the cache's event
+    loop for 10-13 s, every other tenant's lookups waiting (a review)."""
+
+    def __init__(self, messages: Sequence[common_pb2.Message]) -> None:
+        self._messages = messages
+        self._texts: dict[int, str] = {}
+        self._user_before: list[int] | None = None
+
+    def user_before(self, at: int) -> int:
+        """The index of the user's turn before ``at`` (-1 for none): found in
+        one pass for all, not walked back again from each reply."""
+        if self._user_before is None:
+            self._user_before, last = [], -1
+            for index, message in enumerate(self._messages):
+                self._user_before.append(last)
+                if message.role == common_pb2.ROLE_USER:
+                    last = index
+        return self._user_before[at]
+
+    def __getitem__(self, at: int) -> str:
+        text = self._texts.get(at)
+        if text is None:
+            text = self._texts[at] = normalize_text(self._messages[at].content)
+        return text
+
+
+def _topic_at(earlier: Sequence[common_pb2.Message], texts: _Texts) -> tuple[int, str] | None:
     """Where the latest earlier user turn that is not small talk is, and its
     normalized text; None when there is none."""
     for at in range(len(earlier) - 1, -1, -1):
-        message = earlier[at]
-        if message.role == common_pb2.ROLE_USER:
-            text = normalize_text(message.content)
+        if earlier[at].role == common_pb2.ROLE_USER:
+            text = texts[at]
             if text and not is_small_talk(text):
                 return at, text
     return None
@@ -135,7 +167,7 @@ def _topic_at(earlier: Sequence[common_pb2.Message]) -> tuple[int, str] | None:
 def topic_turn(earlier: Sequence[common_pb2.Message]) -> str | None:
     """The latest earlier user turn that is not small talk, normalized; None
     when there is none."""
-    found = _topic_at(earlier)
+    found = _topic_at(earlier, _Texts(earlier))
     return None if found is None else found[1]
 
 
@@ -169,20 +201,21 @@ def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.M
     I help you today?") binds nothing, so conversations opening with one
     still share."""
     exact = [m for m in messages[:-1] if m.role not in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)]
-    found = _topic_at(messages[:-1])
+    texts = _Texts(messages)
+    found = _topic_at(messages[:-1], texts)
     at, topic = (-1, "") if found is None else found
-    exact += _bound_before_topic(messages[: max(at, 0)], topic, normalize_text(messages[-1].content))
+    exact += _bound_before_topic(messages[: max(at, 0)], topic, texts[len(messages) - 1], texts)
     for index in range(at + 1, len(messages) - 1):
         message = messages[index]
         if message.role == common_pb2.ROLE_ASSISTANT:
             # Read against the user's turn it answers: the topic turn, or
             # small talk after it ("Ok cool." / "Anything else?").
-            bound = _bound_by_reply(normalize_text(message.content), _user_turn_before(messages, index))
-        elif message.role == common_pb2.ROLE_USER and _answers_the_assistant(messages, index):
+            bound = _bound_by_reply(texts[index], _user_turn_before(messages, index, texts))
+        elif message.role == common_pb2.ROLE_USER and _answers_the_assistant(messages, index, texts):
             # Small talk (else it were the topic turn) that answers the
             # assistant's question: "Do you already have car insurance?" /
             # "No." was served the answer given after "Yes." (a review).
-            bound = _bound_by_answer(normalize_text(message.content))
+            bound = _bound_by_answer(texts[index])
         else:
             continue
         if bound is not None:
@@ -190,21 +223,19 @@ def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.M
     return exact
 
 
-def _answers_the_assistant(messages: Sequence[common_pb2.Message], at: int) -> bool:
+def _answers_the_assistant(messages: Sequence[common_pb2.Message], at: int, texts: _Texts) -> bool:
     """Whether the user's turn at ``at`` follows an assistant's question."""
     before = at - 1
     while before >= 0 and messages[before].role not in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT):
         before -= 1
-    return before >= 0 and _assistant_asks(messages[before])
+    return before >= 0 and _assistant_asks(messages[before], texts[before])
 
 
-def _assistant_asks(message: common_pb2.Message) -> bool:
-    """Whether ``message`` is the assistant's asking something: not a
-    greeting's "How can I help you today?", which asks for the request."""
-    if message.role != common_pb2.ROLE_ASSISTANT:
-        return False
-    text = normalize_text(message.content)
-    return _asks(text) and not is_small_talk(text)
+def _assistant_asks(message: common_pb2.Message, text: str) -> bool:
+    """Whether ``message`` (normalized: ``text``) is the assistant's asking
+    something: not a greeting's "How can I help you today?", which asks for
+    the request."""
+    return message.role == common_pb2.ROLE_ASSISTANT and _asks(text) and not is_small_talk(text)
 
 
 def _bound_by_answer(text: str) -> common_pb2.Message | None:
@@ -275,7 +306,7 @@ FRAGMENT_WORDS = 2
 _USER_FILLER = frozenset(singular(w) for w in SMALL_TALK - POLARITY)
 
 
-def _continues(earlier: Sequence[common_pb2.Message], topic: str) -> bool:
+def _continues(earlier: Sequence[common_pb2.Message], topic: str, texts: _Texts) -> bool:
     """Whether a topic turn that asks nothing is a piece of an earlier
     request rather than one of its own: it answers the assistant's question
     right before it ("Any restrictions?" / "Make it vegan."), points back at
@@ -283,9 +314,10 @@ def _continues(earlier: Sequence[common_pb2.Message], topic: str) -> bool:
     process of photosynthesis." is none of these: history before it on
     other things binds only its names and numbers."""
     before = next(
-        (m for m in reversed(earlier) if m.role in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)), None
+        (at for at in range(len(earlier) - 1, -1, -1) if earlier[at].role in _TURN_ROLES),
+        None,
     )
-    if before is not None and _assistant_asks(before):
+    if before is not None and _assistant_asks(earlier[before], texts[before]):
         return True
     if len(topic) > REPLY_ANALYSIS_MAX_CHARS or not readable(topic):
         # Not analysed: the stricter side.
@@ -298,7 +330,7 @@ def _continues(earlier: Sequence[common_pb2.Message], topic: str) -> bool:
 
 
 def _bound_before_topic(
-    earlier: Sequence[common_pb2.Message], topic: str, question: str = ""
+    earlier: Sequence[common_pb2.Message], topic: str, question: str, texts: _Texts
 ) -> list[common_pb2.Message]:
     """What the turns before the topic turn bind. No verifier reads them,
     yet they may say what the question's answer depends on. Walking back
@@ -343,26 +375,26 @@ def _bound_before_topic(
     def continued() -> bool:
         nonlocal continues
         if continues is None:
-            continues = _continues(earlier, topic)
+            continues = _continues(earlier, topic, texts)
         return continues
 
     bound = []
     for at in range(len(earlier) - 1, -1, -1):
         message = earlier[at]
-        text = normalize_text(message.content)
+        text = texts[at]
         if not text:
             continue
         referents = None
         if message.role == common_pb2.ROLE_ASSISTANT:
-            said = _user_turn_before(earlier, at)
+            said = _user_turn_before(earlier, at, texts)
             # A reply to small talk ("Hey, quick question." / "Sure, ask
             # away!") binds nothing, unless it asks (its answer may bind).
-            if continued() and not (is_small_talk(said) and not _assistant_asks(message)):
+            if continued() and not (is_small_talk(said) and not _assistant_asks(message, text)):
                 referents = _bound_by_reply(text, said)
         elif message.role != common_pb2.ROLE_USER:
             continue
         elif is_small_talk(text):
-            if _answers_the_assistant(earlier, at):
+            if _answers_the_assistant(earlier, at, texts):
                 referents = _bound_by_answer(text)
         elif _requests(text):
             said = _says_of_the_user(text) or _named_by(question, text, topic)
@@ -404,12 +436,10 @@ def _named_by(question: str, text: str, topic: str) -> bool:
     return bool((named & analyze(text).content) - topic_words)
 
 
-def _user_turn_before(messages: Sequence[common_pb2.Message], at: int) -> str:
+def _user_turn_before(messages: Sequence[common_pb2.Message], at: int, texts: _Texts) -> str:
     """The normalized text of the user's turn before ``at`` ("" for none)."""
-    for before in range(at - 1, -1, -1):
-        if messages[before].role == common_pb2.ROLE_USER:
-            return normalize_text(messages[before].content)
-    return ""
+    before = texts.user_before(at)
+    return texts[before] if before >= 0 else ""
 
 
 def _bound_by_earlier_turn(text: str, with_words: bool = False) -> common_pb2.Message | None:

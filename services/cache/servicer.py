@@ -53,7 +53,12 @@ from meshgate import metrics, redis_access, serving
 from meshgate.cache.v1 import cache_service_pb2 as pb
 from meshgate.cache.v1 import cache_service_pb2_grpc
 from meshgate.common.v1 import common_pb2
-from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, MAX_SCOPE_ROUTE_CHARS, CacheSettings
+from meshgate.config import (
+    MAX_CACHED_PROMPT_CHARS,
+    MAX_CACHED_PROMPT_MESSAGES,
+    MAX_SCOPE_ROUTE_CHARS,
+    CacheSettings,
+)
 from meshgate.embedding import Embedding
 from meshgate.errors import MeshgateError, invalid_argument, not_found, unavailable
 from meshgate.reasons import Reason
@@ -214,6 +219,13 @@ def _check_messages(messages) -> None:
             Reason.TOO_MANY_MESSAGES,
             f"a prompt of {len(messages)} messages is more than the cache takes ({MAX_PROMPT_MESSAGES})",
             limit=str(MAX_PROMPT_MESSAGES),
+        )
+    chars = sum(len(message.content) for message in messages)
+    if chars > MAX_CACHED_PROMPT_CHARS:
+        raise invalid_argument(
+            Reason.PROMPT_TOO_LARGE,
+            f"a prompt of {chars} characters is more than the cache takes ({MAX_CACHED_PROMPT_CHARS})",
+            limit=str(MAX_CACHED_PROMPT_CHARS),
         )
     for index, message in enumerate(messages):
         if message.role not in ROLE_NAMES:

@@ -21,7 +21,7 @@ import structlog
 from meshgate import balancing, metrics, streaming, telemetry
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
-from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, RedisSettings, RouterSettings
+from meshgate.config import RedisSettings, RouterSettings, cacheable_prompt
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.errors import (
     BUSY_RETRY_AFTER_S,
@@ -632,7 +632,7 @@ class CacheService:
         )
 
     async def lookup(self, plan: CachePlan, messages, budget: Budget, semantic: bool) -> Hit | None:
-        if len(messages) > MAX_CACHED_PROMPT_MESSAGES:
+        if not cacheable_prompt(messages):
             # The cache refuses it: a miss, without the call or its warning.
             return None
         if semantic and not plan.exact_lookup_answered:
@@ -705,7 +705,7 @@ class CacheService:
         store_fence alone (LookupRequest.fence_only), read before it
         generates, as an exact lookup's miss would give it. Unread when the
         cache fails: the answer is then not stored (:meth:`store`)."""
-        if len(messages) > MAX_CACHED_PROMPT_MESSAGES:
+        if not cacheable_prompt(messages):
             return
         try:
             response = await self._stub.Lookup(
@@ -720,7 +720,7 @@ class CacheService:
         plan.store_fence[:] = [response.store_fence]
 
     async def store(self, plan: CachePlan, messages, answer: Answer, budget: Budget) -> None:
-        if len(messages) > MAX_CACHED_PROMPT_MESSAGES:
+        if not cacheable_prompt(messages):
             return  # the cache refuses it (lookup)
         if self._hot is not None:
             self._hot.forget(self._hot.key(plan, messages))

@@ -1205,6 +1205,12 @@ _TOO_MANY = [common_pb2.Message(role=ASSISTANT)] * servicer_module.MAX_PROMPT_ME
             "INVALID_TTL",
         ),
         (pb.InvalidateRequest(model="m"), "TENANT_REQUIRED"),
+        # More text than the cache reads on its event loop (a review: 120
+        # messages of 256 KiB held it 5-6.6 s a Lookup).
+        (
+            pb.LookupRequest(scope=scope("t"), messages=conversation("x" * (1 << 19), "y", "q")),
+            "PROMPT_TOO_LARGE",
+        ),
         # A review's: each was stored and served, under a scope no valid
         # request makes, with usage records of negative tokens saved, or
         # dropped as if an Invalidate had come since its lookup.

@@ -14,7 +14,7 @@ import structlog
 from meshgate import cache_notices, metrics
 from meshgate.cache.v1 import cache_service_pb2 as cache_pb
 from meshgate.common.v1 import common_pb2
-from meshgate.config import MAX_CACHED_PROMPT_MESSAGES, RouterSettings
+from meshgate.config import MAX_CACHED_PROMPT_CHARS, MAX_CACHED_PROMPT_MESSAGES, RouterSettings
 from meshgate.errors import MeshgateError
 from meshgate.reasons import Reason
 from services.router.downstream import CacheService
@@ -66,6 +66,21 @@ async def test_a_prompt_longer_than_the_cache_takes_is_kept_from_it_quietly():
     assert await cache.lookup(plan(), longest, Budget(), semantic=False) is None
     await cache.store(plan(), longest, Answer(text="a", store_fence="f"), Budget())
     assert stub.calls == ["Lookup", "Store"]
+
+
+async def test_a_prompt_of_more_text_than_the_cache_takes_is_kept_from_it_quietly():
+    """A review's finding: 120 messages of 256 KiB held the cache service's
+    event loop 5-6.6 s a Lookup (each message normalized there), and the
+    router sent two. Past MAX_CACHED_PROMPT_CHARS, no call; at it, one."""
+    stub = RecordingStub()
+    cache = CacheService(stub, NoTokens(), RouterSettings())
+    half = common_pb2.Message(role=common_pb2.ROLE_USER, content="x" * (MAX_CACHED_PROMPT_CHARS // 2))
+    with structlog.testing.capture_logs() as logs:
+        assert await cache.lookup(plan(), [half, half, half], Budget(), semantic=False) is None
+        await cache.store(plan(), [half, half, half], Answer(text="a", store_fence="f"), Budget())
+    assert stub.calls == [] and logs == []
+    assert await cache.lookup(plan(), [half, half], Budget(), semantic=False) is None
+    assert stub.calls == ["Lookup"]
 
 
 class QuotaFullStub(RecordingStub):
