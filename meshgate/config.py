@@ -610,6 +610,12 @@ class RouterSettings:
     # Largest content of one message, in UTF-8 bytes.
     max_message_bytes: int = 256 * 1024
     max_messages: int = 256
+    # Largest content of a turn's messages together, in UTF-8 bytes: the
+    # HTTP edge's body bound (8 MiB) for gRPC callers too. Each message at
+    # max_message_bytes allowed 64 MiB (32 MiB past gRPC's own bound), and a
+    # 30 MiB turn cost the router's event loop some 150 ms of building and
+    # serializing its calls, and the context service's, each turn (a review).
+    max_turn_bytes: int = 8 * 1024 * 1024
     # Budget of each unary call to another service, and of one whole
     # generation over every deployment it tries (from its first try), or of
     # one embeddings request over every inference service it tries; a
@@ -763,6 +769,11 @@ class RouterSettings:
                 f"router.max_concurrent_rpcs_per_tenant must be above 0 and below "
                 f"router.max_concurrent_rpcs ({bound}) when that is set, or one tenant's calls "
                 f"can fill the replica; got {cap} (unset: {max(1, bound // 8)}, an eighth of it)"
+            )
+        if self.max_turn_bytes < self.max_message_bytes:
+            raise ConfigError(
+                f"router.max_turn_bytes ({self.max_turn_bytes}) must be at least router.max_message_bytes "
+                f"({self.max_message_bytes}): a turn of one message that size would be refused"
             )
         # Below 1 KiB ordinary requests would be refused (a likely unit slip).
         size = self.http_max_header_bytes
@@ -1365,6 +1376,7 @@ _POSITIVE = frozenset(
         "default_max_tokens",
         "max_message_bytes",
         "max_messages",
+        "max_turn_bytes",
         "http_max_body_bytes",
         "http_max_header_bytes",
         "http_body_timeout_s",

@@ -56,6 +56,7 @@ def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
         raise invalid_argument(Reason.EMPTY_MESSAGES, "messages must not be empty")
     check_message_count(len(messages), settings.max_messages)
     limit = settings.max_message_bytes
+    chars = 0
     for index, message in enumerate(messages):
         if message.role not in ROLE_NAMES:
             raise invalid_argument(Reason.INVALID_ROLE, f"messages[{index}] has no valid role")
@@ -63,12 +64,23 @@ def check_turn(turn, model: ModelSettings, settings: RouterSettings) -> int:
         # the answer open is encoded (admission counts the bytes once more,
         # for its estimate; a turn should not pay for encoding twice).
         length = len(message.content)
+        chars += length
         if length > limit or (4 * length > limit and len(message.content.encode()) > limit):
             raise invalid_argument(
                 Reason.MESSAGE_TOO_LARGE,
                 f"messages[{index}] is larger than {limit} bytes",
                 limit=str(limit),
             )
+    # The same for the messages together (router.max_turn_bytes): counted in
+    # bytes only where their characters leave the answer open.
+    most = settings.max_turn_bytes
+    if chars > most or (4 * chars > most and sum(len(m.content.encode()) for m in messages) > most):
+        raise invalid_argument(
+            Reason.MESSAGE_TOO_LARGE,
+            f"the messages together are larger than {most} bytes (router.max_turn_bytes)",
+            limit=str(most),
+            scope="turn",
+        )
     if messages[-1].role != common_pb2.ROLE_USER:
         raise invalid_argument(Reason.LAST_MESSAGE_NOT_USER, "the last message must be the user's")
 

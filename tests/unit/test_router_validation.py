@@ -246,3 +246,29 @@ def test_max_tokens_that_would_fill_the_window_is_too_large_for_the_caller():
     with pytest.raises(MeshgateError) as refused:
         check_turn(turn(user("hi"), max_tokens=64), small, SETTINGS)
     assert refused.value.reason == "MAX_TOKENS_TOO_LARGE" and refused.value.metadata["limit"] == "63"
+
+
+def test_a_turn_past_max_turn_bytes_is_refused_at_it_and_taken_within():
+    """A review's finding: each message at router.max_message_bytes allowed
+    a turn of 64 MiB (32 MiB past gRPC's bound); a 30 MiB one cost the
+    router's loop ~150 ms of calls to build and serialize. The messages
+    together are held to router.max_turn_bytes, in UTF-8 bytes."""
+    settings = RouterSettings(max_message_bytes=1000, max_turn_bytes=2000)
+    assert check_turn(turn(user("x" * 1000), user("é" * 500)), MODEL, settings) == 10
+    for over in (
+        turn(user("x" * 1000), user("x" * 1000), user("y")),
+        turn(user("x" * 1000), user("é" * 500), user("y")),
+    ):
+        with pytest.raises(MeshgateError) as caught:
+            check_turn(over, MODEL, settings)
+        assert (caught.value.reason, caught.value.metadata) == (
+            "MESSAGE_TOO_LARGE",
+            {"limit": "2000", "scope": "turn"},
+        )
+
+
+def test_max_turn_bytes_below_max_message_bytes_is_refused_at_load():
+    from meshgate.config import ConfigError
+
+    with pytest.raises(ConfigError, match="max_turn_bytes"):
+        RouterSettings(max_message_bytes=1000, max_turn_bytes=999)
