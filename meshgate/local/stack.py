@@ -24,6 +24,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import typing
 from collections.abc import Mapping
@@ -501,12 +502,20 @@ class Stack:
                 continue
             self._stub_reloads[model] = now
             log.warning("a Triton model's stub process died: loading the model again", model=model)
-            try:
-                self._triton().unload_model(model, client_timeout=STUB_RELOAD_TIMEOUT_S)
-                self._triton().load_model(model, client_timeout=STUB_RELOAD_TIMEOUT_S)
-            except Exception as error:  # noqa: BLE001 - tritonclient's own exception; unready all the same
-                log.warning("loading the model again failed", model=model, error=str(error))
+            # Apart from the ask: a load takes seconds, and the supervisor's
+            # stop waits for its asks (a final read: a Ctrl-C during one held
+            # the stop, every child still written up, for the whole load).
+            threading.Thread(
+                target=self._reload_model, args=(model,), name="meshgate-reload", daemon=True
+            ).start()
         return not dead
+
+    def _reload_model(self, model: str) -> None:
+        try:
+            self._triton().unload_model(model, client_timeout=STUB_RELOAD_TIMEOUT_S)
+            self._triton().load_model(model, client_timeout=STUB_RELOAD_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - tritonclient's own exception; unready all the same
+            log.warning("loading the model again failed", model=model, error=str(error))
 
     def ready_depends_on(self, name: str) -> tuple[str, ...]:
         """The children whose readiness a child's own answer depends on

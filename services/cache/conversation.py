@@ -517,7 +517,14 @@ def _said_but_alternatives(question: str) -> frozenset[str]:
         return frozenset()
     alternatives = set()
     for sentence in re.split(r"[?.!;:]", question.lower()):
-        tokens = [t if t == "," else singular(t) for t in re.findall(r"[a-z0-9']+|,", sentence)]
+        # Each comma's piece read by the analysis itself, so words are
+        # spelled as its content spells them ("Wendy's" is "wendy"): read
+        # by another split, a possessive pick was no alternative, and
+        # "McDonald's or Wendy's?" / "Wendy's." bound nothing (a final read).
+        tokens: list[str] = []
+        for piece in sentence.split(","):
+            tokens += [singular(t) for t in analyze(piece).tokens] + [","]
+        tokens.pop()
         if "or" not in tokens:
             continue
         last_or = len(tokens) - 1 - tokens[::-1].index("or")

@@ -432,6 +432,9 @@ def test_answers_bind_their_words_small_talk_or_not():
     )
     milk = "Should I use whole milk, skim milk or oat milk for a latte?"
     assert bound(milk, "Whole milk.", "How much?") != bound(milk, "Skim milk.", "How much?")
+    # A possessive pick (a final read: "Wendy's." bound nothing once the list rule split words otherwise).
+    food = "Do you prefer McDonald's or Wendy's?"
+    assert bound(food, "Wendy's.", "Why?") != bound(food, "McDonald's.", "Why?")
     pets = "Which pet is best for a small apartment: a cat, a dog, a hamster or a rabbit?"
     assert bound(pets, "A cat.", "What do I need?") != bound(pets, "A dog.", "What do I need?")
     # Small talk that answers nothing still binds nothing.
