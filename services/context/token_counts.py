@@ -109,11 +109,11 @@ class PromptCounter:
 
     async def count_lines(self, messages: collections.abc.Sequence[common_pb2.Message]) -> list[int]:
         """Tokens of each message as a line of the transcript message."""
-        return await self._count([self.line(m) for m in messages])
+        return await self._counted(messages, self.line)
 
     async def count(self, messages: collections.abc.Sequence[common_pb2.Message]) -> list[int]:
         """Tokens of each message in the prompt, its template frame included."""
-        return await self._count([self.framed(m) for m in messages])
+        return await self._counted(messages, self.framed)
 
     async def count_until(
         self, messages: collections.abc.Sequence[common_pb2.Message], most: int
@@ -121,11 +121,7 @@ class PromptCounter:
         """Tokens of each message, as :meth:`count` gives them, counted
         COUNT_GROUP_CHARS at a time in order, stopping once those counted
         need more than ``most`` together: then fewer counts than messages
-        (the rest need more still). A group is framed (its special tokens
-        broken: AsText) where it is counted, in the thread for a large one:
-        all framed first, on the event loop, 120 messages of 256 KiB of
-        special-token text held it 1.4 s before the first was counted (a
-        review)."""
+        (the rest need more still)."""
         counts: list[int] = []
         while len(counts) < len(messages) and sum(counts) <= most:
             start = end = len(counts)
@@ -135,20 +131,22 @@ class PromptCounter:
             ):
                 chars += len(messages[end].content)
                 end += 1
-            group = messages[start:end]
-            if chars <= INLINE_COUNT_CHARS:
-                counts += tokenization.count(self.tokenizer, [self.framed(m) for m in group])
-            else:
-                counts += await asyncio.to_thread(self._framed_counts, group)
+            counts += await self.count(messages[start:end])
         return counts
 
-    def _framed_counts(self, messages: collections.abc.Sequence[common_pb2.Message]) -> list[int]:
-        return tokenization.count(self.tokenizer, [self.framed(m) for m in messages])
+    async def _counted(self, messages, render) -> list[int]:
+        """Tokens of each message as ``render`` writes it: rendered and
+        counted on the event loop for a little text, in a thread for more.
+        Rendering breaks special tokens (AsText), which costs too: done on
+        the loop before a thread's count, 120 messages of 256 KiB of
+        special-token text held it 1.4 s (a review)."""
 
-    async def _count(self, texts: list[str]) -> list[int]:
-        if sum(map(len, texts)) <= INLINE_COUNT_CHARS:
-            return tokenization.count(self.tokenizer, texts)
-        return await asyncio.to_thread(tokenization.count, self.tokenizer, texts)
+        def counted() -> list[int]:
+            return tokenization.count(self.tokenizer, [render(m) for m in messages])
+
+        if sum(len(m.content) for m in messages) <= INLINE_COUNT_CHARS:
+            return counted()
+        return await asyncio.to_thread(counted)
 
     def line(self, message: common_pb2.Message) -> str:
         """The message as a line of the transcript message, as rendered. The
