@@ -223,11 +223,17 @@ def matched_exactly(messages: Sequence[common_pb2.Message]) -> list[common_pb2.M
     return exact
 
 
+def _turn_before(messages: Sequence[common_pb2.Message], at: int) -> int:
+    """The index of the user's or assistant's turn before ``at`` (-1 for none)."""
+    before = at - 1
+    while before >= 0 and messages[before].role not in _TURN_ROLES:
+        before -= 1
+    return before
+
+
 def _answers_the_assistant(messages: Sequence[common_pb2.Message], at: int, texts: _Texts) -> bool:
     """Whether the user's turn at ``at`` follows an assistant's question."""
-    before = at - 1
-    while before >= 0 and messages[before].role not in (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT):
-        before -= 1
+    before = _turn_before(messages, at)
     return before >= 0 and _assistant_asks(messages[before], texts[before])
 
 
@@ -276,11 +282,18 @@ def _requests(text: str) -> bool:
     after "... shellfish." (a review)."""
     if _asks(text):
         return True
-    words = re.findall(r"[a-z']+", text[:1024].lower())
+    words = _leading_words(text)
     for word in words:
         if word not in _LEADING_COURTESY:
             return word in REQUEST_VERBS and FIRST_PERSON.isdisjoint(words)
     return False
+
+
+def _leading_words(text: str) -> list[str]:
+    """The words of a turn's first kilobyte, lower case, apostrophes kept
+    ("i'm"): enough to tell a request and what it says of the user, for a
+    turn of any length."""
+    return re.findall(r"[a-z']+", text[:1024].lower())
 
 
 _QUESTION_MARK = re.compile(r"\?(?:\s|$)")
@@ -313,11 +326,8 @@ def _continues(earlier: Sequence[common_pb2.Message], topic: str, texts: _Texts)
     it, or is a fragment (REFERS_BACK, FRAGMENT_WORDS). "Describe the
     process of photosynthesis." is none of these: history before it on
     other things binds only its names and numbers."""
-    before = next(
-        (at for at in range(len(earlier) - 1, -1, -1) if earlier[at].role in _TURN_ROLES),
-        None,
-    )
-    if before is not None and _assistant_asks(earlier[before], texts[before]):
+    before = _turn_before(earlier, len(earlier))
+    if before >= 0 and _assistant_asks(earlier[before], texts[before]):
         return True
     if len(topic) > REPLY_ANALYSIS_MAX_CHARS or not readable(topic):
         # Not analysed: the stricter side.
@@ -421,7 +431,7 @@ _DETERMINERS = _words("the that this these those")
 def _says_of_the_user(text: str) -> bool:
     """Whether a question or request says something of the user's own
     situation (a first-person singular word)."""
-    return not _FIRST_PERSON_SINGULAR.isdisjoint(re.findall(r"[a-z']+", text[:1024].lower()))
+    return not _FIRST_PERSON_SINGULAR.isdisjoint(_leading_words(text))
 
 
 def _named_by(question: str, text: str, topic: str) -> bool:
