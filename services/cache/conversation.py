@@ -440,7 +440,9 @@ def _named_by(question: str, text: str, topic: str) -> bool:
     not the topic turn's."""
     if len(text) > REPLY_ANALYSIS_MAX_CHARS or len(question) > REPLY_ANALYSIS_MAX_CHARS:
         return False
-    tokens = re.findall(r"[a-z']+", question.lower())
+    # The analysis's own words, as its content spells them ("the laptop's"
+    # is "laptop"): read by another split, a possessive named nothing.
+    tokens = analyze(question).tokens
     named = {singular(tokens[i + 1]) for i in range(len(tokens) - 1) if tokens[i] in _DETERMINERS} - STOPWORDS
     topic_words = analyze(topic).content if len(topic) <= REPLY_ANALYSIS_MAX_CHARS else frozenset()
     return bool((named & analyze(text).content) - topic_words)

@@ -339,10 +339,11 @@ def test_the_users_turns_before_a_topic_turn_bind_what_they_say():
         "Is peanut oil safe if I'm allergic to shellfish?", *peanuts
     )
     # So does the request the last question names, past a later topic (a second hunt's).
-    laptop = ("And a monitor?", "The Dell U2723QE.", "How much does the laptop cost?")
-    assert bound("Recommend a laptop for coding.", "The MacBook Pro 14.", *laptop) != bound(
-        "Recommend a laptop for gaming.", "The Razer Blade 16.", *laptop
-    )
+    for last in ("How much does the laptop cost?", "How long does the laptop's battery last?"):
+        laptop = ("And a monitor?", "The Dell U2723QE.", last)
+        assert bound("Recommend a laptop for coding.", "The MacBook Pro 14.", *laptop) != bound(
+            "Recommend a laptop for gaming.", "The Razer Blade 16.", *laptop
+        )
     # A topic turn that asks stands alone: questions and requests before it bind nothing.
     unrelated = ("Who wrote Romeo and Juliet?", "Shakespeare.", "What is France's capital?", "Paris.", "Why?")
     assert bound(*unrelated) == ["pari"]
