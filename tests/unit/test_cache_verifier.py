@@ -501,6 +501,43 @@ def test_a_multi_turn_text_is_scored_by_the_conversation_head(embed):
     assert model.question.score(a, b, va, vb) != model.conversation.score(a, b, va, vb)
 
 
+def test_each_reported_wrong_hit_raises_the_score_a_pair_needs(embed):
+    """decide reads the threshold of its strictness, one calibration row
+    per report, for either head: a pair served at the operator's bound is
+    not once its sub-partition's reports move past its score (a review found
+    only Verifier.threshold tested, and decide ignoring strictness passing
+    every test)."""
+    model = Verifier.load(0.01)
+    cases = [
+        ("How can I learn Python quickly?", "How do I learn Python fast?"),
+        (
+            "How can I cancel it?\nI pay for the premium video streaming subscription.",
+            "How do I cancel it?\nI'm subscribed to the premium streaming plan.",
+        ),
+    ]
+    for asked, stored in cases:
+        multi_turn = "\n" in asked
+        head = model.conversation if multi_turn else model.question
+        score = head.score(analyze(asked), analyze(stored), embed(asked), embed(stored))
+        rows = tuple(
+            verifier.CalibrationRow(bound, threshold, bound)
+            for bound, threshold in ((0.02, score - 0.01), (0.01, score + 0.01))
+        )
+        judge = dataclasses.replace(
+            model,
+            **{"conversation" if multi_turn else "question": dataclasses.replace(head, table=rows, start=0)},
+        )
+        served = judge.decide(asked, embed(asked), stored, embed(stored))
+        assert served.accepted and served.score == pytest.approx(score)
+        once = judge.decide(asked, embed(asked), stored, embed(stored), strictness=1)
+        assert not once.accepted and once.rejected_by == "score"
+        # Past the strictest row nothing is served; the committed model too.
+        assert judge.decide(asked, embed(asked), stored, embed(stored), strictness=2).rejected_by == "score"
+    asked, stored = cases[0]
+    assert model.decide(asked, embed(asked), stored, embed(stored)).accepted
+    assert model.decide(asked, embed(asked), stored, embed(stored), strictness=100).rejected_by == "score"
+
+
 def test_an_entry_without_its_question_is_never_served(embed):
     vector = embed("What is the capital of France?")
     assert Verifier.load(0.01).decide("What is the capital of France?", vector, "", vector).rejected_by == (

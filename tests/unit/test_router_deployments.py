@@ -279,6 +279,39 @@ async def test_the_completions_counts_are_the_answers_behind_its_text_too():
     assert (answer.prompt_tokens_read, answer.completion_tokens_so_far) == (3, 4)
 
 
+@pytest.mark.parametrize("delivered", [0, 2], ids=["before any delta", "after two deltas"])
+async def test_an_inference_stream_ending_ok_without_its_completion_is_unavailable_not_an_answer(delivered):
+    """An inference hop that closes its stream OK before the completion
+    (a proxy between, a service stopping badly) has not answered: the turn
+    fails UNAVAILABLE STREAM_ENDED_EARLY, saying what went out, never a
+    short answer with no finish reason, and the deployment counts a failure
+    (no test drove this guard: a review's mutant removing it passed)."""
+    table = DeploymentTable({"m": model("least_outstanding", "a")})
+    (deployment,) = table.candidates("m")
+    deployment.stream_stub = ScriptedGenerate(hello_world()[:delivered])
+    answer = Answer()
+    seen = []
+    try:
+        with pytest.raises(MeshgateError) as cut:
+            async for piece in Deployments(table, RouterSettings(), TenantTokens(None, 60.0)).generate(
+                "m", [], common_pb2.GenerationParameters(), Budget(), answer, "", read_ahead=False
+            ):
+                seen.append(piece)
+        failures = deployment.health._failures
+    finally:
+        await table.close()
+    failure = cut.value
+    assert (failure.code, failure.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.STREAM_ENDED_EARLY)
+    assert failure.message == "the inference stream ended without a completion"
+    assert seen == ["Hel", "lo"][:delivered] and answer.text == "" and answer.finish_reason == ""
+    assert failure.metadata["deployment"] == "a"
+    assert (failure.metadata["delivered_deltas"], failure.metadata["delivered_chars"]) == (
+        str(delivered),
+        "5" if delivered else "0",
+    )
+    assert failures == 1
+
+
 async def generated(table: DeploymentTable, answer: Answer) -> str:
     deployments = Deployments(table, RouterSettings(), TenantTokens(None, 60.0))
     pieces = deployments.generate("m", [], common_pb2.GenerationParameters(), Budget(), answer, "")
