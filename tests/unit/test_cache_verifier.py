@@ -341,6 +341,67 @@ def test_reversed_roles_are_vetoed_symmetric_order_is_not(a, b, vetoed):
 
 
 @pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # The same word gone to on one side, come from on the other (a
+        # second hunt served 17 such pairs at 0.90-0.91).
+        ('Translate "thank you" to Spanish', 'Translate "thank you" from Spanish', True),
+        ("How do I transfer my number to Verizon?", "How do I transfer my number from Verizon?", True),
+        ("How long is the flight to Tokyo?", "How long is the flight from Tokyo?", True),
+        ("How do I import data into Excel?", "How do I import data from Excel?", True),
+        ("Convert this text to uppercase: hello", "Convert this text from uppercase: hello", True),
+        # The same direction in other words, or the same trip said in another order.
+        ('Translate "thank you" to Spanish', 'Translate "thank you" into Spanish', False),
+        ("How do I get from the airport to downtown?", "How do I get to downtown from the airport?", False),
+        ("How do I convert from Celsius to Fahrenheit?", "How do I convert Celsius to Fahrenheit?", False),
+        # No place after the marker: "each other" goes no way.
+        (
+            "How do taekwondo and karate compare to each other?",
+            "How do taekwondo and karate differ from each other?",
+            False,
+        ),
+        # Who does what to whom traded through a pronoun (8 served).
+        ("Does my boss have to pay me overtime?", "Do I have to pay my boss overtime?", True),
+        ("Does my roommate owe me rent?", "Do I owe my roommate rent?", True),
+        ("Does our landlord have to give us notice?", "Do we have to give our landlord notice?", True),
+        (
+            "What should my landlord ask me before renting?",
+            "What should I ask my landlord before renting?",
+            True,
+        ),
+        # The same subject, a subject that is no noun phrase, or a request.
+        ("Does my boss have to pay me overtime?", "Is my boss required to pay me overtime?", False),
+        ("Can honey lighten my hair?", "How can I lighten my hair with honey?", False),
+        ("Can you tell me what your favorite quote is?", "What is your favorite quote?", False),
+    ],
+)
+def test_a_direction_or_a_subject_turned_around_in_other_words_is_vetoed(a, b, vetoed):
+    assert verifier.role_veto(analyze(a), analyze(b)) is vetoed
+    assert verifier.role_veto(analyze(b), analyze(a)) is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # Advice is not what the law requires, nor what one may do (3 served).
+        ("Should I tell my employer I am pregnant?", "Must I tell my employer I am pregnant?", True),
+        ("Should I vaccinate my child against measles?", "Must I vaccinate my child against measles?", True),
+        ("Can I pay taxes on a gift?", "Do I have to pay taxes on a gift?", True),
+        ("Is it mandatory to vote in Australia?", "Is it optional to vote in Australia?", True),
+        # The same force in other words.
+        ("Must I tell my employer I am pregnant?", "Do I have to tell my employer I am pregnant?", False),
+        ("Can I tell my landlord I have a cat?", "Could I tell my landlord I have a cat?", False),
+        ("Do I need to file taxes?", "Am I required to file taxes?", False),
+        # Only between yes/no questions: "what should" and "what can" are left to the score.
+        ("What should I eat before a run?", "What can I eat before a run?", False),
+    ],
+)
+def test_a_yes_no_questions_modal_force_replaced_is_vetoed(a, b, vetoed):
+    assert verifier.modal_veto(analyze(a), analyze(b)) is vetoed
+    assert (vetoed_by(a, b) == "modal") is vetoed
+
+
+@pytest.mark.parametrize(
     ("a", "b"),
     [
         ("List all the planets", "List only the rocky planets"),
