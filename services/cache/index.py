@@ -36,6 +36,13 @@ import math
 import threading
 
 import numpy as np
+
+# Before usearch: usearch loads numkong's library with RTLD_GLOBAL, and its C++
+# runtime symbols then stand before libstdc++'s for every library loaded after
+# it, so a process that imported this module before anything else C++ (the
+# services import grpc first) crashed in onnxruntime's import (SIGSEGV in
+# std::codecvt): the cache's local embedder (meshgate.minilm) loads it.
+import onnxruntime  # noqa: F401, I001
 from usearch.index import Index as GraphIndex
 
 from services.cache.verifier import analyze

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -578,3 +580,13 @@ def test_the_entries_gauge_reads_while_lookups_reorder_the_registry():
         done.set()
         scraper.join()
     assert not failures
+
+
+def test_a_process_that_imports_the_index_first_can_load_the_local_embedder():
+    """usearch puts its C++ runtime symbols first for every library loaded
+    after it: imported before anything else C++, onnxruntime's import
+    (meshgate.minilm, the cache's local embedder) crashed the process with
+    SIGSEGV, as bench/cache_natural.py did once it used the index."""
+    script = "import services.cache.index, meshgate.minilm; print('loaded')"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "loaded"), done.stderr[-2000:]
