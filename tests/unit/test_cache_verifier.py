@@ -354,12 +354,25 @@ def test_reversed_roles_are_vetoed_symmetric_order_is_not(a, b, vetoed):
         ('Translate "thank you" to Spanish', 'Translate "thank you" into Spanish', False),
         ("How do I get from the airport to downtown?", "How do I get to downtown from the airport?", False),
         ("How do I convert from Celsius to Fahrenheit?", "How do I convert Celsius to Fahrenheit?", False),
-        # No place after the marker: "each other" goes no way.
+        # No place after the marker, or a relation that reads the same either
+        # way (a final read: 10 such paraphrases were refused).
         (
             "How do taekwondo and karate compare to each other?",
             "How do taekwondo and karate differ from each other?",
             False,
         ),
+        ("How is Python different from Java?", "How does Python compare to Java?", False),
+        ("How far is Boston from New York?", "What is the distance from New York to Boston?", False),
+    ],
+)
+def test_a_direction_turned_around_in_other_words_is_vetoed(a, b, vetoed):
+    assert verifier.role_veto(analyze(a), analyze(b)) is vetoed
+    assert verifier.role_veto(analyze(b), analyze(a)) is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
         # Who does what to whom traded through a pronoun (8 served).
         ("Does my boss have to pay me overtime?", "Do I have to pay my boss overtime?", True),
         ("Does my roommate owe me rent?", "Do I owe my roommate rent?", True),
@@ -373,32 +386,111 @@ def test_reversed_roles_are_vetoed_symmetric_order_is_not(a, b, vetoed):
         ("Does my boss have to pay me overtime?", "Is my boss required to pay me overtime?", False),
         ("Can honey lighten my hair?", "How can I lighten my hair with honey?", False),
         ("Can you tell me what your favorite quote is?", "What is your favorite quote?", False),
+        # A passive or a source turns nothing around, nor a relation that reads
+        # the same either way (a final read: 15 such paraphrases were refused).
+        ("Can my parents claim me as a dependent?", "Can I be claimed as a dependent by my parents?", False),
+        ("Does my health insurance cover me abroad?", "Am I covered by my health insurance abroad?", False),
+        (
+            "Will the airline refund me if my flight is cancelled?",
+            "Will I be refunded by the airline?",
+            False,
+        ),
+        ("Can my cat sleep with me?", "Can I sleep with my cat?", False),
     ],
 )
-def test_a_direction_or_a_subject_turned_around_in_other_words_is_vetoed(a, b, vetoed):
-    assert verifier.role_veto(analyze(a), analyze(b)) is vetoed
-    assert verifier.role_veto(analyze(b), analyze(a)) is vetoed
+def test_a_subject_traded_with_a_pronoun_is_vetoed(a, b, vetoed):
+    assert verifier.subject_veto(analyze(a), analyze(b)) is vetoed
+    assert verifier.subject_veto(analyze(b), analyze(a)) is vetoed
 
 
 @pytest.mark.parametrize(
     ("a", "b", "vetoed"),
     [
-        # Advice is not what the law requires, nor what one may do (3 served).
+        # What the law requires is not advice, nor a permission (3 served).
         ("Should I tell my employer I am pregnant?", "Must I tell my employer I am pregnant?", True),
         ("Should I vaccinate my child against measles?", "Must I vaccinate my child against measles?", True),
-        ("Can I pay taxes on a gift?", "Do I have to pay taxes on a gift?", True),
         ("Is it mandatory to vote in Australia?", "Is it optional to vote in Australia?", True),
-        # The same force in other words.
+        ("Can I park here overnight?", "Must I park here overnight?", True),
+        # The same force in other words; "need to" and "have to" are said for
+        # "should" as often as for "must" (a final read: 11 paraphrases refused).
         ("Must I tell my employer I am pregnant?", "Do I have to tell my employer I am pregnant?", False),
         ("Can I tell my landlord I have a cat?", "Could I tell my landlord I have a cat?", False),
         ("Do I need to file taxes?", "Am I required to file taxes?", False),
-        # Only between yes/no questions: "what should" and "what can" are left to the score.
-        ("What should I eat before a run?", "What can I eat before a run?", False),
+        (
+            "Do I need to see a doctor for a sprained ankle?",
+            "Should I see a doctor for a sprained ankle?",
+            False,
+        ),
+        (
+            "Do I have to refrigerate ketchup after opening?",
+            "Should I refrigerate ketchup after opening?",
+            False,
+        ),
+        ("Does my headache have to do with dehydration?", "Can dehydration cause my headache?", False),
+        # "Can I" and "Should I" are left to the score; so are wh-questions.
+        ("Can I take ibuprofen with alcohol?", "Should I take ibuprofen with alcohol?", False),
+        ("What should I eat before a run?", "What must I eat before a run?", False),
     ],
 )
 def test_a_yes_no_questions_modal_force_replaced_is_vetoed(a, b, vetoed):
     assert verifier.modal_veto(analyze(a), analyze(b)) is vetoed
     assert (vetoed_by(a, b) == "modal") is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A passive turned active, its words left in place: cause and effect
+        # turned around (a third hunt served 24 of 28).
+        ("Is insomnia caused by anxiety?", "Does insomnia cause anxiety?", True),
+        ("Can hair loss be caused by stress?", "Can hair loss cause stress?", True),
+        ("Who was Julius Caesar killed by?", "Who did Julius Caesar kill?", True),
+        ("Are migraines triggered by caffeine?", "Do migraines trigger caffeine?", True),
+        # The true rewording moves the words: left to the score.
+        ("Is cancer caused by smoking?", "Does smoking cause cancer?", False),
+        ("Is insomnia caused by anxiety?", "Is insomnia caused by stress?", False),
+    ],
+)
+def test_a_passive_turned_active_in_place_is_vetoed(a, b, vetoed):
+    assert verifier.voice_veto(analyze(a), analyze(b)) is vetoed
+    assert verifier.voice_veto(analyze(b), analyze(a)) is vetoed
+
+
+def test_whose_thing_did_it_to_whom_turned_around_is_vetoed():
+    mine = "My dog bit someone at the park, am I liable?"
+    theirs = "Someone's dog bit me at the park, are they liable?"
+    assert vetoed_by(mine, theirs) == vetoed_by(theirs, mine) == "possessor"
+    assert vetoed_by(
+        "My dog bit someone at the park, am I liable?", "My dog bit a person at the park, am I liable?"
+    ) != ("possessor")
+
+
+def test_another_word_one_letter_away_is_no_typo():
+    """ "hire" / "fire", "employer" / "employee" were read as one word typed
+    twice, the learned stage's strongest feature after the cosine (a third
+    hunt: 14 served at 0.93-0.999); a typo, a plural or a doubled letter
+    still is one."""
+    retyped = lambda a, b: verifier._retyped(analyze(a), analyze(b))  # noqa: E731
+    assert not retyped("How do I hire a contractor?", "How do I fire a contractor?")
+    assert not retyped("Can my employer read my email?", "Can my employee read my email?")
+    assert retyped("How do I recieve a parcel?", "How do I receive a parcel?")
+    assert retyped("Best cities for travelling?", "Best cities for traveling?")
+    assert retyped("What are good horses for kids?", "What are good horse for kids?")
+
+
+def test_a_follow_up_and_its_topic_question_are_checked_for_their_modals_each_alone(embed):
+    """The modal of the topic question does not meet the follow-up's: "Is a
+    passport required for that?" after "Should I visit Canada this
+    summer?" is the same conversation as "Do I need a passport for that?"
+    after "Should I ...", and was refused as a modal change (a final read);
+    a follow-up whose own force changed still is."""
+    model = Verifier.load(0.01)
+    stored = "Do I need a passport for that?\nShould I visit Canada this summer?"
+    asked = "Is a passport required for that?\nIs Canada worth visiting in the summer?"
+    assert model.decide(asked, embed(asked), stored, embed(stored)).rejected_by != "modal"
+    stored = "Should I tell my employer about it?\nI am pregnant."
+    asked = "Must I tell my employer about it?\nI am pregnant."
+    assert model.decide(asked, embed(asked), stored, embed(stored)).rejected_by == "modal"
 
 
 @pytest.mark.parametrize(
