@@ -31,6 +31,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import math
 import threading
@@ -41,9 +42,11 @@ import numpy as np
 # runtime symbols then stand before libstdc++'s for every library loaded after
 # it, so a process that imported this module before anything else C++ (the
 # services import grpc first) crashed in onnxruntime's import (SIGSEGV in
-# std::codecvt): the cache's local embedder (meshgate.minilm) loads it.
-import onnxruntime  # noqa: F401, I001
-from usearch.index import Index as GraphIndex
+# std::codecvt): the cache's local embedder (meshgate.minilm) loads it. A
+# deployment without it (cache.embedder = "inference") needs none of this.
+with contextlib.suppress(ImportError):
+    import onnxruntime  # noqa: F401
+from usearch.index import Index as GraphIndex  # noqa: E402
 
 from services.cache.verifier import analyze
 

@@ -590,3 +590,15 @@ def test_a_process_that_imports_the_index_first_can_load_the_local_embedder():
     script = "import services.cache.index, meshgate.minilm; print('loaded')"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout.strip()) == (0, "loaded"), done.stderr[-2000:]
+
+
+def test_the_index_loads_without_onnxruntime_where_the_cache_embeds_through_inference():
+    """cache.embedder = "inference" needs no onnxruntime (meshgate/embedding.py
+    says to set it where the package is missing): loading it before usearch is
+    done only where it is installed (a final read found the import required)."""
+    script = (
+        "import sys; sys.modules['onnxruntime'] = None\n"
+        "import services.cache.app, services.cache.index; print('loaded')"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "loaded"), done.stderr[-2000:]
