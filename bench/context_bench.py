@@ -804,7 +804,7 @@ async def cached_vectors(
             return vectors
         if not record.exists() and _sampled_rows_match(conversations, vectors, texts_of):
             # A file from before the record was kept: its rows are the texts'.
-            record.write_text(json.dumps(made_of))
+            _write_record(record, made_of)
             return vectors
         # Vectors of other texts, or of another embedder: an audit scored
         # rewritten turns by the old file's vectors, unwarned.
@@ -833,9 +833,17 @@ async def cached_vectors(
                 await serving.stop(inference, grace_s=1)
         finally:
             triton.terminate(process)
+    record.unlink(missing_ok=True)  # the old file's, until the new one is whole
     np.savez(path, **vectors)
-    record.write_text(json.dumps(made_of))
+    _write_record(record, made_of)
     return vectors
+
+
+def _write_record(record: pathlib.Path, made_of: dict) -> None:
+    try:
+        record.write_text(json.dumps(made_of))
+    except OSError as error:  # a read-only cache: the vectors are still these texts'
+        print(f"{record.name} not written ({error}): the file is checked again next time", file=sys.stderr)
 
 
 def _embedder() -> str:
@@ -903,7 +911,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     paths = sorted(DATA.glob("*.json"))
-    conversations = {p.stem: load_conversation(p, args.partial_evidence) for p in paths}
+    conversations = every = {p.stem: load_conversation(p, args.partial_evidence) for p in paths}
     print(
         "questions with some evidence unresolvable kept and judged on the rest"
         if args.partial_evidence
@@ -915,14 +923,16 @@ def main() -> None:
         conversations = dict(list(conversations.items())[: args.limit])
     if args.offline:
         file_name = "realtalk_vectors_partial.npz" if args.partial_evidence else "realtalk_vectors_plain.npz"
-        vectors = uvloop.run(cached_vectors(conversations, file_name))
+        # Of every conversation, as the other scripts read the file: a subset's
+        # digest never matched the whole file's record (a final read).
+        vectors = uvloop.run(cached_vectors(every, file_name))
         # Weights were chosen, and the learned ranker trained
         # (bench/train_context_ranker.py), on the first six conversations (by
         # name); the other four tell whether a choice generalises.
         names = sorted(conversations)
         ranker = context_ranker.LearnedRanker.load()
         # What the service embeds beside a question: once, as the vectors above.
-        nameless = nameless_vectors(conversations)
+        nameless = nameless_vectors(every)
         embed_nameless = args.embed_nameless_question or Settings().context.embed_nameless_question
         each = {
             n: offline(

@@ -101,3 +101,12 @@ def test_a_vector_file_without_its_record_is_kept_only_if_its_rows_are_the_texts
     np.savez(tmp_path / "v.npz", Chat_1=rows[::-1])
     with pytest.raises(AssertionError, match="embedded again"):
         uvloop.run(context_bench.cached_vectors(conversations, "v.npz"))
+
+
+def test_a_record_that_cannot_be_written_is_said_not_fatal(tmp_path, capsys):
+    """A read-only cache (a final read: the bench crashed there where it
+    loaded the same file before the record existed)."""
+    record = tmp_path / "v.json"
+    record.mkdir()  # writing it fails as a read-only file system does: an OSError
+    context_bench._write_record(record, {"texts": "x", "embedder": "y"})
+    assert "v.json not written" in capsys.readouterr().err
