@@ -1455,6 +1455,8 @@ class Verifier:
                 max_false_hit_rate,
                 rarity if RARITY_FEATURE_NAMES[0] in feature_names else None,
             )
+        # Read here, as the service starts, not in its first lookup on the event loop.
+        _vocabulary()
         return cls(
             heads["question"], heads["conversation"], model["embedding_dimensions"], head_embedder(model)
         )
