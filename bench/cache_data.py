@@ -72,7 +72,15 @@ def load_qqp(path: pathlib.Path = QQP_CSV) -> list[Pair]:
             for r in csv.DictReader(f)
         ]
     rows = [(a, b, d) for a, b, d in rows if a and b and a != b]
-    # Union-find over questions: a component is assigned to one portion whole.
+    # A group of linked questions is assigned to one portion whole.
+    group = question_groups((a, b) for a, b, _ in rows)
+    return [Pair(a, b, d, "qqp", _portion(group[a])) for a, b, d in rows]
+
+
+def question_groups(pairs) -> dict[str, str]:
+    """Each question of ``pairs`` and the least question linked to it
+    through pairs (union-find): one name per group, for one portion, so that
+    no question is in two portions."""
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -82,11 +90,11 @@ def load_qqp(path: pathlib.Path = QQP_CSV) -> list[Pair]:
             x = parent[x]
         return x
 
-    for a, b, _ in rows:
+    for a, b in pairs:
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
-    return [Pair(a, b, d, "qqp", _portion(find(a))) for a, b, d in rows]
+    return {question: find(question) for question in parent}
 
 
 def load_traps(path: pathlib.Path = TRAPS_JSONL) -> list[Pair]:

@@ -306,25 +306,6 @@ HAND_WRITTEN = [
 ]
 
 
-def _question_groups(pairs) -> dict[str, str]:
-    """Each question of ``pairs`` and the least question linked to it
-    through pairs (union-find): one name per group, for one portion."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return {question: find(question) for question in parent}
-
-
 def _hash_order(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
@@ -459,7 +440,7 @@ def generate() -> list[dict]:
             made += 1
             if made == PER_CATEGORY:
                 break
-    group = _question_groups((stored, asked) for _, stored, asked in HAND_WRITTEN)
+    group = cache_data.question_groups((stored, asked) for _, stored, asked in HAND_WRITTEN)
     for category, stored, asked in HAND_WRITTEN:
         # By the pair's group of linked questions, as load_qqp splits QQP: a
         # portion by the pair alone put "How do I cancel my subscription?" in
