@@ -491,7 +491,7 @@ def analyze_uncached(text: str) -> Analysis:
     return Analysis(
         tokens=tuple(tokens),
         token_set=token_set,
-        content=frozenset(singular(t) for t in tokens if t not in STOPWORDS and not t[0].isdigit()),
+        content=_content_words(tokens),
         numbers=numbers,
         days=frozenset(t for t in tokens if t in RELATIVE_DAYS),
         units=frozenset(units),
@@ -1032,7 +1032,7 @@ _AGENT_WORDS = _words("by from be been being")
 _SYMMETRIC_BEFORE = _words("with and")
 
 
-def _subject_turned(a: Analysis, b: Analysis) -> bool:
+def subject_veto(a: Analysis, b: Analysis) -> bool:
     """Who does what to whom turned around through a pronoun: "Does my boss
     have to pay me overtime?" vs "Do I have to pay my boss overtime?", "Does
     my roommate owe me rent?" vs "Do I owe my roommate rent?" (0.90-0.93, a
@@ -1055,11 +1055,6 @@ def _subject_turned(a: Analysis, b: Analysis) -> bool:
         ):
             return True
     return False
-
-
-def subject_veto(a: Analysis, b: Analysis) -> bool:
-    """Who does what to whom turned around through a pronoun (_subject_turned)."""
-    return _subject_turned(a, b)
 
 
 # Before the object pronoun, a verb whose object does the next thing: "Does
@@ -1158,6 +1153,8 @@ def _passive_verb(tokens: tuple[str, ...]) -> int | None:
 
 
 def _content_words(tokens: tuple[str, ...]) -> frozenset[str]:
+    """A stretch's content words, as Analysis.content has a whole text's:
+    singular, no stop word, no number."""
     return frozenset(singular(t) for t in tokens if t not in STOPWORDS and not t[0].isdigit())
 
 
