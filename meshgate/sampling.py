@@ -33,9 +33,21 @@ def check_sampling(parameters: common_pb2.GenerationParameters) -> None:
     if parameters.HasField("seed") and parameters.seed < 0:
         raise invalid_argument(Reason.INVALID_SEED, "seed must not be negative")
     stop = parameters.stop
-    if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_STRING_CHARS for s in stop):
-        raise invalid_argument(
-            Reason.INVALID_STOP,
-            f"at most {MAX_STOP_STRINGS} non-empty stop strings of at most "
-            f"{MAX_STOP_STRING_CHARS} characters",
-        )
+    check_stop_count(len(stop))
+    if any(not s or len(s) > MAX_STOP_STRING_CHARS for s in stop):
+        _refuse_stop()
+
+
+def check_stop_count(count: int) -> None:
+    """The count part of :func:`check_sampling`, for the HTTP edge before it
+    makes a protobuf string of each (2.8 million empty ones in an 8 MiB body
+    took 0.34 s to convert before this check)."""
+    if count > MAX_STOP_STRINGS:
+        _refuse_stop()
+
+
+def _refuse_stop() -> None:
+    raise invalid_argument(
+        Reason.INVALID_STOP,
+        f"at most {MAX_STOP_STRINGS} non-empty stop strings of at most {MAX_STOP_STRING_CHARS} characters",
+    )

@@ -57,6 +57,7 @@ from meshgate.errors import (
 )
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
+from meshgate.sampling import check_stop_count
 from services.router.admission import Hold, TenantCalls
 from services.router.auth import Authenticator, Tenant, same_tenant
 from services.router.embeddings import Embeddings
@@ -587,7 +588,11 @@ def _parameters(body: dict) -> common_pb2.GenerationParameters:
     stop = body.get("stop")
     if is_text(stop):
         parameters.stop.append(stop)
-    elif isinstance(stop, list) and all(is_text(item) for item in stop):
+    elif isinstance(stop, list):
+        # Counted before each is looked into, as the messages are.
+        check_stop_count(len(stop))
+        if not all(is_text(item) for item in stop):
+            raise _bad_request("stop must be a string or an array of strings", "stop")
         parameters.stop.extend(stop)
     elif stop is not None:
         raise _bad_request("stop must be a string or an array of strings", "stop")
