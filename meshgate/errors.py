@@ -80,6 +80,12 @@ class MeshgateError(Exception):
             self.code, self.reason, self.message, dict(self.metadata), self.domain, self.details
         )
 
+    def __reduce__(self):
+        # Pickled whole: Exception's own pickling would rebuild it from the
+        # message alone (the HTTP edge's body parser sends refusals back
+        # from its child process: services/router/body_parser.py).
+        return MeshgateError, (self.code, self.reason, self.message, self.metadata, self.domain, self.details)
+
     def to_status_proto(self) -> status_pb2.Status:
         """The ``google.rpc.Status`` with its ErrorInfo, for carrying in a message."""
         metadata = {key: clip(value) for key, value in self.metadata.items()}

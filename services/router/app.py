@@ -293,6 +293,7 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         # serving.stop; not when its start failed): its streams under way
         # finish over the channels below.
         ("http edge", http.stop if http is not None else None),
+        ("http body parser", edge.close),
         ("deployment checks", functools.partial(cancel_and_wait, deployment_checks)),
         ("deployments", deployments.close),
         ("cache notices", listener.close if listener is not None else None),

@@ -22,7 +22,7 @@ import time
 import grpc
 
 from meshgate.config import InferenceSettings, RouterSettings
-from meshgate.embedding_input import check_text_count, check_texts
+from meshgate.embedding_input import check_texts
 from meshgate.errors import MeshgateError, from_rpc_error, not_found, received_code, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
@@ -71,15 +71,15 @@ class Embeddings:
 
     def check_model(self, model: str, tenant) -> None:
         """Raises MeshgateError unless ``model`` is the embedding model and
-        ``tenant`` may use it: before a caller reads the rest of a request."""
+        ``tenant`` may use it."""
         check_model_allowed(model, tenant)
         if not model or model != self._settings.embedding_model:
             raise not_found(Reason.MODEL_NOT_FOUND, f"unknown embedding model {model!r}", model=model)
 
-    def check_text_count(self, count: int) -> None:
-        """Raises MeshgateError for more texts than one call may carry (or
-        none): before a caller looks into each."""
-        check_text_count(count, self._inference.max_embed_texts)
+    @property
+    def max_texts(self) -> int:
+        """The most texts one call may carry (inference.max_embed_texts)."""
+        return self._inference.max_embed_texts
 
     async def embed(self, tenant, model: str, texts: list[str]) -> Embedded:
         """``texts``' vectors from the embedding ``model``; raises

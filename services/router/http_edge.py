@@ -49,6 +49,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from meshgate import metrics, serving, telemetry
 from meshgate.common.v1 import common_pb2
 from meshgate.config import ModelSettings, RouterSettings, tcp_listen_address
+from meshgate.embedding_input import check_text_count
 from meshgate.errors import (
     MeshgateError,
     internal_error,
@@ -60,6 +61,7 @@ from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.sampling import check_stop_count
 from services.router.admission import Hold, TenantCalls
 from services.router.auth import Authenticator, Tenant, same_tenant
+from services.router.body_parser import BodyParser
 from services.router.embeddings import Embeddings
 from services.router.pipeline import Budget, Completion, Delivered, Delta, Failure, Pipeline, stopped
 from services.router.validation import check_message_count
@@ -713,6 +715,46 @@ class ChatCall:
         self.include_usage = self.stream and include_usage is True
 
 
+def chat_call(body: bytes, max_messages: int) -> ChatCall:
+    """A chat body parsed and checked (a BodyParser decoder)."""
+    return ChatCall(_parse_json(body), max_messages)
+
+
+class EmbeddingsBody:
+    """One ``/v1/embeddings`` body, checked for shape; the model and the
+    texts' sizes are checked by the embeddings core."""
+
+    def __init__(self, body, max_texts: int) -> None:
+        if not isinstance(body, dict):
+            raise _bad_request("the body must be a JSON object", "")
+        _refuse_unknown(body, _EMBEDDING_FIELDS)
+        _check_informational(body)
+        self.model = _text(body.get("model"), "model must be a string", "model")
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(texts, list):
+            # Before each is looked into.
+            check_text_count(len(texts), max_texts)
+        if not isinstance(texts, list) or not all(is_text(text) for text in texts):
+            raise _bad_request("input must be a string or an array of strings (token arrays: no)", "input")
+        self.texts: list[str] = texts
+        encoding = body.get("encoding_format")
+        if encoding is None:  # null stands for the default, as OpenAI's own optional fields
+            encoding = "float"
+        # Not truthiness: "", 0, false, [] or {} is no format, and was served as float.
+        if encoding not in ("float", "base64"):
+            raise _bad_request("encoding_format must be float or base64", "encoding_format")
+        self.encoding: str = encoding
+        if body.get("dimensions") is not None:
+            raise _bad_request("dimensions is not supported", "dimensions", Reason.UNSUPPORTED_PARAMETER)
+
+
+def embeddings_body(body: bytes, max_texts: int) -> EmbeddingsBody:
+    """An embeddings body parsed and checked (a BodyParser decoder)."""
+    return EmbeddingsBody(_parse_json(body), max_texts)
+
+
 # --- responses ---------------------------------------------------------------
 
 
@@ -846,6 +888,8 @@ class HttpEdge:
         self._draining = False
         # Each request, by outcome, beside the gRPC port's calls.
         self._requests = metrics.rpc()
+        # Bodies costly to parse are parsed off the event loop.
+        self._bodies = BodyParser()
         self.reconfigure(settings, models)
         self._routes = {
             "/v1/chat/completions": (_POST, self._chat),
@@ -860,6 +904,10 @@ class HttpEdge:
     def drain(self) -> None:
         """The router is stopping: streams cut when its grace ends say so."""
         self._draining = True
+
+    async def close(self) -> None:
+        """Ends the body parser's child process, if one was started."""
+        await self._bodies.close()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
@@ -969,7 +1017,7 @@ class HttpEdge:
         return await self._auth.authenticate(metadata)
 
     async def _chat(self, tenant: Tenant, body: bytes, response: _Response) -> None:
-        call = ChatCall(_parse_json(body), self._settings.max_messages)
+        call = await self._bodies.decode(chat_call, body, self._settings.max_messages)
         if call.stream and response.http_version == "1.0":
             # uvicorn frames a body of no known length in chunks, which RFC
             # 9112 §6.1 forbids to an HTTP/1.0 client: its events came with
@@ -1121,32 +1169,15 @@ class HttpEdge:
         await _send_json(response.send, 200, self._model_entry(model_id))
 
     async def _embeddings(self, tenant: Tenant, raw: bytes, response: _Response) -> None:
-        body = _parse_json(raw)
-        if not isinstance(body, dict):
-            raise _bad_request("the body must be a JSON object", "")
-        _refuse_unknown(body, _EMBEDDING_FIELDS)
-        _check_informational(body)
-        model = _text(body.get("model"), "model must be a string", "model")
-        if self._embeddings_core is None:
+        core = self._embeddings_core
+        # Without a core every body is answered 404 below, after its shape.
+        max_texts = core.max_texts if core is not None else sys.maxsize
+        body = await self._bodies.decode(embeddings_body, raw, max_texts)
+        model, texts, encoding = body.model, body.texts, body.encoding
+        if core is None:
             raise not_found(Reason.MODEL_NOT_FOUND, "no embedding model is served here", model=model)
-        self._embeddings_core.check_model(model, tenant)
-        texts = body.get("input")
-        if isinstance(texts, str):
-            texts = [texts]
-        if isinstance(texts, list):
-            # Before each is looked into, on the event loop every stream shares.
-            self._embeddings_core.check_text_count(len(texts))
-        if not isinstance(texts, list) or not all(is_text(text) for text in texts):
-            raise _bad_request("input must be a string or an array of strings (token arrays: no)", "input")
-        encoding = body.get("encoding_format")
-        if encoding is None:  # null stands for the default, as OpenAI's own optional fields
-            encoding = "float"
-        # Not truthiness: "", 0, false, [] or {} is no format, and was served as float.
-        if encoding not in ("float", "base64"):
-            raise _bad_request("encoding_format must be float or base64", "encoding_format")
-        if body.get("dimensions") is not None:
-            raise _bad_request("dimensions is not supported", "dimensions", Reason.UNSUPPORTED_PARAMETER)
-        embedded = await self._embeddings_core.embed(tenant, model, texts)
+        core.check_model(model, tenant)
+        embedded = await core.embed(tenant, model, texts)
         dimensions = embedded.dimensions
         row_bytes = 4 * dimensions
         data = []

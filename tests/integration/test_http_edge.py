@@ -39,7 +39,7 @@ from services.cache import app as cache_app
 from services.context import app as context_app
 from services.context import store as session_store
 from services.router import app as router_app
-from services.router import http_edge
+from services.router import body_parser, http_edge
 from tests.integration.conftest import (
     running,
     running_router,
@@ -498,6 +498,25 @@ async def test_a_limit_is_429_with_retry_after(base_url):
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert refused.json()["error"]["code"] == "RATE_LIMITED"
     assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+async def test_bodies_parsed_off_the_loop_are_answered_through_the_mesh(base_url):
+    """A chat body and an embeddings body past the inline bound (whitespace
+    after the object: valid JSON) go through the router's body parser child
+    and are answered as the same bodies without the padding."""
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    pad = b" " * (body_parser.INLINE_MAX_BYTES + 1)
+    chat = json.dumps({"model": "tiny-gpt", "messages": question("hi"), "max_tokens": 2, "seed": 7}).encode()
+    embed = json.dumps({"model": "minilm", "input": ["a cat", "a dog"]}).encode()
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        answers = {}
+        for name, path, body in (("chat", "/chat/completions", chat), ("embed", "/embeddings", embed)):
+            answers[name] = [(await http.post(path, content=raw, headers=headers)) for raw in (body, body + pad)]
+    for name, (plain, padded) in answers.items():
+        assert (plain.status_code, padded.status_code) == (200, 200), (name, padded.text)
+    chat_plain, chat_padded = (a.json()["choices"][0]["message"]["content"] for a in answers["chat"])
+    assert chat_padded == chat_plain
+    assert answers["embed"][1].json()["data"] == answers["embed"][0].json()["data"]
 
 
 async def test_malformed_bodies_and_paths(base_url):

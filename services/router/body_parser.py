@@ -1,0 +1,203 @@
+"""The HTTP edge's request bodies, parsed where they cannot stall the router.
+
+The router's event loop carries every tenant's streams, and ``json.loads``
+holds it from a body's first byte to its last. Its cost is in the values
+more than the bytes: an 8 MiB chat body of 2.8 million empty arrays held the
+loop 1.0-1.1 s, one of empty objects 0.5 s, one of zeros 0.18-0.21 s, while
+7.5 MiB of prose in one message took 0.02-0.03 s (``bench/http_body_stall.py``:
+the loop's longest gap while the body was posted and answered). A tenant
+sending such bodies one after another froze every other tenant's streams.
+
+So a body is parsed on the loop only when it is small and has few
+containers (:func:`parses_inline`: the whole test is three byte counts,
+0.2 ms at the bound); any other is parsed, checked and turned into the
+edge's request object by a child process (``python -m
+services.router.body_parser``), one body at a time, while the loop serves
+everyone else. What comes back is already bounded: the decoders refuse
+more messages, stop strings or texts than a request may carry before they
+convert any, so the answer the loop unpickles is no larger than a request
+the pipeline would take.
+
+The child starts at the first such body (the edge's imports, about 0.8 s
+once) and lives as long as the router: it reads its bodies from a pipe, so
+it ends when the router closes the pipe or dies. A body whose caller leaves
+is still parsed to its end (the child cannot be interrupted mid-parse and
+keep its place in the exchange), holding the child for at most its parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import pickle
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+import structlog
+
+from meshgate.errors import MeshgateError, internal_error
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# Parsed on the loop when no larger than this and with no more containers
+# than INLINE_MAX_CONTAINERS. The decoder's time at the bounds
+# (`bench/http_body_stall.py`, 2026-12-07, 2 shared cores): 128 KiB of
+# zeros 2.5-4.8 ms, 2,048 empty arrays among zeros 2.5-4.5 ms, against
+# 1.0-1.1 s for 8 MiB of empty arrays. A chat turn of 256 messages
+# (router.max_messages) has about 260 containers; a body of more is one
+# whose strings hold braces (code, JSON pasted into a message) or an
+# attack, and pays the pipe instead (the loop's longest gap for such 8 MiB
+# bodies 5-16 ms: receiving the body, and copying it into the pipe).
+INLINE_MAX_BYTES = 128 * 1024
+INLINE_MAX_CONTAINERS = 2048
+
+# An exchange with the child that takes longer than this is taken for a
+# hung child: it is killed (and started again by the next body) and the
+# request fails. The slowest body measured parses in 1.2 s.
+EXCHANGE_TIMEOUT_S = 30.0
+
+_LENGTH_BYTES = 8
+
+
+def parses_inline(body: bytes) -> bool:
+    """Whether ``body`` is cheap enough to parse on the event loop: its
+    containers bound the costly values (each list or dict a parse makes
+    costs 0.2-0.4 µs, a number or string 20-40 ns), its bytes the rest."""
+    if len(body) > INLINE_MAX_BYTES:
+        return False
+    return body.count(b"[") + body.count(b"{") <= INLINE_MAX_CONTAINERS
+
+
+class BodyParser:
+    """Runs a decoder (a module-level function of a body and one integer
+    bound, returning a picklable request or raising MeshgateError) on the
+    loop for small bodies and in the child process for the rest."""
+
+    def __init__(self, timeout_s: float = EXCHANGE_TIMEOUT_S) -> None:
+        self._timeout_s = timeout_s
+        self._child: asyncio.subprocess.Process | None = None
+        # One body at a time in the child: its answers come in order.
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def decode(self, decoder: Callable[[bytes, int], T], body: bytes, bound: int) -> T:
+        if parses_inline(body):
+            return decoder(body, bound)
+        # Shielded: a caller that leaves does not cut the exchange in half
+        # (the next body would read this one's answer); the child finishes it
+        # and the lock passes on.
+        exchange = asyncio.ensure_future(self._exchange(decoder, body, bound))
+        # Its refusal is nobody's once its caller left: taken here, not
+        # logged as "never retrieved".
+        exchange.add_done_callback(_retrieved)
+        return await asyncio.shield(exchange)
+
+    async def _exchange(self, decoder: Callable[[bytes, int], T], body: bytes, bound: int) -> T:
+        frame = pickle.dumps((decoder.__module__, decoder.__qualname__, body, bound), protocol=5)
+        async with self._lock:
+            if self._closed:
+                raise internal_error()
+            try:
+                child = await self._started()
+                async with asyncio.timeout(self._timeout_s):
+                    child.stdin.write(len(frame).to_bytes(_LENGTH_BYTES, "big") + frame)
+                    await child.stdin.drain()
+                    length = int.from_bytes(await child.stdout.readexactly(_LENGTH_BYTES), "big")
+                    outcome, value = pickle.loads(await child.stdout.readexactly(length))
+            except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as error:
+                # Dead or hung: the next body starts a new one.
+                log.error("the http body parser failed; it is started again", error=repr(error))
+                await self._stop_child()
+                raise internal_error() from None
+        if outcome == "refused":
+            raise value
+        if outcome == "failed":
+            log.error("the http body parser raised", traceback=value)
+            raise internal_error()
+        return value
+
+    async def _started(self) -> asyncio.subprocess.Process:
+        if self._child is None or self._child.returncode is not None:
+            self._child = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                __name__,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                # Its own session: a Ctrl-C at the terminal is the router's to
+                # handle; the child ends when the router closes its pipe.
+                start_new_session=True,
+            )
+        return self._child
+
+    async def _stop_child(self) -> None:
+        child, self._child = self._child, None
+        if child is None or child.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await child.wait()
+
+    async def close(self) -> None:
+        """Ends the child (it reads the end of its pipe and exits; killed if
+        it is still parsing after a second). Bodies after this fail."""
+        self._closed = True
+        child = self._child
+        if child is None or child.returncode is not None:
+            return
+        with contextlib.suppress(OSError):
+            child.stdin.close()
+        try:
+            await asyncio.wait_for(child.wait(), 1.0)
+        except TimeoutError:
+            await self._stop_child()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a body is in the child now (for tests and probes)."""
+        return self._lock.locked()
+
+    @property
+    def child_pid(self) -> int | None:
+        """The child's process id, while one runs (for tests and probes)."""
+        child = self._child
+        return child.pid if child is not None and child.returncode is None else None
+
+
+def _retrieved(exchange: asyncio.Future) -> None:
+    if not exchange.cancelled():
+        exchange.exception()
+
+
+def _serve() -> None:
+    """The child: bodies in on stdin, outcomes out on stdout, until stdin ends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    source = sys.stdin.buffer
+    # Its answers go to a copy of stdout; anything printed goes to stderr.
+    sink = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    while True:
+        header = source.read(_LENGTH_BYTES)
+        if len(header) < _LENGTH_BYTES:
+            return
+        module, name, body, bound = pickle.loads(source.read(int.from_bytes(header, "big")))
+        try:
+            answer = ("decoded", getattr(importlib.import_module(module), name)(body, bound))
+        except MeshgateError as error:
+            answer = ("refused", error)
+        except Exception:  # noqa: BLE001 - a bug is the parent's to log, and the child goes on
+            answer = ("failed", traceback.format_exc())
+        frame = pickle.dumps(answer, protocol=5)
+        sink.write(len(frame).to_bytes(_LENGTH_BYTES, "big") + frame)
+        sink.flush()
+
+
+if __name__ == "__main__":
+    _serve()
