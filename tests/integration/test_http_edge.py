@@ -511,7 +511,9 @@ async def test_bodies_parsed_off_the_loop_are_answered_through_the_mesh(base_url
     async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
         answers = {}
         for name, path, body in (("chat", "/chat/completions", chat), ("embed", "/embeddings", embed)):
-            answers[name] = [(await http.post(path, content=raw, headers=headers)) for raw in (body, body + pad)]
+            answers[name] = [
+                await http.post(path, content=raw, headers=headers) for raw in (body, body + pad)
+            ]
     for name, (plain, padded) in answers.items():
         assert (plain.status_code, padded.status_code) == (200, 200), (name, padded.text)
     chat_plain, chat_padded = (a.json()["choices"][0]["message"]["content"] for a in answers["chat"])
