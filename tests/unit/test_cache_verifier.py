@@ -397,6 +397,24 @@ def test_a_direction_turned_around_in_other_words_is_vetoed(a, b, vetoed):
         ),
         ("Can my cat sleep with me?", "Can I sleep with my cat?", False),
         ("Does my visa allow me to work part time?", "Can I work part time on my visa?", False),
+        # Whose thing it is traded with the subject (a third hunt: 0.99).
+        (
+            "Is my landlord responsible for my broken fridge?",
+            "Am I responsible for my landlord's broken fridge?",
+            True,
+        ),
+        ("Is my neighbor responsible for my fence?", "Am I responsible for my neighbor's fence?", True),
+        ("Is my tenant liable for my water damage?", "Am I liable for my tenant's water damage?", True),
+        ("Does my employer own my side project?", "Do I own my employer's side project?", True),
+        # The same owner on both sides, or the owner never the subject.
+        (
+            "Is my landlord responsible for my broken fridge?",
+            "Does my landlord have to fix my broken fridge?",
+            False,
+        ),
+        ("Can I use my spouse's insurance?", "Am I allowed to use my spouse's insurance?", False),
+        ("Should I pay my son's phone bill?", "Should I be paying my son's phone bill?", False),
+        ("Does my boss have access to my email?", "Can my boss see my email?", False),
     ],
 )
 def test_a_subject_traded_with_a_pronoun_is_vetoed(a, b, vetoed):
@@ -967,3 +985,17 @@ def test_text_in_letters_the_checks_cannot_read_is_unreadable_and_never_verified
 def test_latin_letters_with_accents_are_read_as_words():
     assert verifier.readable("Wie ist das Wetter in Zürich?") and verifier.readable("Việt Nam")
     assert analyze("Wie ist das Wetter in Zürich?").tokens[-1] == "zürich"
+
+
+@pytest.mark.parametrize("apostrophe", ["\u2019", "\u2018", "\u02bc", "\uff07"])
+def test_an_apostrophe_as_keyboards_type_it_reads_as_one(apostrophe):
+    """Phones and word processors type "don’t": the tokens split at the
+    curly apostrophe ("don" + "t"), so "Why don’t cats like water?" was
+    served the answer of "Why do cats like water?" (0.95, score 0.92), and
+    the same question typed with "'" was vetoed as its negation."""
+    curly, straight = f"Why don{apostrophe}t cats like water?", "Why don't cats like water?"
+    assert analyze(curly).tokens == analyze(straight).tokens
+    assert verifier.negation_veto(analyze(curly), analyze("Why do cats like water?"))
+    assert not verifier.negation_veto(analyze(curly), analyze(straight))
+    owner = f"Am I responsible for my landlord{apostrophe}s broken fridge?"
+    assert verifier.subject_veto(analyze("Is my landlord responsible for my broken fridge?"), analyze(owner))
