@@ -364,7 +364,10 @@ class Reason(enum.StrEnum):
     """A service replica is handling its most calls at once (``<service>.max_concurrent_rpcs``;
     metadata ``limit`` max_concurrent_rpcs, ``scope`` replica, ``limit_value``, ``service``).
     The router passes a busy service behind it on as UNAVAILABLE (DOWNSTREAM_FAILED,
-    NO_DEPLOYMENT_AVAILABLE) with a RetryInfo of its own (meshgate/errors.py busy_unavailable)."""
+    NO_DEPLOYMENT_AVAILABLE) with a RetryInfo of its own (meshgate/errors.py busy_unavailable).
+    Also the router's HTTP edge when its body parser holds its most large bodies, or one waited
+    past its timeout (UNAVAILABLE, 503; ``limit`` queued_large_bodies, ``scope`` replica:
+    services/router/body_parser.py)."""
 
     SERVICE_STOPPING = enum.auto()
     """The replica is stopping (draining): a ChatSession stream ends between
@@ -379,7 +382,9 @@ class Reason(enum.StrEnum):
     TOO_MANY_CALLS_IN_FLIGHT = enum.auto()
     """The tenant has its most RouterService calls in flight on this router replica, its
     open streams included (``router.max_concurrent_rpcs_per_tenant``; metadata ``limit``,
-    ``scope`` tenant, ``limit_value``), refused before the request is read: one must end first."""
+    ``scope`` tenant, ``limit_value``), refused before the request is read: one must end first.
+    Also the HTTP edge when the tenant has its most large bodies waiting for the router's body
+    parser (``limit`` queued_large_bodies: services/router/body_parser.py), with a RetryInfo."""
 
     TOO_MANY_QUEUED_GENERATIONS = enum.auto()
     """The tenant has its most generations waiting for a model's generation slots on an

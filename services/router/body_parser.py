@@ -21,13 +21,17 @@ the pipeline would take.
 The child starts at the first such body (the edge's imports, about 0.8 s
 once) and lives as long as the router: it reads its bodies from a pipe, so
 it ends when the router closes the pipe or dies. A body whose caller leaves
-is still parsed to its end (the child cannot be interrupted mid-parse and
-keep its place in the exchange), holding the child for at most its parse.
+while it waits for the child is dropped; one already in the child is parsed
+to its end (the child cannot be interrupted mid-parse and keep its place in
+the exchange). Waiting bodies are bounded, per tenant and in all, and in
+time (MAX_QUEUED_PER_TENANT, MAX_QUEUED, the wait's bound): past them a body
+is refused at once, with Retry-After, rather than held in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import os
@@ -38,9 +42,11 @@ import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
+import grpc
 import structlog
 
-from meshgate.errors import MeshgateError, internal_error
+from meshgate.errors import BUSY_RETRY_AFTER_S, MeshgateError, internal_error, retry_info
+from meshgate.reasons import Reason
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +68,17 @@ INLINE_MAX_CONTAINERS = 2048
 # hung child: it is killed (and started again by the next body) and the
 # request fails. The slowest body measured parses in 1.2 s.
 EXCHANGE_TIMEOUT_S = 30.0
+# Bodies waiting for the child or in it, in all and per tenant: past them a
+# body is refused at once (503 and 429, each with Retry-After), so that no
+# one holds bodies in the router's memory in a queue it cannot drain (a
+# review: 80 costly bodies posted and hung up on in 6 s queued 1.3 GiB, and
+# held every other tenant's large body 20 s). At 1.2 s a body at worst, the
+# last of them waits about 20 s.
+MAX_QUEUED = 16
+MAX_QUEUED_PER_TENANT = 4
+# A child that died before its first answer (it could not start: a broken
+# install) is not started again for this long; bodies meanwhile fail at once.
+RESTART_BACKOFF_S = 30.0
 
 _LENGTH_BYTES = 8
 
@@ -80,42 +97,99 @@ class BodyParser:
     bound, returning a picklable request or raising MeshgateError) on the
     loop for small bodies and in the child process for the rest."""
 
-    def __init__(self, timeout_s: float = EXCHANGE_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        timeout_s: float = EXCHANGE_TIMEOUT_S,
+        wait_s: float = EXCHANGE_TIMEOUT_S,
+        module: str = __name__,
+    ) -> None:
+        """``timeout_s``: the most an exchange with the child may take;
+        ``wait_s``: the most a body may wait for the child; ``module``: what
+        the child runs (this module; tests name another)."""
         self._timeout_s = timeout_s
+        self._wait_s = wait_s
+        self._module = module
         self._child: asyncio.subprocess.Process | None = None
+        # Whether the child running now has answered a body.
+        self._child_answered = False
+        self._no_start_until = 0.0
         # One body at a time in the child: its answers come in order.
         self._lock = asyncio.Lock()
+        self._queued: collections.Counter[str] = collections.Counter()
         self._closed = False
 
-    async def decode(self, decoder: Callable[[bytes, int], T], body: bytes, bound: int) -> T:
+    async def decode(
+        self, decoder: Callable[[bytes, int], T], body: bytes, bound: int, tenant: str = ""
+    ) -> T:
+        """``decoder(body, bound)``, on the loop or in the child; ``tenant``
+        is whose body it is, for the bounds on waiting bodies."""
         if parses_inline(body):
             return decoder(body, bound)
-        # Shielded: a caller that leaves does not cut the exchange in half
-        # (the next body would read this one's answer); the child finishes it
-        # and the lock passes on.
-        exchange = asyncio.ensure_future(self._exchange(decoder, body, bound))
+        self._admit(tenant)
+        self._queued[tenant] += 1
+        try:
+            # A caller that leaves while its body waits takes it out of the
+            # queue; one still waiting after the timeout is refused as busy.
+            async with asyncio.timeout(self._wait_s):
+                await self._lock.acquire()
+        except TimeoutError:
+            self._leave(tenant)
+            raise self._busy("waited", self._wait_s) from None
+        except BaseException:
+            self._leave(tenant)
+            raise
+        # From here the exchange runs to its end whatever the caller does: a
+        # caller that leaves does not cut it in half (the next body would
+        # read this one's answer); it frees the lock and the place itself.
+        exchange = asyncio.ensure_future(self._exchange(decoder, body, bound, tenant))
         # Its refusal is nobody's once its caller left: taken here, not
         # logged as "never retrieved".
         exchange.add_done_callback(_retrieved)
         return await asyncio.shield(exchange)
 
-    async def _exchange(self, decoder: Callable[[bytes, int], T], body: bytes, bound: int) -> T:
-        frame = pickle.dumps((decoder.__module__, decoder.__qualname__, body, bound), protocol=5)
-        async with self._lock:
-            if self._closed:
-                raise internal_error()
-            try:
-                child = await self._started()
-                async with asyncio.timeout(self._timeout_s):
-                    child.stdin.write(len(frame).to_bytes(_LENGTH_BYTES, "big") + frame)
-                    await child.stdin.drain()
-                    length = int.from_bytes(await child.stdout.readexactly(_LENGTH_BYTES), "big")
-                    outcome, value = pickle.loads(await child.stdout.readexactly(length))
-            except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as error:
-                # Dead or hung: the next body starts a new one.
-                log.error("the http body parser failed; it is started again", error=repr(error))
-                await self._stop_child()
-                raise internal_error() from None
+    def _admit(self, tenant: str) -> None:
+        if self._queued[tenant] >= MAX_QUEUED_PER_TENANT:
+            raise MeshgateError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Reason.TOO_MANY_CALLS_IN_FLIGHT,
+                f"this key has its most large bodies ({MAX_QUEUED_PER_TENANT}) waiting to be parsed on this"
+                " router replica; retry later",
+                {
+                    "limit": "queued_large_bodies",
+                    "scope": "tenant",
+                    "limit_value": str(MAX_QUEUED_PER_TENANT),
+                },
+                details=[retry_info(BUSY_RETRY_AFTER_S)],
+            )
+        if self._queued.total() >= MAX_QUEUED:
+            raise self._busy("queued", MAX_QUEUED)
+
+    def _busy(self, why: str, limit: float) -> MeshgateError:
+        said = f"has its most large bodies ({limit:g}) waiting" if why == "queued" else f"waited {limit:g} s"
+        return MeshgateError(
+            grpc.StatusCode.UNAVAILABLE,
+            Reason.SERVICE_BUSY,
+            f"this router replica's body parser {said}; retry later",
+            {
+                "limit": "queued_large_bodies",
+                "scope": "replica",
+                "limit_value": f"{limit:g}",
+                "service": "router",
+            },
+            details=[retry_info(BUSY_RETRY_AFTER_S)],
+        )
+
+    def _leave(self, tenant: str) -> None:
+        self._queued[tenant] -= 1
+        if not self._queued[tenant]:
+            del self._queued[tenant]
+
+    async def _exchange(self, decoder: Callable[[bytes, int], T], body: bytes, bound: int, tenant: str) -> T:
+        try:
+            outcome, value = await self._ask(decoder, body, bound)
+        finally:
+            self._lock.release()
+            self._leave(tenant)
         if outcome == "refused":
             raise value
         if outcome == "failed":
@@ -123,14 +197,50 @@ class BodyParser:
             raise internal_error()
         return value
 
+    async def _ask(self, decoder: Callable, body: bytes, bound: int) -> tuple[str, object]:
+        if self._closed or asyncio.get_running_loop().time() < self._no_start_until:
+            raise internal_error()
+        # Pickled only now: a body waiting for the child holds no second copy.
+        frame = pickle.dumps((decoder.__module__, decoder.__qualname__, body, bound), protocol=5)
+        try:
+            child = await self._started()
+            async with asyncio.timeout(self._timeout_s):
+                child.stdin.write(len(frame).to_bytes(_LENGTH_BYTES, "big") + frame)
+                del frame
+                await child.stdin.drain()
+                length = int.from_bytes(await child.stdout.readexactly(_LENGTH_BYTES), "big")
+                answer = pickle.loads(await child.stdout.readexactly(length))
+        except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as error:
+            if not self._child_answered:
+                # It never answered: it may not start at all. Not started
+                # again for a while, lest each body pay for a failing start.
+                self._no_start_until = asyncio.get_running_loop().time() + RESTART_BACKOFF_S
+            log.error(
+                "the http body parser failed",
+                error=repr(error),
+                answered_before=self._child_answered,
+                next_start_in_s=max(0.0, self._no_start_until - asyncio.get_running_loop().time()),
+            )
+            await self._stop_child()
+            raise internal_error() from None
+        self._child_answered = True
+        return answer
+
     async def _started(self) -> asyncio.subprocess.Process:
         if self._child is None or self._child.returncode is not None:
+            self._child_answered = False
             self._child = await asyncio.create_subprocess_exec(
                 sys.executable,
+                # -P: not the working directory first on its import path (a
+                # review: a token.py there replaced the standard library's in
+                # the child alone, and every large body failed). It imports
+                # from the router's own path, which PYTHONPATH gives it.
+                "-P",
                 "-m",
-                __name__,
+                self._module,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(path or os.getcwd() for path in sys.path)},
                 # Its own session: a Ctrl-C at the terminal is the router's to
                 # handle; the child ends when the router closes its pipe.
                 start_new_session=True,
@@ -158,6 +268,11 @@ class BodyParser:
             await asyncio.wait_for(child.wait(), 1.0)
         except TimeoutError:
             await self._stop_child()
+
+    @property
+    def queued(self) -> int:
+        """Bodies waiting for the child or in it (for tests and probes)."""
+        return self._queued.total()
 
     @property
     def busy(self) -> bool:

@@ -190,6 +190,151 @@ async def test_closing_ends_the_child_and_refuses_later_bodies():
     assert (await parser.decode(chat_call, chat_body("hi"), MAX_MESSAGES)).request.messages[0].content == "hi"
 
 
+async def test_a_body_whose_caller_leaves_while_it_waits_is_never_parsed():
+    """A review: the exchange of a caller that hung up was kept, queued for
+    the child with its body (80 costly bodies posted and left in 6 s held
+    1.3 GiB). Only the body in the child is finished for a caller gone."""
+    parser = BodyParser()
+    try:
+        await parser.decode(chat_call, LONG, MAX_MESSAGES)
+        child = parser.child_pid
+        os.kill(child, signal.SIGSTOP)
+        first = asyncio.ensure_future(parser.decode(chat_call, LONG, MAX_MESSAGES, "t"))
+        await in_the_child(parser)
+        waiting = asyncio.ensure_future(parser.decode(chat_call, HEAVY, MAX_MESSAGES, "t"))
+        await asyncio.sleep(0.05)
+        assert parser.queued == 2
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert parser.queued == 1
+        os.kill(child, signal.SIGCONT)
+        assert (await first).request.model == "m"
+        assert (parser.queued, parser.busy) == (0, False)
+    finally:
+        await parser.close()
+
+
+async def test_large_bodies_waiting_are_bounded_per_tenant_and_in_all():
+    parser = BodyParser()
+    try:
+        await parser.decode(chat_call, LONG, MAX_MESSAGES)
+        child = parser.child_pid
+        os.kill(child, signal.SIGSTOP)
+        held = [
+            asyncio.ensure_future(parser.decode(chat_call, LONG, MAX_MESSAGES, "a"))
+            for _ in range(body_parser.MAX_QUEUED_PER_TENANT)
+        ]
+        await asyncio.sleep(0.05)
+        with pytest.raises(MeshgateError) as per_tenant:
+            await parser.decode(chat_call, LONG, MAX_MESSAGES, "a")
+        assert (per_tenant.value.code, per_tenant.value.reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            Reason.TOO_MANY_CALLS_IN_FLIGHT,
+        )
+        others = [
+            asyncio.ensure_future(parser.decode(chat_call, LONG, MAX_MESSAGES, f"t{n}"))
+            for n in range(body_parser.MAX_QUEUED - body_parser.MAX_QUEUED_PER_TENANT)
+        ]
+        await asyncio.sleep(0.05)
+        with pytest.raises(MeshgateError) as replica:
+            await parser.decode(chat_call, LONG, MAX_MESSAGES, "late")
+        assert (replica.value.code, replica.value.reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            Reason.SERVICE_BUSY,
+        )
+        for refusal_ in (per_tenant.value, replica.value):
+            assert any(isinstance(d, error_details_pb2.RetryInfo) for d in refusal_.details)
+        # A small body is parsed on the loop whatever waits.
+        assert (await parser.decode(chat_call, chat_body("hi"), MAX_MESSAGES, "a")).request.model == "m"
+        os.kill(child, signal.SIGCONT)
+        answered = await asyncio.gather(*held, *others)
+        assert [call.request.model for call in answered] == ["m"] * body_parser.MAX_QUEUED
+        assert parser.queued == 0
+    finally:
+        await parser.close()
+
+
+async def test_a_body_that_waits_past_its_bound_is_refused_as_busy():
+    parser = BodyParser(wait_s=0.3)
+    try:
+        await parser.decode(chat_call, LONG, MAX_MESSAGES)
+        child = parser.child_pid
+        os.kill(child, signal.SIGSTOP)
+        first = asyncio.ensure_future(parser.decode(chat_call, LONG, MAX_MESSAGES))
+        await in_the_child(parser)
+        with pytest.raises(MeshgateError) as busy:
+            await parser.decode(chat_call, LONG, MAX_MESSAGES)
+        assert (busy.value.code, busy.value.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.SERVICE_BUSY)
+        assert parser.queued == 1
+        os.kill(child, signal.SIGCONT)
+        assert (await first).request.model == "m"
+    finally:
+        await parser.close()
+
+
+async def test_a_child_that_cannot_start_is_not_started_again_for_each_body(monkeypatch):
+    """This test module as the child: it imports and exits, answering none."""
+    starts = []
+    start = asyncio.create_subprocess_exec
+
+    async def counted(*args, **kwargs):
+        starts.append(args)
+        return await start(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", counted)
+    parser = BodyParser(module=__name__)
+    try:
+        for _ in range(3):
+            with pytest.raises(MeshgateError) as raised:
+                await parser.decode(chat_call, LONG, MAX_MESSAGES)
+            assert raised.value.code == grpc.StatusCode.INTERNAL
+        assert len(starts) == 1
+    finally:
+        await parser.close()
+
+
+async def test_a_module_in_the_working_directory_does_not_shadow_the_childs(tmp_path, monkeypatch):
+    """A review: python -m put the working directory first on the child's
+    path alone, and a token.py there failed every large body."""
+    (tmp_path / "token.py").write_text("raise SystemExit('the working directory was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    parser = BodyParser()
+    try:
+        assert (await parser.decode(chat_call, LONG, MAX_MESSAGES)).request.model == "m"
+    finally:
+        await parser.close()
+
+
+@pytest.mark.parametrize("depth", [128, 129, 985, 5000])
+async def test_a_body_nested_deep_gets_one_answer_inline_and_in_the_child(depth):
+    """A review: the recursion limit counts the frames on the stack, so 982
+    levels were a 400 on the loop and a 200 in the child. One bound now."""
+    # The body's object, its messages and the message are three levels.
+    nested = "[" * (depth - 3) + "]" * (depth - 3)
+    message = '{"role": "assistant", "content": "ok", "annotations": ' + nested + "}"
+    body = ('{"model": "m", "messages": [' + message + ', {"role": "user", "content": "hi"}]}').encode()
+    padded = body + b" " * (INLINE_MAX_BYTES + 1)
+    assert parses_inline(body) == (depth < INLINE_MAX_CONTAINERS) and not parses_inline(padded)
+    parser = BodyParser()
+    try:
+        answers = []
+        for decode in (
+            lambda: chat_call(body, MAX_MESSAGES),
+            lambda: parser.decode(chat_call, padded, MAX_MESSAGES),
+        ):
+            try:
+                call = decode()
+                call = await call if asyncio.iscoroutine(call) else call
+                answers.append(("served", call.request.messages[1].content))
+            except MeshgateError as error:
+                answers.append(refusal(error))
+        assert answers[0] == answers[1]
+        assert (answers[0][0] == "served") is (depth <= 128)
+    finally:
+        await parser.close()
+
+
 def test_the_child_ends_when_its_pipe_does():
     """A router killed outright leaves no parser behind: the child reads the
     end of its pipe and exits."""
