@@ -57,6 +57,7 @@ import json
 import math
 import pathlib
 import re
+import unicodedata
 from collections import Counter
 
 import numpy as np
@@ -76,12 +77,25 @@ def _words(text: str) -> frozenset[str]:
 _LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u1e00-\u1eff"
 _TOKEN = re.compile(rf"\d+(?:[.,]\d+)*|[{_LATIN}]+(?:'[{_LATIN}]+)?|[$%+*/=<>-]")
 _LATIN_LETTER = re.compile(rf"[{_LATIN}]")
-# Apostrophes as keyboards type them: phones and word processors turn "'"
-# into a right single quotation mark ("don’t"), which the tokens split at
-# ("don" + "t"): "Why don’t cats like water?" was served the answer of "Why
-# do cats like water?" (no negation read), and the same question typed
-# with "'" was vetoed as its negation.
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\uff07": "'"})
+# Characters read as the ones the tokens and checks know. Apostrophes as
+# keyboards type them: phones and word processors turn "'" into a right
+# single quotation mark ("don’t"), which the tokens split at ("don" + "t"):
+# "Why don’t cats like water?" was served the answer of "Why do cats like
+# water?" (no negation read), and the same question typed with "'" was
+# vetoed as its negation. The fraction slash NFKC writes in a vulgar
+# fraction ("½" is "1⁄2"), and the multiplication and division signs, as the
+# operators the code check reads: "5 × 3" was served "5 ÷ 3"'s answer.
+_TYPED = str.maketrans(
+    {"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2044": "/", "\u00d7": "*", "\u00f7": "/"}
+)
+
+
+def _as_typed(text: str) -> str:
+    """``text`` with compatibility characters as their plain forms (NFKC:
+    "½" is "1⁄2", "x²" is "x2", a full-width "１０" is "10": "½ cup" was
+    served "¼ cup"'s answer, no number read in either) and _TYPED's
+    characters as the ones the checks read."""
+    return unicodedata.normalize("NFKC", text).translate(_TYPED)
 
 
 def readable(text: str) -> bool:
@@ -448,7 +462,7 @@ def clear_analysis_memo() -> None:
 
 
 def analyze_uncached(text: str) -> Analysis:
-    text = text.translate(_APOSTROPHES)
+    text = _as_typed(text)
     raw = _TOKEN.findall(text)
     tokens: list[str] = []
     names: set[str] = set()

@@ -999,3 +999,27 @@ def test_an_apostrophe_as_keyboards_type_it_reads_as_one(apostrophe):
     assert not verifier.negation_veto(analyze(curly), analyze(straight))
     owner = f"Am I responsible for my landlord{apostrophe}s broken fridge?"
     assert verifier.subject_veto(analyze("Is my landlord responsible for my broken fridge?"), analyze(owner))
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "check"),
+    [
+        ("How many tablespoons are in ½ cup?", "How many tablespoons are in ¼ cup?", "number"),
+        ("How many teaspoons are in ⅓ cup?", "How many teaspoons are in ⅔ cup?", "number"),
+        ("What is the derivative of x²?", "What is the derivative of x³?", "number"),
+        ("Is 5 × 3 equal to 15?", "Is 5 ÷ 3 equal to 15?", "code"),
+        ("Is ５ a prime number?", "Is 6 a prime number?", "number"),
+    ],
+)
+def test_numbers_and_operators_typed_as_symbols_are_read(a, b, check):
+    """A hunt of typed symbols: "½ cup" was served "¼ cup"'s answer, "⅓" "⅔"'s
+    and "5 × 3" "5 ÷ 3"'s (0.88-0.95, scores 0.98-0.995): no number or
+    operator was read in either. NFKC reads "½" as 1⁄2 and "x²" as x2."""
+    assert verifier.structural_veto(analyze(a), analyze(b)) == check
+
+
+def test_a_number_typed_as_a_symbol_is_the_same_number_typed_plainly():
+    for typed, plain in (("½ cup", "1/2 cup"), ("x²", "x2"), ("１０ km", "10 km"), ("5 × 3", "5 * 3")):
+        assert analyze(typed).tokens == analyze(plain).tokens
+        assert analyze(typed).numbers == analyze(plain).numbers
+        assert verifier.structural_veto(analyze(typed), analyze(plain)) is None
