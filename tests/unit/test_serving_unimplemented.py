@@ -63,7 +63,10 @@ async def failure(call) -> grpc.aio.AioRpcError:
     [
         ("GetSession", lambda stub: stub.GetSession(pb.GetSessionRequest(session_id="s"))),
         ("Chat", lambda stub: stub.Chat(pb.ChatRequest()).read()),
-        ("ChatSession", lambda stub: stub.ChatSession(iter([pb.ChatSessionRequest()])).read()),
+        # No request sent: a request the client's iterator wrote after the
+        # server had ended the call raced its status, which grpc-core then
+        # gave as INTERNAL "Internal error from Core" (once in CI, 2026-12-07).
+        ("ChatSession", lambda stub: stub.ChatSession().read()),
     ],
     ids=["unary", "server streaming", "bidirectional"],
 )
