@@ -83,18 +83,48 @@ _LATIN_LETTER = re.compile(rf"[{_LATIN}]")
 # "Why don’t cats like water?" was served the answer of "Why do cats like
 # water?" (no negation read), and the same question typed with "'" was
 # vetoed as its negation. The fraction slash NFKC writes in a vulgar
-# fraction ("½" is "1⁄2"), and the multiplication and division signs, as the
-# operators the code check reads: "5 × 3" was served "5 ÷ 3"'s answer.
+# fraction ("½" is "1⁄2"), and signs as the operators the code check reads
+# ("5 × 3" was served "5 ÷ 3"'s answer, "x ≤ 5" that of "x ≥ 5", "A → B"
+# that of "A ← B"); currency signs as the units the number check reads
+# ("100 €" was served "100 £"'s answer).
 _TYPED = str.maketrans(
-    {"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u2044": "/", "\u00d7": "*", "\u00f7": "/"}
+    {
+        "\u2019": "'",
+        "\u2018": "'",
+        "\u02bc": "'",
+        "\u2044": "/",
+        "\u00d7": "*",
+        "\u00f7": "/",
+        "\u2212": "-",
+        "\u2264": "<=",
+        "\u2265": ">=",
+        "\u2260": "!=",
+        "\u2192": "->",
+        "\u2190": "<-",
+        "\u20ac": " euro ",
+        "\u00a3": " pound ",
+        "\u00a5": " yen ",
+        "\u20b9": " rupee ",
+    }
 )
+# Before NFKC, which would glue them to a word or number: a trademark sign
+# to nothing ("Netflix™" would read as "NetflixTM", a name of its own), a
+# numero sign to a word ("№ 5" would read "No 5", a negation).
+_BEFORE_NFKC = str.maketrans({"\u2122": "", "\u2120": "", "\u2116": " number "})
+# A superscript number is an exponent, said as "^" ("10³" is "10^3" where
+# NFKC would read 103: "10³ kg" was served "103 kg"'s answer); a vulgar
+# fraction after a number is a mixed number ("1½" is "1 1/2", not 11/2).
+_SUPERSCRIPT = re.compile("[\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+")
+_MIXED_NUMBER = re.compile("(?<=\\d)(?=[\u00bc-\u00be\u2150-\u215e\u2189])")
 
 
 def _as_typed(text: str) -> str:
     """``text`` with compatibility characters as their plain forms (NFKC:
-    "½" is "1⁄2", "x²" is "x2", a full-width "１０" is "10": "½ cup" was
-    served "¼ cup"'s answer, no number read in either) and _TYPED's
-    characters as the ones the checks read."""
+    "½" is "1⁄2", a full-width "１０" is "10": "½ cup" was served "¼ cup"'s
+    answer, no number read in either), exponents and mixed numbers as they
+    are typed plainly, and _TYPED's characters as the ones the checks read."""
+    text = _SUPERSCRIPT.sub(lambda power: "^" + unicodedata.normalize("NFKC", power.group()), text)
+    text = _MIXED_NUMBER.sub(" ", text.translate(_BEFORE_NFKC))
     return unicodedata.normalize("NFKC", text).translate(_TYPED)
 
 
@@ -463,14 +493,17 @@ def clear_analysis_memo() -> None:
 
 def analyze_uncached(text: str) -> Analysis:
     text = _as_typed(text)
-    raw = _TOKEN.findall(text)
     tokens: list[str] = []
     names: set[str] = set()
     possessives: set[int] = set()
     sentence_start = True
-    for word in raw:
+    for match in _TOKEN.finditer(text):
+        word = match.group()
         parts = _split(word)
-        if len(parts) == 1 and parts[0] != word.lower():
+        # "landlord's", and a plural's "roommates'" (its "'" no token's).
+        if (len(parts) == 1 and parts[0] != word.lower()) or (
+            word[-1:] in "sS" and text.startswith("'", match.end())
+        ):
             possessives.add(len(tokens))
         name = parts[0]
         if name not in _NOT_NAMES and (

@@ -1023,3 +1023,45 @@ def test_a_number_typed_as_a_symbol_is_the_same_number_typed_plainly():
         assert analyze(typed).tokens == analyze(plain).tokens
         assert analyze(typed).numbers == analyze(plain).numbers
         assert verifier.structural_veto(analyze(typed), analyze(plain)) is None
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "check"),
+    [
+        # NFKC alone glued an exponent to its base: 10³ read as 103 (a review: 7 served).
+        ("How much is 10³ grams in kilograms?", "How much is 103 grams in kilograms?", "number"),
+        ("Convert 10⁴ seconds to hours", "Convert 104 seconds to hours", "number"),
+        ("How many ounces in 1½ cups?", "How many ounces in 11/2 cups?", "number"),
+        # Signs the checks read as the operators and units they stand for.
+        ("Is x ≤ 5 the same as x < 5?", "Is x ≥ 5 the same as x > 5?", "code"),
+        ("Does A → B mean B follows A?", "Does A ← B mean B follows A?", "code"),
+        ("How much is 100 € in dollars?", "How much is 100 £ in dollars?", "number"),
+        # A plural's possessive ("roommates'") is an owner too (a review: 4 served).
+        ("Are my roommates liable for my damage?", "Am I liable for my roommates' damage?", "subject"),
+        (
+            "Are my neighbors responsible for my fence?",
+            "Am I responsible for my neighbors’ fence?",
+            "subject",
+        ),
+    ],
+)
+def test_exponents_mixed_numbers_signs_and_plural_owners_are_read(a, b, check):
+    assert verifier.structural_veto(analyze(a), analyze(b)) == check
+    assert verifier.structural_veto(analyze(b), analyze(a)) == check
+
+
+@pytest.mark.parametrize(
+    ("typed", "plain"),
+    [
+        ("What is 10² in binary?", "What is 10^2 in binary?"),
+        ("How many tablespoons are in 1½ cups?", "How many tablespoons are in 1 1/2 cups?"),
+        # NFKC alone made "NetflixTM" a name of its own (8 paraphrases refused)
+        # and "№" a negation ("No").
+        ("How do I cancel Netflix™?", "How do I cancel Netflix?"),
+        ("What does Chanel № 5 smell like?", "What does Chanel number 5 smell like?"),
+        ("How much is €50 in dollars?", "How much is euro 50 in dollars?"),
+    ],
+)
+def test_signs_typed_for_what_is_typed_plainly_read_the_same(typed, plain):
+    assert (analyze(typed).tokens, analyze(typed).names) == (analyze(plain).tokens, analyze(plain).names)
+    assert analyze(typed).negations == analyze(plain).negations
