@@ -306,7 +306,11 @@ def _serve() -> None:
         try:
             answer = ("decoded", getattr(importlib.import_module(module), name)(body, bound))
         except MeshgateError as error:
-            answer = ("refused", error)
+            # Without its traceback: its frames hold the parsed body, and the
+            # cycle through this frame kept it until a garbage collection (the
+            # child held 310 MiB after 2.8 million empty arrays, 88 MiB before;
+            # 100-125 MiB now).
+            answer = ("refused", error.with_traceback(None))
         except Exception:  # noqa: BLE001 - a bug is the parent's to log, and the child goes on
             answer = ("failed", traceback.format_exc())
         frame = pickle.dumps(answer, protocol=5)

@@ -113,6 +113,26 @@ async def test_a_costly_body_is_decoded_in_the_child_exactly_as_inline():
         await parser.close()
 
 
+def resident_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+async def test_the_child_lets_go_of_a_refused_body():
+    """The refusal's traceback held the parsed body in a cycle with the
+    child's loop: after 2.8 million empty arrays the child held 310 MiB
+    (88 MiB before) until a garbage collection came."""
+    parser = BodyParser()
+    try:
+        await parser.decode(chat_call, LONG, MAX_MESSAGES)
+        before = resident_kib(parser.child_pid)
+        with pytest.raises(MeshgateError):
+            await parser.decode(chat_call, HEAVY, MAX_MESSAGES)
+        assert resident_kib(parser.child_pid) < before + 100 * 1024
+    finally:
+        await parser.close()
+
+
 async def test_a_bug_in_the_child_is_an_internal_error_and_the_child_goes_on():
     parser = BodyParser()
     try:
