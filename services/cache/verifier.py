@@ -496,9 +496,18 @@ def analyze_uncached(text: str) -> Analysis:
     tokens: list[str] = []
     names: set[str] = set()
     possessives: set[int] = set()
+    # Where a minus sign stands before a number, not between two: "-5",
+    # "(-3)", not "10-5", "10 - 5" nor "COVID-19".
+    minus_signs: set[int] = set()
     sentence_start = True
     for match in _TOKEN.finditer(text):
         word = match.group()
+        if (
+            word == "-"
+            and text[match.start() - 1 : match.start()] in _BEFORE_A_SIGN
+            and not (tokens and _number_of(tokens[-1]))
+        ):
+            minus_signs.add(len(tokens))
         parts = _split(word)
         # "landlord's", and a plural's "roommates'" (its "'" no token's).
         if (len(parts) == 1 and parts[0] != word.lower()) or (
@@ -518,6 +527,8 @@ def analyze_uncached(text: str) -> Analysis:
     for at, token in enumerate(tokens):
         number = _number_of(token)
         if number is not None:
+            if at and (at - 1 in minus_signs or _said_negative(tokens, at)):
+                number = "-" + number
             numbers[number] += 1
             following = tokens[at + 1] if at + 1 < len(tokens) else ""
             number_units.add((number, _unit_of(following) or ""))
@@ -571,6 +582,18 @@ def analyze_uncached(text: str) -> Analysis:
         number_units=frozenset(number_units),
         possessives=frozenset(possessives),
     )
+
+
+# What may stand before a minus sign that makes a number negative: nothing
+# (the text's start), a space or an opening bracket.
+_BEFORE_A_SIGN = frozenset({"", " ", "\t", "(", "["})
+_NEGATIVE_WORDS = _words("minus negative")
+
+
+def _said_negative(tokens: list[str], at: int) -> bool:
+    """Whether the number at ``at`` is said negative in words ("negative 5",
+    "minus 40"), not subtracted ("10 minus 5")."""
+    return tokens[at - 1] in _NEGATIVE_WORDS and (at < 2 or _number_of(tokens[at - 2]) is None)
 
 
 def _number_of(token: str) -> str | None:

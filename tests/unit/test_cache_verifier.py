@@ -1065,3 +1065,23 @@ def test_exponents_mixed_numbers_signs_and_plural_owners_are_read(a, b, check):
 def test_signs_typed_for_what_is_typed_plainly_read_the_same(typed, plain):
     assert (analyze(typed).tokens, analyze(typed).names) == (analyze(plain).tokens, analyze(plain).names)
     assert analyze(typed).negations == analyze(plain).negations
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A minus sign as a review typed it (U+2212) was read as nothing: 3 served.
+        ("Is −5 a natural number?", "Is 5 a natural number?", True),
+        ("What is the square root of −16?", "What is the square root of 16?", True),
+        ("Is it safe to store food at -18 degrees?", "Is it safe to store food at 18 degrees?", True),
+        ("Is -5 a natural number?", "Is negative 5 a natural number?", False),
+        ("What is the square root of (-16)?", "What is the square root of minus 16?", False),
+        # Subtraction and a name's hyphen sign nothing.
+        ("What is 10-5?", "What is 10 - 5?", False),
+        ("What is 10 - 5?", "What is 10 minus 5?", False),
+        ("Is COVID-19 still a pandemic?", "Is COVID 19 still a pandemic?", False),
+    ],
+)
+def test_a_number_made_negative_is_another_number(a, b, vetoed):
+    assert verifier.number_veto(analyze(a), analyze(b)) is vetoed
+    assert verifier.number_veto(analyze(b), analyze(a)) is vetoed
