@@ -496,8 +496,8 @@ def analyze_uncached(text: str) -> Analysis:
     tokens: list[str] = []
     names: set[str] = set()
     possessives: set[int] = set()
-    # Where a minus sign stands before a number, not between two: "-5",
-    # "(-3)", not "10-5", "10 - 5" nor "COVID-19".
+    # Where a minus sign stands right before a number, not between two:
+    # "-5", "(-3)", not "10-5", "10 - 5", "COVID-19" nor "apples - 5 of them".
     minus_signs: set[int] = set()
     sentence_start = True
     for match in _TOKEN.finditer(text):
@@ -505,6 +505,7 @@ def analyze_uncached(text: str) -> Analysis:
         if (
             word == "-"
             and text[match.start() - 1 : match.start()] in _BEFORE_A_SIGN
+            and text[match.end() : match.end() + 1].isdigit()
             and not (tokens and _number_of(tokens[-1]))
         ):
             minus_signs.add(len(tokens))

@@ -1080,6 +1080,7 @@ def test_signs_typed_for_what_is_typed_plainly_read_the_same(typed, plain):
         ("What is 10-5?", "What is 10 - 5?", False),
         ("What is 10 - 5?", "What is 10 minus 5?", False),
         ("Is COVID-19 still a pandemic?", "Is COVID 19 still a pandemic?", False),
+        ("Can I eat apples - 5 a day?", "Can I eat apples, 5 a day?", False),
     ],
 )
 def test_a_number_made_negative_is_another_number(a, b, vetoed):
