@@ -496,18 +496,12 @@ def analyze_uncached(text: str) -> Analysis:
     tokens: list[str] = []
     names: set[str] = set()
     possessives: set[int] = set()
-    # Where a minus sign stands right before a number, not between two:
-    # "-5", "(-3)", not "10-5", "10 - 5", "COVID-19" nor "apples - 5 of them".
+    # Where a minus sign makes the number after it negative (_signs).
     minus_signs: set[int] = set()
     sentence_start = True
     for match in _TOKEN.finditer(text):
         word = match.group()
-        if (
-            word == "-"
-            and text[match.start() - 1 : match.start()] in _BEFORE_A_SIGN
-            and text[match.end() : match.end() + 1].isdigit()
-            and not (tokens and _number_of(tokens[-1]))
-        ):
+        if word == "-" and _signs(tokens, text, match.start(), match.end()):
             minus_signs.add(len(tokens))
         parts = _split(word)
         # "landlord's", and a plural's "roommates'" (its "'" no token's).
@@ -528,7 +522,7 @@ def analyze_uncached(text: str) -> Analysis:
     for at, token in enumerate(tokens):
         number = _number_of(token)
         if number is not None:
-            if at and (at - 1 in minus_signs or _said_negative(tokens, at)):
+            if at and (_signed(tokens, at, minus_signs) or _said_negative(tokens, at)):
                 number = "-" + number
             numbers[number] += 1
             following = tokens[at + 1] if at + 1 < len(tokens) else ""
@@ -585,10 +579,34 @@ def analyze_uncached(text: str) -> Analysis:
     )
 
 
-# What may stand before a minus sign that makes a number negative: nothing
-# (the text's start), a space or an opening bracket.
-_BEFORE_A_SIGN = frozenset({"", " ", "\t", "(", "["})
+# After an operator a minus is a sign however it is spaced ("x+5=-3" is "x +
+# 5 = -3", "2*-3" is "2 * -3"); after a number, a time or a unit it is a
+# subtraction or a range ("10 - 5", "9am -5pm"); after a word of two letters
+# or more, a sign where it touches the digits and not the word ("at -18
+# degrees", "of (-16)", "|-7|"; not "apples - 5", "COVID-19"); after a
+# single letter, a variable's subtraction ("2x -3").
+_SIGN_AFTER_OPERATORS = frozenset("=+*/<>")
+_BEFORE_A_SIGN = frozenset({"", " ", "\t", "(", "[", "{", "|"})
 _NEGATIVE_WORDS = _words("minus negative")
+
+
+def _signs(tokens: list[str], text: str, start: int, end: int) -> bool:
+    """Whether the "-" at ``text[start:end]``, after ``tokens``, is a sign."""
+    previous = tokens[-1] if tokens else ""
+    if not previous or previous in _SIGN_AFTER_OPERATORS:
+        return True
+    if _number_of(previous) is not None or _unit_of(previous) is not None or len(previous) < 2:
+        return False
+    touching = text[end : end + 1].isdigit() or text[end : end + 1] == "$"
+    return touching and text[start - 1 : start] in _BEFORE_A_SIGN
+
+
+def _signed(tokens: list[str], at: int, minus_signs: set[int]) -> bool:
+    """Whether the number at ``at`` follows a sign: right after it, or after
+    a "$" right after it ("-$50")."""
+    if at - 1 in minus_signs:
+        return True
+    return at >= 2 and tokens[at - 1] == "$" and at - 2 in minus_signs
 
 
 def _said_negative(tokens: list[str], at: int) -> bool:

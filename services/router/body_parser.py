@@ -76,8 +76,10 @@ EXCHANGE_TIMEOUT_S = 30.0
 # last of them waits about 20 s.
 MAX_QUEUED = 16
 MAX_QUEUED_PER_TENANT = 4
-# A child that died before its first answer (it could not start: a broken
-# install) is not started again for this long; bodies meanwhile fail at once.
+# While no child has answered, one that dies (it may not start at all: a
+# broken install) is not started again for this long; bodies meanwhile are
+# refused at once, 503 with Retry-After. Once one has answered, a child that
+# dies died of its body, and the next body starts a new one.
 RESTART_BACKOFF_S = 30.0
 
 _LENGTH_BYTES = 8
@@ -110,8 +112,9 @@ class BodyParser:
         self._wait_s = wait_s
         self._module = module
         self._child: asyncio.subprocess.Process | None = None
-        # Whether the child running now has answered a body.
-        self._child_answered = False
+        # Whether any child of this parser has answered a body: once one
+        # has, the install works, and a child that dies died of its body.
+        self._answered_ever = False
         self._no_start_until = 0.0
         # One body at a time in the child: its answers come in order.
         self._lock = asyncio.Lock()
@@ -152,8 +155,8 @@ class BodyParser:
             raise MeshgateError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 Reason.TOO_MANY_CALLS_IN_FLIGHT,
-                f"this key has its most large bodies ({MAX_QUEUED_PER_TENANT}) waiting to be parsed on this"
-                " router replica; retry later",
+                f"this tenant has its most large bodies ({MAX_QUEUED_PER_TENANT}) waiting to be parsed"
+                " on this router replica; retry later",
                 {
                     "limit": "queued_large_bodies",
                     "scope": "tenant",
@@ -198,8 +201,17 @@ class BodyParser:
         return value
 
     async def _ask(self, decoder: Callable, body: bytes, bound: int) -> tuple[str, object]:
-        if self._closed or asyncio.get_running_loop().time() < self._no_start_until:
+        if self._closed:
             raise internal_error()
+        backing_off = self._no_start_until - asyncio.get_running_loop().time()
+        if backing_off > 0:
+            raise MeshgateError(
+                grpc.StatusCode.UNAVAILABLE,
+                Reason.SERVICE_BUSY,
+                "this router replica's body parser could not start; retry later",
+                {"limit": "body_parser_start", "scope": "replica", "service": "router"},
+                details=[retry_info(backing_off)],
+            )
         # Pickled only now: a body waiting for the child holds no second copy.
         frame = pickle.dumps((decoder.__module__, decoder.__qualname__, body, bound), protocol=5)
         try:
@@ -211,24 +223,24 @@ class BodyParser:
                 length = int.from_bytes(await child.stdout.readexactly(_LENGTH_BYTES), "big")
                 answer = pickle.loads(await child.stdout.readexactly(length))
         except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as error:
-            if not self._child_answered:
-                # It never answered: it may not start at all. Not started
-                # again for a while, lest each body pay for a failing start.
+            if not self._answered_ever:
+                # No child has answered yet: it may not start at all. Not
+                # started again for a while, lest each body pay for a
+                # failing start.
                 self._no_start_until = asyncio.get_running_loop().time() + RESTART_BACKOFF_S
             log.error(
                 "the http body parser failed",
                 error=repr(error),
-                answered_before=self._child_answered,
+                answered_before=self._answered_ever,
                 next_start_in_s=max(0.0, self._no_start_until - asyncio.get_running_loop().time()),
             )
             await self._stop_child()
             raise internal_error() from None
-        self._child_answered = True
+        self._answered_ever = True
         return answer
 
     async def _started(self) -> asyncio.subprocess.Process:
         if self._child is None or self._child.returncode is not None:
-            self._child_answered = False
             self._child = await asyncio.create_subprocess_exec(
                 sys.executable,
                 # -P: not the working directory first on its import path (a

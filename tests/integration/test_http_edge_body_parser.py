@@ -51,7 +51,8 @@ async def in_the_child(parser: BodyParser) -> None:
     """Returns once a body is in ``parser``'s child (fails after 10 s)."""
 
     async def busy() -> None:
-        while not parser.busy:
+        # A child under way, not one still starting.
+        while not (parser.busy and parser.child_pid):
             await asyncio.sleep(0.001)
 
     await asyncio.wait_for(busy(), 10)
@@ -305,11 +306,37 @@ async def test_a_child_that_cannot_start_is_not_started_again_for_each_body(monk
     monkeypatch.setattr(asyncio, "create_subprocess_exec", counted)
     parser = BodyParser(module=__name__)
     try:
-        for _ in range(3):
-            with pytest.raises(MeshgateError) as raised:
+        with pytest.raises(MeshgateError) as failed:
+            await parser.decode(chat_call, LONG, MAX_MESSAGES)
+        assert failed.value.code == grpc.StatusCode.INTERNAL
+        for _ in range(2):
+            with pytest.raises(MeshgateError) as refused:
                 await parser.decode(chat_call, LONG, MAX_MESSAGES)
-            assert raised.value.code == grpc.StatusCode.INTERNAL
+            assert (refused.value.code, refused.value.reason) == (
+                grpc.StatusCode.UNAVAILABLE,
+                Reason.SERVICE_BUSY,
+            )
+            (retry,) = [d for d in refused.value.details if isinstance(d, error_details_pb2.RetryInfo)]
+            assert 1 <= retry.retry_delay.seconds <= body_parser.RESTART_BACKOFF_S
         assert len(starts) == 1
+    finally:
+        await parser.close()
+
+
+async def test_children_that_die_of_their_bodies_are_replaced_every_time():
+    """A final read: a replacement child killed on its first body was taken
+    for one that cannot start, and every tenant's large body was refused
+    for 30 s. Once any child has answered, a dead one died of its body."""
+    parser = BodyParser()
+    try:
+        await parser.decode(chat_call, LONG, MAX_MESSAGES)
+        for _ in range(2):
+            dying = asyncio.ensure_future(parser.decode(chat_call, HEAVY, MAX_MESSAGES))
+            await in_the_child(parser)
+            os.kill(parser.child_pid, signal.SIGKILL)
+            with pytest.raises(MeshgateError):
+                await dying
+        assert (await parser.decode(chat_call, LONG, MAX_MESSAGES)).request.model == "m"
     finally:
         await parser.close()
 

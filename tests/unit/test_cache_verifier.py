@@ -1081,6 +1081,14 @@ def test_signs_typed_for_what_is_typed_plainly_read_the_same(typed, plain):
         ("What is 10 - 5?", "What is 10 minus 5?", False),
         ("Is COVID-19 still a pandemic?", "Is COVID 19 still a pandemic?", False),
         ("Can I eat apples - 5 a day?", "Can I eat apples, 5 a day?", False),
+        # A sign read the same however it is spaced (a final read: 8 such lost).
+        ("Solve x + 5 = -3", "Solve x+5=-3", False),
+        ("What is 2 * -3?", "What is 2*-3?", False),
+        ("Graph the line y = 2x -3", "Graph the line y = 2x - 3", False),
+        ("Is the store open 9am -5pm on Sundays?", "Is the store open 9am-5pm on Sundays?", False),
+        ("What is |-7|?", "What is | -7 |?", False),
+        ("Why does my balance show -$50?", "Why does my balance show -50 dollars?", False),
+        ("Solve x+5=-3", "Solve x+5=3", True),
     ],
 )
 def test_a_number_made_negative_is_another_number(a, b, vetoed):
