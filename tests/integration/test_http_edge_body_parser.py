@@ -382,6 +382,29 @@ async def test_a_body_nested_deep_gets_one_answer_inline_and_in_the_child(depth)
         await parser.close()
 
 
+async def test_a_deep_body_with_a_key_twice_gets_one_answer_inline_and_in_the_child():
+    """A final read: past the depth where the loop's parse met the recursion
+    limit (the frames under it counted), the loop said "too deep" and the
+    child, its stack shallower, "a key twice". Both parse on a new thread's
+    stack now, so they meet the limit at one depth, whatever it is."""
+    parser = BodyParser()
+    try:
+        for depth in range(970, 1011, 8):
+            nested = '{"x": ' * depth + '{"a": 1, "a": 2}' + "}" * depth
+            body = (
+                '{"model": "m", "messages": [{"role": "user", "content": "hi"}], "metadata": ' + nested + "}"
+            )
+            inline, padded = body.encode(), body.encode() + b" " * (INLINE_MAX_BYTES + 1)
+            assert parses_inline(inline) and not parses_inline(padded)
+            with pytest.raises(MeshgateError) as on_the_loop:
+                chat_call(inline, MAX_MESSAGES)
+            with pytest.raises(MeshgateError) as in_the_child_:
+                await parser.decode(chat_call, padded, MAX_MESSAGES)
+            assert refusal(on_the_loop.value) == refusal(in_the_child_.value), depth
+    finally:
+        await parser.close()
+
+
 def test_the_child_ends_when_its_pipe_does():
     """A router killed outright leaves no parser behind: the child reads the
     end of its pipe and exits."""
