@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import structlog
+
 from meshgate import mesh_auth, redis_access, serving
 from meshgate.config import Settings
 from meshgate.context.v1 import context_service_pb2, context_service_pb2_grpc
@@ -13,6 +17,12 @@ from services.context.servicer import ContextServicer
 from services.context.store import SessionStore
 from services.context.tenant_sweep import TenantSweep
 from services.context.turn_index import TurnIndex
+
+log = structlog.get_logger("meshgate.context")
+
+# What the service reads once, at setup: a reload logs a change to any of
+# them as applying only after a restart (the model aliases apply at once).
+_RESTART_ONLY_SECTIONS = ("context", "redis", "mesh", "telemetry")
 
 SERVICE_NAMES = [context_service_pb2.DESCRIPTOR.services_by_name["ContextService"].full_name]
 
@@ -113,6 +123,31 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
         append_embed_timeout_s=settings.context.append_embed_timeout_s,
     )
     context_service_pb2_grpc.add_ContextServiceServicer_to_server(servicer, service.server)
+    started_with = settings
+
+    def reload(new: Settings) -> None:
+        """The model aliases, each with its window, tokenizer and chat template,
+        from reloaded settings (already checked whole), so that a session
+        turn on an alias a reload added to the router is counted here
+        without a restart. Counters for a new tokenizer and template are
+        built (their files read, on the loop: a reload is rare) before
+        anything is swapped, so one that cannot count exactly refuses the
+        reload and leaves the aliases in use."""
+        for section in _RESTART_ONLY_SECTIONS:
+            before, after = getattr(started_with, section), getattr(new, section)
+            for field in dataclasses.fields(before):
+                if getattr(before, field.name) != getattr(after, field.name):
+                    log.warning(
+                        "a changed setting applies only after a restart", setting=f"{section}.{field.name}"
+                    )
+        in_use = servicer.counters
+        counters = token_counts.for_models(new.models, reuse=in_use)
+        servicer.reconfigure_models(new.models, counters)
+        summarizer.reconfigure_counters(counters.values())
+        for alias in sorted(set(new.models) - set(in_use)):
+            log.info("model alias added: its prompts are counted from now on", alias=alias)
+
+    service.reload_hooks.append(reload)
 
     return serving.cleanup_steps(
         ("session notices", changes.close),

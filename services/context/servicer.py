@@ -623,11 +623,27 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         # Without one (unit tests), nothing is summarized.
         self._summarizer = summarizer
         self._compaction_asked = _AskedOnce(_COMPACTIONS_ASKED_KEPT, COMPACTION_ASKED_FOR_S)
+        self.reconfigure_models(models, counters)
+
+    def reconfigure_models(
+        self, models: dict[str, ModelSettings], counters: dict[str, PromptCounter]
+    ) -> None:
+        """Model aliases and their counters (a reload's, token_counts.for_models),
+        from the next call on. Three references swapped with no await between:
+        a call takes an alias's settings and counter together when it starts
+        (AssembleContext), so one under way finishes with what it took."""
         self._models = models
         self._counters = counters
         # Every turn is counted for every configured tokenizer and template
-        # when appended, so assembly for any model finds its counts stored.
+        # when appended, so assembly for any model finds its counts stored;
+        # turns appended before a counter was configured are counted at their
+        # first assembly with it (_complete_counts).
         self._distinct_counters = list({c.id: c for c in counters.values()}.values())
+
+    @property
+    def counters(self) -> dict[str, PromptCounter]:
+        """The counter of each model alias in use."""
+        return self._counters
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.CreateSessionResponse:
         _check_tenant(request.tenant_id)
@@ -745,11 +761,14 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
             else None
         )
         try:
-            token_counts = {c.id: await c.count(turns) for c in self._distinct_counters}
+            # One set of counters for both counts, whatever a reload swaps in
+            # between the awaits.
+            counters = self._distinct_counters
+            token_counts = {c.id: await c.count(turns) for c in counters}
             # Also as transcript lines, for adaptive assembly's packing (only
             # when it may pack: turned on later, assembly counts what is
             # missing once, _complete_counts).
-            for c in self._distinct_counters:
+            for c in counters:
                 if self._pack_older_turns and c.transcript_tokens is not None:
                     token_counts[c.line_id] = await c.count_lines(turns)
             ticket = self._hot.ticket()
@@ -1131,6 +1150,9 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         model = self._models.get(request.model)
         if model is None:
             raise not_found(Reason.MODEL_NOT_FOUND, f"no model {request.model!r}", model=request.model)
+        # Taken with its settings: a reload (reconfigure_models) between the
+        # awaits below must not leave this call a model without a counter.
+        counter = self._counters[request.model]
         if request.max_prompt_tokens <= 0:
             raise invalid_argument(Reason.INVALID_TOKEN_BUDGET, "max_prompt_tokens must be positive")
         new_messages = list(request.new_messages)
@@ -1170,7 +1192,7 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
                 for _ in range(_TURNS_TO_SEND):
                     await asyncio.sleep(0)
             return await self._assemble(
-                request, started, model, new_messages, at_version, strategy, query_vector
+                request, started, model, counter, new_messages, at_version, strategy, query_vector
             )
         finally:
             if query_vector is not None and not query_vector.done():
@@ -1219,12 +1241,12 @@ class ContextServicer(context_service_pb2_grpc.ContextServiceServicer):
         request: pb.AssembleContextRequest,
         started: float,
         model: ModelSettings,
+        counter: PromptCounter,
         new_messages: list[common_pb2.Message],
         at_version: int | None,
         strategy: int,
         query_vector: asyncio.Task | None,
     ) -> pb.AssembleContextResponse:
-        counter = self._counters[request.model]
         budget = min(request.max_prompt_tokens, model.context_window_tokens)
         # Whatever else the prompt keeps, it has the template's own tokens
         # and the new messages: past the budget with those, it is refused

@@ -687,8 +687,7 @@ class Summarizer:
     ) -> None:
         self._store = store
         self._max_summarizing = max_summarizing
-        # Every summary's message is counted with each, once.
-        self._counters = list({c.id: c for c in counters}.values())
+        self.reconfigure_counters(counters)
         self._summaries = summaries
         self._policy = policy
         self._model = model
@@ -922,6 +921,12 @@ class Summarizer:
                 log.warning("model summary too long; extractive instead", chars=len(answer.text))
                 return extractive_summary(span), "extractive", answer.spent
         return extractive_summary(span), "extractive", None
+
+    def reconfigure_counters(self, counters: collections.abc.Iterable[PromptCounter]) -> None:
+        """The counters every summary's message is counted with, once each (a
+        reload's, from the next summary counted on: a summary counted before
+        gets a new counter's count when one is missing, _counted)."""
+        self._counters = list({c.id: c for c in counters}.values())
 
     async def _sane(self, text: str, span: list[common_pb2.Message]) -> bool:
         """Whether a model's answer can stand for ``span``: shorter than the

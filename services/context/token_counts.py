@@ -101,6 +101,8 @@ class PromptCounter:
     # The transcript message's frame and header (assembly.TRANSCRIPT_HEADER);
     # None when its lines do not add up exactly with this tokenizer: no packing.
     transcript_tokens: int | None = None
+    # The chat template setting it was built with (for_models' reuse on a reload).
+    template_spec: str = ""
 
     @property
     def line_id(self) -> str:
@@ -221,6 +223,7 @@ def build(spec: str, chat_template_spec: str) -> PromptCounter:
             generation_prompt=n(generation_prompt),
             default_system=n(default_system),
         ),
+        template_spec=chat_template_spec,
     )
     _check_additive(counter, template, n)
     transcript_tokens = n(counter.framed(assembly.transcript([])))
@@ -261,12 +264,21 @@ def _check_additive(counter: PromptCounter, template: tokenization.ChatTemplate,
             )
 
 
-def for_models(models: dict[str, ModelSettings]) -> dict[str, PromptCounter]:
+def for_models(
+    models: dict[str, ModelSettings], reuse: dict[str, PromptCounter] | None = None
+) -> dict[str, PromptCounter]:
     """One counter per model alias, built once per distinct tokenizer and template.
 
-    Reads files, so call it at start-up, not on the event loop while serving.
+    Reads files, so call it at start-up, not on the event loop while serving;
+    a reload passes the counters in use as ``reuse``: an alias naming the
+    same tokenizer and template settings as one of them gets that counter,
+    unread (a file changed in place under the same setting is a restart's,
+    as at start), and only new pairs are read.
     """
     by_files: dict[tuple[str, str], PromptCounter] = {}
+    if reuse:
+        for counter in reuse.values():
+            by_files.setdefault((counter.spec, counter.template_spec), counter)
     for model in models.values():
         files = (model.tokenizer, model.chat_template)
         if files not in by_files:

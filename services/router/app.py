@@ -105,20 +105,6 @@ class _PromptEmbeddings:
         return await embedder.embed_or_none(text, timeout_s)
 
 
-def _counted_differently(before: dict, after: dict) -> set[str]:
-    """Aliases of ``after`` that ``before`` lacks or counts prompts for
-    otherwise (the context service's PromptCounter and budget)."""
-
-    def counted(model) -> tuple:
-        return (model.context_window_tokens, model.tokenizer, model.chat_template)
-
-    return {
-        alias
-        for alias, model in after.items()
-        if alias not in before or counted(before[alias]) != counted(model)
-    }
-
-
 def _field(settings: Settings, dotted: str):
     value = settings
     for name in dotted.split("."):
@@ -261,16 +247,6 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         for field in _RESTART_ONLY:
             if _field(started_with, field) != _field(new, field):
                 log.warning("a changed setting applies only after a restart", setting=field)
-        for alias in sorted(_counted_differently(started_with.models, new.models)):
-            # The context service counts prompts with the aliases it started
-            # with (it reloads nothing): a review added an alias, which the
-            # router listed and routed, and each session turn on it was
-            # refused MODEL_NOT_FOUND by the context service, nothing logged.
-            log.warning(
-                "a model alias added or counted otherwise (window, tokenizer, chat template): "
-                "its session turns need the context services restarted",
-                alias=alias,
-            )
         # Safe with calls in flight (ErrorInterceptor.bound): each counted
         # call is counted out once, whatever the bound is by then.
         service.bound_calls(new.router.max_concurrent_rpcs, _UNCOUNTED_SERVICES)

@@ -13,10 +13,11 @@ import time
 import grpc
 import pytest
 import redis.asyncio as redis
+from structlog.testing import capture_logs
 
-from meshgate import tokenization
+from meshgate import serving, tokenization
 from meshgate.common.v1 import common_pb2
-from meshgate.config import ModelSettings, Settings
+from meshgate.config import ModelSettings, Settings, load_settings
 from meshgate.context.v1 import context_service_pb2 as pb
 from meshgate.context.v1 import context_service_pb2_grpc
 from meshgate.errors import error_info
@@ -753,3 +754,118 @@ async def test_a_tokenizer_configured_later_counts_old_turns_once(
     assert [e.tokens for e in first.manifest.entries] == [tokens_of(m) for m in turns]
     assert [e.tokens for e in second.manifest.entries] == [tokens_of(m) for m in [*turns, turns[-1]]]
     assert second.session_version == 2
+
+
+# --- reload -------------------------------------------------------------------
+
+
+def _models_toml(**aliases: ModelSettings) -> str:
+    lines = []
+    for alias, model in aliases.items():
+        lines += [
+            f"[models.{alias}]",
+            f"context_window_tokens = {model.context_window_tokens}",
+            f'tokenizer = "{model.tokenizer}"',
+            f'chat_template = "{model.chat_template}"',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+async def test_a_model_alias_a_reload_adds_is_assembled_and_one_it_takes_out_is_refused(
+    redis_url, tenant, tmp_path
+) -> None:
+    """The context service reloaded nothing: an alias a reload added to the
+    router was listed and routed there, and each of its session turns was
+    refused MODEL_NOT_FOUND here until a restart. Now SIGHUP (or the file's
+    change) gives it the file's aliases: a new tokenizer and template is
+    read then, and the session's turns appended before it are counted with
+    it at their first assembly, exactly."""
+    defaults = Settings().models
+    mesh = mesh_settings()
+    config = tmp_path / "meshgate.toml"
+    base = (
+        f'[redis]\nurl = "{redis_url}"\n'
+        f'[mesh]\nca_file = "{mesh.ca_file}"\ncert_file = "{mesh.cert_file}"\nkey_file = "{mesh.key_file}"\n'
+        '[context]\nembedder = "inference"\nsession_ttl_s = 600\n'
+    )
+    config.write_text(base + _models_toml(**{MODEL: defaults[MODEL]}))
+    settings = load_settings(config, environ={})
+    service = serving.Service("context", app.SERVICE_NAMES)
+    service.config_path, service.settings_in_use = str(config), settings
+    port = await serving.start(service, "127.0.0.1:0", await app.setup(service, settings))
+    try:
+        async with router_channel(f"127.0.0.1:{port}", "context") as channel:
+            stub = context_service_pb2_grpc.ContextServiceStub(channel)
+            texts = ["Hello there, how are you?", "Fine, thanks! And you?"]
+            session_id = await new_session(stub, tenant, *(msg(USER, t) for t in texts))
+
+            def question(model: str) -> pb.AssembleContextRequest:
+                return pb.AssembleContextRequest(
+                    tenant_id=tenant,
+                    session_id=session_id,
+                    new_messages=[msg(USER, "and?")],
+                    model=model,
+                    max_prompt_tokens=4096,
+                )
+
+            assert (await failure(stub.AssembleContext(question("chat"))))[:2] == (
+                grpc.StatusCode.NOT_FOUND,
+                "MODEL_NOT_FOUND",
+            )
+
+            # With a context setting changed too, which needs a restart (it says so).
+            longer = base.replace("session_ttl_s = 600", "session_ttl_s = 900")
+            config.write_text(longer + _models_toml(**{MODEL: defaults[MODEL], "chat": defaults["smollm2"]}))
+            with capture_logs() as logs:
+                assert serving.reload_configuration(service)
+            assert [e["setting"] for e in logs if e["event"].endswith("only after a restart")] == [
+                "context.session_ttl_s"
+            ]
+            assert [e["alias"] for e in logs if e["event"].startswith("model alias added")] == ["chat"]
+            chat = await stub.AssembleContext(question("chat"))
+            # Counted with smollm2's tokenizer and template: the whole prompt
+            # as the inference service would render it for that alias.
+            template = tokenization.load_chat_template(defaults["smollm2"].chat_template)
+            rendered = template.render_messages(
+                list(chat.messages), as_text=tokenization.as_text(defaults["smollm2"].tokenizer)
+            )
+            tokenizer = tokenization.load(defaults["smollm2"].tokenizer)
+            assert [m.content for m in chat.messages][-3:] == [*texts, "and?"]
+            assert chat.manifest.prompt_tokens == len(
+                tokenizer.encode(rendered, add_special_tokens=False).ids
+            )
+            assert (
+                chat.manifest.prompt_tokens
+                != (await stub.AssembleContext(question(MODEL))).manifest.prompt_tokens
+            )
+
+            # A template that cannot be read refuses the reload whole: both
+            # aliases in use stay, the one it would have added is not.
+            broken = dataclasses.replace(defaults["smollm2"], chat_template=str(tmp_path / "missing.jinja"))
+            config.write_text(base + _models_toml(**{"broken": broken}))
+            assert not serving.reload_configuration(service)
+            for model in (MODEL, "chat"):
+                await stub.AssembleContext(question(model))
+            assert (await failure(stub.AssembleContext(question("broken"))))[:2] == (
+                grpc.StatusCode.NOT_FOUND,
+                "MODEL_NOT_FOUND",
+            )
+
+            config.write_text(base + _models_toml(**{"chat": defaults["smollm2"]}))
+            assert serving.reload_configuration(service)
+            assert (await failure(stub.AssembleContext(question(MODEL))))[:2] == (
+                grpc.StatusCode.NOT_FOUND,
+                "MODEL_NOT_FOUND",
+            )
+            await stub.AppendTurns(
+                pb.AppendTurnsRequest(
+                    tenant_id=tenant, session_id=session_id, expected_version=1, messages=[msg(USER, "more")]
+                )
+            )
+            assert [m.content for m in (await stub.AssembleContext(question("chat"))).messages][-4:] == [
+                *texts,
+                "more",
+                "and?",
+            ]
+    finally:
+        await serving.stop(service, grace_s=1)

@@ -256,3 +256,28 @@ def test_count_until_stops_once_past_what_it_may_count_and_counts_exactly_before
     # Past it, counting stops after the group that passed (small ones go in one group).
     assert asyncio.run(counter.count_until(small, 5)) == asyncio.run(counter.count(small))
     assert len(asyncio.run(counter.count_until([*big[:2], *small], 10))) == 1
+
+
+def test_a_reload_reuses_the_counters_of_unchanged_files_and_builds_only_new_ones(
+    counters, monkeypatch
+) -> None:
+    """for_models(reuse=...), a context service's reload: an alias naming a
+    tokenizer and template already in use gets that counter, unread; a new
+    pair is read."""
+    built: list[tuple[str, str]] = []
+    real_build = token_counts.build
+
+    def counted_build(spec: str, template: str) -> token_counts.PromptCounter:
+        built.append((spec, template))
+        return real_build(spec, template)
+
+    monkeypatch.setattr(token_counts, "build", counted_build)
+    only_tiny = {"tiny-gpt": MODELS["tiny-gpt"]}
+    in_use = {"tiny-gpt": counters["tiny-gpt"]}
+    reloaded = token_counts.for_models({**only_tiny, "also-tiny": MODELS["tiny-gpt"]}, reuse=in_use)
+    assert reloaded["tiny-gpt"] is reloaded["also-tiny"] is counters["tiny-gpt"]
+    assert built == []
+    reloaded = token_counts.for_models({**only_tiny, "chat": MODELS["smollm2"]}, reuse=in_use)
+    assert reloaded["tiny-gpt"] is counters["tiny-gpt"]
+    assert built == [(MODELS["smollm2"].tokenizer, MODELS["smollm2"].chat_template)]
+    assert reloaded["chat"].id == counters["smollm2"].id

@@ -54,28 +54,3 @@ async def test_a_reloaded_redis_setting_is_logged_as_needing_a_restart(field, ch
         if entry["event"] == "a changed setting applies only after a restart"
     ]
     assert warned == ["redis"]
-
-
-async def test_a_reload_adding_an_alias_says_the_context_services_need_a_restart():
-    """A review's finding: a reload adding a model alias was applied by the
-    router (listed, routed), and every session turn on it was refused
-    MODEL_NOT_FOUND by the context service, which counts prompts for the
-    aliases it started with; nothing said so. An alias added, or one whose
-    window, tokenizer or template changed, is now named in a warning."""
-    settings = settings_bounded_at(0, 0)
-    async with router(settings) as (_, service):
-        (reload,) = service.reload_hooks
-        models = dict(settings.models)
-        models["fresh"] = models["tiny-gpt"]
-        models["tiny-gpt"] = dataclasses.replace(models["tiny-gpt"], context_window_tokens=1024)
-        with capture_logs() as logs:
-            reload(dataclasses.replace(settings, models=models))
-        with capture_logs() as again:
-            reload(dataclasses.replace(settings, models=dict(models)))
-    warned = [entry["alias"] for entry in logs if entry["event"].startswith("a model alias added")]
-    assert warned == ["fresh", "tiny-gpt"]
-    # Said against the settings the router started with: until a restart, each reload says it again.
-    assert [entry["alias"] for entry in again if entry["event"].startswith("a model alias added")] == [
-        "fresh",
-        "tiny-gpt",
-    ]
