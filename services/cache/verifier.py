@@ -422,6 +422,9 @@ class Analysis:
     # Where a token was a possessive ("landlord's": the "'s" is dropped from
     # the tokens), by its index in tokens.
     possessives: frozenset[int] = frozenset()
+    # Symbols outside ASCII that no check reads as a word (emoji, "♂", "☀",
+    # "⌘", "√"), in order (glyph_veto).
+    glyphs: tuple[str, ...] = ()
 
 
 def singular(word: str) -> str:
@@ -476,6 +479,22 @@ def _split(word: str) -> list[str]:
 # Analysing afresh costs ~15-25 us for a question, so the memo only spares the
 # candidates that recent lookups shared: a few thousand short texts. At most
 # ~270 MiB at its bounds, ~40 MiB of typical questions.
+# A Roman numeral of 1 to 3999 in capitals, as after a name.
+_ROMAN_NUMERAL = re.compile(r"(?=[MDCLXVI])M{0,3}(?:C[MD]|D?C{0,3})(?:X[CL]|L?X{0,3})(?:I[XV]|V?I{0,3})")
+_ROMAN_DIGITS = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100, "D": 500, "M": 1000}
+
+
+def _roman_value(numeral: str) -> int:
+    values = [_ROMAN_DIGITS[ch] for ch in numeral]
+    return sum(-v if v < after else v for v, after in zip(values, [*values[1:], 0], strict=True))
+
+
+def _is_symbol(ch: str) -> bool:
+    # Unicode's symbol categories: math (Sm), currency (Sc), modifier (Sk:
+    # skin tones too) and other symbols (So: emoji, dingbats, arrows).
+    return unicodedata.category(ch)[0] == "S"
+
+
 _ANALYSIS_MEMO_ENTRIES = 4096
 _ANALYSIS_MEMO_MAX_CHARS = 512
 
@@ -498,6 +517,7 @@ def analyze_uncached(text: str) -> Analysis:
     possessives: set[int] = set()
     # Where a minus sign makes the number after it negative (_signs).
     minus_signs: set[int] = set()
+    roman_numbers: list[str] = []
     sentence_start = True
     for match in _TOKEN.finditer(text):
         word = match.group()
@@ -510,13 +530,19 @@ def analyze_uncached(text: str) -> Analysis:
         ):
             possessives.add(len(tokens))
         name = parts[0]
+        if tokens and tokens[-1] in names and _ROMAN_NUMERAL.fullmatch(word):
+            # A Roman numeral after a name is its number ("World War I" vs
+            # "World War II", "Henry VIII"): "I" was read as the pronoun,
+            # and "World War Ⅰ" was served "World War Ⅱ"'s answer (NFKC
+            # spells them "I" and "II"; the embedder reads neither).
+            roman_numbers.append(str(_roman_value(word)))
         if name not in _NOT_NAMES and (
             (word[:1].isupper() and not sentence_start) or (word.isupper() and len(word) > 1)
         ):
             names.add(name)  # acronyms even first: "CBSE", "USA"
         sentence_start = False
         tokens.extend(parts)
-    numbers: Counter = Counter()
+    numbers: Counter = Counter(roman_numbers)
     units = set()
     number_units = set()
     for at, token in enumerate(tokens):
@@ -576,6 +602,7 @@ def analyze_uncached(text: str) -> Analysis:
         code=tuple(" ".join(span.split()) for span in _BACKTICKED.findall(text)),
         number_units=frozenset(number_units),
         possessives=frozenset(possessives),
+        glyphs=() if text.isascii() else tuple(ch for ch in text if ord(ch) > 127 and _is_symbol(ch)),
     )
 
 
@@ -1348,6 +1375,17 @@ def code_veto(a: Analysis, b: Analysis) -> bool:
     return bool(a.symbols) and bool(b.symbols) and a.symbols != b.symbols
 
 
+def glyph_veto(a: Analysis, b: Analysis) -> bool:
+    """Symbols on both sides that are not the same in the same order: the
+    embedder reads most of them as one unknown token, and no check reads
+    them, so a review's "How many calories are in a 🍕?" was served the
+    answer for "🍔", "What does ♂ mean?" that for "♀", "the ☀ symbol on my
+    dryer" that for "❄", "⌘" that for "⌥" (cosine 1.000, score 0.998).
+    Symbols on one side only ("a pizza 🍕" vs "a pizza") are left to the
+    learned stage."""
+    return bool(a.glyphs) and bool(b.glyphs) and a.glyphs != b.glyphs
+
+
 _CHECKS = (
     ("number", number_veto),
     ("negation", negation_veto),
@@ -1359,6 +1397,7 @@ _CHECKS = (
     ("possessor", possessor_veto),
     ("modal", modal_veto),
     ("code", code_veto),
+    ("glyph", glyph_veto),
 )
 # Checks that read a question's opening: on a question with its topic turn
 # they run on each part alone, never on the two read as one text, where a

@@ -1094,3 +1094,56 @@ def test_signs_typed_for_what_is_typed_plainly_read_the_same(typed, plain):
 def test_a_number_made_negative_is_another_number(a, b, vetoed):
     assert verifier.number_veto(analyze(a), analyze(b)) is vetoed
     assert verifier.number_veto(analyze(b), analyze(a)) is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # Each served the other's answer at cosine 1.000, score 0.998: the
+        # embedder reads every one of these symbols as the same unknown token.
+        ("How many calories are in a 🍕?", "How many calories are in a 🍔?"),
+        ("What does ♂ mean?", "What does ♀ mean?"),
+        ("What does the ☀ symbol mean on my dryer?", "What does the ❄ symbol mean on my dryer?"),
+        ("Is 🐶 food safe for 🐱?", "Is 🐱 food safe for 🐶?"),
+        ("What does ✓ mean on WhatsApp?", "What does ✓✓ mean on WhatsApp?"),
+        ("What does ⌘ do on a Mac?", "What does ⌥ do on a Mac?"),
+    ],
+)
+def test_symbols_replaced_on_both_sides_are_vetoed(a, b):
+    assert vetoed_by(a, b) == "glyph"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("How many calories are in a pizza 🍕?", "How many calories are in a pizza?"),
+        ("What does 👍 mean in a text?", "What does 👍 mean in a text message?"),
+        ("Is 30°C hot?", "Is 30°C hot weather?"),
+    ],
+)
+def test_symbols_the_same_or_on_one_side_only_are_no_glyph_veto(a, b):
+    assert not verifier.glyph_veto(analyze(a), analyze(b))
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # "I" after a name was the pronoun, so only one side had a number:
+        # "World War Ⅰ" (NFKC: "I") was served "World War Ⅱ"'s answer.
+        ("What started World War I?", "What started World War II?"),
+        ("What started World War Ⅰ?", "What started World War Ⅱ?"),
+        ("What is Type I diabetes?", "What is Type II diabetes?"),
+        ("Who was Henry Ⅷ?", "Who was Henry Ⅶ?"),
+        ("What is the plot of Star Wars Episode IV?", "What is the plot of Star Wars Episode VI?"),
+    ],
+)
+def test_a_roman_numeral_after_a_name_is_its_number(a, b):
+    assert vetoed_by(a, b) == "number"
+
+
+def test_a_roman_numeral_reads_as_the_number_it_writes_and_i_after_no_name_stays_the_pronoun():
+    assert analyze("What started World War Ⅰ?").numbers == analyze("What started World War 1?").numbers
+    assert dict(analyze("When did Pope John Paul II die?").numbers) == {"2": 1}
+    assert dict(analyze("Was Louis XIV taller than Louis XVI?").numbers) == {"14": 1, "16": 1}
+    for pronoun in ("Can I cancel my order?", "Should Maria and I split the bill?", "What did I say?"):
+        assert not analyze(pronoun).numbers, pronoun
