@@ -425,6 +425,9 @@ class Analysis:
     # Symbols outside ASCII that no check reads as a word (emoji, "♂", "☀",
     # "⌘", "√"), in order (glyph_veto).
     glyphs: tuple[str, ...] = ()
+    # (relation, period) of each period said relative to now ("next week":
+    # ("later", "week"); time_frame_veto).
+    time_frames: frozenset[tuple[str, str]] = frozenset()
 
 
 def singular(word: str) -> str:
@@ -493,6 +496,48 @@ def _is_symbol(ch: str) -> bool:
     # Unicode's symbol categories: math (Sm), currency (Sc), modifier (Sk:
     # skin tones too) and other symbols (So: emoji, dingbats, arrows).
     return unicodedata.category(ch)[0] == "S"
+
+
+# A period said relative to now: the word before it ("the" and a count
+# between them skipped: "in the next 3 months") says which one. "last" is
+# also a scope word (scope_veto reads it alone); "next" is not one, as it
+# is no period's ("the next step").
+_PERIODS = (
+    _words(
+        """day night morning afternoon evening week weekend month year season quarter semester term decade
+    century spring summer autumn fall winter"""
+    )
+    | CALENDAR_WORDS
+)
+_RELATIONS = {
+    **dict.fromkeys(("this", "current", "present"), "now"),
+    **dict.fromkeys(("next", "coming", "upcoming", "following"), "later"),
+    **dict.fromkeys(("last", "past", "previous", "prior", "preceding"), "earlier"),
+}
+_BETWEEN_RELATION_AND_PERIOD = _words("the few couple of several")
+# "the week after next", "the year before last".
+_SECOND_REMOVES = {("after", "next"): "later still", ("before", "last"): "earlier still"}
+
+
+def _time_frames(tokens: list[str]) -> frozenset[tuple[str, str]]:
+    frames = set()
+    for at, token in enumerate(tokens):
+        period = singular(token)
+        if period not in _PERIODS:
+            continue
+        if (relation := _SECOND_REMOVES.get(tuple(tokens[at + 1 : at + 3]))) is not None:
+            frames.add((relation, period))
+            continue
+        before = at - 1
+        while (
+            before >= 0
+            and at - before <= 4
+            and (tokens[before] in _BETWEEN_RELATION_AND_PERIOD or tokens[before][0].isdigit())
+        ):
+            before -= 1
+        if before >= 0 and tokens[before] in _RELATIONS:
+            frames.add((_RELATIONS[tokens[before]], period))
+    return frozenset(frames)
 
 
 _ANALYSIS_MEMO_ENTRIES = 4096
@@ -603,6 +648,7 @@ def analyze_uncached(text: str) -> Analysis:
         number_units=frozenset(number_units),
         possessives=frozenset(possessives),
         glyphs=() if text.isascii() else tuple(ch for ch in text if ord(ch) > 127 and _is_symbol(ch)),
+        time_frames=_time_frames(tokens),
     )
 
 
@@ -1375,6 +1421,18 @@ def code_veto(a: Analysis, b: Analysis) -> bool:
     return bool(a.symbols) and bool(b.symbols) and a.symbols != b.symbols
 
 
+def time_frame_veto(a: Analysis, b: Analysis) -> bool:
+    """Periods said relative to now on both sides that are not the same: a
+    hunt's "What are the best things to do in New York this week?" was
+    served the answer for "... next week?", "deals on laptops in the past
+    month" that for "in the coming month", "the previous month" that for
+    "the next month" (scores 0.90-0.94; "last" alone was read, as a scope
+    word). "next week" and "the coming week" are the same frame; a frame on
+    one side only ("... in Chicago?" vs "... in Chicago this week?") is left
+    to the learned stage."""
+    return bool(a.time_frames) and bool(b.time_frames) and a.time_frames != b.time_frames
+
+
 def glyph_veto(a: Analysis, b: Analysis) -> bool:
     """Symbols on both sides that are not the same in the same order: the
     embedder reads most of them as one unknown token, and no check reads
@@ -1398,6 +1456,7 @@ _CHECKS = (
     ("modal", modal_veto),
     ("code", code_veto),
     ("glyph", glyph_veto),
+    ("time frame", time_frame_veto),
 )
 # Checks that read a question's opening: on a question with its topic turn
 # they run on each part alone, never on the two read as one text, where a

@@ -1147,3 +1147,51 @@ def test_a_roman_numeral_reads_as_the_number_it_writes_and_i_after_no_name_stays
     assert dict(analyze("Was Louis XIV taller than Louis XVI?").numbers) == {"14": 1, "16": 1}
     for pronoun in ("Can I cancel my order?", "Should Maria and I split the bill?", "What did I say?"):
         assert not analyze(pronoun).numbers, pronoun
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # A hunt's wrong hits (scores 0.90-0.94): only "last" was read, as a scope word.
+        (
+            "What are the best things to do in New York this week?",
+            "What are the best things to do in New York next week?",
+        ),
+        (
+            "What are the best deals on laptops in the past month?",
+            "What are the best deals on laptops in the coming month?",
+        ),
+        (
+            "What are the best things to do in Chicago the previous month?",
+            "What are the best things to do in Chicago the next month?",
+        ),
+        (
+            "What are the best deals on laptops this week?",
+            "What are the best deals on laptops the week after next?",
+        ),
+        ("Are the banks open this year?", "Are the banks open next year?"),
+        ("What events are on this Saturday?", "What events are on next Saturday?"),
+        ("What happened in the past 3 months?", "What will happen in the next 3 months?"),
+    ],
+)
+def test_a_period_said_relative_to_now_changed_is_vetoed(a, b):
+    assert vetoed_by(a, b) == "time frame"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (
+            "What are the best things to do in Paris next week?",
+            "What are the best things to do in Paris in the coming week?",
+        ),
+        ("Which stocks should I buy this month?", "Which stocks should I buy during the current month?"),
+        (
+            "What are the best things to do in Chicago this week?",
+            "What are the best things to do in Chicago?",
+        ),
+        ("What is the next step after installing Python?", "What should I do after installing Python?"),
+    ],
+)
+def test_the_same_time_frame_or_one_on_one_side_only_is_no_time_frame_veto(a, b):
+    assert not verifier.time_frame_veto(analyze(a), analyze(b))
