@@ -65,9 +65,13 @@ COUNT_GROUP_CHARS = 256 * 1024
 _PROBE = "\ue000probe-{}\ue001"
 # Contents that would break additivity if the tokenizer merged across a
 # message boundary: leading and trailing whitespace, digits, punctuation,
-# and special tokens written as text (the bundled tokenizers'), which are
-# counted as the inference service renders them (tokenization.AsText).
+# special tokens written as text (the bundled tokenizers'), which are
+# counted as the inference service renders them (tokenization.AsText), and
+# letters on both sides of a boundary (a review's template with nothing
+# between messages passed: "hel" then "lo" counted 2 tokens, "hello" is 1).
 _ADDITIVITY_PROBES = (
+    "hel",
+    "lo",
     "Hello there.",
     " leading space",
     "\n\nnewlines\n",

@@ -210,6 +210,17 @@ def test_a_template_that_rewrites_contents_is_refused(tmp_path) -> None:
         token_counts.build(MODELS["smollm2"].tokenizer, str(template))
 
 
+@pytest.mark.parametrize("alias", ["smollm2", "tiny-gpt"])
+def test_a_template_with_nothing_between_messages_is_refused(tmp_path, alias) -> None:
+    """A review: contents glued together merge across the boundary ("hel"
+    then "lo" is "hello", one token, counted as two), and the check let it
+    through: every prompt undercounted, past its budget."""
+    template = tmp_path / "glued.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ConfigError, match="merges across message boundaries"):
+        token_counts.build(MODELS[alias].tokenizer, str(template))
+
+
 def test_a_package_path_naming_a_package_not_installed_is_a_missing_file():
     """A review's finding: "nosuchpkg.sub:chat.jinja" (a dotted package whose
     parent is not installed) raised ModuleNotFoundError from find_spec,
