@@ -974,7 +974,9 @@ def reload_configuration(service: Service) -> bool:
     that does not load (bad TOML, a refused value) is refused with a log
     line, and the settings in use stay, whole. The same content is refused
     once: the file watch and a SIGHUP for one edit both come here, and the
-    second says only that it is unchanged.
+    second says only that it is unchanged. Not so a refusal by a hook,
+    which may come of a file the settings name (a tokenizer): a SIGHUP
+    tries the same content again.
 
     settings_from_document checks what the hooks take, but a hook that raises anyway
     must not leave a half-applied reload behind (a router's new call cap in
@@ -1043,7 +1045,12 @@ def reload_configuration(service: Service) -> bool:
             reached.append(hook)
             hook(settings)
     except Exception as error:  # noqa: BLE001 - the service stays up on the settings in use
-        service.refused_config_digest = digest
+        # Not noted as refused for its content: a hook may refuse for files
+        # the settings name (a context service's tokenizer or chat template
+        # not there yet), and a SIGHUP once they are must read them again (a
+        # review: the file put in place and a SIGHUP sent, the alias stayed
+        # refused until the settings file itself was edited).
+        service.refused_config_digest = None
         log.error(
             "configuration refused by the service; keeping the one in use",
             path=service.config_path,

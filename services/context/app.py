@@ -133,6 +133,11 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
         built (their files read, on the loop: a reload is rare) before
         anything is swapped, so one that cannot count exactly refuses the
         reload and leaves the aliases in use."""
+        in_use = servicer.counters
+        counters = token_counts.for_models(new.models, reuse=in_use)
+        servicer.reconfigure_models(new.models, counters)
+        summarizer.reconfigure_counters(counters.values())
+        # Said of a reload taken, not of one refused above.
         for section in _RESTART_ONLY_SECTIONS:
             before, after = getattr(started_with, section), getattr(new, section)
             for field in dataclasses.fields(before):
@@ -140,10 +145,6 @@ async def setup(service: serving.Service, settings: Settings) -> serving.Cleanup
                     log.warning(
                         "a changed setting applies only after a restart", setting=f"{section}.{field.name}"
                     )
-        in_use = servicer.counters
-        counters = token_counts.for_models(new.models, reuse=in_use)
-        servicer.reconfigure_models(new.models, counters)
-        summarizer.reconfigure_counters(counters.values())
         for alias in sorted(set(new.models) - set(in_use)):
             log.info("model alias added: its prompts are counted from now on", alias=alias)
 

@@ -34,6 +34,7 @@ from meshgate.errors import (
     partly_delivered,
     received_code,
     retry_after_s,
+    retry_info,
     unavailable,
 )
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
@@ -233,12 +234,12 @@ def _tenants_queue_full(error: grpc.aio.AioRpcError) -> bool:
 
 
 def _model_not_served(error: grpc.aio.AioRpcError) -> bool:
-    """Whether a deployment's inference service refused a Generate because
-    it does not serve the model the deployment names (NOT_FOUND
-    MODEL_NOT_FOUND, services/inference/servicer.py): the deployment's
-    misconfiguration, never the caller's, who named an alias the router
-    serves and never the deployment's model. Refused as the call's first
-    step, before any of it ran."""
+    """Whether a service refused a call because it does not serve the model
+    (NOT_FOUND MODEL_NOT_FOUND): a deployment's inference service the model
+    the deployment names (services/inference/servicer.py), or the context
+    service the alias (its settings lack it: ContextService.assemble). The
+    mesh's misconfiguration, never the caller's, who named an alias the
+    router serves. Refused as the call's first step, before any of it ran."""
     if error.code() != grpc.StatusCode.NOT_FOUND:
         return False
     info = error_info(error)
@@ -268,6 +269,11 @@ def _deployment_fault(error: grpc.aio.AioRpcError) -> bool:
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNKNOWN,
     )
+
+
+# When to retry a session turn the context service refused for an alias it
+# does not know: a settings file's watch applies a change within 1-2 s.
+UNKNOWN_ALIAS_RETRY_AFTER_S = 2.0
 
 
 def _context_outage(error: grpc.aio.AioRpcError) -> bool:
@@ -465,11 +471,34 @@ class ContextService:
                 session=bool(turn.session_id),
             )
         except grpc.aio.AioRpcError as error:
-            if not turn.session_id and _context_outage(error):
+            unknown_alias = _model_not_served(error)
+            if unknown_alias:
+                # The alias is this router's (validated), so the context
+                # service's settings lack it: a reload that added it not read
+                # there yet (the file watch takes 1-2 s), refused there, or
+                # another file. Not the caller's fault, and a retry is safe
+                # (nothing was stored): a review saw NOT_FOUND (HTTP 404,
+                # which no client retries) for a model ListModels listed.
+                log.error(
+                    "the context service does not know this model alias: reload its settings "
+                    "(or read its log for a refused reload)",
+                    model=turn.model_alias,
+                    details=error.details(),
+                )
+            if not turn.session_id and (unknown_alias or _context_outage(error)):
                 log.warning(
-                    "context service unreachable or busy; sending the prompt as is", code=error.code().name
+                    "context service unreachable, busy or without the alias; sending the prompt as is",
+                    code=error.code().name,
                 )
                 return None
+            if unknown_alias:
+                raise MeshgateError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    Reason.DOWNSTREAM_FAILED,
+                    f"the context service does not serve model {turn.model_alias!r} yet; retry",
+                    {"service": "context", "code": grpc.StatusCode.NOT_FOUND.name},
+                    details=[retry_info(UNKNOWN_ALIAS_RETRY_AFTER_S)],
+                ) from error
             raise failure_within(error, "context", turn.budget) from error
         return Assembly(list(response.messages), response.session_version, response.manifest.prompt_tokens)
 

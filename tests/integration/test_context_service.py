@@ -841,8 +841,11 @@ async def test_a_model_alias_a_reload_adds_is_assembled_and_one_it_takes_out_is_
 
             # A template that cannot be read refuses the reload whole: both
             # aliases in use stay, the one it would have added is not.
-            broken = dataclasses.replace(defaults["smollm2"], chat_template=str(tmp_path / "missing.jinja"))
-            config.write_text(base + _models_toml(**{"broken": broken}))
+            missing = tmp_path / "later.jinja"
+            broken = dataclasses.replace(defaults["smollm2"], chat_template=str(missing))
+            config.write_text(
+                base + _models_toml(**{MODEL: defaults[MODEL], "chat": defaults["smollm2"], "broken": broken})
+            )
             assert not serving.reload_configuration(service)
             for model in (MODEL, "chat"):
                 await stub.AssembleContext(question(model))
@@ -850,6 +853,13 @@ async def test_a_model_alias_a_reload_adds_is_assembled_and_one_it_takes_out_is_
                 grpc.StatusCode.NOT_FOUND,
                 "MODEL_NOT_FOUND",
             )
+            # The file put in place, a SIGHUP reads the same settings again
+            # (a review: "unchanged since it was refused" until the settings
+            # file itself was edited).
+            shutil.copy(tokenization.resolve(defaults["smollm2"].chat_template), missing)
+            assert serving.reload_configuration(service)
+            for model in (MODEL, "chat", "broken"):
+                await stub.AssembleContext(question(model))
 
             config.write_text(base + _models_toml(**{"chat": defaults["smollm2"]}))
             assert serving.reload_configuration(service)

@@ -23,7 +23,7 @@ from meshgate.common.v1 import common_pb2
 from meshgate.config import Settings, TenantSettings, hash_api_key
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.context.v1 import context_service_pb2_grpc
-from meshgate.errors import error_info
+from meshgate.errors import error_info, retry_after_s
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
 from services.cache import app as cache_app
@@ -503,3 +503,44 @@ async def test_a_callers_resend_of_a_create_under_its_request_id_gets_the_same_s
             router.CreateSession(pb.CreateSessionRequest(request_id="not-a-uuid"), metadata=auth)
         )
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_ID")
+
+
+async def test_a_turn_on_an_alias_the_context_service_lacks_is_retryable_not_not_found(
+    redis_url, inference_address
+) -> None:
+    """A review: a reload adding an alias reaches the router before the
+    context service (its file watch takes 1-2 s), or the context service
+    refused it; a session turn on the alias, which ListModels listed, was
+    refused NOT_FOUND MODEL_NOT_FOUND (HTTP 404, which no client retries).
+    It is the mesh's, retryable: UNAVAILABLE with a RetryInfo, and nothing
+    stored. A stateless turn is sent as is, as when the context service is away."""
+    tenant = f"aliases-{uuid.uuid4().hex[:8]}"
+    settings = service_settings(redis_url, inference_address)
+    auth = keyed_tenants(settings, tenant)[tenant]
+    context_settings = dataclasses.replace(settings, models=dict(settings.models))
+    settings.models["chat"] = settings.models["tiny-gpt"]
+    async with contextlib.AsyncExitStack() as stack:
+        settings.router.context_address = await stack.enter_async_context(
+            running(context_app, "context", context_settings)
+        )
+        settings.router.cache_address = await stack.enter_async_context(running(cache_app, "cache", settings))
+        address = await stack.enter_async_context(running(router_app, "router", settings))
+        channel = await stack.enter_async_context(bounded_channel(address))
+        router = router_service_pb2_grpc.RouterServiceStub(channel)
+        session_id = await new_session(router, auth)
+        request = turn(session_id, "hello")
+        request.model = "chat"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await answer_of(router.Chat(request, metadata=auth))
+        info = error_info(caught.value)
+        assert (caught.value.code(), info.reason, dict(info.metadata)) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "DOWNSTREAM_FAILED",
+            {"service": "context", "code": "NOT_FOUND"},
+        )
+        assert retry_after_s(caught.value) == 2.0
+        got = await router.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=auth)
+        assert got.session.version == 0
+        request.session_id = ""
+        text, completion = await answer_of(router.Chat(request, metadata=auth))
+        assert completion.usage.completion_tokens > 0

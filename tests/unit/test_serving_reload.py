@@ -245,27 +245,36 @@ async def test_a_refused_edit_made_again_after_a_good_one_is_refused_again(tmp_p
     assert service.settings_in_use.cache.ttl_s == 90
 
 
-async def test_an_edit_a_hook_refused_is_logged_once_too(tmp_path):
+async def test_an_edit_a_hook_refused_is_tried_again_by_the_next_reload(tmp_path):
+    """A hook may refuse for a file the settings name (a context service's
+    tokenizer or chat template not there yet): the next reload of the same
+    content hands it to the hooks again, where a refusal of the content
+    itself is not (above). A review put the missing file in place and sent
+    SIGHUP: "unchanged since it was refused", until the settings file was
+    edited."""
     path = tmp_path / "meshgate.toml"
     write_ttl(path, 60)
     taken: list[int] = []
+    refusing = [True]
 
-    def refuses_ttl_120(settings: Settings) -> None:
+    def refuses_ttl_120_once(settings: Settings) -> None:
         taken.append(settings.cache.ttl_s)
-        if settings.cache.ttl_s == 120:
-            raise ValueError("a value load_settings let through")
+        if settings.cache.ttl_s == 120 and refusing[0]:
+            raise ValueError("a file the settings name is not there yet")
 
-    service = service_with(path, refuses_ttl_120)
+    service = service_with(path, refuses_ttl_120_once)
     write_ttl(path, 120)
     with structlog.testing.capture_logs() as logs:
         assert not serving.reload_configuration(service)
-        assert not serving.reload_configuration(service)
+        refusing[0] = False
+        assert serving.reload_configuration(service)
     assert [entry["event"] for entry in logs] == [
         "configuration refused by the service; keeping the one in use",
-        UNCHANGED,
+        "configuration reloaded",
     ]
-    # The second reload did not hand the refused settings to the hook again.
-    assert taken == [120, 60]
+    # Refused, the settings in use handed back; then taken.
+    assert taken == [120, 60, 120]
+    assert service.settings_in_use.cache.ttl_s == 120
 
 
 async def test_a_reload_allowing_a_tenant_an_alias_that_does_not_exist_is_refused_naming_both(tmp_path):
