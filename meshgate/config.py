@@ -1215,6 +1215,14 @@ class InferenceSettings:
     # unanswered this long gets its model a canary request, which ends it if
     # the model's stub died (services/inference/backends.py).
     stream_stall_s: float = 30.0
+    # A model with no call open here and nothing heard of it from a Triton
+    # server for this long gets a canary request there (an embedding, or a
+    # one-token generation) at the next probe round: a Python-backend stub
+    # that died while its model was idle (the OOM killer's choice) leaves the
+    # model reading ready, and was found only by the next caller's request,
+    # which failed (services/inference/backends.py). Found, the model leaves
+    # rotation there, and `meshgate up` loads it again. 0: never.
+    idle_canary_s: float = 60.0
     # The prefix index of the prefix-aware strategies: tokens per block (the
     # bundled models' prefix-cache blocks, model_repository/generation/
     # prefix_cache.py, so a block routed is a block cached), how long a
@@ -1464,6 +1472,7 @@ _ZERO_MEANS: dict[str, str] = {
     "report_replicas": "no wait",
     "generation_slots": "what the model's config says",
     "stream_interval_ms": "each token as it comes",
+    "idle_canary_s": "no canary for an idle model",
     "stream_interval_min_streams": "held however few streams run",
     "triton_idle_streams": "a call per generation",
 }

@@ -46,6 +46,8 @@ async def setup(service: Service, settings: Settings) -> Cleanup:
         # A call unanswered this long (a generation's longest wait between
         # two responses) gets its model a canary: its stub may have died.
         config.stream_stall_s,
+        # So does a model idle this long: its stub may have died unseen.
+        config.idle_canary_s or None,
     )
     servicer = InferenceServicer(config, pool)
     metrics.watch_backends(pool, servicer.generation_slots)

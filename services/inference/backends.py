@@ -79,6 +79,10 @@ class OpenCalls:
         self._ended: dict[object, str] = {}
         # When each call that Triton has not answered yet was sent.
         self._unanswered_since: dict[object, float] = {}
+        # When Triton last answered each model here (a call's first response,
+        # a unary call's answer, a canary's end), for quiet_for.
+        self._last_heard: dict[str, float] = {}
+        self._started = clock()
 
     def __len__(self) -> int:
         return len(self._model_of)
@@ -90,6 +94,25 @@ class OpenCalls:
     def answered(self, call) -> None:
         """Triton sent ``call`` its first response."""
         self._unanswered_since.pop(call, None)
+        if (model := self._model_of.get(call)) is not None:
+            self.heard(model)
+
+    def heard(self, model: str) -> None:
+        """Triton answered a request of ``model`` (or a canary of it ended)."""
+        self._last_heard[model] = self._clock()
+
+    def quiet_for(self, models: collections.abc.Iterable[str], seconds: float) -> set[str]:
+        """Those of ``models`` with no call open here and nothing heard of
+        them for over ``seconds`` (since this registry began, for one never
+        asked): TritonBackend.probe sends them a canary, so that a stub that
+        died while its model was idle is found before a caller's request is."""
+        open_models = set(self._model_of.values())
+        heard_before = self._clock() - seconds
+        return {
+            model
+            for model in models
+            if model not in open_models and self._last_heard.get(model, self._started) < heard_before
+        }
 
     def discard(self, call) -> None:
         self._model_of.pop(call, None)
@@ -130,7 +153,9 @@ class OpenCalls:
         """A unary call's response, with ``call`` open here until it comes."""
         self.add(call, model)
         try:
-            return await call
+            response = await call
+            self.heard(model)
+            return response
         except asyncio.CancelledError as cancelled:
             if (failure := self.ended_here(call)) is not None:
                 raise failure from cancelled
@@ -261,11 +286,14 @@ class TritonBackend:
         idle_streams: int = 0,
         embedding_model: str = "",
         unanswered_canary_s: float | None = None,
+        idle_canary_s: float | None = None,
     ) -> None:
         """``embedding_model`` is canaried with an embedding, every other
         model with a generation; ``unanswered_canary_s``: how long a call may
         wait for Triton's first response before its model is canaried
-        (inference.stream_stall_s; None: never)."""
+        (inference.stream_stall_s; None: never); ``idle_canary_s``: how long
+        a model may go unheard with no call open before it is canaried
+        (inference.idle_canary_s; None: never)."""
         self.address = self.key = address
         # Inference goes over a traced channel, so the Triton call is a client
         # span of the request's trace and Triton receives its traceparent.
@@ -302,6 +330,7 @@ class TritonBackend:
         self._out_until_ready: dict[str, tuple[int, str]] = {}
         self._embedding_model = embedding_model
         self._unanswered_canary_s = unanswered_canary_s
+        self._idle_canary_s = idle_canary_s
         # What the last probe round failed with (a status code's name), if it did.
         self._probe_failure: str | None = None
         self.in_flight = 0
@@ -479,6 +508,11 @@ class TritonBackend:
         suspects = set(self.stub_dead)
         if self._unanswered_canary_s is not None:
             suspects |= self.calls.unanswered_for(self._unanswered_canary_s)
+        if self._idle_canary_s is not None:
+            # A stub that died while its model was idle (killed by the OOM
+            # killer) is otherwise found by the next caller's request, which
+            # fails: health read the model ready all along.
+            suspects |= self.calls.quiet_for(answers, self._idle_canary_s)
         for model in sorted(suspects):
             if answers.get(model) and model not in self._canaries:
                 # The marks so far are read now: the task starts later.
@@ -493,6 +527,8 @@ class TritonBackend:
         (a refusal while the canary was in flight is newer news); refused by
         a dead stub, it takes the model out."""
         failure = await self.canary(model)
+        # Whatever it found: an idle model's next canary is a quiet spell later.
+        self.calls.heard(model)
         if failure is None:
             if self._stub_deaths[model] == deaths_before and self.stub_dead.pop(model, None) is not None:
                 log.info("model back in rotation: a canary was answered", backend=self.address, model=model)
@@ -664,9 +700,11 @@ class BackendPool:
         idle_streams: int = 0,
         embedding_model: str = "",
         unanswered_canary_s: float | None = None,
+        idle_canary_s: float | None = None,
     ) -> None:
         self.backends = [
-            TritonBackend(a, idle_streams, embedding_model, unanswered_canary_s) for a in addresses
+            TritonBackend(a, idle_streams, embedding_model, unanswered_canary_s, idle_canary_s)
+            for a in addresses
         ]
         self._models = models
         # For calls that name no strategy (embeddings).

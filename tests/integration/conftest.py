@@ -17,6 +17,7 @@ import pytest
 from meshgate import redis_access, serving
 from meshgate.config import (
     DeploymentSettings,
+    InferenceSettings,
     ModelSettings,
     RouterSettings,
     Settings,
@@ -344,7 +345,15 @@ async def until_triton_cancels(log_path: pathlib.Path, before: int, timeout_s: f
 @contextlib.asynccontextmanager
 async def running_inference(settings: Settings):
     """The inference service in-process over ``settings.inference.triton_urls``;
-    yields its address once every one of them is in rotation."""
+    yields its address once every one of them is in rotation. Without idle
+    canaries unless the test sets them (inference.idle_canary_s): a
+    session's or module's inference service lives for minutes, and its
+    canary of an idle model would land in the Triton statistics that tests
+    count (test_inference_shared_embeddings.py)."""
+    if settings.inference.idle_canary_s == InferenceSettings.idle_canary_s:
+        settings = dataclasses.replace(
+            settings, inference=dataclasses.replace(settings.inference, idle_canary_s=0.0)
+        )
     async with running(inference_app, "inference", settings) as address:
         async with router_channel(address, "inference") as channel:
             stub = inference_service_pb2_grpc.InferenceServiceStub(channel)

@@ -29,8 +29,9 @@ from meshgate.errors import error_info
 from meshgate.inference.v1 import inference_service_pb2 as pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.reasons import Reason
-from tests.integration.conftest import running_inference
+from tests.integration.conftest import launched_tritons, running_inference
 from tests.integration.test_triton_failover import (  # noqa: F401 (two_tritons: a fixture)
+    MODELS,
     generate,
     in_flight,
     streaming,
@@ -192,3 +193,27 @@ async def test_a_killed_stubs_streams_end_with_counts_and_what_it_refuses_goes_t
     text, completion, error = after_reload
     assert error is None, error
     assert completion.backend == dead_url and text
+
+
+async def test_a_stub_killed_while_its_model_is_idle_is_found_by_a_canary_before_any_request(
+    tmp_path,
+) -> None:
+    """A stub killed while its model ran nothing left the model and the
+    server reading ready: health said nothing, and the next caller's
+    request was the one to fail. With inference.idle_canary_s, the model's
+    canary finds it first, no request sent: out of rotation there, with why."""
+    with launched_tritons(tmp_path, MODELS, 1) as [(url, _, process)]:
+        settings = Settings(mesh=mesh_settings())
+        settings.inference.triton_urls = [url]
+        settings.inference.health_interval_s = 0.5
+        settings.inference.idle_canary_s = 2.0
+        async with running_inference(settings) as address, router_channel(address, "inference") as channel:
+            stub = inference_service_pb2_grpc.InferenceServiceStub(channel)
+            kill_stub(process, "minilm")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while (model := (await model_health(stub))[url, "minilm"]).ready:
+                assert loop.time() < deadline, "the idle model's dead stub was never found"
+                await asyncio.sleep(0.2)
+            assert model.stub_dead and "stub process died" in model.not_ready_reason
+            assert (await model_health(stub))[url, "tiny_gpt"].ready, "the other model still serves"

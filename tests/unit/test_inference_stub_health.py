@@ -373,3 +373,52 @@ async def test_a_draining_server_is_out_at_its_first_probe_and_its_calls_are_lef
         assert backend.ready_models == set(MODELS)
     finally:
         await pool.close()
+
+
+async def test_an_idle_model_is_canaried_once_a_quiet_spell_and_leaves_if_its_stub_died():
+    """A stub that died while its model was idle (no call open) left the model
+    reading ready, and was found only by the next caller's request, which
+    failed. A model with no call open and nothing heard of it for
+    idle_canary_s gets a canary at the next probe round; one a spell."""
+    clock = Clock()
+    backend = TritonBackend(
+        "127.0.0.1:1", embedding_model=EMBEDDING_MODEL, unanswered_canary_s=30.0, idle_canary_s=60.0
+    )
+    backend.calls = OpenCalls(clock)
+    triton = backend._probe_stub = CanariedTriton()
+    try:
+        await probe_round(backend)
+        assert triton.canaries == [], "none before a quiet spell"
+        # The embedding model answered a call 30 s in; the generation model
+        # has a call open (a long generation answering all along).
+        clock.now += 30
+        await backend.calls.answer(asyncio.sleep(0, "an embedding"), EMBEDDING_MODEL)
+        generating = asyncio.Future()
+        backend.calls.add(generating, GENERATION_MODEL)
+        backend.calls.answered(generating)
+        clock.now += 40
+        await probe_round(backend)
+        assert triton.canaries == [], "heard 40 s ago, or a call open"
+
+        backend.calls.discard(generating)
+        clock.now += 25  # the generation model's last answer: 65 s ago; the embedding's 65 s
+        await probe_round(backend)
+        assert sorted(c.model_name for c in triton.canaries) == sorted(MODELS)
+        await probe_round(backend)
+        assert len(triton.canaries) == 2, "one a quiet spell"
+
+        # The generation model's stub died while idle: its next canary finds it.
+        triton.refusal = GENERATION_STUB_DIED
+        clock.now += 61
+        await probe_round(backend)
+        assert GENERATION_MODEL not in backend.ready_models
+        assert "stub process died" in backend.not_ready_reason(GENERATION_MODEL)
+    finally:
+        await backend.close()
+
+
+async def test_no_idle_canary_when_it_is_off(backend):
+    backend.calls = OpenCalls(clock := Clock())
+    clock.now += 3600
+    await probe_round(backend)
+    assert backend._probe_stub.canaries == []
