@@ -51,6 +51,7 @@ and past its end nothing is served semantically there.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -423,8 +424,11 @@ class Analysis:
     # the tokens), by its index in tokens.
     possessives: frozenset[int] = frozenset()
     # Symbols outside ASCII that no check reads as a word (emoji, "♂", "☀",
-    # "⌘", "√"), in order (glyph_veto).
+    # "⌘", "√"), in order, decoration left out (_glyphs, glyph_veto).
     glyphs: tuple[str, ...] = ()
+    # (the name before it, its value) of each Roman numeral after a name,
+    # "I" included where it may be the pronoun (number_veto).
+    numerals: frozenset[tuple[str, int]] = frozenset()
     # (relation, period) of each period said relative to now ("next week":
     # ("later", "week"); time_frame_veto).
     time_frames: frozenset[tuple[str, str]] = frozenset()
@@ -492,10 +496,33 @@ def _roman_value(numeral: str) -> int:
     return sum(-v if v < after else v for v, after in zip(values, [*values[1:], 0], strict=True))
 
 
-def _is_symbol(ch: str) -> bool:
-    # Unicode's symbol categories: math (Sm), currency (Sc), modifier (Sk:
-    # skin tones too) and other symbols (So: emoji, dingbats, arrows).
-    return unicodedata.category(ch)[0] == "S"
+# After "I" a numeral ends ("World War I?", "World War I and II") where the
+# pronoun goes on to its verb.
+_AFTER_A_NUMERAL = _words("and or vs versus")
+
+
+def _ends_a_numeral(text: str, end: int) -> bool:
+    rest = text[end:].lstrip()
+    return not rest or not rest[0].isalnum() or rest.split(None, 1)[0].lower() in _AFTER_A_NUMERAL
+
+
+# Symbols after a question's last sentence end are decoration ("How do I
+# reset my password? 😊"), and a skin tone only colours the emoji before it.
+_DECORATED_END = re.compile(r"[?.!][^\w]*\Z")
+_SKIN_TONES = frozenset(map(chr, range(0x1F3FB, 0x1F400)))
+
+
+def _glyphs(text: str) -> tuple[str, ...]:
+    """The symbols outside ASCII that no check reads (Unicode's symbol
+    categories: math Sm, currency Sc, modifier Sk, other So: emoji,
+    dingbats, arrows), in order, but decoration (glyph_veto)."""
+    if text.isascii():
+        return ()
+    end = _DECORATED_END.search(text)
+    body = text if end is None else text[: end.start() + 1]
+    return tuple(
+        ch for ch in body if ord(ch) > 127 and unicodedata.category(ch)[0] == "S" and ch not in _SKIN_TONES
+    )
 
 
 # A period said relative to now: the word before it ("the" and a count
@@ -563,6 +590,7 @@ def analyze_uncached(text: str) -> Analysis:
     # Where a minus sign makes the number after it negative (_signs).
     minus_signs: set[int] = set()
     roman_numbers: list[str] = []
+    numerals: set[tuple[str, int]] = set()
     sentence_start = True
     for match in _TOKEN.finditer(text):
         word = match.group()
@@ -579,8 +607,14 @@ def analyze_uncached(text: str) -> Analysis:
             # A Roman numeral after a name is its number ("World War I" vs
             # "World War II", "Henry VIII"): "I" was read as the pronoun,
             # and "World War Ⅰ" was served "World War Ⅱ"'s answer (NFKC
-            # spells them "I" and "II"; the embedder reads neither).
-            roman_numbers.append(str(_roman_value(word)))
+            # spells them "I" and "II"; the embedder reads neither). A lone
+            # "I" before another word may be the pronoun ("In Python I get
+            # ...", "When Harry met Sally I cried"): a number only as one
+            # side of numerals after the same name (number_veto).
+            value = _roman_value(word)
+            numerals.add((tokens[-1], value))
+            if word != "I" or _ends_a_numeral(text, match.end()):
+                roman_numbers.append(str(value))
         if name not in _NOT_NAMES and (
             (word[:1].isupper() and not sentence_start) or (word.isupper() and len(word) > 1)
         ):
@@ -647,7 +681,8 @@ def analyze_uncached(text: str) -> Analysis:
         code=tuple(" ".join(span.split()) for span in _BACKTICKED.findall(text)),
         number_units=frozenset(number_units),
         possessives=frozenset(possessives),
-        glyphs=() if text.isascii() else tuple(ch for ch in text if ord(ch) > 127 and _is_symbol(ch)),
+        glyphs=_glyphs(text),
+        numerals=frozenset(numerals),
         time_frames=_time_frames(tokens),
     )
 
@@ -751,7 +786,26 @@ def number_veto(a: Analysis, b: Analysis) -> bool:
     order and spelling ("two" vs "2") do not matter; a number only one side
     states ("after six hours of sleep" vs "after enough sleep") is left to
     the learned stage."""
-    return _replaced(a.numbers, b.numbers) or _replaced(a.days, b.days) or _replaced(a.units, b.units)
+    return (
+        _replaced(a.numbers, b.numbers)
+        or _replaced(a.days, b.days)
+        or _replaced(a.units, b.units)
+        or _numeral_replaced(a, b)
+    )
+
+
+def _numeral_replaced(a: Analysis, b: Analysis) -> bool:
+    """Roman numerals after the same name, not the same ("Type I diabetes"
+    vs "Type II diabetes": a lone "I" before a word is no number of its own,
+    as it may be the pronoun)."""
+    if not (a.numerals and b.numerals):
+        return False
+    by_name_a, by_name_b = collections.defaultdict(set), collections.defaultdict(set)
+    for name, value in a.numerals:
+        by_name_a[name].add(value)
+    for name, value in b.numerals:
+        by_name_b[name].add(value)
+    return any(by_name_a[name] != by_name_b[name] for name in by_name_a.keys() & by_name_b.keys())
 
 
 def _has_negated_form(a: Analysis, b: Analysis) -> bool:

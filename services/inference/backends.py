@@ -115,6 +115,10 @@ class OpenCalls:
         }
 
     def discard(self, call) -> None:
+        """``call`` ended; one Triton answered was heard of to its end (a
+        long stream's model is not quiet the moment it ends: quiet_for)."""
+        if call not in self._unanswered_since and (model := self._model_of.get(call)) is not None:
+            self.heard(model)
         self._model_of.pop(call, None)
         self._ended.pop(call, None)
         self._unanswered_since.pop(call, None)

@@ -1119,6 +1119,12 @@ def test_symbols_replaced_on_both_sides_are_vetoed(a, b):
         ("How many calories are in a pizza 🍕?", "How many calories are in a pizza?"),
         ("What does 👍 mean in a text?", "What does 👍 mean in a text message?"),
         ("Is 30°C hot?", "Is 30°C hot weather?"),
+        # A review: decoration after the question's end, and a skin tone,
+        # vetoed what was served before.
+        ("How do I reset my password? 😊", "How do I reset my password? 😊😊"),
+        ("How do I reset my password? 🙂", "How do I reset my password? 😊"),
+        ("Thanks! How do I export my contacts? 👍", "Thanks! How do I export my contacts? 👍🏻"),
+        ("Can you recommend a good book? 🙏", "Can you recommend a good book 🙏🏽"),
     ],
 )
 def test_symbols_the_same_or_on_one_side_only_are_no_glyph_veto(a, b):
@@ -1141,12 +1147,22 @@ def test_a_roman_numeral_after_a_name_is_its_number(a, b):
     assert vetoed_by(a, b) == "number"
 
 
-def test_a_roman_numeral_reads_as_the_number_it_writes_and_i_after_no_name_stays_the_pronoun():
+def test_a_roman_numeral_reads_as_the_number_it_writes_and_i_before_a_word_may_be_the_pronoun():
     assert analyze("What started World War Ⅰ?").numbers == analyze("What started World War 1?").numbers
     assert dict(analyze("When did Pope John Paul II die?").numbers) == {"2": 1}
     assert dict(analyze("Was Louis XIV taller than Louis XVI?").numbers) == {"14": 1, "16": 1}
-    for pronoun in ("Can I cancel my order?", "Should Maria and I split the bill?", "What did I say?"):
+    assert dict(analyze("What caused World War I and II?").numbers) == {"1": 1}
+    # A review: after a capitalized word, "I" before a verb read as 1, and a
+    # paraphrase served before scored under the threshold.
+    for pronoun in (
+        "Can I cancel my order?",
+        "Should Maria and I split the bill?",
+        "What did I say?",
+        "In Python I get a KeyError, why?",
+        "When Harry met Sally I cried, is that normal?",
+    ):
         assert not analyze(pronoun).numbers, pronoun
+    assert vetoed_by("In Python I get a KeyError, why?", "Why do I get a KeyError in Python?") is None
 
 
 @pytest.mark.parametrize(

@@ -400,10 +400,14 @@ async def test_an_idle_model_is_canaried_once_a_quiet_spell_and_leaves_if_its_st
         await probe_round(backend)
         assert triton.canaries == [], "heard 40 s ago, or a call open"
 
+        # The generation ends: heard of to its end, it is not quiet yet.
         backend.calls.discard(generating)
-        clock.now += 25  # the generation model's last answer: 65 s ago; the embedding's 65 s
+        clock.now += 25  # the embedding model's last answer: 65 s ago
         await probe_round(backend)
-        assert sorted(c.model_name for c in triton.canaries) == sorted(MODELS)
+        assert [c.model_name for c in triton.canaries] == [EMBEDDING_MODEL]
+        clock.now += 36  # the generation's end: 61 s ago
+        await probe_round(backend)
+        assert [c.model_name for c in triton.canaries] == [EMBEDDING_MODEL, GENERATION_MODEL]
         await probe_round(backend)
         assert len(triton.canaries) == 2, "one a quiet spell"
 
