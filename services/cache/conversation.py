@@ -81,9 +81,18 @@ ACKNOWLEDGEMENTS = _words(
 # "No." is another conversation than with "Yes.".
 POLARITY = _words("yes yeah yep no nope not never")
 
+# Times of day small talk says ("Good morning!", "Have a nice day"), which a
+# user's statement, or a reply with a time in it, says as a fact ("I took it
+# at 8 in the morning." / "... in the evening.", "I work night shifts." /
+# "day shifts.", "Alarm set for 7 in the morning." / "... evening.": each
+# served the other's answer while read as filler, a hunt).
+TIMES_OF_DAY = _words("morning afternoon evening night day")
+
 # What a reply's words are matched against, as analyze() gives them
-# (singular: "sounds" is "sound", "cheers" is "cheer").
+# (singular: "sounds" is "sound", "cheers" is "cheer"); with a number in the
+# reply, times of day are not (_bound_by_reply).
 _REPLY_FILLER = frozenset(singular(w) for w in (SMALL_TALK | ACKNOWLEDGEMENTS) - POLARITY)
+_TIMED_REPLY_FILLER = _REPLY_FILLER - TIMES_OF_DAY
 
 # Words of courtesy alone. A reply to a question, or a user's answer to the
 # assistant's, is the answer: its words bind but for these. SMALL_TALK holds
@@ -115,7 +124,9 @@ def is_small_talk(text: str) -> bool:
     if len(text) > SMALL_TALK_MAX_CHARS or not readable(text):
         return False
     analysis = analyze(text)
-    if analysis.numbers or analysis.names:
+    # A symbol may be what the turn says ("I have a 🐶." was small talk, and
+    # the question after it served the answer given after "... a 🐱.": a hunt).
+    if analysis.numbers or analysis.names or analysis.glyphs:
         return False
     return not (analysis.content - SMALL_TALK - STOPWORDS)
 
@@ -251,9 +262,9 @@ def _bound_by_answer(text: str) -> common_pb2.Message | None:
         return common_pb2.Message(role=common_pb2.ROLE_USER, content=text)
     analysis = analyze(text)
     words = (analysis.content | (analysis.token_set & POLARITY)) - _COURTESY
-    if not words:
+    if not (words or analysis.glyphs):
         return None
-    return common_pb2.Message(role=common_pb2.ROLE_USER, content=" ".join(sorted(words)))
+    return common_pb2.Message(role=common_pb2.ROLE_USER, content=" ".join([*sorted(words), *analysis.glyphs]))
 
 
 # Verbs a request opens with ("Explain the theory of relativity.", "Please
@@ -316,7 +327,7 @@ FRAGMENT_WORDS = 2
 
 # What a user's earlier turn says that binds no referent, as analyze() gives
 # its words (singular).
-_USER_FILLER = frozenset(singular(w) for w in SMALL_TALK - POLARITY)
+_USER_FILLER = frozenset(singular(w) for w in SMALL_TALK - POLARITY - TIMES_OF_DAY)
 
 
 def _continues(earlier: Sequence[common_pb2.Message], topic: str, texts: _Texts) -> bool:
@@ -472,7 +483,8 @@ def _bound_by_earlier_turn(text: str, with_words: bool = False) -> common_pb2.Me
         if analysis.negations:
             words.add("not")
     words -= analysis.numbers.keys() | NUMBER_WORDS.keys()
-    referents = sorted(words) + sorted(analysis.numbers.elements())
+    # Symbols too ("My 🐶 weighs 5 kg." / "My 🐱 ...": a hunt).
+    referents = sorted(words) + sorted(analysis.numbers.elements()) + list(analysis.glyphs)
     if not referents:
         return None
     return common_pb2.Message(role=common_pb2.ROLE_USER, content=" ".join(referents))
@@ -502,7 +514,7 @@ def _bound_by_reply(text: str, topic: str) -> common_pb2.Message | None:
     else:
         # A topic turn too long to analyse shares no word: the reply's are all new (the stricter side).
         said = analyze(topic).content if len(topic) <= REPLY_ANALYSIS_MAX_CHARS else frozenset()
-        filler = _REPLY_FILLER
+        filler = _TIMED_REPLY_FILLER if analysis.numbers else _REPLY_FILLER
         new_words = analysis.content - said - filler
     if len(new_words) > SHORT_REPLY_WORDS:
         return whole

@@ -506,22 +506,20 @@ def _ends_a_numeral(text: str, end: int) -> bool:
     return not rest or not rest[0].isalnum() or rest.split(None, 1)[0].lower() in _AFTER_A_NUMERAL
 
 
-# Symbols after a question's last sentence end are decoration ("How do I
-# reset my password? 😊"), and a skin tone only colours the emoji before it.
-_DECORATED_END = re.compile(r"[?.!][^\w]*\Z")
+# A skin tone only colours the emoji before it ("👍" / "👍🏻").
 _SKIN_TONES = frozenset(map(chr, range(0x1F3FB, 0x1F400)))
 
 
 def _glyphs(text: str) -> tuple[str, ...]:
     """The symbols outside ASCII that no check reads (Unicode's symbol
     categories: math Sm, currency Sc, modifier Sk, other So: emoji,
-    dingbats, arrows), in order, but decoration (glyph_veto)."""
+    dingbats, arrows), in order, skin tones left out (glyph_veto). None is
+    taken for decoration, wherever it stands: a hunt's "Can my dog eat
+    these? 🍇" asks what "... 🍌" does not, after the question's end."""
     if text.isascii():
         return ()
-    end = _DECORATED_END.search(text)
-    body = text if end is None else text[: end.start() + 1]
     return tuple(
-        ch for ch in body if ord(ch) > 127 and unicodedata.category(ch)[0] == "S" and ch not in _SKIN_TONES
+        ch for ch in text if ord(ch) > 127 and unicodedata.category(ch)[0] == "S" and ch not in _SKIN_TONES
     )
 
 
@@ -531,8 +529,8 @@ def _glyphs(text: str) -> tuple[str, ...]:
 # is no period's ("the next step").
 _PERIODS = (
     _words(
-        """day night morning afternoon evening week weekend month year season quarter semester term decade
-    century spring summer autumn fall winter"""
+        """minute hour day night morning afternoon evening week weekend month year season quarter semester
+    term decade century spring summer autumn fall winter"""
     )
     | CALENDAR_WORDS
 )
@@ -563,8 +561,21 @@ def _time_frames(tokens: list[str]) -> frozenset[tuple[str, str]]:
         ):
             before -= 1
         if before >= 0 and tokens[before] in _RELATIONS:
-            frames.add((_RELATIONS[tokens[before]], period))
+            relation = _RELATIONS[tokens[before]]
+            if relation == "later" and before and tokens[before - 1] == "this":
+                relation = "now"  # "this coming Friday" is this Friday
+            frames.add((relation, period))
     return frozenset(frames)
+
+
+def _whens(analysis: Analysis) -> frozenset[str]:
+    """When a question is about, however said: a relative day, a weekday or
+    month named, a period said relative to now (its relation aside)."""
+    return (
+        analysis.days
+        | (analysis.token_set & CALENDAR_WORDS)
+        | frozenset(period for _, period in analysis.time_frames)
+    )
 
 
 _ANALYSIS_MEMO_ENTRIES = 4096
@@ -1483,8 +1494,13 @@ def time_frame_veto(a: Analysis, b: Analysis) -> bool:
     "the next month" (scores 0.90-0.94; "last" alone was read, as a scope
     word). "next week" and "the coming week" are the same frame; a frame on
     one side only ("... in Chicago?" vs "... in Chicago this week?") is left
-    to the learned stage."""
-    return bool(a.time_frames) and bool(b.time_frames) and a.time_frames != b.time_frames
+    to the learned stage. So is a time said each side another way: "I'm
+    visiting the Louvre on Tuesday." / "... this weekend." before "Is it open
+    then?" was served (a hunt: closed on Tuesdays)."""
+    if a.time_frames and b.time_frames and a.time_frames != b.time_frames:
+        return True
+    whens_a, whens_b = _whens(a), _whens(b)
+    return bool(whens_a) and bool(whens_b) and whens_a != whens_b
 
 
 def glyph_veto(a: Analysis, b: Analysis) -> bool:
@@ -1494,7 +1510,10 @@ def glyph_veto(a: Analysis, b: Analysis) -> bool:
     answer for "🍔", "What does ♂ mean?" that for "♀", "the ☀ symbol on my
     dryer" that for "❄", "⌘" that for "⌥" (cosine 1.000, score 0.998).
     Symbols on one side only ("a pizza 🍕" vs "a pizza") are left to the
-    learned stage."""
+    learned stage. Two decorations that differ ("... password? 😊" vs "...
+    😊😊") are a miss: a symbol after the question may be what it asks about
+    ("Can my dog eat these? 🍇" vs "... 🍌", a hunt), and which one is
+    decoration no check can tell."""
     return bool(a.glyphs) and bool(b.glyphs) and a.glyphs != b.glyphs
 
 
@@ -1516,7 +1535,9 @@ _CHECKS = (
 # they run on each part alone, never on the two read as one text, where a
 # modal of the topic question met the follow-up's ("Should I visit Canada?"
 # / "Is a passport required for that?": a final read).
-_PART_CHECKS = frozenset({"subject", "voice", "possessor", "modal"})
+# So does the symbols' order: a follow-up's own symbols and its topic's,
+# read as one text, were vetoed where each part's were the same (a hunt).
+_PART_CHECKS = frozenset({"subject", "voice", "possessor", "modal", "glyph"})
 
 
 def structural_veto(a: Analysis, b: Analysis, *, parts_checked: bool = False) -> str | None:

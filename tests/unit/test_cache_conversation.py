@@ -9,7 +9,7 @@ import pytest
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
 from services.cache import conversation
-from services.cache.verifier import CONTEXT_SEPARATOR, Verifier
+from services.cache.verifier import CONTEXT_SEPARATOR, Verifier, analyze, structural_veto
 
 USER, ASSISTANT = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
 
@@ -466,3 +466,84 @@ def test_each_turn_is_normalized_once_however_many_replies_read_it(monkeypatch):
     messages = turns("x\n" * 1000, *["Ok."] * 253, "I want to visit Paris.", "What about it?")
     conversation.matched_exactly(messages)
     assert len(normalized) <= len(messages)
+
+
+def _told_apart(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether two conversations can never share an entry: what is matched
+    exactly differs, or their topic parts are vetoed by a structural check."""
+    first, second = turns(*a), turns(*b)
+    if conversation.matched_exactly(first) != conversation.matched_exactly(second):
+        return True
+    _, _, topic_a = conversation.resolve(first)[0].partition(CONTEXT_SEPARATOR)
+    _, _, topic_b = conversation.resolve(second)[0].partition(CONTEXT_SEPARATOR)
+    return bool(topic_a and topic_b) and structural_veto(analyze(topic_a), analyze(topic_b)) is not None
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # A hunt's wrong hits (scores 0.91-0.999): a turn that says a symbol
+        # was small talk, or bound without it.
+        (
+            ("I have a 🐶.", "Nice!", "How often should I take it to the vet?"),
+            ("I have a 🐱.", "Nice!", "How often should I take it to the vet?"),
+        ),
+        (
+            ("My 🐶 weighs 5 kg.", "Got it.", "Which brand of food is best?", "Acana.", "How much per day?"),
+            ("My 🐱 weighs 5 kg.", "Got it.", "Which brand of food is best?", "Acana.", "How much per day?"),
+        ),
+        (
+            ("My dog ate some fruit.", "Which fruit?", "🍇", "Okay.", "Is it dangerous?"),
+            ("My dog ate some fruit.", "Which fruit?", "🍌", "Okay.", "Is it dangerous?"),
+        ),
+        # Times of day were filler in statements and in replies with a time.
+        (
+            (
+                "I took 400 mg of ibuprofen at 8 in the morning.",
+                "Okay.",
+                "Is it safe with coffee?",
+                "Yes.",
+                "Next dose?",
+            ),
+            (
+                "I took 400 mg of ibuprofen at 8 in the evening.",
+                "Okay.",
+                "Is it safe with coffee?",
+                "Yes.",
+                "Next dose?",
+            ),
+        ),
+        (
+            (
+                "Set an alarm for 7.",
+                "Alarm set for 7 in the morning.",
+                "If I sleep at 11 pm, how long will I sleep?",
+            ),
+            (
+                "Set an alarm for 7.",
+                "Alarm set for 7 in the evening.",
+                "If I sleep at 11 pm, how long will I sleep?",
+            ),
+        ),
+        (
+            ("I work night shifts.", "Okay.", "Is melatonin safe?", "Yes.", "When should I take it?"),
+            ("I work day shifts.", "Okay.", "Is melatonin safe?", "Yes.", "When should I take it?"),
+        ),
+        # A weekday on one side, a frame on the other (the Louvre is closed on Tuesdays).
+        (
+            ("I'm visiting the Louvre on Tuesday.", "Fun!", "Is it open then?"),
+            ("I'm visiting the Louvre this weekend.", "Fun!", "Is it open then?"),
+        ),
+    ],
+)
+def test_conversations_that_differ_in_a_symbol_or_a_time_are_told_apart(a, b):
+    assert _told_apart(a, b)
+
+
+def test_a_greeting_and_the_same_time_said_otherwise_still_share():
+    # A greeting's time of day binds nothing; "this coming Friday" is this Friday.
+    assert not _told_apart(("Hi! How can I help you today?",), ("Hi! How can I help you this morning?",))
+    assert not _told_apart(
+        ("Book me a table at Nobu for this Friday.", "Done.", "Is it open then?"),
+        ("Book me a table at Nobu for this coming Friday.", "Done.", "Is it open then?"),
+    )

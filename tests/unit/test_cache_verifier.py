@@ -1116,15 +1116,28 @@ def test_symbols_replaced_on_both_sides_are_vetoed(a, b):
 @pytest.mark.parametrize(
     ("a", "b"),
     [
+        # After the question's end a symbol may be what it asks about (a hunt:
+        # grapes are toxic to dogs, bananas are not), so none is decoration:
+        # two decorations that differ are a miss, the price of the first.
+        ("Can my dog eat these? 🍇", "Can my dog eat these? 🍌"),
+        ("How do I reset my password? 😊", "How do I reset my password? 😊😊"),
+        ("how do I cancel my order 🙏", "how do I cancel my order 😊"),
+    ],
+)
+def test_symbols_after_the_question_are_read_as_any_others(a, b):
+    assert vetoed_by(a, b) == "glyph"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
         ("How many calories are in a pizza 🍕?", "How many calories are in a pizza?"),
         ("What does 👍 mean in a text?", "What does 👍 mean in a text message?"),
         ("Is 30°C hot?", "Is 30°C hot weather?"),
-        # A review: decoration after the question's end, and a skin tone,
-        # vetoed what was served before.
-        ("How do I reset my password? 😊", "How do I reset my password? 😊😊"),
-        ("How do I reset my password? 🙂", "How do I reset my password? 😊"),
+        # A skin tone only colours the emoji before it.
         ("Thanks! How do I export my contacts? 👍", "Thanks! How do I export my contacts? 👍🏻"),
-        ("Can you recommend a good book? 🙏", "Can you recommend a good book 🙏🏽"),
+        ("Can you recommend a good book? 🙏", "Can you recommend a good book? 🙏🏽"),
+        ("How do I reset my password? 😊", "How do I reset my password?"),
     ],
 )
 def test_symbols_the_same_or_on_one_side_only_are_no_glyph_veto(a, b):
@@ -1188,6 +1201,14 @@ def test_a_roman_numeral_reads_as_the_number_it_writes_and_i_before_a_word_may_b
         ("Are the banks open this year?", "Are the banks open next year?"),
         ("What events are on this Saturday?", "What events are on next Saturday?"),
         ("What happened in the past 3 months?", "What will happen in the next 3 months?"),
+        # A conversation hunt's: the hour was no period; a weekday against a
+        # frame, each on one side, was read by neither check.
+        (
+            "What's the traffic like on I-95 for the next hour?",
+            "What's the traffic like on I-95 for the past hour?",
+        ),
+        ("Is the Louvre open on Tuesday?", "Is the Louvre open this weekend?"),
+        ("What's the weather today?", "What's the weather this weekend?"),
     ],
 )
 def test_a_period_said_relative_to_now_changed_is_vetoed(a, b):
@@ -1207,6 +1228,8 @@ def test_a_period_said_relative_to_now_changed_is_vetoed(a, b):
             "What are the best things to do in Chicago?",
         ),
         ("What is the next step after installing Python?", "What should I do after installing Python?"),
+        ("Book me a table at Nobu for this Friday.", "Book me a table at Nobu for this coming Friday."),
+        ("Is the Louvre open on Tuesday?", "Is the Louvre open this Tuesday?"),
     ],
 )
 def test_the_same_time_frame_or_one_on_one_side_only_is_no_time_frame_veto(a, b):
