@@ -416,13 +416,13 @@ async def test_token_counts_are_stored_at_append(stub, tenant, redis_url) -> Non
     ]
 
 
-def and_then(tenant: str, session_id: str) -> pb.AssembleContextRequest:
+def and_then(tenant: str, session_id: str, model: str = MODEL) -> pb.AssembleContextRequest:
     """An assembly of the session with one more short question, whole."""
     return pb.AssembleContextRequest(
         tenant_id=tenant,
         session_id=session_id,
         new_messages=[msg(USER, "and?")],
-        model=MODEL,
+        model=model,
         max_prompt_tokens=100_000,
     )
 
@@ -800,13 +800,7 @@ async def test_a_model_alias_a_reload_adds_is_assembled_and_one_it_takes_out_is_
             session_id = await new_session(stub, tenant, *(msg(USER, t) for t in texts))
 
             def question(model: str) -> pb.AssembleContextRequest:
-                return pb.AssembleContextRequest(
-                    tenant_id=tenant,
-                    session_id=session_id,
-                    new_messages=[msg(USER, "and?")],
-                    model=model,
-                    max_prompt_tokens=4096,
-                )
+                return and_then(tenant, session_id, model)
 
             assert (await failure(stub.AssembleContext(question("chat"))))[:2] == (
                 grpc.StatusCode.NOT_FOUND,
