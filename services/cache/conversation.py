@@ -34,7 +34,15 @@ from collections.abc import Sequence
 
 from meshgate.common.v1 import common_pb2
 from services.cache.keys import normalize_text
-from services.cache.verifier import CONTEXT_SEPARATOR, NUMBER_WORDS, STOPWORDS, analyze, readable, singular
+from services.cache.verifier import (
+    CONTEXT_SEPARATOR,
+    NUMBER_WORDS,
+    STOPWORDS,
+    analyze,
+    emotive,
+    readable,
+    singular,
+)
 
 
 def _words(text: str) -> frozenset[str]:
@@ -125,8 +133,9 @@ def is_small_talk(text: str) -> bool:
         return False
     analysis = analyze(text)
     # A symbol may be what the turn says ("I have a 🐶." was small talk, and
-    # the question after it served the answer given after "... a 🐱.": a hunt).
-    if analysis.numbers or analysis.names or analysis.glyphs:
+    # the question after it served the answer given after "... a 🐱.": a hunt);
+    # a face or a hand is small talk's own ("thanks 😊", "ok 👍", "Hi 👋").
+    if analysis.numbers or analysis.names or _things(analysis.glyphs):
         return False
     return not (analysis.content - SMALL_TALK - STOPWORDS)
 
@@ -262,9 +271,29 @@ def _bound_by_answer(text: str) -> common_pb2.Message | None:
         return common_pb2.Message(role=common_pb2.ROLE_USER, content=text)
     analysis = analyze(text)
     words = (analysis.content | (analysis.token_set & POLARITY)) - _COURTESY
-    if not (words or analysis.glyphs):
+    things = _things(analysis.glyphs)
+    if not (words or things):
         return None
-    return common_pb2.Message(role=common_pb2.ROLE_USER, content=" ".join([*sorted(words), *analysis.glyphs]))
+    return common_pb2.Message(role=common_pb2.ROLE_USER, content=" ".join([*sorted(words), *things]))
+
+
+def _things(glyphs: tuple[str, ...]) -> list[str]:
+    """The symbols that name something ("🐶", "🍇"), not a feeling (verifier.emotive)."""
+    return [glyph for glyph in glyphs if not emotive(glyph)]
+
+
+# Words before a time of day that make it a greeting ("Good morning", "have a
+# nice day"), which binds nothing, where "at 8 in the morning" does.
+_GREETING_BEFORE = _words("good nice great lovely wonderful")
+
+
+def _greeting_times(tokens: tuple[str, ...]) -> frozenset[str]:
+    """The times of day that ``tokens`` says in greetings only."""
+    greeted, said = set(), set()
+    for at, token in enumerate(tokens):
+        if token in TIMES_OF_DAY:
+            (greeted if at and tokens[at - 1] in _GREETING_BEFORE else said).add(token)
+    return frozenset(greeted - said)
 
 
 # Verbs a request opens with ("Explain the theory of relativity.", "Please
@@ -478,13 +507,16 @@ def _bound_by_earlier_turn(text: str, with_words: bool = False) -> common_pb2.Me
         # Names as the content words spell them (singular), as replies bind
         # them; "no" and a negation kept ("I have no kids." / "I have kids.",
         # "I don't have a car." / "I have a car.").
-        words = {singular(name) for name in analysis.names} | (analysis.content - _USER_FILLER)
+        words = {singular(name) for name in analysis.names} | (
+            analysis.content - _USER_FILLER - _greeting_times(analysis.tokens)
+        )
         words |= analysis.token_set & POLARITY
         if analysis.negations:
             words.add("not")
     words -= analysis.numbers.keys() | NUMBER_WORDS.keys()
-    # Symbols too ("My 🐶 weighs 5 kg." / "My 🐱 ...": a hunt).
-    referents = sorted(words) + sorted(analysis.numbers.elements()) + list(analysis.glyphs)
+    # Symbols that name something too ("My 🐶 weighs 5 kg." / "My 🐱 ...": a
+    # hunt), not a feeling ("I'm on the Pro plan 🙂").
+    referents = sorted(words) + sorted(analysis.numbers.elements()) + _things(analysis.glyphs)
     if not referents:
         return None
     return common_pb2.Message(role=common_pb2.ROLE_USER, content=" ".join(referents))
@@ -515,7 +547,7 @@ def _bound_by_reply(text: str, topic: str) -> common_pb2.Message | None:
         # A topic turn too long to analyse shares no word: the reply's are all new (the stricter side).
         said = analyze(topic).content if len(topic) <= REPLY_ANALYSIS_MAX_CHARS else frozenset()
         filler = _TIMED_REPLY_FILLER if analysis.numbers else _REPLY_FILLER
-        new_words = analysis.content - said - filler
+        new_words = analysis.content - said - filler - _greeting_times(analysis.tokens)
     if len(new_words) > SHORT_REPLY_WORDS:
         return whole
     # Names as the content words spell them, so "Paris." (no name: it opens

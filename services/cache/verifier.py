@@ -510,6 +510,27 @@ def _ends_a_numeral(text: str, end: int) -> bool:
 _SKIN_TONES = frozenset(map(chr, range(0x1F3FB, 0x1F400)))
 
 
+# Emoji that show a feeling rather than name a thing: faces, hands, hearts,
+# a party's ("thanks 😊", "ok 👍", "Hi 👋", "I upgraded! 🎉"). A question's are
+# read as any other symbol ("What does 🙃 mean?"); a conversation's small
+# talk and statements do not bind them (services/cache/conversation.py).
+_EMOTIVE_RANGES = (
+    (0x1F600, 0x1F64F),  # emoticons, 🙏 🙌 included
+    (0x1F910, 0x1F92F),  # faces and hands of the supplement (🤔 🤗 🤝)
+    (0x1F970, 0x1F97A),
+    (0x1F44A, 0x1F450),  # 👊 👋 👌 👍 👎 👏 👐
+    (0x1F493, 0x1F49F),  # hearts
+    (0x1F389, 0x1F38A),  # 🎉 🎊
+)
+_EMOTIVE = frozenset({0x2764, 0x2665, 0x2728, 0x263A, 0x270C, 0x1F642, 0x1F643})
+
+
+def emotive(glyph: str) -> bool:
+    """Whether a symbol shows a feeling (a face, a hand, a heart, a party)."""
+    code = ord(glyph)
+    return code in _EMOTIVE or any(low <= code <= high for low, high in _EMOTIVE_RANGES)
+
+
 def _glyphs(text: str) -> tuple[str, ...]:
     """The symbols outside ASCII that no check reads (Unicode's symbol
     categories: math Sm, currency Sc, modifier Sk, other So: emoji,
@@ -540,6 +561,10 @@ _RELATIONS = {
     **dict.fromkeys(("last", "past", "previous", "prior", "preceding"), "earlier"),
 }
 _BETWEEN_RELATION_AND_PERIOD = _words("the few couple of several")
+# Periods whose "this coming" one is this one, the nearest ahead.
+_NEAREST_AHEAD = (CALENDAR_WORDS | {"weekend", "morning", "afternoon", "evening", "night"}) - _words(
+    "january february march april june july august september october november december"
+)
 # "the week after next", "the year before last".
 _SECOND_REMOVES = {("after", "next"): "later still", ("before", "last"): "earlier still"}
 
@@ -562,20 +587,23 @@ def _time_frames(tokens: list[str]) -> frozenset[tuple[str, str]]:
             before -= 1
         if before >= 0 and tokens[before] in _RELATIONS:
             relation = _RELATIONS[tokens[before]]
-            if relation == "later" and before and tokens[before - 1] == "this":
-                relation = "now"  # "this coming Friday" is this Friday
+            if relation == "later" and before and tokens[before - 1] == "this" and period in _NEAREST_AHEAD:
+                relation = "now"  # "this coming Friday" is this Friday ("this coming week" the next)
             frames.add((relation, period))
     return frozenset(frames)
 
 
 def _whens(analysis: Analysis) -> frozenset[str]:
     """When a question is about, however said: a relative day, a weekday or
-    month named, a period said relative to now (its relation aside)."""
-    return (
-        analysis.days
-        | (analysis.token_set & CALENDAR_WORDS)
-        | frozenset(period for _, period in analysis.time_frames)
+    month named, a period said relative to now (its relation aside; "this
+    evening" and "this night" are "tonight")."""
+    periods = frozenset(
+        "tonight" if (relation, period) in _TONIGHT else period for relation, period in analysis.time_frames
     )
+    return analysis.days | (analysis.token_set & CALENDAR_WORDS) | periods
+
+
+_TONIGHT = frozenset({("now", "evening"), ("now", "night")})
 
 
 _ANALYSIS_MEMO_ENTRIES = 4096

@@ -547,3 +547,31 @@ def test_a_greeting_and_the_same_time_said_otherwise_still_share():
         ("Book me a table at Nobu for this Friday.", "Done.", "Is it open then?"),
         ("Book me a table at Nobu for this coming Friday.", "Done.", "Is it open then?"),
     )
+
+
+_CHAT = ("How do I export my data?", "Go to Settings > Export.")
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # A review of the commit above: a face or a hand made an acknowledgement
+        # the topic turn, or bound a statement, and true reuse missed.
+        ((*_CHAT, "thanks 😊", "You're welcome!", "And how do I delete my account?"),
+         (*_CHAT, "thanks", "You're welcome!", "And how do I delete my account?")),
+        ((*_CHAT, "ok 👍", "Anything else?", "Is there a size limit?"),
+         (*_CHAT, "ok", "Anything else?", "Is there a size limit?")),
+        (("Hi 👋", "Hello! How can I help?", "How do I reset my password?"),
+         ("Hi", "Hello! How can I help?", "How do I reset my password?")),
+        (("I'm on the Pro plan 🙂", "Great, how can I help?", *_CHAT, "Is there a size limit?"),
+         ("I'm on the Pro plan.", "Great, how can I help?", *_CHAT, "Is there a size limit?")),
+        # A greeting's time of day binds nothing, in a statement either.
+        (("Good morning, I'm on the Pro plan.", "Great, how can I help?", *_CHAT, "Is there a size limit?"),
+         ("Hello, I'm on the Pro plan.", "Great, how can I help?", *_CHAT, "Is there a size limit?")),
+        (("Good evening, my email is sam@example.com.", "Thanks.", *_CHAT, "Is there a size limit?"),
+         ("Good morning, my email is sam@example.com.", "Thanks.", *_CHAT, "Is there a size limit?")),
+    ],
+)  # fmt: skip
+def test_a_face_a_hand_or_a_greetings_time_of_day_changes_no_conversation(a, b):
+    assert not _told_apart(a, b)
+    assert conversation.resolve(turns(*a))[0] == conversation.resolve(turns(*b))[0]

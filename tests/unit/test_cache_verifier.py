@@ -1234,3 +1234,15 @@ def test_a_period_said_relative_to_now_changed_is_vetoed(a, b):
 )
 def test_the_same_time_frame_or_one_on_one_side_only_is_no_time_frame_veto(a, b):
     assert not verifier.time_frame_veto(analyze(a), analyze(b))
+
+
+def test_tonight_is_this_evening_and_this_coming_week_is_the_next():
+    assert vetoed_by("What's on TV tonight?", "What's on TV this evening?") is None
+    assert (
+        vetoed_by("What are the best deals this coming week?", "What are the best deals next week?") is None
+    )
+    assert (
+        vetoed_by("What are the best deals this coming week?", "What are the best deals this week?")
+        == "time frame"
+    )
+    assert verifier.emotive("😊") and verifier.emotive("👍") and not verifier.emotive("🐶")
