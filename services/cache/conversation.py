@@ -38,8 +38,10 @@ from services.cache.verifier import (
     CONTEXT_SEPARATOR,
     NUMBER_WORDS,
     STOPWORDS,
+    TIMES_OF_DAY,
     analyze,
     emotive,
+    greeting_times,
     readable,
     singular,
 )
@@ -89,16 +91,15 @@ ACKNOWLEDGEMENTS = _words(
 # "No." is another conversation than with "Yes.".
 POLARITY = _words("yes yeah yep no nope not never")
 
-# Times of day small talk says ("Good morning!", "Have a nice day"), which a
-# user's statement, or a reply with a time in it, says as a fact ("I took it
-# at 8 in the morning." / "... in the evening.", "I work night shifts." /
-# "day shifts.", "Alarm set for 7 in the morning." / "... evening.": each
-# served the other's answer while read as filler, a hunt).
-TIMES_OF_DAY = _words("morning afternoon evening night day")
-
 # What a reply's words are matched against, as analyze() gives them
-# (singular: "sounds" is "sound", "cheers" is "cheer"); with a number in the
-# reply, times of day are not (_bound_by_reply).
+# (singular: "sounds" is "sound", "cheers" is "cheer"). Times of day
+# (TIMES_OF_DAY) small talk says ("Good morning!", "Have a nice day"), but a
+# user's statement, or a reply with a time in it, says them as a fact ("I
+# took it at 8 in the morning." / "... in the evening.", "I work night
+# shifts." / "day shifts.", "Alarm set for 7 in the morning." / "...
+# evening.": each served the other's answer while read as filler, a hunt):
+# with a number in the reply they are no filler (_bound_by_reply), and a
+# greeting's never binds (greeting_times).
 _REPLY_FILLER = frozenset(singular(w) for w in (SMALL_TALK | ACKNOWLEDGEMENTS) - POLARITY)
 _TIMED_REPLY_FILLER = _REPLY_FILLER - TIMES_OF_DAY
 
@@ -280,20 +281,6 @@ def _bound_by_answer(text: str) -> common_pb2.Message | None:
 def _things(glyphs: tuple[str, ...]) -> list[str]:
     """The symbols that name something ("🐶", "🍇"), not a feeling (verifier.emotive)."""
     return [glyph for glyph in glyphs if not emotive(glyph)]
-
-
-# Words before a time of day that make it a greeting ("Good morning", "have a
-# nice day"), which binds nothing, where "at 8 in the morning" does.
-_GREETING_BEFORE = _words("good nice great lovely wonderful")
-
-
-def _greeting_times(tokens: tuple[str, ...]) -> frozenset[str]:
-    """The times of day that ``tokens`` says in greetings only."""
-    greeted, said = set(), set()
-    for at, token in enumerate(tokens):
-        if token in TIMES_OF_DAY:
-            (greeted if at and tokens[at - 1] in _GREETING_BEFORE else said).add(token)
-    return frozenset(greeted - said)
 
 
 # Verbs a request opens with ("Explain the theory of relativity.", "Please
@@ -508,7 +495,7 @@ def _bound_by_earlier_turn(text: str, with_words: bool = False) -> common_pb2.Me
         # them; "no" and a negation kept ("I have no kids." / "I have kids.",
         # "I don't have a car." / "I have a car.").
         words = {singular(name) for name in analysis.names} | (
-            analysis.content - _USER_FILLER - _greeting_times(analysis.tokens)
+            analysis.content - _USER_FILLER - greeting_times(analysis.tokens)
         )
         words |= analysis.token_set & POLARITY
         if analysis.negations:
@@ -547,7 +534,7 @@ def _bound_by_reply(text: str, topic: str) -> common_pb2.Message | None:
         # A topic turn too long to analyse shares no word: the reply's are all new (the stricter side).
         said = analyze(topic).content if len(topic) <= REPLY_ANALYSIS_MAX_CHARS else frozenset()
         filler = _TIMED_REPLY_FILLER if analysis.numbers else _REPLY_FILLER
-        new_words = analysis.content - said - filler - _greeting_times(analysis.tokens)
+        new_words = analysis.content - said - filler - greeting_times(analysis.tokens)
     if len(new_words) > SHORT_REPLY_WORDS:
         return whole
     # Names as the content words spell them, so "Paris." (no name: it opens

@@ -9,7 +9,16 @@ import pytest
 from meshgate.common.v1 import common_pb2
 from meshgate.config import CacheSettings
 from services.cache import conversation
-from services.cache.verifier import CONTEXT_SEPARATOR, Verifier, analyze, structural_veto
+from services.cache.verifier import (
+    CONTEXT_SEPARATOR,
+    Verifier,
+    analyze,
+    structural_veto,
+    topic_amount_veto,
+    topic_condition_veto,
+    topic_entity_veto,
+    topic_unit_veto,
+)
 
 USER, ASSISTANT = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
 
@@ -476,7 +485,14 @@ def _told_apart(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
         return True
     _, _, topic_a = conversation.resolve(first)[0].partition(CONTEXT_SEPARATOR)
     _, _, topic_b = conversation.resolve(second)[0].partition(CONTEXT_SEPARATOR)
-    return bool(topic_a and topic_b) and structural_veto(analyze(topic_a), analyze(topic_b)) is not None
+    if not (topic_a and topic_b):
+        return False
+    a_topic, b_topic = analyze(topic_a), analyze(topic_b)
+    # As Verifier.decide reads two topic turns.
+    return structural_veto(a_topic, b_topic) is not None or any(
+        veto(a_topic, b_topic)
+        for veto in (topic_entity_veto, topic_unit_veto, topic_amount_veto, topic_condition_veto)
+    )
 
 
 @pytest.mark.parametrize(
@@ -575,3 +591,16 @@ _CHAT = ("How do I export my data?", "Go to Settings > Export.")
 def test_a_face_a_hand_or_a_greetings_time_of_day_changes_no_conversation(a, b):
     assert not _told_apart(a, b)
     assert conversation.resolve(turns(*a))[0] == conversation.resolve(turns(*b))[0]
+
+
+def test_a_topic_turn_saying_another_time_of_day_is_another_conversation():
+    # A third hunt's (served at 0.918): the learned stage read the two as one.
+    assert _told_apart(
+        ("I work nights.", "Okay.", "When should I take melatonin?"),
+        ("I work days.", "Okay.", "When should I take melatonin?"),
+    )
+    # A greeting's time of day says no time.
+    assert not _told_apart(
+        ("Good morning, I'd like to book a flight to Paris.", "Sure.", "Do I need a visa?"),
+        ("Hi, I'd like to book a flight to Paris.", "Sure.", "Do I need a visa?"),
+    )
