@@ -194,10 +194,9 @@ NUMBER_WORDS = {
 # "one" is mostly a pronoun ("how can one ..."), not a count.
 NUMBER_WORDS.pop("one")
 # Dates: a changed month or weekday is a changed date.
-CALENDAR_WORDS = _words(
-    """january february march april june july august september october november december
-    monday tuesday wednesday thursday friday saturday sunday"""
-)
+_WEEKDAYS = _words("monday tuesday wednesday thursday friday saturday sunday")
+_MONTHS = _words("january february march april june july august september october november december")
+CALENDAR_WORDS = _MONTHS | _WEEKDAYS
 # So is a day said relative to today ("What happened yesterday?" vs "...
 # today?"). Kept apart from the numbers: a greeting's "today" ("How can I
 # help you today?") is no referent (conversation.py), and a question that
@@ -424,7 +423,7 @@ class Analysis:
     # the tokens), by its index in tokens.
     possessives: frozenset[int] = frozenset()
     # Symbols outside ASCII that no check reads as a word (emoji, "♂", "☀",
-    # "⌘", "√"), in order, decoration left out (_glyphs, glyph_veto).
+    # "⌘", "√"), in order, skin tones left out (_glyphs, glyph_veto).
     glyphs: tuple[str, ...] = ()
     # (the name before it, its value) of each Roman numeral after a name,
     # "I" included where it may be the pronoun (number_veto).
@@ -479,13 +478,6 @@ def _split(word: str) -> list[str]:
     return [lower]
 
 
-# The memo of analyses is bounded by count, so what one costs must be bounded
-# too: an Analysis holds sets of tokens and trigrams, ~9 KiB for a 60-character
-# question, ~66 KiB at 500 characters, ~1.9 MiB at 100,000 (tracemalloc), and
-# with no length bound 65,536 long prompts once could have held gigabytes.
-# Analysing afresh costs ~15-25 us for a question, so the memo only spares the
-# candidates that recent lookups shared: a few thousand short texts. At most
-# ~270 MiB at its bounds, ~40 MiB of typical questions.
 # A Roman numeral of 1 to 3999 in capitals, as after a name.
 _ROMAN_NUMERAL = re.compile(r"(?=[MDCLXVI])M{0,3}(?:C[MD]|D?C{0,3})(?:X[CL]|L?X{0,3})(?:I[XV]|V?I{0,3})")
 _ROMAN_DIGITS = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100, "D": 500, "M": 1000}
@@ -548,11 +540,13 @@ def _glyphs(text: str) -> tuple[str, ...]:
 # between them skipped: "in the next 3 months") says which one. "last" is
 # also a scope word (scope_veto reads it alone); "next" is not one, as it
 # is no period's ("the next step").
+TIMES_OF_DAY = _words("morning afternoon evening night day")
 _PERIODS = (
     _words(
-        """minute hour day night morning afternoon evening week weekend month year season quarter semester
-    term decade century spring summer autumn fall winter"""
+        """minute hour week weekend month year season quarter semester term decade century spring summer
+    autumn fall winter"""
     )
+    | TIMES_OF_DAY
     | CALENDAR_WORDS
 )
 _RELATIONS = {
@@ -562,9 +556,7 @@ _RELATIONS = {
 }
 _BETWEEN_RELATION_AND_PERIOD = _words("the few couple of several")
 # Periods whose "this coming" one is this one, the nearest ahead.
-_NEAREST_AHEAD = (CALENDAR_WORDS | {"weekend", "morning", "afternoon", "evening", "night"}) - _words(
-    "january february march april june july august september october november december"
-)
+_NEAREST_AHEAD = _WEEKDAYS | {"weekend"} | (TIMES_OF_DAY - {"day"})
 # "the week after next", "the year before last".
 _SECOND_REMOVES = {("after", "next"): "later still", ("before", "last"): "earlier still"}
 
@@ -593,6 +585,9 @@ def _time_frames(tokens: list[str]) -> frozenset[tuple[str, str]]:
     return frozenset(frames)
 
 
+_TONIGHT = frozenset({("now", "evening"), ("now", "night")})
+
+
 def _whens(analysis: Analysis) -> frozenset[str]:
     """When a question is about, however said: a relative day, a weekday or
     month named, a period said relative to now (its relation aside; "this
@@ -603,9 +598,13 @@ def _whens(analysis: Analysis) -> frozenset[str]:
     return analysis.days | (analysis.token_set & CALENDAR_WORDS) | periods
 
 
-_TONIGHT = frozenset({("now", "evening"), ("now", "night")})
-
-
+# The memo of analyses is bounded by count, so what one costs must be bounded
+# too: an Analysis holds sets of tokens and trigrams, ~9 KiB for a 60-character
+# question, ~66 KiB at 500 characters, ~1.9 MiB at 100,000 (tracemalloc), and
+# with no length bound 65,536 long prompts once could have held gigabytes.
+# Analysing afresh costs ~15-25 us for a question, so the memo only spares the
+# candidates that recent lookups shared: a few thousand short texts. At most
+# ~270 MiB at its bounds, ~40 MiB of typical questions.
 _ANALYSIS_MEMO_ENTRIES = 4096
 _ANALYSIS_MEMO_MAX_CHARS = 512
 
@@ -839,12 +838,15 @@ def _numeral_replaced(a: Analysis, b: Analysis) -> bool:
     as it may be the pronoun)."""
     if not (a.numerals and b.numerals):
         return False
-    by_name_a, by_name_b = collections.defaultdict(set), collections.defaultdict(set)
-    for name, value in a.numerals:
-        by_name_a[name].add(value)
-    for name, value in b.numerals:
-        by_name_b[name].add(value)
+    by_name_a, by_name_b = _numerals_by_name(a), _numerals_by_name(b)
     return any(by_name_a[name] != by_name_b[name] for name in by_name_a.keys() & by_name_b.keys())
+
+
+def _numerals_by_name(analysis: Analysis) -> dict[str, set[int]]:
+    by_name = collections.defaultdict(set)
+    for name, value in analysis.numerals:
+        by_name[name].add(value)
+    return by_name
 
 
 def _has_negated_form(a: Analysis, b: Analysis) -> bool:
@@ -1155,7 +1157,6 @@ def topic_condition_veto(a: Analysis, b: Analysis) -> bool:
     )
 
 
-TIMES_OF_DAY = _words("morning afternoon evening night day")
 # Words before a time of day that make it a greeting ("Good morning", "have a
 # nice day"), which says no time: "at 8 in the morning" does.
 _GREETING_BEFORE = _words("good nice great lovely wonderful")

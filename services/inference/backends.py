@@ -79,8 +79,9 @@ class OpenCalls:
         self._ended: dict[object, str] = {}
         # When each call that Triton has not answered yet was sent.
         self._unanswered_since: dict[object, float] = {}
-        # When Triton last answered each model here (a call's first response,
-        # a unary call's answer, a canary's end), for quiet_for.
+        # When Triton was last heard of each model here (a call it answered
+        # ending, a canary's end), for quiet_for: while a call is open, the
+        # model is not quiet.
         self._last_heard: dict[str, float] = {}
         self._started = clock()
 
@@ -94,8 +95,6 @@ class OpenCalls:
     def answered(self, call) -> None:
         """Triton sent ``call`` its first response."""
         self._unanswered_since.pop(call, None)
-        if (model := self._model_of.get(call)) is not None:
-            self.heard(model)
 
     def heard(self, model: str) -> None:
         """Triton answered a request of ``model`` (or a canary of it ended)."""
@@ -158,7 +157,7 @@ class OpenCalls:
         self.add(call, model)
         try:
             response = await call
-            self.heard(model)
+            self.answered(call)
             return response
         except asyncio.CancelledError as cancelled:
             if (failure := self.ended_here(call)) is not None:
