@@ -246,6 +246,30 @@ _BARE_CONTRACTIONS = {
     "havent": "have",
     "hasnt": "has",
     "hadnt": "had",
+    "aint": "is",
+}
+# Contractions whose stem is not their first word: "won't" is "will not",
+# not "wo not" ("Why won't my laptop charge" was scored as a question about
+# "wo" against "why wont my laptop charge", and "can't" as "ca" against
+# "cant" and "cannot").
+_IRREGULAR_NOT = {"won't": "will", "can't": "can", "shan't": "shall", "ain't": "is"}
+# The other clitics, said and typed: "I'm" is "I am" as "Im" is. Left out
+# where the bare spelling is a word of its own ("its", "were", "well", "ill",
+# "id", "hell", "shell", "lets", "wed"). "'d" is "would", not "had": it
+# changes no tense ("How'd" is rarer).
+_CLITICS = {"'m": "am", "'re": "are", "'ve": "have", "'ll": "will", "'d": "would"}
+_BARE_CLITICS = {
+    **{f"{w}s": (w, "is") for w in _words("what that how who where when there here she")},
+    "im": ("i", "am"),
+    "ive": ("i", "have"),
+    "youre": ("you", "are"),
+    "youve": ("you", "have"),
+    "youll": ("you", "will"),
+    "theyre": ("they", "are"),
+    "theyve": ("they", "have"),
+    "theyll": ("they", "will"),
+    "weve": ("we", "have"),
+    "alot": ("a", "lot"),
 }
 # "... or not?" and "why or why not?" ask the same yes/no question as without.
 _NEUTRAL_NEGATION = re.compile(r"\bor (?:why )?not\b", re.IGNORECASE)
@@ -469,12 +493,19 @@ def _split(word: str) -> list[str]:
         return [lower[:-2], "is"]  # "what's" is "what is", not a possessive
     if lower.endswith("'s"):
         return [lower[:-2]]
+    if lower in _IRREGULAR_NOT:
+        return [_IRREGULAR_NOT[lower], "not"]
     if lower.endswith("n't"):
         return [lower[:-3] or "not", "not"]
     if lower == "cannot":
         return ["can", "not"]
     if lower in _BARE_CONTRACTIONS:
         return [_BARE_CONTRACTIONS[lower], "not"]
+    if lower in _BARE_CLITICS:
+        return list(_BARE_CLITICS[lower])
+    stem, apostrophe, clitic = lower.rpartition("'")
+    if stem and f"'{clitic}" in _CLITICS:
+        return [stem, _CLITICS[f"'{clitic}"]]
     return [lower]
 
 
@@ -1398,10 +1429,26 @@ def scope_veto(a: Analysis, b: Analysis) -> bool:
     """A scope word on one side only ("all planets" vs "only the rocky
     planets"), or swapped for another ("first president" vs "last
     president", "always" vs "sometimes"). Words also used as emphasis
-    (``WEAK_SCOPE_WORDS``) veto only when swapped."""
-    if _replaced(a.scope, b.scope):
+    (``WEAK_SCOPE_WORDS``) veto only when swapped. One the other side types
+    with a typo is said there ("every night" / "evry night")."""
+    x = frozenset(w for w in a.scope if w in b.scope or not _typed_with_a_typo(w, b))
+    y = frozenset(w for w in b.scope if w in a.scope or not _typed_with_a_typo(w, a))
+    if _replaced(x, y):
         return True
-    return bool((a.scope ^ b.scope) - WEAK_SCOPE_WORDS)
+    return bool((x ^ y) - WEAK_SCOPE_WORDS)
+
+
+def _typed_with_a_typo(word: str, side: Analysis) -> bool:
+    """Whether ``side`` has ``word`` typed with one typo, as _retyped reads
+    one: four letters or more, one edit or two letters swapped, and no other
+    word ("evry" for "every"; not "last" for "lost")."""
+    return len(word) >= 4 and any(
+        len(token) >= 4
+        and (_edit_distance_at_most_one(word, token) or _transposed(word, token))
+        and not _another_word(word, token)
+        for token in side.token_set
+        if token != word
+    )
 
 
 # What a yes/no question's modal asks: whether one may, must, or should, or

@@ -184,6 +184,35 @@ def test_contractions_typed_without_apostrophe_count_as_negations():
     )
 
 
+def test_a_contraction_reads_as_its_words_with_or_without_the_apostrophe():
+    """ "won't" was "wo" + "not" and "can't" "ca" + "not", content words the
+    typed "wont" and "cant" lack; "I'm", "you're" and "whats" were one word
+    each, and "whats" no question word: retyped repeats were refused."""
+    same = [
+        ("Why won't my laptop charge?", "why wont my laptop charge", "Why will not my laptop charge?"),
+        ("Why can't I sleep?", "why cant i sleep", "Why cannot I sleep?"),
+        ("I'm tired, what should I do?", "Im tired, what should I do?", "I am tired, what should I do?"),
+        ("You're right, they'll come", "youre right, theyll come", "You are right, they will come"),
+        ("What's the offside rule?", "whats the offside rule", "What is the offside rule?"),
+        ("I've a lot of time", "Ive alot of time", "I have a lot of time"),
+    ]
+    for forms in same:
+        assert len({analyze(form).tokens for form in forms}) == 1, forms
+    assert analyze("whats the offside rule").question_word == "what"
+    # A bare spelling that is a word of its own stays that word.
+    assert analyze("its battery").tokens == ("its", "battery")
+    assert analyze("we were well").tokens == ("we", "were", "well")
+
+
+def test_a_scope_word_typed_with_a_typo_is_said():
+    vetoed_by = lambda a, b: verifier.structural_veto(analyze(a), analyze(b))  # noqa: E731
+    assert vetoed_by("Can I take melatonin every night?", "can i take melatonin evry night") is None
+    assert vetoed_by("Is it the only way?", "is it the onyl way") is None
+    # Another scope word, or another word one letter away, is no typo.
+    assert vetoed_by("What was the first step?", "What was the last step?") == "scope"
+    assert vetoed_by("Are both doors locked?", "Are bath doors locked?") == "scope"
+
+
 def test_a_replaced_name_is_vetoed_an_added_one_is_not():
     assert verifier.entity_veto(
         analyze("What is the capital of France?"), analyze("What is the capital of Germany?")
