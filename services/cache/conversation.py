@@ -37,6 +37,7 @@ from services.cache.keys import normalize_text
 from services.cache.verifier import (
     CONTEXT_SEPARATOR,
     NUMBER_WORDS,
+    SIGNS,
     STOPWORDS,
     TIMES_OF_DAY,
     analyze,
@@ -136,7 +137,8 @@ def is_small_talk(text: str) -> bool:
     # A symbol may be what the turn says ("I have a 🐶." was small talk, and
     # the question after it served the answer given after "... a 🐱.": a hunt);
     # a face or a hand is small talk's own ("thanks 😊", "ok 👍", "Hi 👋").
-    if analysis.numbers or analysis.names or _things(analysis.glyphs):
+    # A dash or a unit sign is said too, though no content word (verifier.SIGNS).
+    if analysis.numbers or analysis.names or _things(analysis.glyphs) or analysis.token_set & SIGNS:
         return False
     return not (analysis.content - SMALL_TALK - STOPWORDS)
 

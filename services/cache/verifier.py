@@ -226,6 +226,7 @@ UNIT_SYNONYMS = {
     "kilogram": "kg",
     "kmph": "kmh",
     "feet": "foot",
+    "%": "percent",
 }
 
 NEGATIONS = _words("not no never none nobody nothing neither nor without cannot")
@@ -663,6 +664,14 @@ def analyze_uncached(text: str) -> Analysis:
     sentence_start = True
     for match in _TOKEN.finditer(text):
         word = match.group()
+        if (
+            word == "-"
+            and text[match.start() - 1 : match.start()].isalpha()
+            and text[match.end() :][:1].isalpha()
+        ):
+            # A hyphen joining two words joins nothing the words do not:
+            # "jump-start" is "jump start" (it was a token of one side only).
+            continue
         if word == "-" and _signs(tokens, text, match.start(), match.end()):
             minus_signs.add(len(tokens))
         parts = _split(word)
@@ -700,7 +709,12 @@ def analyze_uncached(text: str) -> Analysis:
                 number = "-" + number
             numbers[number] += 1
             following = tokens[at + 1] if at + 1 < len(tokens) else ""
-            number_units.add((number, _unit_of(following) or ""))
+            unit = _unit_of(following)
+            if at and tokens[at - 1] == "$":
+                # "$5" is "5 dollars": the one unit written before its number.
+                unit = "dollar"
+                units.add(unit)
+            number_units.add((number, unit or ""))
         elif token in CALENDAR_WORDS:
             numbers[token] += 1
         elif token in _MERIDIEMS:
@@ -1515,8 +1529,15 @@ def _passive_verb(tokens: tuple[str, ...]) -> int | None:
 
 def _content_words(tokens: tuple[str, ...]) -> frozenset[str]:
     """A stretch's content words, as Analysis.content has a whole text's:
-    singular, no stop word, no number."""
-    return frozenset(singular(t) for t in tokens if t not in STOPWORDS and not t[0].isdigit())
+    singular, no stop word, no number, no dash and no unit sign ("10%" and
+    "10 percent", "$5" and "5 dollars" say the same words: their units are
+    Analysis.units). Other operators stay words ("C++" is not "C")."""
+    return frozenset(singular(t) for t in tokens if t not in _NOT_CONTENT and not t[0].isdigit())
+
+
+# A dash and the unit signs: tokens, no content words.
+SIGNS = frozenset("-$%")
+_NOT_CONTENT = STOPWORDS | SIGNS
 
 
 def voice_veto(a: Analysis, b: Analysis) -> bool:

@@ -36,7 +36,7 @@ def test_greetings_and_thanks_are_small_talk(text):
 
 
 @pytest.mark.parametrize(
-    "text", ["Order 4521 hasn't arrived.", "I bought a Samsung phone.", "I have a gym membership."]
+    "text", ["Order 4521 hasn't arrived.", "I bought a Samsung phone.", "I have a gym membership.", "%", "-"]
 )
 def test_turns_with_numbers_names_or_content_are_not_small_talk(text):
     assert not conversation.is_small_talk(text)

@@ -213,6 +213,22 @@ def test_a_scope_word_typed_with_a_typo_is_said():
     assert vetoed_by("Are both doors locked?", "Are bath doors locked?") == "scope"
 
 
+def test_a_hyphen_between_words_and_a_unit_sign_are_no_words():
+    """ "jump-start" had a "-" token, a content word the other side lacked;
+    "10%" against "10 percent" was vetoed as another unit, and "$5" said no
+    unit at all ("5 euros" was one side's addition)."""
+    assert analyze("How do I jump-start a car?").tokens == analyze("how do i jump start a car").tokens
+    vetoed_by = lambda a, b: verifier.structural_veto(analyze(a), analyze(b))  # noqa: E731
+    assert vetoed_by("What is 10% of 50?", "What is 10 percent of 50?") is None
+    assert analyze("What is 10% of 50?").content == frozenset()
+    assert analyze("Is $5 enough for lunch?").units == analyze("Is 5 dollars enough for lunch?").units
+    assert vetoed_by("Is $5 enough for lunch?", "Is 5 euros enough for lunch?") == "number"
+    # A hyphen before a number, and other operators, are what they were.
+    assert analyze("What is COVID-19?").numbers == analyze("What is COVID 19?").numbers
+    assert vetoed_by("What is -5 + 3?", "What is 5 + 3?") == "number"
+    assert "+" in analyze("What is C++?").content
+
+
 def test_a_replaced_name_is_vetoed_an_added_one_is_not():
     assert verifier.entity_veto(
         analyze("What is the capital of France?"), analyze("What is the capital of Germany?")
