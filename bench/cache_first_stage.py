@@ -86,7 +86,7 @@ def _traced_index_bytes(questions: list[str]) -> int:
 
 
 def _passes(index: VectorIndex, question: str, share: float) -> bool:
-    return index.may_match(verifier.analyze(question).content, share)
+    return index.may_match(verifier.analyze(question).stems, share)
 
 
 def _rate(part: int, whole: int) -> str:
@@ -190,7 +190,7 @@ def main() -> None:
     costs = []
     for question in (unseen * (COST_CALLS // len(unseen) + 1))[:COST_CALLS]:
         begin = time.perf_counter()
-        busy.may_match(verifier.analyze_uncached(question).content, share)
+        busy.may_match(verifier.analyze_uncached(question).stems, share)
         costs.append((time.perf_counter() - begin) * 1e6)
     costs.sort()
     print(

@@ -34,7 +34,7 @@ def first_stage(stored: str, stored_vector, asked: str, settings: CacheSettings)
     sub-partition holding ``stored`` alone."""
     index = VectorIndex(len(stored_vector), 1, settings.approximate_index_from)
     index.upsert("stored", 1, 0, stored_vector, stored)
-    return index.may_match(analyze(asked).content, settings.first_stage_word_share)
+    return index.may_match(analyze(asked).stems, settings.first_stage_word_share)
 
 
 def main() -> None:

@@ -1045,11 +1045,12 @@ class CacheSettings:
     max_false_hit_rate: float = 0.01
     # The lookup's first stage (services/cache/servicer.py): a question is
     # embedded only if some stored question of its sub-partition holds at
-    # least this share of its content words (and at least one); otherwise
-    # it is a miss at once. 0: any one shared word. At 0.3, on the train
-    # and calibration data, it rejects 0.36 of a busy partition's misses
-    # and 11 of the 1,100 pairs the verifier accepts at the default bound
-    # (0.34: 0.53 and 31; 0.25: 0.20 and 3; bench/cache_first_stage.py).
+    # least this share of its content words, matched by stem ("renewal"
+    # meets "renew": verifier.stem; at least one); otherwise it is a miss
+    # at once. 0: any one shared word. At 0.3, on the train and calibration
+    # data, it rejects 0.34 of a busy partition's misses and 6 of the 1,061
+    # pairs the verifier accepts at the default bound (0.34: 0.51 and 23;
+    # 0.25: 0.18 and 3; bench/cache_first_stage.py, 2026-12-07).
     # It needs each sub-partition under approximate_index_from entries to
     # keep word postings: 242 B an entry, words included, in a 3,001-entry
     # one (tracemalloc, bench/cache_first_stage.py's last line), 469 B in a

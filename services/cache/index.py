@@ -176,8 +176,8 @@ class VectorIndex:
         # A batch being added off the loop, and the numbers removed meanwhile.
         self._graph_batch: _GraphBatch | None = None
         self._removed_during_batch: list[int] = []
-        # The entries whose stored question holds each content word (as the
-        # verifier analyzes them), for the lookup's first stage
+        # The entries whose stored question holds each content word's stem
+        # (as the verifier analyzes them: Analysis.stems), for the lookup's first stage
         # (``may_match``). Kept only below the graph's size: analyzing every
         # row of a 100k rebuild would hold the loop for seconds. An entry is
         # named by its sequence number (rows move, numbers do not); a word
@@ -210,7 +210,7 @@ class VectorIndex:
 
     def may_match(self, words: frozenset[str], min_share: float = 0.0) -> bool:
         """Whether some stored question holds at least ``min_share`` of
-        ``words`` (the content words of the question looked up), and at
+        ``words`` (the stems of the question looked up: Analysis.stems), and at
         least one of them: the lookup's first stage, which decides whether
         the question is worth embedding (``cache.first_stage_word_share``
         says why a share and which). Always True for a partition too large
@@ -452,12 +452,12 @@ class VectorIndex:
 
     def _index_words(self, seq: int, question: str, *, remove: bool = False) -> None:
         """Adds the entry version ``seq`` to the postings of its question's
-        content words, or removes it."""
+        content words' stems, or removes it."""
         postings = self._postings
         if postings is None:
             return
         seq = int(seq)  # one number object shared by all its words
-        for word in analyze(question).content:
+        for word in analyze(question).stems:
             holders = postings.get(word)
             if not remove:
                 if holders is None:

@@ -824,7 +824,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
     def _may_match(self, index: VectorIndex, question: str) -> bool:
         """The first stage: whether ``question`` is worth embedding to search
         ``index``."""
-        return index.may_match(analyze(question).content, self._settings.first_stage_word_share)
+        return index.may_match(analyze(question).stems, self._settings.first_stage_word_share)
 
     async def close(self) -> None:
         """Cancels the embeddings and index loads under way, before the

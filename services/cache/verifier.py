@@ -256,9 +256,13 @@ _BARE_CONTRACTIONS = {
 _IRREGULAR_NOT = {"won't": "will", "can't": "can", "shan't": "shall", "ain't": "is"}
 # The other clitics, said and typed: "I'm" is "I am" as "Im" is. Left out
 # where the bare spelling is a word of its own ("its", "were", "well", "ill",
-# "id", "hell", "shell", "lets", "wed"). "'d" is "would", not "had": it
-# changes no tense ("How'd" is rarer).
-_CLITICS = {"'m": "am", "'re": "are", "'ve": "have", "'ll": "will", "'d": "would"}
+# "id", "hell", "shell", "lets", "wed"), or written in capitals ("IM", an
+# intramuscular injection). "'d" is "did", "had" or "would", which only the
+# next words tell ("What'd Napoleon do?", "What'd happen if ...", "I'd
+# gone"): such a word stays whole, as it was (a review: "'d" read as "would"
+# served "What would Napoleon do after Waterloo?" the answer for "What'd
+# ...").
+_CLITICS = {"'m": "am", "'re": "are", "'ve": "have", "'ll": "will"}
 _BARE_CLITICS = {
     **{f"{w}s": (w, "is") for w in _words("what that how who where when there here she")},
     "im": ("i", "am"),
@@ -456,10 +460,29 @@ class Analysis:
     # (relation, period) of each period said relative to now ("next week":
     # ("later", "week"); time_frame_veto).
     time_frames: frozenset[tuple[str, str]] = frozenset()
+    # The content words' stems (stem): what the lookup's first stage matches.
+    stems: frozenset[str] = frozenset()
 
 
 def singular(word: str) -> str:
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+# Longest first: one is stripped, the first that leaves three letters.
+_STEM_SUFFIXES = ("ation", "ment", "ness", "ing", "ion", "ity", "al", "ed", "er", "ly", "e", "y")
+
+
+def stem(word: str) -> str:
+    """A content word less one derivational or inflectional ending, for the
+    lookup's first stage only: "renewal" meets "renew", "healing" "heal",
+    "baked" "baking", "interviewer" "interview" (paraphrases that share no
+    word as written were never embedded, so never verified). Crude on
+    purpose: both sides go through it, and a looser first stage only embeds
+    a question more; what is served is still the checks' and the score's."""
+    for suffix in _STEM_SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
 
 
 # Words recur across questions: one word's forms are worked out once.
@@ -502,9 +525,9 @@ def _split(word: str) -> list[str]:
         return ["can", "not"]
     if lower in _BARE_CONTRACTIONS:
         return [_BARE_CONTRACTIONS[lower], "not"]
-    if lower in _BARE_CLITICS:
+    if lower in _BARE_CLITICS and not word.isupper():
         return list(_BARE_CLITICS[lower])
-    stem, apostrophe, clitic = lower.rpartition("'")
+    stem, _, clitic = lower.rpartition("'")
     if stem and f"'{clitic}" in _CLITICS:
         return [stem, _CLITICS[f"'{clitic}"]]
     return [lower]
@@ -666,11 +689,13 @@ def analyze_uncached(text: str) -> Analysis:
         word = match.group()
         if (
             word == "-"
-            and text[match.start() - 1 : match.start()].isalpha()
-            and text[match.end() :][:1].isalpha()
+            and text[max(0, match.start() - 2) : match.start()].isalpha()
+            and text[match.end() : match.end() + 2].isalpha()
         ):
             # A hyphen joining two words joins nothing the words do not:
             # "jump-start" is "jump start" (it was a token of one side only).
+            # Not after or before a single letter, where it may subtract
+            # ("a-b" is not "a b"; "x-ray" keeps it as before).
             continue
         if word == "-" and _signs(tokens, text, match.start(), match.end()):
             minus_signs.add(len(tokens))
@@ -702,6 +727,8 @@ def analyze_uncached(text: str) -> Analysis:
     numbers: Counter = Counter(roman_numbers)
     units = set()
     number_units = set()
+    # The units "$" and "%" say (_content_words leaves the signs out).
+    said_by_signs = set()
     for at, token in enumerate(tokens):
         number = _number_of(token)
         if number is not None:
@@ -710,10 +737,13 @@ def analyze_uncached(text: str) -> Analysis:
             numbers[number] += 1
             following = tokens[at + 1] if at + 1 < len(tokens) else ""
             unit = _unit_of(following)
+            if following == "%":
+                said_by_signs.add(unit)
             if at and tokens[at - 1] == "$":
                 # "$5" is "5 dollars": the one unit written before its number.
                 unit = "dollar"
                 units.add(unit)
+                said_by_signs.add(unit)
             number_units.add((number, unit or ""))
         elif token in CALENDAR_WORDS:
             numbers[token] += 1
@@ -742,10 +772,14 @@ def analyze_uncached(text: str) -> Analysis:
     roles.reverse()
     joined = " " + " ".join(tokens) + " "
     token_set = frozenset(tokens)
+    # "$20" and "10%" say "dollar" and "percent" as "20 dollars" and "10
+    # percent" do (a review: "$20 an hour" was refused against "20 dollars
+    # an hour" once the signs were no content words and the unit words were).
+    content = _content_words(tokens) | said_by_signs
     return Analysis(
         tokens=tuple(tokens),
         token_set=token_set,
-        content=_content_words(tokens),
+        content=content,
         numbers=numbers,
         days=frozenset(t for t in tokens if t in RELATIVE_DAYS),
         units=frozenset(units),
@@ -767,6 +801,9 @@ def analyze_uncached(text: str) -> Analysis:
         glyphs=_glyphs(text),
         numerals=frozenset(numerals),
         time_frames=_time_frames(tokens),
+        # A question of numbers and signs alone ("What is 7-3?") is still
+        # looked for: its signs are its first stage's words.
+        stems=frozenset(stem(word) for word in content) | (token_set & SIGNS),
     )
 
 
@@ -1443,26 +1480,11 @@ def scope_veto(a: Analysis, b: Analysis) -> bool:
     """A scope word on one side only ("all planets" vs "only the rocky
     planets"), or swapped for another ("first president" vs "last
     president", "always" vs "sometimes"). Words also used as emphasis
-    (``WEAK_SCOPE_WORDS``) veto only when swapped. One the other side types
-    with a typo is said there ("every night" / "evry night")."""
-    x = frozenset(w for w in a.scope if w in b.scope or not _typed_with_a_typo(w, b))
-    y = frozenset(w for w in b.scope if w in a.scope or not _typed_with_a_typo(w, a))
-    if _replaced(x, y):
-        return True
-    return bool((x ^ y) - WEAK_SCOPE_WORDS)
-
-
-def _typed_with_a_typo(word: str, side: Analysis) -> bool:
-    """Whether ``side`` has ``word`` typed with one typo, as _retyped reads
-    one: four letters or more, one edit or two letters swapped, and no other
-    word ("evry" for "every"; not "last" for "lost")."""
-    return len(word) >= 4 and any(
-        len(token) >= 4
-        and (_edit_distance_at_most_one(word, token) or _transposed(word, token))
-        and not _another_word(word, token)
-        for token in side.token_set
-        if token != word
-    )
+    (``WEAK_SCOPE_WORDS``) veto only when swapped. A question typed again
+    with a typo in its scope word says it (_retyped: "every night" / "evry
+    night"; not "alone" / "aloe", a review)."""
+    changed = _replaced(a.scope, b.scope) or bool((a.scope ^ b.scope) - WEAK_SCOPE_WORDS)
+    return changed and not _retyped(a, b)
 
 
 # What a yes/no question's modal asks: whether one may, must, or should, or
