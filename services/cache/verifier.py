@@ -882,8 +882,28 @@ def _particles(tokens: list[str]) -> frozenset[tuple[str, str]]:
     return frozenset(found)
 
 
+# Scope words that say no scope in some places: "last" as a verb ("How long
+# do boiled eggs last in the fridge?": a question asking how many days they
+# are good for was vetoed as "last" dropped), "all" in "all over", "at all",
+# "after all" and "all right".
+_LAST_VERB_AFTER = _words("to will would can could should may might it they")
+_ALL_IDIOMS = {("at", "all"), ("after", "all"), ("all", "over"), ("all", "right")}
+
+
+def _says_scope(tokens: list[str], i: int) -> bool:
+    token = tokens[i]
+    before = tokens[i - 1] if i else ""
+    following = tokens[i + 1] if i + 1 < len(tokens) else ""
+    if token == "last":
+        verb_here = not following or following in STOPWORDS
+        return not (verb_here and ("long" in tokens or before in _LAST_VERB_AFTER))
+    if token == "all":
+        return (before, token) not in _ALL_IDIOMS and (token, following) not in _ALL_IDIOMS
+    return True
+
+
 def _scope(tokens: list[str]) -> frozenset[str]:
-    scope = {t for t in tokens if t in SCOPE_WORDS}
+    scope = {t for i, t in enumerate(tokens) if t in SCOPE_WORDS and _says_scope(tokens, i)}
     for i, token in enumerate(tokens):
         if token in _SCOPE_SPELLING_STARTS:
             for words in ((token,), tuple(tokens[i : i + 2])):
@@ -1483,7 +1503,12 @@ def scope_veto(a: Analysis, b: Analysis) -> bool:
     (``WEAK_SCOPE_WORDS``) veto only when swapped. A question typed again
     with a typo in its scope word says it (_retyped: "every night" / "evry
     night"; not "alone" / "aloe", a review)."""
-    changed = _replaced(a.scope, b.scope) or bool((a.scope ^ b.scope) - WEAK_SCOPE_WORDS)
+    x, y = a.scope, b.scope
+    # "both X and Y" is "X and Y" ("center a div both vertically and
+    # horizontally"): a "both" on one side, with an "and" on each, says nothing more.
+    if "both" in x ^ y and "and" in a.token_set and "and" in b.token_set:
+        x, y = x - {"both"}, y - {"both"}
+    changed = _replaced(x, y) or bool((x ^ y) - WEAK_SCOPE_WORDS)
     return changed and not _retyped(a, b)
 
 

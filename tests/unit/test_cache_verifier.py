@@ -255,6 +255,40 @@ def test_the_first_stage_stems_meet_across_word_forms():
     assert stems("What is 7-3?") == {"-"}
 
 
+def test_scope_words_that_say_no_scope_there_are_no_veto():
+    """ "last" as a verb, "all" in an idiom and "both X and Y" narrowed
+    nothing, and vetoed paraphrases ("How long do boiled eggs last ...?" /
+    "... how many days are they good for?")."""
+    vetoed_by = lambda a, b: verifier.structural_veto(analyze(a), analyze(b))  # noqa: E731
+    assert (
+        vetoed_by(
+            "How long do hard-boiled eggs last in the fridge?",
+            "If I keep hard-boiled eggs refrigerated, how many days are they good for?",
+        )
+        is None
+    )
+    assert vetoed_by("Is it safe at all?", "Is it safe?") is None
+    assert (
+        vetoed_by(
+            "How do I get rid of fruit flies?", "There are fruit flies all over, how do I get rid of them?"
+        )
+        is None
+    )
+    assert (
+        vetoed_by(
+            "How do I center a div horizontally and vertically?",
+            "How do I center a div both vertically and horizontally?",
+        )
+        is None
+    )
+    # Where they do narrow, they still veto.
+    assert vetoed_by("What was the last step?", "What was the step?") == "scope"
+    assert vetoed_by("Who came last in the race?", "Who came first in the race?") == "scope"
+    assert vetoed_by("Are all planets round?", "Are planets round?") == "scope"
+    assert vetoed_by("Can I take both ibuprofen and Tylenol?", "Can I take ibuprofen or Tylenol?") == "scope"
+    assert vetoed_by("Do both parents need to sign?", "Do parents need to sign?") == "scope"
+
+
 def test_a_replaced_name_is_vetoed_an_added_one_is_not():
     assert verifier.entity_veto(
         analyze("What is the capital of France?"), analyze("What is the capital of Germany?")
