@@ -1061,15 +1061,30 @@ def _retyped(a: Analysis, b: Analysis) -> bool:
     longer word: the same question typed again. Another word one letter
     away is no typo ("hire" / "fire", "employer" / "employee", "lend" /
     "send": a third hunt had 14 such pairs served at 0.93-0.999, this
-    feature's weight the largest but the cosine's)."""
-    return len(a.tokens) == len(b.tokens) and all(
-        x == y
-        or (
-            min(len(x), len(y)) >= 4
-            and (_edit_distance_at_most_one(x, y) or _transposed(x, y))
-            and not _another_word(x, y)
-        )
-        for x, y in zip(a.tokens, b.tokens)
+    feature's weight the largest but the cosine's). A word one side writes
+    as two is one word retyped ("timezone" / "time zone")."""
+    x, y = a.tokens, b.tokens
+    if abs(len(x) - len(y)) > 2:
+        return False
+    i = j = 0
+    while i < len(x) and j < len(y):
+        if x[i] == y[j] or _typo(x[i], y[j]):
+            i, j = i + 1, j + 1
+        elif j + 1 < len(y) and x[i] == y[j] + y[j + 1]:
+            i, j = i + 1, j + 2
+        elif i + 1 < len(x) and y[j] == x[i] + x[i + 1]:
+            i, j = i + 2, j + 1
+        else:
+            return False
+    return i == len(x) and j == len(y)
+
+
+def _typo(x: str, y: str) -> bool:
+    """One typo in a word of four letters or more, into no other word."""
+    return (
+        min(len(x), len(y)) >= 4
+        and (_edit_distance_at_most_one(x, y) or _transposed(x, y))
+        and not _another_word(x, y)
     )
 
 
@@ -1535,11 +1550,25 @@ def modal_veto(a: Analysis, b: Analysis) -> bool:
     pregnant?" vs "Must I ...?" (0.90-0.91, a review's hunt: advice is not
     what the law requires), "Is voting mandatory ..." vs "... optional".
     Only between two questions that open with an auxiliary and each say a
-    force; "Can I" and "Should I" are left to the score."""
-    if not (a.tokens and b.tokens and a.tokens[0] in _AUXILIARIES and b.tokens[0] in _AUXILIARIES):
-        return False
+    force; "Can I" and "Should I" are left to the score. A question of how
+    much or how long asks a limit with "can" and advice with "should" ("How
+    long can I leave cooked chicken out?" / "How long should I ...": a hunt's
+    pairs, served at 0.903-0.904): there any other force vetoes."""
     forces_a, forces_b = _modal_forces(a.tokens), _modal_forces(b.tokens)
-    return bool(forces_a and forces_b) and ("obligation" in forces_a) != ("obligation" in forces_b)
+    if not (forces_a and forces_b):
+        return False
+    if _asks_an_amount(a.tokens) and _asks_an_amount(b.tokens):
+        return forces_a != forces_b
+    if not (a.tokens[0] in _AUXILIARIES and b.tokens[0] in _AUXILIARIES):
+        return False
+    return ("obligation" in forces_a) != ("obligation" in forces_b)
+
+
+_AMOUNTS_ASKED = _words("long much many often far early late soon old")
+
+
+def _asks_an_amount(tokens: tuple[str, ...]) -> bool:
+    return any(tokens[i] == "how" and tokens[i + 1] in _AMOUNTS_ASKED for i in range(len(tokens) - 1))
 
 
 _BE = _words("is are was were be been being am")
@@ -1807,12 +1836,34 @@ class WordRarity:
         return math.log((self.questions + 1) / (self.counts.get(word, 1) + 1))
 
 
-def rarity_features(query: Analysis, candidate: Analysis, rarity: WordRarity) -> list[float]:
-    """``RARITY_FEATURE_NAMES``, in order."""
+def _compounds_met(a: Analysis, b: Analysis) -> tuple[frozenset[str], frozenset[str]]:
+    """Each side's content words, where one side writes as one word what the
+    other writes as two ("breakup" / "break up", "timezone" / "time zone",
+    "post-structuralism"), with the other side's spelling added to each: the
+    same words, not one replaced (27 such QQP pairs, 21 of them duplicates;
+    2 of the held-out natural paraphrases)."""
+    x, y = set(a.content), set(b.content)
+    for one, other, one_words, other_words in ((a, b, x, y), (b, a, y, x)):
+        for word in one.content - other.content:
+            tokens = other.tokens
+            for i in range(len(tokens) - 1):
+                if singular(tokens[i] + tokens[i + 1]) == word:
+                    other_words.add(word)
+                    one_words.update(
+                        part
+                        for part in (singular(tokens[i]), singular(tokens[i + 1]))
+                        if part in other.content
+                    )
+                    break
+    return frozenset(x), frozenset(y)
+
+
+def rarity_features(query: frozenset[str], candidate: frozenset[str], rarity: WordRarity) -> list[float]:
+    """``RARITY_FEATURE_NAMES``, in order, of the two sides' content words."""
     weight = rarity.weight
-    shared = sum(weight(w) for w in query.content & candidate.content)
-    only_query = [weight(w) for w in query.content - candidate.content]
-    only_candidate = [weight(w) for w in candidate.content - query.content]
+    shared = sum(weight(w) for w in query & candidate)
+    only_query = [weight(w) for w in query - candidate]
+    only_candidate = [weight(w) for w in candidate - query]
     one, other = sum(only_query), sum(only_candidate)
     total = shared + one + other
     return [
@@ -1834,15 +1885,16 @@ def features(
     """``FEATURE_NAMES``, then ``RARITY_FEATURE_NAMES`` when ``rarity`` is given."""
     cosine = float(query_vector @ candidate_vector)
     lengths = len(query.tokens), len(candidate.tokens)
-    only_query = len(query.content - candidate.content)
-    only_candidate = len(candidate.content - query.content)
+    query_content, candidate_content = _compounds_met(query, candidate)
+    only_query = len(query_content - candidate_content)
+    only_candidate = len(candidate_content - query_content)
     names_query, names_candidate = _unmatched_names(query, candidate), _unmatched_names(candidate, query)
     return np.array(
         [
             cosine,
             cosine * cosine,
             _jaccard(query.token_set, candidate.token_set),
-            _jaccard(query.content, candidate.content),
+            _jaccard(query_content, candidate_content),
             _jaccard(query.trigrams, candidate.trigrams),
             float(only_query == only_candidate == 0),
             float(only_query > 0 and only_candidate > 0),
@@ -1863,7 +1915,7 @@ def features(
             float(_persons(query) != _persons(candidate)),
             float(bool(query.token_set & _PAST) != bool(candidate.token_set & _PAST)),
             float(_retyped(query, candidate)),
-            *(rarity_features(query, candidate, rarity) if rarity is not None else ()),
+            *(rarity_features(query_content, candidate_content, rarity) if rarity is not None else ()),
         ],
         np.float64,
     )

@@ -289,6 +289,41 @@ def test_scope_words_that_say_no_scope_there_are_no_veto():
     assert vetoed_by("Do both parents need to sign?", "Do parents need to sign?") == "scope"
 
 
+def test_a_word_written_as_one_or_as_two_is_the_same_content():
+    """ "breakup" / "break up" counted as a word replaced on each side."""
+    met = verifier._compounds_met(
+        analyze("How do I get over a breakup?"), analyze("How can I get over a break up?")
+    )
+    assert met[0] == met[1] == {"breakup", "break", "up", "over"} - verifier.STOPWORDS
+    assert verifier._compounds_met(analyze("Why did they break up?"), analyze("Why did they break?"))[0] == {
+        "break",
+        "up",
+    }
+    names = verifier.FEATURE_NAMES
+    one = analyze("change the timezone in google calendar")
+    two = analyze("change the time zone in google calendar")
+    vector = np.ones(4) / 2
+    assert verifier.features(one, two, vector, vector)[names.index("same_content_words")] == 1.0
+
+
+def test_how_long_or_how_much_one_can_is_not_how_long_one_should():
+    """A limit against advice: served at 0.903-0.904 by a hunt."""
+    vetoed_by = lambda a, b: verifier.structural_veto(analyze(a), analyze(b))  # noqa: E731
+    assert (
+        vetoed_by(
+            "How long can I leave cooked chicken out at room temperature?",
+            "How long should I leave cooked chicken out at room temperature?",
+        )
+        == "modal"
+    )
+    assert (
+        vetoed_by("How much can I contribute to a Roth IRA?", "How much should I contribute to a Roth IRA?")
+        == "modal"
+    )
+    # How to do a thing, asked with either, is one question.
+    assert vetoed_by("How can I improve my credit score?", "How should I improve my credit score?") is None
+
+
 def test_a_replaced_name_is_vetoed_an_added_one_is_not():
     assert verifier.entity_veto(
         analyze("What is the capital of France?"), analyze("What is the capital of Germany?")
@@ -614,6 +649,11 @@ def test_another_word_one_letter_away_is_no_typo():
     assert not retyped("How do I hire a contractor?", "How do I fire a contractor?")
     assert not retyped("Can my employer read my email?", "Can my employee read my email?")
     assert retyped("How do I recieve a parcel?", "How do I receive a parcel?")
+    # A word written as one or as two is one word retyped.
+    assert retyped(
+        "How do I change the time zone in Google Calendar?", "how do i change the timezone in google calender"
+    )
+    assert not retyped("Why did they break up?", "Why did they break?")
     assert retyped("Best cities for travelling?", "Best cities for traveling?")
     assert retyped("What are good horses for kids?", "What are good horse for kids?")
     # Another spelling of the same word (a final read: 7 paraphrases refused).
