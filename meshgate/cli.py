@@ -12,6 +12,7 @@ import pathlib
 import signal
 import sys
 import time
+import tomllib
 import uuid
 
 import grpc
@@ -364,16 +365,32 @@ def _cmd_up(args: argparse.Namespace) -> int:
     # The supervisor's restart lines, as JSON on stderr like every service's.
     telemetry.setup("meshgate-up", TelemetrySettings())
 
+    base_settings = os.environ.get("MESHGATE_CONFIG")
     stack = Stack(
         pathlib.Path(args.state_dir),
         redis_url=os.environ.get("REDIS_URL"),
         dev_api_key=args.api_key,
+        # A user's settings (tenants, limits, prices, models) count: the
+        # stack's go over them, and the services read the file it writes.
+        base_settings=pathlib.Path(base_settings) if base_settings else None,
         # Its addresses, TLS, Redis and key are what it writes and prints:
         # an override of one left in this shell would make the services
         # disagree with it. MESHGATE_DEV_API_KEY is --api-key's default, so
         # it still counts through that.
         owns_settings=True,
     )
+    if base_settings:
+        try:
+            _, replaced = stack.settings_text()
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            _say(f"meshgate up: cannot read MESHGATE_CONFIG={base_settings}: {error}", file=sys.stderr)
+            return 2
+        _say(
+            f"meshgate up: the settings of {base_settings}, with the stack's own over them"
+            + (f" (its {', '.join(replaced)} replaced)" if replaced else "")
+            + f": {stack.config_path}, which the services read",
+            file=sys.stderr,
+        )
     supervisor = Supervisor(stack)
     ignored = [name for name in stack_owned_overrides(os.environ) if name != API_KEY_VARIABLE]
     if ignored:

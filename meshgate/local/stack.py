@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import typing
 from collections.abc import Mapping
 
@@ -341,6 +342,32 @@ def stack_owned_overrides(environ: Mapping[str, str]) -> list[str]:
     return sorted(name for name in environ if _STACK_OWNED.fullmatch(name))
 
 
+def _over_base(base: pathlib.Path, settings: str) -> tuple[str, list[str]]:
+    """The document of ``base`` with ``settings`` over it, table by table, as
+    TOML; and the keys of ``base`` whose values ``settings`` replaced."""
+    # Imported here: only a run given a settings file of its own needs it.
+    import tomli_w
+
+    document = tomllib.loads(base.read_text(encoding="utf-8"))
+    replaced = _overlay(document, tomllib.loads(settings), "")
+    header = f"# Written by meshgate.local.stack for this local run, over {base}.\n"
+    return header + tomli_w.dumps(document), replaced
+
+
+def _overlay(under: dict, over: dict, prefix: str) -> list[str]:
+    """Puts ``over``'s values into ``under``, tables merged key by key (an
+    array, of tables too, is one value); the dotted keys it replaced."""
+    replaced = []
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(under.get(key), dict):
+            replaced += _overlay(under[key], value, f"{prefix}{key}.")
+            continue
+        if key in under and under[key] != value:
+            replaced.append(prefix + key)
+        under[key] = value
+    return replaced
+
+
 def _reconnect_options() -> list[tuple[str, int]]:
     # Imported here: `meshgate status` imports this module, and needs none
     # of the services' serving code (a tenth of a second).
@@ -357,6 +384,7 @@ class Stack:
         redis_url: str | None = None,
         dev_api_key: str = DEFAULT_DEV_API_KEY,
         extra_settings: str = "",
+        base_settings: pathlib.Path | None = None,
         tracing: bool = True,
         log_level: str = "info",
         triton_models: tuple[str, ...] = triton.DEFAULT_MODELS,
@@ -391,6 +419,9 @@ class Stack:
         self.external_redis_url = redis_url
         self.dev_api_key = dev_api_key
         self.extra_settings = extra_settings
+        # A user's settings file (MESHGATE_CONFIG), which the stack's own
+        # settings go over: its tenants, limits, prices and models count.
+        self.base_settings = base_settings
         self.tracing = tracing
         self.log_level = log_level
         # What Triton loads: a run that needs only tiny_gpt (tests, the
@@ -569,6 +600,13 @@ class Stack:
         )
 
     def _write_settings(self) -> None:
+        settings, _ = self.settings_text()
+        certs.replace_file(self.config_path, settings.encode(), 0o600)
+
+    def settings_text(self) -> tuple[str, list[str]]:
+        """The settings file the services read, and the keys of
+        ``base_settings`` that the stack's own replace (dotted: "router.listen").
+        Raises OSError or tomllib.TOMLDecodeError for a base file it cannot read."""
         p = self.ports
         mesh = self.mesh_settings
         # Readable by its owner alone: it holds the development API key, and
@@ -619,7 +657,9 @@ listen = "127.0.0.1:{p.inference}"
 metrics_listen = "{self.metrics_address("inference")}"
 triton_urls = ["127.0.0.1:{p.triton}"]
 {self.extra_settings}"""
-        certs.replace_file(self.config_path, settings.encode(), 0o600)
+        if self.base_settings is None:
+            return settings, []
+        return _over_base(self.base_settings, settings)
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

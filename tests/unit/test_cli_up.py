@@ -125,6 +125,25 @@ def test_every_stop_signal_stops_every_child(children, tmp_path, capsys, signum)
     assert capsys.readouterr().out.endswith("stopping: draining in-flight requests ...\nstopped.\n")
 
 
+def test_a_users_settings_file_is_read_and_named_or_refused(children, tmp_path, capsys, monkeypatch) -> None:
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[router]\nlisten = "0.0.0.0:1"\n[[router.tenants]]\nid = "acme"\n')
+    monkeypatch.setenv("MESHGATE_CONFIG", str(mine))
+    assert up(tmp_path) == 0
+    assert (
+        f"the settings of {mine}, with the stack's own over them (its router.listen replaced)"
+        in capsys.readouterr().err
+    )
+    assert 'id = "acme"' in (tmp_path / "state" / "meshgate.toml").read_text()
+    # Every service reads the file the stack wrote, not the user's.
+    assert {env["MESHGATE_CONFIG"] for env in children.environments.values()} == {
+        str(tmp_path / "state" / "meshgate.toml")
+    }
+    mine.write_text("[router\n")
+    assert up(tmp_path) == 2
+    assert f"cannot read MESHGATE_CONFIG={mine}" in capsys.readouterr().err
+
+
 def test_nohup_keeps_a_hang_up_ignored(children, tmp_path) -> None:
     """`nohup meshgate up` asks to outlive its terminal: the hang-up changes
     nothing, the next Ctrl-C stops the mesh."""

@@ -155,6 +155,40 @@ def test_the_stacks_dev_tenant_is_on_beside_tenants_of_its_extra_settings(tmp_pa
     assert router.dev_tenant is True
 
 
+def test_a_users_settings_file_counts_under_the_stacks_own(tmp_path) -> None:
+    """`make run` with MESHGATE_CONFIG: the file's tenants, limits and model
+    settings were silently dropped (a review: every key of the user's
+    refused API_KEY_INVALID); the stack's addresses still go over the file's."""
+    base = tmp_path / "mine.toml"
+    base.write_text(
+        """
+[router]
+listen = "0.0.0.0:9999"
+max_messages = 64
+[[router.tenants]]
+id = "acme"
+api_key_sha256 = ["%s"]
+models = ["*"]
+limits = { requests_per_minute = 2 }
+
+[models.smollm2]
+default_max_tokens = 99
+"""
+        % ("ab" * 32)
+    )
+    stack = _stack(tmp_path, base_settings=base)
+    stack._write_settings()
+    settings = load_settings(stack.config_path, environ={})
+    assert [tenant.id for tenant in settings.router.tenants] == ["acme"]
+    assert settings.router.tenants[0].limits.requests_per_minute == 2
+    assert settings.router.dev_tenant is True and settings.router.max_messages == 64
+    assert settings.router.listen == stack.address("router")
+    assert settings.models["smollm2"].default_max_tokens == 99
+    assert [d.address for d in settings.models["smollm2"].deployments] == [stack.addresses("inference")]
+    assert stack.settings_text()[1] == ["router.listen"]
+    assert stat.S_IMODE(stack.config_path.stat().st_mode) == 0o600
+
+
 def test_the_stacks_settings_file_is_its_owners_alone(tmp_path) -> None:
     """It holds the development API key (and a Redis URL's password); an
     older file readable by others is replaced, not rewritten in place."""
