@@ -12,7 +12,6 @@ import pathlib
 import signal
 import sys
 import time
-import tomllib
 import uuid
 
 import grpc
@@ -382,7 +381,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if base_settings:
         try:
             _, replaced = stack.settings_text()
-        except (OSError, tomllib.TOMLDecodeError) as error:
+        except (OSError, ValueError) as error:  # ValueError: not UTF-8, or not TOML
             _say(f"meshgate up: cannot read MESHGATE_CONFIG={base_settings}: {error}", file=sys.stderr)
             return 2
         _say(

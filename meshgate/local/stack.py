@@ -349,9 +349,29 @@ def _over_base(base: pathlib.Path, settings: str) -> tuple[str, list[str]]:
     import tomli_w
 
     document = tomllib.loads(base.read_text(encoding="utf-8"))
-    replaced = _overlay(document, tomllib.loads(settings), "")
+    # What the stack owns goes, whether or not its own text says it: a mesh
+    # without TLS, a health port, another Redis for the cache's
+    # invalidations would each break the stack (a review).
+    replaced = _drop_owned(document, ())
+    replaced += [key for key in _overlay(document, tomllib.loads(settings), "") if key not in replaced]
     header = f"# Written by meshgate.local.stack for this local run, over {base}.\n"
     return header + tomli_w.dumps(document), replaced
+
+
+def _drop_owned(document: dict, path: tuple[str, ...]) -> list[str]:
+    """Removes from ``document`` each setting the stack owns, as
+    stack_owned_overrides names their variables (_STACK_OWNED: addresses,
+    mesh TLS, Redis, the development key and tenant, deployments); the
+    dotted keys removed."""
+    dropped = []
+    for key in list(document):
+        value, where = document[key], (*path, key)
+        if isinstance(value, dict):
+            dropped += _drop_owned(value, where)
+        elif len(where) > 1 and _STACK_OWNED.fullmatch("MESHGATE_" + "__".join(where).upper()):
+            del document[key]
+            dropped.append(".".join(where))
+    return dropped
 
 
 def _overlay(under: dict, over: dict, prefix: str) -> list[str]:
@@ -606,7 +626,8 @@ class Stack:
     def settings_text(self) -> tuple[str, list[str]]:
         """The settings file the services read, and the keys of
         ``base_settings`` that the stack's own replace (dotted: "router.listen").
-        Raises OSError or tomllib.TOMLDecodeError for a base file it cannot read."""
+        Raises OSError or ValueError for a base file it cannot read (not
+        UTF-8, not TOML)."""
         p = self.ports
         mesh = self.mesh_settings
         # Readable by its owner alone: it holds the development API key, and

@@ -256,8 +256,8 @@ def test_the_first_stage_stems_meet_across_word_forms():
 
 
 def test_scope_words_that_say_no_scope_there_are_no_veto():
-    """ "last" as a verb, "all" in an idiom and "both X and Y" narrowed
-    nothing, and vetoed paraphrases ("How long do boiled eggs last ...?" /
+    """ "last" as a verb, "at all" ending a question and "both X and Y"
+    narrowed nothing, and vetoed paraphrases ("How long do boiled eggs last ...?" /
     "... how many days are they good for?")."""
     vetoed_by = lambda a, b: verifier.structural_veto(analyze(a), analyze(b))  # noqa: E731
     assert (
@@ -268,12 +268,6 @@ def test_scope_words_that_say_no_scope_there_are_no_veto():
         is None
     )
     assert vetoed_by("Is it safe at all?", "Is it safe?") is None
-    assert (
-        vetoed_by(
-            "How do I get rid of fruit flies?", "There are fruit flies all over, how do I get rid of them?"
-        )
-        is None
-    )
     assert (
         vetoed_by(
             "How do I center a div horizontally and vertically?",
@@ -287,6 +281,11 @@ def test_scope_words_that_say_no_scope_there_are_no_veto():
     assert vetoed_by("Are all planets round?", "Are planets round?") == "scope"
     assert vetoed_by("Can I take both ibuprofen and Tylenol?", "Can I take ibuprofen or Tylenol?") == "scope"
     assert vetoed_by("Do both parents need to sign?", "Do parents need to sign?") == "scope"
+    # Nor are these verbs or idioms (a review).
+    assert vetoed_by("How long was the last one?", "How long is the one?") == "scope"
+    assert vetoed_by("When were they last in the final?", "When were they in the final?") == "scope"
+    assert vetoed_by("Is smoking banned at all airports?", "Is smoking banned at airports?") == "scope"
+    assert vetoed_by("Are all right triangles similar?", "Are right triangles similar?") == "scope"
 
 
 def test_a_word_written_as_one_or_as_two_is_the_same_content():
@@ -654,6 +653,11 @@ def test_another_word_one_letter_away_is_no_typo():
         "How do I change the time zone in Google Calendar?", "how do i change the timezone in google calender"
     )
     assert not retyped("Why did they break up?", "Why did they break?")
+    # Not a stop word or a negation with the next word (a review: "a theist"
+    # was "atheist" typed again, and served at 0.97).
+    assert not retyped("Is Richard Dawkins atheist?", "Is Richard Dawkins a theist?")
+    assert not retyped("What is atypical antipsychotic?", "What is a typical antipsychotic?")
+    assert not retyped("What if there is no body?", "What if there is nobody?")
     assert retyped("Best cities for travelling?", "Best cities for traveling?")
     assert retyped("What are good horses for kids?", "What are good horse for kids?")
     # Another spelling of the same word (a final read: 7 paraphrases refused).

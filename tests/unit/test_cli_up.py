@@ -139,9 +139,10 @@ def test_a_users_settings_file_is_read_and_named_or_refused(children, tmp_path, 
     assert {env["MESHGATE_CONFIG"] for env in children.environments.values()} == {
         str(tmp_path / "state" / "meshgate.toml")
     }
-    mine.write_text("[router\n")
-    assert up(tmp_path) == 2
-    assert f"cannot read MESHGATE_CONFIG={mine}" in capsys.readouterr().err
+    for unreadable in (b"[router\n", b"# caf\xe9\n"):  # not TOML; not UTF-8
+        mine.write_bytes(unreadable)
+        assert up(tmp_path) == 2
+        assert f"cannot read MESHGATE_CONFIG={mine}" in capsys.readouterr().err
 
 
 def test_nohup_keeps_a_hang_up_ignored(children, tmp_path) -> None:

@@ -162,8 +162,14 @@ def test_a_users_settings_file_counts_under_the_stacks_own(tmp_path) -> None:
     base = tmp_path / "mine.toml"
     base.write_text(
         """
+[mesh]
+tls = false
+health_listen = "0.0.0.0:8086"
+tenant_token_ttl_s = 60
+
 [router]
 listen = "0.0.0.0:9999"
+cache_redis_url = "redis://prod-redis:6379/0"
 max_messages = 64
 [[router.tenants]]
 id = "acme"
@@ -185,7 +191,17 @@ default_max_tokens = 99
     assert settings.router.listen == stack.address("router")
     assert settings.models["smollm2"].default_max_tokens == 99
     assert [d.address for d in settings.models["smollm2"].deployments] == [stack.addresses("inference")]
-    assert stack.settings_text()[1] == ["router.listen"]
+    # What the stack owns goes, said in its own text or not (a review: a mesh
+    # without TLS, a health port, another Redis for the cache's invalidations).
+    assert settings.mesh.tls is True and settings.mesh.health_listen == ""
+    assert settings.router.cache_redis_url == ""
+    assert settings.mesh.tenant_token_ttl_s == 60  # not the stack's: kept
+    assert sorted(stack.settings_text()[1]) == [
+        "mesh.health_listen",
+        "mesh.tls",
+        "router.cache_redis_url",
+        "router.listen",
+    ]
     assert stat.S_IMODE(stack.config_path.stat().st_mode) == 0o600
 
 

@@ -133,3 +133,22 @@ async def test_a_cancelled_or_timed_out_calls_server_span_says_so(spans):
     assert cancelled.status.status_code == trace.StatusCode.UNSET
     assert deadline.attributes["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert deadline.status.status_code == trace.StatusCode.ERROR
+
+
+class _Context:
+    def __init__(self, remaining: float | None) -> None:
+        self._remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self._remaining
+
+
+def test_a_cancel_this_close_to_the_deadline_is_the_deadline() -> None:
+    """The caller's deadline starts before ours (when it sends the call), so
+    its cancel at its deadline lands while we have a little left: counted
+    CANCELLED on a loaded CI run, where the call had timed out."""
+    with trace.get_tracer(__name__).start_as_current_span("call"):
+        assert telemetry.mark_server_span_ended_early(_Context(0.05)) is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert telemetry.mark_server_span_ended_early(_Context(-1.0)) is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert telemetry.mark_server_span_ended_early(_Context(5.0)) is grpc.StatusCode.CANCELLED
+        assert telemetry.mark_server_span_ended_early(_Context(None)) is grpc.StatusCode.CANCELLED
