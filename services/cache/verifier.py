@@ -724,11 +724,10 @@ def analyze_uncached(text: str) -> Analysis:
             names.add(name)  # acronyms even first: "CBSE", "USA"
         sentence_start = False
         tokens.extend(parts)
+    _spell_unit_signs(tokens)
     numbers: Counter = Counter(roman_numbers)
     units = set()
     number_units = set()
-    # The units "$" and "%" say (_content_words leaves the signs out).
-    said_by_signs = set()
     for at, token in enumerate(tokens):
         number = _number_of(token)
         if number is not None:
@@ -736,15 +735,7 @@ def analyze_uncached(text: str) -> Analysis:
                 number = "-" + number
             numbers[number] += 1
             following = tokens[at + 1] if at + 1 < len(tokens) else ""
-            unit = _unit_of(following)
-            if following == "%":
-                said_by_signs.add(unit)
-            if at and tokens[at - 1] == "$":
-                # "$5" is "5 dollars": the one unit written before its number.
-                unit = "dollar"
-                units.add(unit)
-                said_by_signs.add(unit)
-            number_units.add((number, unit or ""))
+            number_units.add((number, _unit_of(following) or ""))
         elif token in CALENDAR_WORDS:
             numbers[token] += 1
         elif token in _MERIDIEMS:
@@ -772,10 +763,7 @@ def analyze_uncached(text: str) -> Analysis:
     roles.reverse()
     joined = " " + " ".join(tokens) + " "
     token_set = frozenset(tokens)
-    # "$20" and "10%" say "dollar" and "percent" as "20 dollars" and "10
-    # percent" do (a review: "$20 an hour" was refused against "20 dollars
-    # an hour" once the signs were no content words and the unit words were).
-    content = _content_words(tokens) | said_by_signs
+    content = _content_words(tokens)
     return Analysis(
         tokens=tuple(tokens),
         token_set=token_set,
@@ -805,6 +793,24 @@ def analyze_uncached(text: str) -> Analysis:
         # looked for: its signs are its first stage's words.
         stems=frozenset(stem(word) for word in content) | (token_set & SIGNS),
     )
+
+
+_MAGNITUDES = _words("thousand million billion trillion k m bn")
+
+
+def _spell_unit_signs(tokens: list[str]) -> None:
+    """The unit signs as the words they stand for, where those would stand:
+    "10%" is "10 percent", "$20" "20 dollar", "$5 million" "5 million
+    dollar" ("Is $20 an hour a good wage?" is "Is 20 dollars an hour ...",
+    typed again; with the signs apart from the words, it was refused at
+    0.894). In place and as many tokens, so that what indexes them stays
+    true. A sign elsewhere ("What does % do in Python?") stays a sign."""
+    for i, token in enumerate(tokens):
+        if token == "%" and i and tokens[i - 1][0].isdigit():
+            tokens[i] = "percent"
+        elif token == "$" and i + 1 < len(tokens) and tokens[i + 1][0].isdigit():
+            end = i + 2 if i + 2 < len(tokens) and tokens[i + 2] in _MAGNITUDES else i + 1
+            tokens[i : end + 1] = [*tokens[i + 1 : end + 1], "dollar"]
 
 
 # After an operator a minus is a sign however it is spaced ("x+5=-3" is "x +

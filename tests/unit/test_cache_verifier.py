@@ -234,6 +234,12 @@ def test_a_hyphen_between_words_and_a_unit_sign_are_no_words():
         analyze("What is 10% of 50?").content == analyze("What is 10 percent of 50?").content == {"percent"}
     )
     assert analyze("Is $20 a good wage?").content == analyze("Is 20 dollars a good wage?").content
+    # Spelled where the words would stand: the question typed again.
+    assert verifier._retyped(
+        analyze("Is $20 an hour a good wage?"), analyze("Is 20 dollars an hour a good wage?")
+    )
+    assert verifier._retyped(analyze("Is $5 million a lot?"), analyze("Is 5 million dollars a lot?"))
+    assert "%" in analyze("What does % do in Python?").tokens  # a sign not after a number stays one
     assert analyze("Is $5 enough for lunch?").units == analyze("Is 5 dollars enough for lunch?").units
     assert vetoed_by("Is $5 enough for lunch?", "Is 5 euros enough for lunch?") == "number"
     # A hyphen before a number, and other operators, are what they were.
