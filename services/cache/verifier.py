@@ -1101,7 +1101,12 @@ def _joined(word: str, first: str, second: str) -> bool:
 
 
 def _typo(x: str, y: str) -> bool:
-    """One typo in a word of four letters or more, into no other word."""
+    """One typo in a word of four letters or more, into no other word. A
+    known word is no typo of a scope word it is not ("sometime" for
+    "sometimes", which _another_word reads as a plural; "evry" for "every"
+    is one)."""
+    if (x in SCOPE_WORDS) != (y in SCOPE_WORDS) and x in _vocabulary() and y in _vocabulary():
+        return False
     return (
         min(len(x), len(y)) >= 4
         and (_edit_distance_at_most_one(x, y) or _transposed(x, y))

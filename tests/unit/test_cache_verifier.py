@@ -216,6 +216,7 @@ def test_a_scope_word_typed_with_a_typo_is_said():
     # is a word of the question that is not typed again (a review: "aloe").
     assert vetoed_by("What was the first step?", "What was the last step?") == "scope"
     assert vetoed_by("Are both doors locked?", "Are bath doors locked?") == "scope"
+    assert vetoed_by("Should I go to Paris sometime?", "Should I go to Paris sometimes?") == "scope"
     assert (
         vetoed_by("Can I use aloe vera alone for a sunburn?", "Can I use aloe vera for a sunburn?") == "scope"
     )
