@@ -342,20 +342,49 @@ def stack_owned_overrides(environ: Mapping[str, str]) -> list[str]:
     return sorted(name for name in environ if _STACK_OWNED.fullmatch(name))
 
 
-def _over_base(base: pathlib.Path, settings: str) -> tuple[str, list[str]]:
+def _over_base(base: pathlib.Path, settings: str, inference_address: str) -> tuple[str, list[str]]:
     """The document of ``base`` with ``settings`` over it, table by table, as
-    TOML; and the keys of ``base`` whose values ``settings`` replaced."""
+    TOML; and the keys of ``base`` whose values ``settings`` replaced.
+    ``inference_address``: where the stack's inference service listens."""
     # Imported here: only a run given a settings file of its own needs it.
     import tomli_w
 
     document = tomllib.loads(base.read_text(encoding="utf-8"))
+    models = document.get("models")
+    given = {
+        alias: table["deployments"]
+        for alias, table in (models.items() if isinstance(models, dict) else ())
+        if isinstance(table, dict) and "deployments" in table
+    }
     # What the stack owns goes, whether or not its own text says it: a mesh
     # without TLS, a health port, another Redis for the cache's
     # invalidations would each break the stack (a review).
     replaced = _drop_owned(document, ())
     replaced += [key for key in _overlay(document, tomllib.loads(settings), "") if key not in replaced]
+    _run_here(document.get("models"), given, inference_address)
     header = f"# Written by meshgate.local.stack for this local run, over {base}.\n"
     return header + tomli_w.dumps(document), replaced
+
+
+def _run_here(models: object, given: dict[str, object], inference_address: str) -> None:
+    """Points each model alias of the user's file that the stack's own text
+    does not deploy at the stack's inference service: its deployments went
+    with what the stack owns, and without any it would be served from the
+    built-in default address, where nothing of this stack listens. Each
+    deployment the file gave keeps its name, model and weight; an alias that
+    gave none gets the built-in one, here; deployments that are no list of
+    tables stay as written, for loading them to refuse. A selection alias's
+    deployments go unused, and it is left as it is."""
+    if not isinstance(models, dict):
+        return
+    for alias, table in models.items():
+        if not isinstance(table, dict) or "deployments" in table or "selection" in table:
+            continue
+        deployments = given.get(alias, [{"name": "local"}])
+        if isinstance(deployments, list) and all(isinstance(one, dict) for one in deployments):
+            table["deployments"] = [{**one, "address": inference_address} for one in deployments]
+        else:
+            table["deployments"] = deployments  # as written: loading it says what is wrong
 
 
 def _drop_owned(document: dict, path: tuple[str, ...]) -> list[str]:
@@ -680,7 +709,7 @@ triton_urls = ["127.0.0.1:{p.triton}"]
 {self.extra_settings}"""
         if self.base_settings is None:
             return settings, []
-        return _over_base(self.base_settings, settings)
+        return _over_base(self.base_settings, settings, self.addresses("inference"))
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)

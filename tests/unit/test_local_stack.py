@@ -205,6 +205,53 @@ default_max_tokens = 99
     assert stat.S_IMODE(stack.config_path.stat().st_mode) == 0o600
 
 
+def test_a_users_own_model_alias_is_served_by_the_stacks_inference_service(tmp_path) -> None:
+    """A model alias of the user's file that the stack does not write lost
+    its deployments with what the stack owns, and was sent to the built-in
+    default address, where nothing of the stack listens (the forty-seventh
+    session's note). Its deployments keep their Triton model, name and
+    weight, and run on the stack's inference service."""
+    base = tmp_path / "mine.toml"
+    base.write_text(
+        """
+[models.chat]
+default_max_tokens = 40
+deployments = [
+    { name = "a", address = "10.0.0.1:50054", model = "smollm2", weight = 3.0 },
+    { name = "b", address = "10.0.0.2:50054", model = "tiny-gpt" },
+]
+
+[models.bare]
+max_output_tokens = 100
+
+[models.picker]
+selection = { fast = "tiny-gpt", strong = "chat" }
+"""
+    )
+    stack = _stack(tmp_path, base_settings=base)
+    stack._write_settings()
+    models = load_settings(stack.config_path, environ={}).models
+    here = stack.addresses("inference")
+    assert [(d.name, d.address, d.model, d.weight) for d in models["chat"].deployments] == [
+        ("a", here, "smollm2", 3.0),
+        ("b", here, "tiny-gpt", 1.0),
+    ]
+    assert models["chat"].default_max_tokens == 40
+    # None given: the built-in deployment (its model, tiny-gpt), here.
+    assert [(d.address, d.model) for d in models["bare"].deployments] == [(here, "tiny-gpt")]
+    assert models["picker"].selection is not None and models["picker"].selection.strong == "chat"
+    assert "models.chat.deployments" in stack.settings_text()[1]
+
+
+def test_a_users_deployments_that_are_no_tables_are_refused_as_written(tmp_path) -> None:
+    base = tmp_path / "mine.toml"
+    base.write_text('[models.chat]\ndeployments = "10.0.0.1:50054"\n')
+    stack = _stack(tmp_path, base_settings=base)
+    stack._write_settings()
+    with pytest.raises(ValueError, match="deployments"):
+        load_settings(stack.config_path, environ={})
+
+
 def test_the_stacks_settings_file_is_its_owners_alone(tmp_path) -> None:
     """It holds the development API key (and a Redis URL's password); an
     older file readable by others is replaced, not rewritten in place."""
