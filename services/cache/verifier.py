@@ -1442,7 +1442,6 @@ def _direction_flipped(a: Analysis, b: Analysis) -> bool:
 # the same person on the other side ("Do I owe ..." / "... owe me ...").
 _AUXILIARIES = _words("do does did can could should would will must may might is are am was were have has")
 _WH_WORDS = _words("what how when why where who whom which")
-_DETERMINERS = _words("my the a an your our his her their its this that")
 # Not "you": "Can you tell me what your ..." is a request, not a subject.
 _OBJECT_FORMS = {"i": "me", "we": "us"}
 _POSSESSIVE_FORMS = {"i": "my", "we": "our"}
