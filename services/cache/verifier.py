@@ -1063,14 +1063,66 @@ def _transposed(x: str, y: str) -> bool:
     )
 
 
+# Who a question's auxiliary asks about, where English puts "not" after it
+# when the auxiliary is not contracted: a pronoun, a determiner and one or
+# two words ("my car", "the new router"), or one word ("cats"); never a
+# quantifier ("Is everyone not invited?" is not "Isn't everyone invited?").
+_SUBJECT_PRONOUNS = _words("i you he she it we they")
+_QUANTIFIERS = SCOPE_WORDS | _words(
+    "everyone everybody everything someone somebody something anyone anybody anything some any many few"
+)
+# Auxiliaries whose "X not" and "Xn't" ask the same in a yes/no question:
+# a modal's do not ("Can I not pay taxes?" asks leave not to pay, "Can't I
+# pay taxes?" whether one may; "Could you not send it yet?" is a request).
+_PLAIN_AUXILIARIES = _words("do does did is are am was were have has")
+
+
+def _not_after_auxiliary(tokens: tuple[str, ...]) -> tuple[str, ...]:
+    """``tokens`` with a "not" that follows an auxiliary's subject moved to
+    right after the auxiliary, where a contraction puts it: "why will my car
+    not start" reads as "why won't my car start" ("why will not my car
+    start" once split). Only where the two ask the same: after a question
+    word ("why", "what", ...), or at the start with an auxiliary of
+    _PLAIN_AUXILIARIES ("Does my cat not eat?" / "Doesn't my cat eat?").
+    Any other "not" stays where it is: "is it better not to eat" is not "is
+    it not better to eat", and nothing but a subject may stand between the
+    auxiliary and the "not"."""
+    moved = list(tokens)
+    for at, token in enumerate(tokens):
+        if token != "not":
+            continue
+        for width in (1, 2, 3):
+            aux = at - width - 1
+            if aux < 0 or moved[aux] not in _AUXILIARIES:
+                continue
+            asks_the_same = (aux > 0 and moved[aux - 1] in _WH_WORDS) or (
+                aux == 0 and moved[aux] in _PLAIN_AUXILIARIES
+            )
+            if asks_the_same and _a_subject(moved[aux + 1 : at]):
+                moved[aux + 2 : at + 1] = moved[aux + 1 : at]
+                moved[aux + 1] = "not"
+                break
+    return tuple(moved)
+
+
+def _a_subject(words: list[str]) -> bool:
+    if any(word in _QUANTIFIERS or word in NEGATIONS for word in words):
+        return False
+    if len(words) == 1:
+        return words[0] in _SUBJECT_PRONOUNS or words[0] not in STOPWORDS
+    return words[0] in _DETERMINERS and all(word not in STOPWORDS for word in words[1:])
+
+
 def _retyped(a: Analysis, b: Analysis) -> bool:
     """The same words in the same order, but for case and one typo per
     longer word: the same question typed again. Another word one letter
     away is no typo ("hire" / "fire", "employer" / "employee", "lend" /
     "send": a third hunt had 14 such pairs served at 0.93-0.999, this
     feature's weight the largest but the cosine's). A word one side writes
-    as two is one word retyped ("timezone" / "time zone")."""
-    x, y = a.tokens, b.tokens
+    as two is one word retyped ("timezone" / "time zone"); a "not" after
+    the subject is the contraction's ("why can't I log in" / "why can I not
+    log in": _not_after_auxiliary)."""
+    x, y = _not_after_auxiliary(a.tokens), _not_after_auxiliary(b.tokens)
     if abs(len(x) - len(y)) > 2:
         return False
     i = j = 0
