@@ -894,6 +894,9 @@ def _particles(tokens: list[str]) -> frozenset[tuple[str, str]]:
 # ending a question ("Is it safe at all?"). Not "the last of", "were they
 # last in", "at all airports", "all right triangles" (a review).
 _LAST_VERB_AFTER = _words("to will would can could should may might")
+# "last" before these is the verb whatever comes before it ("make my phone
+# battery last longer" was vetoed against "extend its battery life").
+_LAST_VERB_BEFORE = _words("longer long forever")
 _DETERMINERS = _words("the a an my your his her its our their this that these those")
 
 
@@ -902,6 +905,8 @@ def _says_scope(tokens: list[str], i: int) -> bool:
     before = tokens[i - 1] if i else ""
     following = tokens[i + 1] if i + 1 < len(tokens) else ""
     if token == "last":
+        if following in _LAST_VERB_BEFORE and before not in _DETERMINERS:
+            return False
         verb_here = (not following or following in STOPWORDS) and before not in _DETERMINERS
         return not (verb_here and ("long" in tokens or before in _LAST_VERB_AFTER))
     if token == "all":
