@@ -451,6 +451,11 @@ class Analysis:
     # Where a token was a possessive ("landlord's": the "'s" is dropped from
     # the tokens), by its index in tokens.
     possessives: frozenset[int] = frozenset()
+    # Where a "not" was a contraction's ("doesn't", "wont", "cannot"), by its
+    # index in tokens: at a question's opening auxiliary it negates the
+    # question, where a "not" written out there negates what follows ("Does
+    # not smoking ...?" asks about not smoking; "Doesn't smoking ...?" does not).
+    contracted: frozenset[int] = frozenset()
     # Symbols outside ASCII that no check reads as a word (emoji, "♂", "☀",
     # "⌘", "√"), in order, skin tones left out (_glyphs, glyph_veto).
     glyphs: tuple[str, ...] = ()
@@ -519,8 +524,10 @@ def _split(word: str) -> list[str]:
         return [lower[:-2]]
     if lower in _IRREGULAR_NOT:
         return [_IRREGULAR_NOT[lower], "not"]
+    if lower == "n't":
+        return ["not"]  # "do n't", as some tools split it: one negation, not two
     if lower.endswith("n't"):
-        return [lower[:-3] or "not", "not"]
+        return [lower[:-3], "not"]
     if lower == "cannot":
         return ["can", "not"]
     if lower in _BARE_CONTRACTIONS:
@@ -680,6 +687,7 @@ def analyze_uncached(text: str) -> Analysis:
     tokens: list[str] = []
     names: set[str] = set()
     possessives: set[int] = set()
+    contracted: set[int] = set()
     # Where a minus sign makes the number after it negative (_signs).
     minus_signs: set[int] = set()
     roman_numbers: list[str] = []
@@ -700,6 +708,8 @@ def analyze_uncached(text: str) -> Analysis:
         if word == "-" and _signs(tokens, text, match.start(), match.end()):
             minus_signs.add(len(tokens))
         parts = _split(word)
+        if parts[-1] == "not" and word.lower() != "not":
+            contracted.add(len(tokens) + len(parts) - 1)
         # "landlord's", and a plural's "roommates'" (its "'" no token's).
         if (len(parts) == 1 and parts[0] != word.lower()) or (
             word[-1:] in "sS" and text.startswith("'", match.end())
@@ -786,6 +796,7 @@ def analyze_uncached(text: str) -> Analysis:
         code=tuple(" ".join(span.split()) for span in _BACKTICKED.findall(text)),
         number_units=frozenset(number_units),
         possessives=frozenset(possessives),
+        contracted=frozenset(contracted),
         glyphs=_glyphs(text),
         numerals=frozenset(numerals),
         time_frames=_time_frames(tokens),
@@ -1069,9 +1080,12 @@ def _transposed(x: str, y: str) -> bool:
 
 
 # Who a question's auxiliary asks about, where English puts "not" after it
-# when the auxiliary is not contracted: a pronoun, a determiner and one or
-# two words ("my car", "the new router"), or one word ("cats"); never a
-# quantifier ("Is everyone not invited?" is not "Isn't everyone invited?").
+# when the auxiliary is not contracted: a pronoun, a determiner and a word
+# ("my car"), or one word ("cats"); never a quantifier ("Is everyone not
+# invited?" is not "Isn't everyone invited?"), nor a word in -ing, which
+# may be what a "not" negates ("Does not exercising ...?"), nor more words,
+# which may hold a verb or an adverb ("Why did the team decide not to
+# play?", "Why is my dog still not trained?": a review's 50 such pairs).
 _SUBJECT_PRONOUNS = _words("i you he she it we they")
 _QUANTIFIERS = SCOPE_WORDS | _words(
     "everyone everybody everything someone somebody something anyone anybody anything some any many few"
@@ -1082,40 +1096,52 @@ _QUANTIFIERS = SCOPE_WORDS | _words(
 _PLAIN_AUXILIARIES = _words("do does did is are am was were have has")
 
 
-def _not_after_auxiliary(tokens: tuple[str, ...]) -> tuple[str, ...]:
-    """``tokens`` with a "not" that follows an auxiliary's subject moved to
-    right after the auxiliary, where a contraction puts it: "why will my car
-    not start" reads as "why won't my car start" ("why will not my car
-    start" once split). Only where the two ask the same: after a question
-    word ("why", "what", ...), or at the start with an auxiliary of
-    _PLAIN_AUXILIARIES ("Does my cat not eat?" / "Doesn't my cat eat?").
-    Any other "not" stays where it is: "is it better not to eat" is not "is
-    it not better to eat", and nothing but a subject may stand between the
-    auxiliary and the "not"."""
-    moved = list(tokens)
-    for at, token in enumerate(tokens):
-        if token != "not":
-            continue
-        for width in (1, 2, 3):
-            aux = at - width - 1
-            if aux < 0 or moved[aux] not in _AUXILIARIES:
-                continue
-            asks_the_same = (aux > 0 and moved[aux - 1] in _WH_WORDS) or (
-                aux == 0 and moved[aux] in _PLAIN_AUXILIARIES
-            )
-            if asks_the_same and _a_subject(moved[aux + 1 : at]):
-                moved[aux + 2 : at + 1] = moved[aux + 1 : at]
-                moved[aux + 1] = "not"
-                break
-    return tuple(moved)
+def _opening_auxiliary(tokens: tuple[str, ...]) -> int | None:
+    """Where a question's opening auxiliary stands: first, or after one
+    question word ("why does ..."); None for a question of another shape."""
+    at = 1 if tokens[:1] and tokens[0] in _WH_WORDS else 0
+    return at if at < len(tokens) and tokens[at] in _AUXILIARIES else None
 
 
-def _a_subject(words: list[str]) -> bool:
-    if any(word in _QUANTIFIERS or word in NEGATIONS for word in words):
+def _not_after_auxiliary(analysis: Analysis) -> tuple[str, ...] | None:
+    """The question's tokens with a "not" after its opening auxiliary's
+    subject moved to right after the auxiliary, where a contraction puts
+    it: "why will my car not start" as "why won't my car start" reads
+    ("why will not my car start" once split); None where no "not" stands
+    so. Only where the two ask the same: after a question word ("why",
+    "what", ...), or at the start with an auxiliary of _PLAIN_AUXILIARIES
+    ("Does my cat not eat?" / "Doesn't my cat eat?"). "Is it better not to
+    eat" stays: nothing but a subject may stand between the auxiliary and
+    the "not", nor may "to" follow it."""
+    tokens = analysis.tokens
+    aux = _opening_auxiliary(tokens)
+    if aux is None or (aux == 0 and tokens[0] not in _PLAIN_AUXILIARIES):
+        return None
+    for width in (1, 2):
+        at = aux + width + 1
+        if at < len(tokens) and tokens[at] == "not" and _a_subject(tokens[aux + 1 : at]):
+            if tokens[at + 1 : at + 2] == ("to",):
+                return None
+            return (*tokens[: aux + 1], "not", *tokens[aux + 1 : at], *tokens[at + 1 :])
+    return None
+
+
+def _a_subject(words: tuple[str, ...]) -> bool:
+    if any(word in _QUANTIFIERS or word in NEGATIONS or word.endswith("ing") for word in words):
         return False
     if len(words) == 1:
         return words[0] in _SUBJECT_PRONOUNS or words[0] not in STOPWORDS
-    return words[0] in _DETERMINERS and all(word not in STOPWORDS for word in words[1:])
+    return words[0] in _DETERMINERS and words[1] not in STOPWORDS
+
+
+def _opening_not(analysis: Analysis) -> str:
+    """How a "not" right after the question's opening auxiliary is written:
+    "contracted" ("Doesn't smoking ...?"), "written" ("Does not smoking
+    ...?"), or "" where none stands there."""
+    aux = _opening_auxiliary(analysis.tokens)
+    if aux is None or analysis.tokens[aux + 1 : aux + 2] != ("not",):
+        return ""
+    return "contracted" if aux + 1 in analysis.contracted else "written"
 
 
 def _retyped(a: Analysis, b: Analysis) -> bool:
@@ -1125,9 +1151,19 @@ def _retyped(a: Analysis, b: Analysis) -> bool:
     "send": a third hunt had 14 such pairs served at 0.93-0.999, this
     feature's weight the largest but the cosine's). A word one side writes
     as two is one word retyped ("timezone" / "time zone"); a "not" after
-    the subject is the contraction's ("why can't I log in" / "why can I not
-    log in": _not_after_auxiliary)."""
-    x, y = _not_after_auxiliary(a.tokens), _not_after_auxiliary(b.tokens)
+    the subject is the contraction's on the other side ("why can't I log in"
+    / "why can I not log in": _not_after_auxiliary), and a "not" written out
+    after the opening auxiliary is not ("_opening_not")."""
+    x, y = a.tokens, b.tokens
+    opening = _opening_not(a), _opening_not(b)
+    if "written" in opening and "contracted" in opening:
+        # "Does not smoking improve your health?" asks about quitting;
+        # "Doesn't smoking improve your health?" expects a yes.
+        return False
+    if opening == ("", "contracted"):
+        x = _not_after_auxiliary(a) or x
+    elif opening == ("contracted", ""):
+        y = _not_after_auxiliary(b) or y
     if abs(len(x) - len(y)) > 2:
         return False
     i = j = 0
@@ -1143,13 +1179,26 @@ def _retyped(a: Analysis, b: Analysis) -> bool:
     return i == len(x) and j == len(y)
 
 
+# A colour or a temperature before a noun is a phrase of its own, not the
+# compound it spells: "a green house" is no "greenhouse", "a hot dog" no
+# "hotdog", "a black bird" no "blackbird" (a review: served at 0.91-0.99).
+_PHRASE_FIRST_WORDS = _words(
+    "black white green blue red yellow brown gray grey pink purple orange dark hot cold"
+)
+
+
 def _joined(word: str, first: str, second: str) -> bool:
     """Whether ``word`` is ``first`` and ``second`` written as one, neither
     of them a stop word or a negation: "a theist" is no "atheist", "a
     typical" no "atypical", "no body" no "nobody" (a review: 27 such pairs
-    served at 0.94-0.99 once any two tokens joined)."""
+    served at 0.94-0.99 once any two tokens joined); nor a phrase
+    (_PHRASE_FIRST_WORDS). A prefix of two letters joins into a word of its
+    own only where that is no other word: "re-heat" is "reheat", but
+    "re-sign" no "resign", "re-cover" no "recover", "co-op" no "coop"."""
     return (
         word == first + second
+        and (len(first) > 2 or word not in _vocabulary())
+        and first not in _PHRASE_FIRST_WORDS
         and first not in STOPWORDS
         and second not in STOPWORDS
         and first not in NEGATIONS

@@ -671,6 +671,12 @@ def test_another_word_one_letter_away_is_no_typo():
     assert not retyped("Is Richard Dawkins atheist?", "Is Richard Dawkins a theist?")
     assert not retyped("What is atypical antipsychotic?", "What is a typical antipsychotic?")
     assert not retyped("What if there is no body?", "What if there is nobody?")
+    # Nor a colour's or a temperature's phrase, nor a prefix into another word (a review).
+    assert not retyped("How do I paint a green house?", "How do I paint a greenhouse?")
+    assert not retyped("How do I cool down a hot dog?", "How do I cool down a hotdog?")
+    assert not retyped("Will the quarterback re-sign this year?", "Will the quarterback resign this year?")
+    assert not retyped("How do I join a co-op?", "How do I join a coop?")
+    assert retyped("What is the best way to re-heat pizza?", "What is the best way to reheat pizza?")
     assert retyped("Best cities for travelling?", "Best cities for traveling?")
     assert retyped("What are good horses for kids?", "What are good horse for kids?")
     # Another spelling of the same word (a final read: 7 paraphrases refused).
@@ -695,7 +701,7 @@ def test_a_not_after_the_subject_is_the_contractions_not():
     assert retyped("Why won't my car start?", "Why will my car not start?")
     assert retyped("Why can't I log in?", "Why can I not log in?")
     assert retyped("Why don't cats like water?", "Why do cats not like water?")
-    assert retyped("Isn't the new router faster?", "Is the new router not faster?")
+    assert retyped("Isn't the router faster?", "Is the router not faster?")
     assert retyped("Why aren't these shoes waterproof?", "Why are these shoes not waterproof?")
     # Not a subject between them: the "not" says something else there.
     assert not retyped("Is it better not to eat before swimming?", "Is it not better to eat before swimming?")
@@ -707,9 +713,35 @@ def test_a_not_after_the_subject_is_the_contractions_not():
     assert retyped("Why should I not eat raw eggs?", "Why shouldn't I eat raw eggs?")
     assert retyped("Does my cat not eat because of stress?", "Doesn't my cat eat because of stress?")
     assert not retyped("Why will my car start?", "Why will my car not start?")
-    assert verifier._not_after_auxiliary(("why", "is", "my", "code", "not", "compiling")) == (
+    assert verifier._not_after_auxiliary(analyze("Why is my code not compiling?")) == (
         "why", "is", "not", "my", "code", "compiling",
     )  # fmt: skip
+    # A review's (`/tmp/rev_hunt48/`, 75 such pairs served at 0.99+): a word
+    # in -ing may be what the "not" negates, more words may hold a verb or
+    # an adverb, and "not to" is a choice.
+    assert not retyped("Does exercising not cause weight gain?", "Doesn't exercising cause weight gain?")
+    assert not retyped("Why did the team decide not to play?", "Why didn't the team decide to play?")
+    assert not retyped("Why is my dog still not house trained?", "Why isn't my dog still house trained?")
+    assert not retyped("Was he told not to leave?", "Wasn't he told to leave?")
+    # Nor is a "not" moved where neither side contracts one.
+    assert not retyped("Does not exercising cause weight gain?", "Does exercising not cause weight gain?")
+
+
+def test_a_not_written_out_after_the_opening_auxiliary_is_not_the_contractions():
+    """ "Does not smoking improve your health?" asks about quitting;
+    "Doesn't smoking improve your health?" expects a yes: the same tokens
+    once split, and served at 0.99+ (a review: 18 such pairs). Where the
+    subject stands before the auxiliary the two are one ("I don't know")."""
+    retyped = lambda a, b: verifier._retyped(analyze(a), analyze(b))  # noqa: E731
+    assert not retyped("Does not smoking improve your health?", "Doesn't smoking improve your health?")
+    assert not retyped("Will not paying rent get me evicted?", "Won't paying rent get me evicted?")
+    assert not retyped("Why does not sleeping cause weight gain?", "Why doesn't sleeping cause weight gain?")
+    assert retyped("I don't know how to swim, is it too late?", "I do not know how to swim, is it too late?")
+    assert retyped("Why doesn't my phone charge?", "why doesnt my phone charge")
+    assert analyze("Doesn't it work?").contracted == {1}
+    assert analyze("Does not it work?").contracted == frozenset()
+    # "do n't", as some tools split it, is one negation (it read as two, which cancelled).
+    assert analyze("I do n't understand recursion").negations == 1
 
 
 def test_without_the_tokenizer_package_no_word_is_known_to_be_another(monkeypatch):
