@@ -214,8 +214,10 @@ local function retry_after(key, need, b)
 end
 """
 
-# One turn: returns {1} when every check admits (all are then charged), else
-# {0, index of the first refusing check, retry after ms}.
+# One turn: returns {1, then per window check, in order, its use with this
+# turn's charge and the ms until its oldest entry leaves it} when every check
+# admits (all are then charged), else {0, index of the first refusing check,
+# retry after ms}.
 _ADMIT = (
     _PARSE
     + """
@@ -244,11 +246,14 @@ for i, check in ipairs(checks) do
     if redis.call('ZCARD', key) >= a then return {0, i, 1000} end
   end
 end
+local seen = {1}
 for _, check in ipairs(checks) do
   local kind, b, cost, key = check.kind, check.b, check.cost, check.key
   if kind == 'w' then
     redis.call('ZADD', key, now, lease .. ':' .. cost)
-    redis.call('INCRBY', check.sum_key, cost)
+    seen[#seen + 1] = redis.call('INCRBY', check.sum_key, cost)
+    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    seen[#seen + 1] = math.max(0, math.ceil(tonumber(oldest[2]) + b - now))
     redis.call('PEXPIRE', key, b)
     redis.call('PEXPIRE', check.sum_key, b)
   elseif kind == 'b' then
@@ -260,7 +265,7 @@ for _, check in ipairs(checks) do
   end
 end
 if mark_ms then redis.call('SET', KEYS[#KEYS], ARGV[5], 'PX', mark_ms) end
-return {1}
+return seen
 """
 )
 
@@ -591,6 +596,26 @@ class _Plan:
         return tuple(checks)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class WindowUse:
+    """A rate window of a limited scope as admitting a turn left it (what a
+    front end tells its caller: the HTTP edge's x-ratelimit-* headers)."""
+
+    # "requests_per_minute" or "tokens_per_minute".
+    limit: str
+    # Whose: "tenant", "key" or "model".
+    scope: str
+    value: int
+    # The window's use with this turn's charge (its tokens as reserved).
+    used: int
+    # Until its oldest entry leaves the window: when its use next falls.
+    frees_in_ms: int
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.value - self.used)
+
+
 @dataclasses.dataclass
 class Reservation:
     """What admission charged for one turn; settle it exactly once."""
@@ -625,6 +650,9 @@ class Reservation:
     # it (_SETTLE_TURN looks for it there too), and the budgets' growth is
     # given back apart (top_up). None once a top-up answered.
     growth_unseen: tuple[int, int] | None = None
+    # Its scopes' rate windows as its admission left them (none admitted
+    # without Redis, or failing open).
+    windows: tuple[WindowUse, ...] = ()
 
 
 def estimate_prompt_tokens(messages) -> int:
@@ -894,7 +922,8 @@ class Admission:
                 )  # fmt: skip
         words = [check.word + str(cost) for check, cost in zip(checks, costs, strict=True)]
         groups = list(_by_slot(checks, words).values())
-        admitting = asyncio.ensure_future(self._admit_or_refuse(lease_id, tokens, nano_usd, groups))
+        windows: list[WindowUse] = []
+        admitting = asyncio.ensure_future(self._admit_or_refuse(lease_id, tokens, nano_usd, groups, windows))
         try:
             # Shielded: a caller cancelled once its script went out (hung
             # up, its deadline passed) must not leave a turn Redis admitted
@@ -941,7 +970,7 @@ class Admission:
         if refused is not None:
             raise refused.error
         settled = tuple(c for c in checks if c.limit != "requests_per_minute")
-        return Reservation(lease_id, tokens, nano_usd, settled, day=day, price=price)
+        return Reservation(lease_id, tokens, nano_usd, settled, day=day, price=price, windows=tuple(windows))
 
     async def _admit_or_refuse(
         self,
@@ -949,8 +978,9 @@ class Admission:
         tokens: int,
         nano_usd: int,
         groups: list[tuple[list[_Check], list[str]]],
+        windows: list[WindowUse],
     ) -> _Refused | None:
-        refused = await self._try_admit(lease_id, tokens, nano_usd, groups)
+        refused = await self._try_admit(lease_id, tokens, nano_usd, groups, windows)
         if refused is not None and refused.kind == "streams":
             # The stream that holds the lease may have ended already, its
             # release waiting in some replica's batch (this one's too):
@@ -962,7 +992,7 @@ class Admission:
             await self.flush()
             await asyncio.sleep(SETTLE_AFTER_S * 2)
             await self.flush()
-            refused = await self._try_admit(lease_id, tokens, nano_usd, groups, _MARK_ADMITTED_AGAIN)
+            refused = await self._try_admit(lease_id, tokens, nano_usd, groups, windows, _MARK_ADMITTED_AGAIN)
         return refused
 
     def _refund_abandoned(self, charged: Reservation, admitting: asyncio.Task) -> None:
@@ -990,12 +1020,18 @@ class Admission:
         tokens: int,
         nano_usd: int,
         groups: list[tuple[list[_Check], list[str]]],
+        windows: list[WindowUse],
         mark: str = _MARK_ADMITTED,
     ) -> _Refused | None:
         """One admit script per slot, all in one round trip (_run_or_refuse:
-        a turn refused keeps no charge in any slot, a failure is raised)."""
+        a turn refused keeps no charge in any slot, a failure is raised);
+        ``windows`` gets the rate windows' use as the calls that admitted
+        left them (of this try alone)."""
         charge = Reservation(lease_id, tokens, nano_usd, ())
-        return await self._run_or_refuse(self._admit_script, mark, groups, charge, (0, 0), refund=True)
+        windows.clear()
+        return await self._run_or_refuse(
+            self._admit_script, mark, groups, charge, (0, 0), refund=True, windows=windows
+        )
 
     async def _run_or_refuse(
         self,
@@ -1006,6 +1042,7 @@ class Admission:
         back_to: tuple[int, int],
         refund: bool = False,
         growth: bool = False,
+        windows: list[WindowUse] | None = None,
     ) -> _Refused | None:
         """Runs ``script`` (admit or top-up: the same KEYS and ARGV layout)
         once per slot's checks and words, in one round trip, for the turn
@@ -1028,7 +1065,8 @@ class Admission:
         goes on from what was reserved before, so its calls are always
         marked; its release gives back the budgets' growth alone (the turn's
         settlement, which follows, moves its windows' entries from wherever
-        the growth left them: Reservation.growth_unseen)."""
+        the growth left them: Reservation.growth_unseen). ``windows``, given
+        (an admit), gets the rate windows' use the admitting calls said."""
         fails_closed = any(_failing_closed(checks) for checks, _ in groups)
         # Where the turn may be refused while a call of it may have run: on
         # a failure, failing closed; or by another call's refusal.
@@ -1052,6 +1090,13 @@ class Admission:
                     unsure += checks
             elif reply[0] == 1:
                 charged += checks
+                if windows is not None:
+                    # An admit's reply: each window check's use and when it frees, in order.
+                    in_order = [check for check in checks if check.kind == "window"]
+                    windows += (
+                        WindowUse(check.limit, check.scope.kind, check.a, int(used), int(frees_in_ms))
+                        for check, used, frees_in_ms in zip(in_order, reply[1::2], reply[2::2], strict=True)
+                    )
             elif reply[0] == 2:
                 # Released before it ran: charged nothing. Only a call whose
                 # caller gave up on it is released, so no reply is read so.

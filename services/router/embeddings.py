@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -81,10 +83,13 @@ class Embeddings:
         """The most texts one call may carry (inference.max_embed_texts)."""
         return self._inference.max_embed_texts
 
-    async def embed(self, tenant, model: str, texts: list[str]) -> Embedded:
+    async def embed(
+        self, tenant, model: str, texts: list[str], on_admitted: Callable[[Any], None] | None = None
+    ) -> Embedded:
         """``texts``' vectors from the embedding ``model``; raises
         MeshgateError (an unknown or forbidden model, a limit's refusal, or
-        the inference services')."""
+        the inference services'). ``on_admitted(grant)`` is called once the
+        request is admitted, as Pipeline.run's."""
         # One budget for the whole request, whichever inference services it
         # takes: one failing late (UNAVAILABLE after minutes) leaves the next
         # what is left, not a fresh max_generation_s, so no request lasts a
@@ -104,6 +109,8 @@ class Embeddings:
         failure: str = Reason.INTERNAL
         input_tokens = 0
         try:
+            if on_admitted is not None:
+                on_admitted(grant)
             answer = await self._embed(texts, budget)
             input_tokens, failure = answer.input_tokens, ""
         except MeshgateError as error:

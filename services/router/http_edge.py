@@ -60,7 +60,7 @@ from meshgate.errors import (
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.sampling import check_stop_count
-from services.router.admission import Hold, TenantCalls
+from services.router.admission import Hold, TenantCalls, WindowUse
 from services.router.auth import Authenticator, Tenant, same_tenant
 from services.router.body_parser import BodyParser
 from services.router.embeddings import Embeddings
@@ -195,7 +195,52 @@ def http_error(
         if isinstance(detail, error_details_pb2.RetryInfo):
             seconds = detail.retry_delay.seconds + detail.retry_delay.nanos / 1e9
             headers.append((b"retry-after", str(max(1, math.ceil(seconds))).encode()))
+            word = dict(_RATE_WINDOWS).get(error.metadata.get("limit", ""))
+            if word is not None and error.metadata.get("limit_value", "").isdigit():
+                # A per-minute window refused the turn: nothing of it is left
+                # until the retry (the other window is not known here).
+                value = int(error.metadata["limit_value"])
+                headers += _rate_limit_triple(word, value, 0, math.ceil(seconds * 1000))
     return status, headers, _json(error_body(error, kind))
+
+
+# OpenAI's names for the per-minute windows in its x-ratelimit-* headers.
+_RATE_WINDOWS = (("requests_per_minute", b"requests"), ("tokens_per_minute", b"tokens"))
+
+
+def rate_limit_headers(windows: tuple[WindowUse, ...]) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens} for a
+    turn admitted with ``windows`` (admission.Reservation.windows): of the
+    windows of each limit among its scopes (tenant, API key, model), the
+    one with the least left after this turn (its tokens as reserved: the
+    prompt's estimate and max_tokens); reset, when that window's oldest
+    entry leaves it, so that its remaining next grows (a one-minute sliding
+    window, not a bucket that refills). None for a limit that no scope sets,
+    or for a turn admitted without Redis (failing open)."""
+    headers = []
+    for limit, word in _RATE_WINDOWS:
+        tightest = min((w for w in windows if w.limit == limit), key=lambda w: w.remaining, default=None)
+        if tightest is not None:
+            headers += _rate_limit_triple(word, tightest.value, tightest.remaining, tightest.frees_in_ms)
+    return headers
+
+
+def _rate_limit_triple(word: bytes, value: int, remaining: int, reset_ms: int) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-ratelimit-limit-" + word, str(value).encode()),
+        (b"x-ratelimit-remaining-" + word, str(remaining).encode()),
+        (b"x-ratelimit-reset-" + word, _duration(reset_ms).encode()),
+    ]
+
+
+def _duration(ms: int) -> str:
+    """A wait as OpenAI's reset headers write it (Go's duration text):
+    "250ms", "1.5s", "59s", "1m0s"."""
+    if ms < 1000:
+        return f"{max(0, ms)}ms"
+    minutes, rest_ms = divmod(ms, 60_000)
+    seconds = f"{rest_ms / 1000:.3f}".rstrip("0").rstrip(".")
+    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
 
 
 def error_body(error: MeshgateError, kind: str | None = None) -> dict:
@@ -1044,6 +1089,7 @@ class HttpEdge:
                 carry_last_text=call.stream,
                 before_saving=saving,
                 whole=not call.stream,
+                on_admitted=response.admitted,
             )
             async with contextlib.aclosing(events):
                 if call.stream:
@@ -1178,7 +1224,7 @@ class HttpEdge:
         if core is None:
             raise not_found(Reason.MODEL_NOT_FOUND, "no embedding model is served here", model=model)
         core.check_model(model, tenant)
-        embedded = await core.embed(tenant, model, texts)
+        embedded = await core.embed(tenant, model, texts, on_admitted=response.admitted)
         dimensions = embedded.dimensions
         row_bytes = 4 * dimensions
         data = []
@@ -1236,6 +1282,13 @@ class _Response:
         self.reason = ""
         # The HTTP status sent, once sent (its request span's).
         self.status: int | None = None
+        # An admitted turn's x-ratelimit-* headers (rate_limit_headers).
+        self.rate_limits: list[tuple[bytes, bytes]] = []
+
+    def admitted(self, grant) -> None:
+        """Pipeline.run's on_admitted: the turn's rate windows, for the
+        response's headers."""
+        self.rate_limits = rate_limit_headers(getattr(grant, "windows", ()))
 
     def failed(self, error: MeshgateError) -> None:
         self.failed_with(error.code, error.reason)
@@ -1249,6 +1302,9 @@ class _Response:
         if message["type"] == "http.response.start":
             self.status = message["status"]
             headers = [*message.get("headers", ()), (b"x-request-id", self.request_id.encode())]
+            # An error's own (a window that refused a prompt's growth) over admission's.
+            named = {name for name, _ in headers}
+            headers += [(name, value) for name, value in self.rate_limits if name not in named]
             message = dict(message, headers=headers)
         await self._send(message)
         if message["type"] == "http.response.body" and not message.get("more_body"):

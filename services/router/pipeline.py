@@ -754,6 +754,7 @@ class Pipeline:
         carry_last_text: bool = False,
         before_saving: collections.abc.Callable[[str], collections.abc.Awaitable[None]] | None = None,
         whole: bool = False,
+        on_admitted: collections.abc.Callable[[Any], None] | None = None,
     ) -> collections.abc.AsyncIterator[Event]:
         """The turn's events: deltas, then a Completion or a Failure.
         ``carry_last_text``: the answer's last piece, when known (Delta.last),
@@ -770,7 +771,10 @@ class Pipeline:
         appended (the session created for it, if it was): from then on the
         turn may be stored, so a front end whose transport may
         resend a call that sent nothing yet (gRPC's retry policy) commits
-        it there; a turn held whole for the completion has sent nothing."""
+        it there; a turn held whole for the completion has sent nothing.
+        ``on_admitted(grant)`` is called once admission has admitted the
+        turn, with its grant (the router's: an admission.Reservation), before
+        any event: a front end that tells its caller the limits reads it."""
         started = time.perf_counter()
         turn = early = None
         try:
@@ -833,6 +837,8 @@ class Pipeline:
             # Every nested stream is closed explicitly (aclosing): an
             # abandoned async generator's cleanup, such as cancelling its
             # inference call, would otherwise wait for the garbage collector.
+            if on_admitted is not None:
+                on_admitted(grant)
             admitted = self._admitted(turn, grant, answer, facts, started, early, before_saving)
             async with contextlib.aclosing(admitted) as events:
                 async for event in events:

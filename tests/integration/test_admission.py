@@ -106,6 +106,34 @@ async def test_four_replicas_admit_exactly_the_limit(redis_url, split_by_slot):
     assert admitted_tokens == 5_000 // 13 * 13
 
 
+@pytest.mark.parametrize("split_by_slot", [False, True], ids=["one-instance", "cluster-slots"])
+async def test_an_admitted_turn_says_what_each_window_holds_and_when_it_frees(redis_client, split_by_slot):
+    """What the HTTP edge's x-ratelimit-* headers say: each per-minute
+    window of the turn's scopes, its use with the turn's charge (tokens as
+    reserved) and when its oldest entry leaves; the time is Redis's own
+    arithmetic on the router's clock."""
+    clock = Clock(1_800_000_000.0)
+    admission = Admission(redis_client, max_generation_s=60, clock=clock, split_by_slot=split_by_slot)
+    tenant = _scope(requests_per_minute=10, tokens_per_minute=1_000, concurrent_streams=5)
+    model = Scope("model", uuid.uuid4().hex[:12], LimitSettings(requests_per_minute=3))
+    first = await admission.admit([tenant, model], 30, 20, None)
+    assert sorted((w.scope, w.limit, w.value, w.used, w.frees_in_ms) for w in first.windows) == [
+        ("model", "requests_per_minute", 3, 1, 60_000),
+        ("tenant", "requests_per_minute", 10, 1, 60_000),
+        ("tenant", "tokens_per_minute", 1_000, 50, 60_000),
+    ]
+    clock.now += 12.5
+    second = await admission.admit([tenant, model], 10, 20, None)
+    by_name = {(w.scope, w.limit): w for w in second.windows}
+    assert by_name[("model", "requests_per_minute")].remaining == 1
+    assert by_name[("tenant", "tokens_per_minute")].used == 80
+    # The oldest entry, the first turn's, leaves 47.5 s from now.
+    assert {w.frees_in_ms for w in second.windows} == {47_500}
+    # A budget or a stream cap is no window: none of those is said.
+    budgets = _scope(tokens_per_day=1_000, concurrent_streams=2)
+    assert (await admission.admit([budgets], 1, 1, None)).windows == ()
+
+
 async def test_a_refusal_names_the_limit_with_quota_failure_and_retry_info(redis_client):
     clock = Clock(1_800_000_000.0)
     admission = Admission(redis_client, max_generation_s=60, clock=clock)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import re
 import socket
 import time
 import uuid
@@ -63,6 +64,9 @@ EMBED_LIMITED_KEY = "http-edge-embed-limited-key"
 EMBED_HANGUP_KEY = "http-edge-embed-hangup-key"
 # A tenant whose minute holds fewer tokens than any turn reserves.
 TINY_KEY = "http-edge-tiny-limit-key"
+# A tenant with both per-minute windows, and a tighter request window on its model.
+RATED_KEY = "http-edge-rated-key"
+RATED_TPM = 100_000
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +93,16 @@ async def edge(redis_url, inference_address):
             api_key_sha256=[hash_api_key(TINY_KEY)],
             limits=LimitSettings(tokens_per_minute=8),
         ),
+        TenantSettings(
+            id=f"rated-{uuid.uuid4().hex[:8]}",
+            api_key_sha256=[hash_api_key(RATED_KEY)],
+            limits=LimitSettings(requests_per_minute=50, tokens_per_minute=RATED_TPM),
+        ),
     ]
     (live,) = settings.models["tiny-gpt"].deployments
     settings.models["other"] = ModelSettings(deployments=[live])
+    settings.models["rated-model"] = ModelSettings(deployments=[live])
+    settings.router.model_limits = {"rated-model": LimitSettings(requests_per_minute=5)}
     settings.router.http_listen = f"127.0.0.1:{free_port()}"
     async with running_router(settings) as router_address:
         yield f"http://{settings.router.http_listen}/v1", router_address
@@ -236,7 +247,7 @@ async def test_a_session_continues_across_requests(async_client):
 
 async def test_models_lists_what_the_tenant_may_use(async_client, base_url):
     models = await async_client.models.list()
-    assert {model.id for model in models.data} == {"tiny-gpt", "other", "minilm"}
+    assert {model.id for model in models.data} == {"tiny-gpt", "other", "rated-model", "minilm"}
     async with openai.AsyncOpenAI(base_url=base_url, api_key=NARROW_KEY, max_retries=0) as narrow:
         assert [model.id for model in (await narrow.models.list()).data] == ["other"]
 
@@ -254,10 +265,14 @@ async def test_embeddings_float_and_base64(async_client):
 async def test_embeddings_pass_the_tenants_limits_and_are_billed_in_the_ledger(edge):
     base_url, router_address = edge
     async with openai.AsyncOpenAI(base_url=base_url, api_key=EMBED_LIMITED_KEY, max_retries=0) as limited:
-        for _ in range(LIMITED_RPM):
-            result = await limited.embeddings.create(model="minilm", input=["a cat", "a dog"])
+        for left in reversed(range(LIMITED_RPM)):
+            raw = await limited.embeddings.with_raw_response.create(model="minilm", input=["a cat", "a dog"])
+            result = raw.parse()
             # [CLS] a cat [SEP], twice: the tokens the model read.
             assert (result.usage.prompt_tokens, result.usage.total_tokens) == (8, 8)
+            # What the minute has left, as for a chat completion.
+            assert raw.headers["x-ratelimit-limit-requests"] == str(LIMITED_RPM)
+            assert raw.headers["x-ratelimit-remaining-requests"] == str(left)
         # Before, embeddings passed no limit: a tenant held to 2 requests a
         # minute embedded without bound, and none of it was billed.
         with pytest.raises(openai.RateLimitError) as refused:
@@ -491,13 +506,61 @@ async def test_a_limit_is_429_with_retry_after(base_url):
     async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
         headers = {"authorization": f"Bearer {LIMITED_KEY}"}
         body = {"model": "tiny-gpt", "messages": question("hi"), "max_tokens": 1}
+        admitted = []
         for _ in range(LIMITED_RPM):
-            assert (await http.post("/chat/completions", json=body, headers=headers)).status_code == 200
+            answer = await http.post("/chat/completions", json=body, headers=headers)
+            assert answer.status_code == 200
+            admitted.append(answer.headers)
         refused = await http.post("/chat/completions", json=dict(body, stream=True), headers=headers)
     assert refused.status_code == 429
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert refused.json()["error"]["code"] == "RATE_LIMITED"
     assert refused.json()["error"]["type"] == "rate_limit_error"
+    # OpenAI's rate-limit headers: each answer says what is left of the minute.
+    assert [h["x-ratelimit-limit-requests"] for h in admitted] == [str(LIMITED_RPM)] * LIMITED_RPM
+    assert [int(h["x-ratelimit-remaining-requests"]) for h in admitted] == list(range(LIMITED_RPM))[::-1]
+    assert all(0 < reset_s(h["x-ratelimit-reset-requests"]) <= 60 for h in admitted)
+    assert "x-ratelimit-limit-tokens" not in admitted[0]  # no token window set
+    assert refused.headers["x-ratelimit-limit-requests"] == str(LIMITED_RPM)
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 0 < reset_s(refused.headers["x-ratelimit-reset-requests"]) <= 60
+
+
+def reset_s(duration: str) -> float:
+    """Seconds of an x-ratelimit-reset-* value ("250ms", "1.5s", "1m0s")."""
+    match = re.fullmatch(r"(?:(\d+)m)?(?:([\d.]+)s)?|(\d+)ms", duration)
+    assert match, duration
+    minutes, seconds, ms = match.groups()
+    return int(ms) / 1000 if ms else int(minutes or 0) * 60 + float(seconds or 0)
+
+
+async def test_rate_limit_headers_name_the_tightest_window_of_each_kind(base_url):
+    """Of a turn's scopes (tenant, key, model), each header set names the
+    window with the least left: the model alias's 5 requests a minute under
+    the tenant's 50; the tokens, the tenant's, less what each turn reserves.
+    Streamed or not, the same headers; a tenant with no limit gets none."""
+    headers = {"authorization": f"Bearer {RATED_KEY}"}
+    body = {"model": "rated-model", "messages": question(unique("rated")), "max_tokens": 4}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60) as http:
+        whole = await http.post("/chat/completions", json=body)
+        streamed = await http.post("/chat/completions", json=dict(body, stream=True))
+        on_tiny = await http.post("/chat/completions", json=dict(body, model="tiny-gpt"))
+        unlimited = await http.post("/chat/completions", json=dict(body, model="tiny-gpt"), headers=AUTH)
+    rated = (whole, streamed, on_tiny)
+    for answer in (*rated, unlimited):
+        assert answer.status_code == 200, answer.text
+    requests = [
+        (answer.headers["x-ratelimit-limit-requests"], answer.headers["x-ratelimit-remaining-requests"])
+        for answer in rated
+    ]
+    # On tiny-gpt no model alias's window applies: the tenant's 50, three used.
+    assert requests == [("5", "4"), ("5", "3"), ("50", "47")]
+    assert all(a.headers["x-ratelimit-limit-tokens"] == str(RATED_TPM) for a in rated)
+    # Less this turn's reservation, its prompt's estimate and max_tokens (an
+    # earlier turn's may be settled to its use by then: no order between them).
+    assert all(RATED_TPM - int(a.headers["x-ratelimit-remaining-tokens"]) >= 4 for a in rated)
+    assert all(0 < reset_s(a.headers["x-ratelimit-reset-tokens"]) <= 60 for a in rated)
+    assert not any(name.startswith("x-ratelimit-") for name in unlimited.headers)
 
 
 async def test_bodies_parsed_off_the_loop_are_answered_through_the_mesh(base_url):

@@ -159,6 +159,12 @@ def test_prices_are_checked():
         load_settings(environ={"MESHGATE_ROUTER__PRICES__TINY-GPT__CACHE_HIT_FRACTION": "1.5"})
 
 
+def _admitted(keys: list[str]) -> list[int]:
+    """An admit's reply admitting the turn: each window (its keys the
+    entries', then the sum's) at no use, freeing in a minute."""
+    return [1] + [0, 60_000] * sum(key.endswith((":rpm:sum", ":tpm:sum")) for key in keys)
+
+
 class _RecordingRedis:
     """Stands in for a Redis client: records the KEYS of every script call,
     direct or pipelined; ``admit_reply(keys)`` answers each admit and
@@ -166,7 +172,7 @@ class _RecordingRedis:
 
     def __init__(
         self,
-        admit_reply=lambda keys: [1],
+        admit_reply=_admitted,
         admit_answers: asyncio.Event | None = None,
         top_up_reply=lambda keys: [1],
     ) -> None:
@@ -301,7 +307,7 @@ async def test_a_turn_one_slot_refuses_is_refunded_in_the_slot_that_admitted_it(
     the tenant's charges are refunded by a settlement in the tenant's slot."""
 
     def model_refuses(keys):
-        return [0, 3, 1000] if ":model:" in keys[0] else [1]
+        return [0, 3, 1000] if ":model:" in keys[0] else _admitted(keys)
 
     redis = _RecordingRedis(admit_reply=model_refuses)
     admission = Admission(redis, max_generation_s=60, split_by_slot=True)
@@ -326,7 +332,7 @@ async def test_a_turn_one_slot_fails_to_run_is_refunded_where_admitted_and_follo
     turn is admitted without limits (fail open), as for an outage."""
 
     def model_fails(keys):
-        return OutOfMemoryError("OOM command not allowed") if ":model:" in keys[0] else [1]
+        return OutOfMemoryError("OOM command not allowed") if ":model:" in keys[0] else _admitted(keys)
 
     redis = _RecordingRedis(admit_reply=model_fails)
     admission = Admission(redis, max_generation_s=60, split_by_slot=True)

@@ -26,7 +26,7 @@ from meshgate.errors import MeshgateError, busy_unavailable, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router import http_edge
-from services.router.admission import TenantCalls
+from services.router.admission import TenantCalls, WindowUse
 from services.router.auth import Authenticator
 from services.router.deployments import OpenCalls
 from services.router.http_edge import _TCP_INFO, HttpEdge, _BoundedHeaders, _StalledPeerCut, http_error
@@ -368,6 +368,50 @@ def test_a_busy_replica_is_a_503_with_retry_after_and_a_limit_still_a_429():
     status, headers, body = http_error(limited)
     assert (status, json.loads(body)["error"]["type"]) == (429, "rate_limit_error")
     assert (b"retry-after", b"1") in headers
+
+
+@pytest.mark.parametrize(
+    ("ms", "text"),
+    [(0, "0ms"), (250, "250ms"), (1000, "1s"), (1500, "1.5s"), (59_001, "59.001s"), (60_000, "1m0s")],
+)
+def test_a_reset_is_written_as_openai_writes_it(ms, text):
+    assert http_edge._duration(ms) == text
+
+
+def test_rate_limit_headers_name_each_kinds_window_with_the_least_left():
+    windows = (
+        WindowUse("requests_per_minute", "tenant", 100, 10, 30_000),
+        WindowUse("tokens_per_minute", "tenant", 10_000, 9_990, 1_500),
+        WindowUse("requests_per_minute", "model", 20, 19, 59_000),
+        WindowUse("requests_per_minute", "key", 5, 9, 100),  # over: a lowered limit, never below 0
+    )
+    assert dict(http_edge.rate_limit_headers(windows)) == {
+        b"x-ratelimit-limit-requests": b"5",
+        b"x-ratelimit-remaining-requests": b"0",
+        b"x-ratelimit-reset-requests": b"100ms",
+        b"x-ratelimit-limit-tokens": b"10000",
+        b"x-ratelimit-remaining-tokens": b"10",
+        b"x-ratelimit-reset-tokens": b"1.5s",
+    }
+    assert http_edge.rate_limit_headers(windows[1:2])[0] == (b"x-ratelimit-limit-tokens", b"10000")
+    assert http_edge.rate_limit_headers(()) == []
+
+
+def test_a_per_minute_refusal_says_none_is_left_until_its_retry():
+    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=12, nanos=500_000_000))
+    metadata = {"limit": "tokens_per_minute", "scope": "tenant", "limit_value": "800"}
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    refused = MeshgateError(exhausted, Reason.RATE_LIMITED, "x", metadata, details=[retry])
+    _, headers, _ = http_error(refused)
+    assert [h for h in headers if h[0].startswith(b"x-ratelimit")] == [
+        (b"x-ratelimit-limit-tokens", b"800"),
+        (b"x-ratelimit-remaining-tokens", b"0"),
+        (b"x-ratelimit-reset-tokens", b"12.5s"),
+    ]
+    # A budget's or a stream cap's refusal is no per-minute window.
+    per_day = dict(metadata, limit="tokens_per_day")
+    budget = MeshgateError(exhausted, Reason.RATE_LIMITED, "x", per_day, details=[retry])
+    assert not [h for h in http_error(budget)[1] if h[0].startswith(b"x-ratelimit")]
 
 
 @pytest.mark.parametrize(
