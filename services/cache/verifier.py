@@ -918,10 +918,18 @@ def _says_scope(tokens: list[str], i: int) -> bool:
     if token == "last":
         if following in _LAST_VERB_BEFORE and before not in _DETERMINERS:
             return False
+        if not following and before in _SUBJECT_PRONOUNS and i >= 2 and tokens[i - 2] in _AUXILIARIES:
+            return False  # "Will it last?", "Does it last?" (not "... see him last?")
         verb_here = (not following or following in STOPWORDS) and before not in _DETERMINERS
         return not (verb_here and ("long" in tokens or before in _LAST_VERB_AFTER))
     if token == "all":
-        return not (before in ("at", "after") and not following)
+        # "at all" ends the phrase where no noun of "all" follows: "Is it
+        # safe at all to eat ...?" (not "at all airports", "at all the
+        # airports", "at all of them").
+        no_noun = not following or (
+            following in STOPWORDS and following not in _DETERMINERS and following != "of"
+        )
+        return not (before in ("at", "after") and no_noun)
     return True
 
 

@@ -275,6 +275,8 @@ def test_scope_words_that_say_no_scope_there_are_no_veto():
         is None
     )
     assert vetoed_by("Is it safe at all?", "Is it safe?") is None
+    assert vetoed_by("Is it safe at all to eat raw eggs?", "Is it safe to eat raw eggs?") is None
+    assert vetoed_by("Will it last?", "Will it last long?") is None
     assert (
         vetoed_by("How do I make my phone battery last longer?", "How can I extend my phone's battery life?")
         is None
@@ -298,6 +300,9 @@ def test_scope_words_that_say_no_scope_there_are_no_veto():
     assert vetoed_by("When were they last in the final?", "When were they in the final?") == "scope"
     assert vetoed_by("Was the last long flight delayed?", "Was the long flight delayed?") == "scope"
     assert vetoed_by("Is smoking banned at all airports?", "Is smoking banned at airports?") == "scope"
+    assert vetoed_by("Is smoking banned at all the airports?", "Is it banned at the airports?") == "scope"
+    assert vetoed_by("Is smoking banned at all of them?", "Is smoking banned at them?") == "scope"
+    assert vetoed_by("When did you see him last?", "When did you see him?") == "scope"
     assert vetoed_by("Are all right triangles similar?", "Are right triangles similar?") == "scope"
 
 
