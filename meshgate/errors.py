@@ -171,7 +171,8 @@ BUSY_RETRY_AFTER_S = 1
 def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     """When to retry, as a RetryInfo detail (at least a millisecond)."""
     delay = duration_pb2.Duration()
-    delay.FromMilliseconds(max(1, math.ceil(seconds * 1000)))
+    # Rounded first: 1.132 s * 1000 is 1132.0000000000002, not 1133 ms.
+    delay.FromMilliseconds(max(1, math.ceil(round(seconds * 1000, 6))))
     return error_details_pb2.RetryInfo(retry_delay=delay)
 
 

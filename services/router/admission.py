@@ -201,6 +201,12 @@ local function expire(key, sum_key, b)
     redis.call('DECRBY', sum_key, freed)
   end
 end
+-- When a window's oldest entry leaves it (ms from now): what is left of it
+-- next grows then (every entry costs something: _SETTLE_TURN).
+local function frees_in(key, b)
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return math.max(0, math.ceil(tonumber(oldest[2]) + b - now))
+end
 -- A window refusal's retry delay (ms): when enough of the oldest entries
 -- to free ``need`` will have left.
 local function retry_after(key, need, b)
@@ -217,7 +223,7 @@ end
 # One turn: returns {1, then per window check, in order, its use with this
 # turn's charge and the ms until its oldest entry leaves it} when every check
 # admits (all are then charged), else {0, index of the first refusing check,
-# retry after ms}.
+# retry after ms, and a window's use without the turn}.
 _ADMIT = (
     _PARSE
     + """
@@ -237,7 +243,7 @@ for i, check in ipairs(checks) do
   if kind == 'w' then
     expire(key, sum_key, b)
     local used = tonumber(redis.call('GET', sum_key)) or 0
-    if used + cost > a then return {0, i, retry_after(key, used + cost - a, b)} end
+    if used + cost > a then return {0, i, retry_after(key, used + cost - a, b), used} end
   elseif kind == 'b' then
     local used = tonumber(redis.call('GET', key)) or 0
     if used + cost > a then return {0, i, 0} end
@@ -252,8 +258,7 @@ for _, check in ipairs(checks) do
   if kind == 'w' then
     redis.call('ZADD', key, now, lease .. ':' .. cost)
     seen[#seen + 1] = redis.call('INCRBY', check.sum_key, cost)
-    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-    seen[#seen + 1] = math.max(0, math.ceil(tonumber(oldest[2]) + b - now))
+    seen[#seen + 1] = frees_in(key, b)
     redis.call('PEXPIRE', key, b)
     redis.call('PEXPIRE', check.sum_key, b)
   elseif kind == 'b' then
@@ -292,7 +297,9 @@ local function settle(lease, checks)
       end
       if score and used ~= from then
         redis.call('ZREM', key, member)
-        redis.call('ZADD', key, score, lease .. ':' .. check.b_word)
+        -- An entry of no use leaves the window: it would be its oldest and
+        -- say a reset that frees nothing (the admit's x-ratelimit-reset-*).
+        if used ~= 0 then redis.call('ZADD', key, score, lease .. ':' .. check.b_word) end
         redis.call('INCRBY', check.sum_key, used - from)
       end
     elseif kind == 'b' and used ~= reserved then
@@ -440,11 +447,12 @@ return 1
 # One admitted turn's reservation grows (Admission.top_up): its lease, then
 # one word "kind a b reserved grown k" per window or budget that charges it
 # more, its key KEYS[k], and as _ADMIT's its mark's keep-time and value
-# (every top-up is marked: KEYS' last). Returns {1} when every check holds
-# the growth (all are then charged: a window's entry is rewritten to the
-# grown cost, kept at its admission time), else {0, index of the first
-# refusing check, retry after ms}, charging nothing: the turn's reservation
-# stands as admitted; {2} where its growth was released before this ran.
+# (every top-up is marked: KEYS' last). Returns {1, then per window as
+# _ADMIT's} when every check holds the growth (all are then charged: a
+# window's entry is rewritten to the grown cost, kept at its admission
+# time), else {0, index of the first refusing check, retry after ms, a
+# window's use}, charging nothing: the turn's reservation stands as
+# admitted; {2} where its growth was released before this ran.
 _TOP_UP = (
     _PARSE
     + """
@@ -469,18 +477,20 @@ for i, check in ipairs(checks) do
     if not check.score then check.more = check.grown end
     local used = tonumber(redis.call('GET', check.sum_key)) or 0
     if used + check.more > check.a then
-      return {0, i, retry_after(check.key, used + check.more - check.a, check.b)}
+      return {0, i, retry_after(check.key, used + check.more - check.a, check.b), used}
     end
   else
     local used = tonumber(redis.call('GET', check.key)) or 0
     if used + check.more > check.a then return {0, i, 0} end
   end
 end
+local seen = {1}
 for _, check in ipairs(checks) do
   if check.kind == 'w' then
     if check.score then redis.call('ZREM', check.key, check.member) end
     redis.call('ZADD', check.key, check.score or now, check.grown_member)
-    redis.call('INCRBY', check.sum_key, check.more)
+    seen[#seen + 1] = redis.call('INCRBY', check.sum_key, check.more)
+    seen[#seen + 1] = frees_in(check.key, check.b)
     redis.call('PEXPIRE', check.key, check.b)
     redis.call('PEXPIRE', check.sum_key, check.b)
   else
@@ -489,7 +499,7 @@ for _, check in ipairs(checks) do
   end
 end
 redis.call('SET', KEYS[#KEYS], ARGV[5], 'PX', ARGV[4])
-return {1}
+return seen
 """
 )
 
@@ -1065,8 +1075,8 @@ class Admission:
         goes on from what was reserved before, so its calls are always
         marked; its release gives back the budgets' growth alone (the turn's
         settlement, which follows, moves its windows' entries from wherever
-        the growth left them: Reservation.growth_unseen). ``windows``, given
-        (an admit), gets the rate windows' use the admitting calls said."""
+        the growth left them: Reservation.growth_unseen). ``windows``, given,
+        gets the rate windows' use the calls that admitted (or grew) said."""
         fails_closed = any(_failing_closed(checks) for checks, _ in groups)
         # Where the turn may be refused while a call of it may have run: on
         # a failure, failing closed; or by another call's refusal.
@@ -1091,7 +1101,7 @@ class Admission:
             elif reply[0] == 1:
                 charged += checks
                 if windows is not None:
-                    # An admit's reply: each window check's use and when it frees, in order.
+                    # Each window check's use and when it frees, in order.
                     in_order = [check for check in checks if check.kind == "window"]
                     windows += (
                         WindowUse(check.limit, check.scope.kind, check.a, int(used), int(frees_in_ms))
@@ -1102,7 +1112,7 @@ class Admission:
                 # caller gave up on it is released, so no reply is read so.
                 failed = failed or RuntimeError(f"{lease_id}'s call ran after its release")
             elif refused is None:
-                refused = _Refused(checks[reply[1] - 1], reply[2])
+                refused = _Refused(checks[reply[1] - 1], reply[2], int(reply[3]) if len(reply) > 3 else None)
         if (refused is not None or failed is not None) and charged:
             given_back = dataclasses.replace(charge, checks=tuple(charged))
             await self._write_settlements([(given_back, *back_to)], refund)
@@ -1169,8 +1179,9 @@ class Admission:
             before = (reserved_tokens, reserved_nano_usd)
             # Until its answer is read, the growth may land unseen.
             reservation.growth_unseen = (tokens, nano_usd)
+            windows: list[WindowUse] = []
             growing = asyncio.ensure_future(
-                self._grow_or_refuse(reservation.lease_id, grown, before, tokens, nano_usd)
+                self._grow_or_refuse(reservation.lease_id, grown, before, tokens, nano_usd, windows)
             )
             try:
                 # Shielded, as admit's script: a caller cancelled while the
@@ -1195,6 +1206,11 @@ class Admission:
                 return
             if refused is not None:
                 raise refused.error
+            # The grown windows as the top-up left them, over admission's.
+            grew = {(window.scope, window.limit): window for window in windows}
+            reservation.windows = tuple(grew.pop((w.scope, w.limit), w) for w in reservation.windows) + tuple(
+                grew.values()
+            )
         reservation.reserved_tokens, reservation.reserved_nano_usd = tokens, nano_usd
         reservation.growth_unseen = None
 
@@ -1205,11 +1221,13 @@ class Admission:
         before: tuple[int, int],
         tokens: int,
         nano_usd: int,
+        windows: list[WindowUse],
     ) -> _Refused | None:
         """One top-up script per slot, in one round trip (_run_or_refuse:
         where the growth is refused, every slot's growth is given back, to
         ``before``, the tokens and nano-USD reserved; a failure is raised,
-        and a call that may have run released, failing open too)."""
+        and a call that may have run released, failing open too); ``windows``
+        gets the grown windows' use, as admit's."""
         reserved_tokens, reserved_nano_usd = before
         words = [
             f"{_KIND_CODE[check.kind]} {check.a} {check.b}"
@@ -1219,7 +1237,9 @@ class Admission:
         groups = list(_by_slot(grown, words).values())
         charge = Reservation(lease_id, tokens, nano_usd, ())
         script = self._top_up_script
-        return await self._run_or_refuse(script, _MARK_GROWN, groups, charge, before, growth=True)
+        return await self._run_or_refuse(
+            script, _MARK_GROWN, groups, charge, before, growth=True, windows=windows
+        )
 
     def _undo_abandoned_growth(
         self, grew: Reservation, before: tuple[int, int], growing: asyncio.Task
@@ -1510,6 +1530,8 @@ def _refuse_if_fail_closed(checks: list[_Check], error: Exception) -> None:
 class _Refused:
     check: _Check
     retry_after_ms: int
+    # A window's use the turn did not fit in (None for other limits).
+    used: int | None = None
 
     @property
     def kind(self) -> str:
@@ -1525,11 +1547,15 @@ class _Refused:
                 Reason.BUDGET_EXHAUSTED,
                 f"the {check.scope.kind}'s {check.limit} budget is spent until the period ends",
             )  # fmt: skip
-        return _refusal(
+        refused = _refusal(
             check.scope.kind, check.scope.id, check.limit, _limit_value(check), self.retry_after_ms / 1000,
             Reason.RATE_LIMITED,
             f"{check.scope.kind} limit {check.limit} reached",
         )  # fmt: skip
+        if check.kind == "window" and self.used is not None:
+            # What the window holds for a smaller turn (x-ratelimit-remaining-*).
+            refused.metadata["limit_remaining"] = str(max(0, check.a - self.used))
+        return refused
 
 
 def _limit_value(check: _Check):

@@ -193,14 +193,16 @@ def http_error(
         headers.append((b"allow", error.metadata["allow"].encode()))
     for detail in error.details:
         if isinstance(detail, error_details_pb2.RetryInfo):
-            seconds = detail.retry_delay.seconds + detail.retry_delay.nanos / 1e9
-            headers.append((b"retry-after", str(max(1, math.ceil(seconds))).encode()))
+            delay_ms = detail.retry_delay.ToMilliseconds()
+            headers.append((b"retry-after", str(max(1, math.ceil(delay_ms / 1000))).encode()))
             word = dict(_RATE_WINDOWS).get(error.metadata.get("limit", ""))
             if word is not None and error.metadata.get("limit_value", "").isdigit():
-                # A per-minute window refused the turn: nothing of it is left
-                # until the retry (the other window is not known here).
+                # A per-minute window refused the turn: what it holds for a
+                # smaller one, and when this one fits (the other window is
+                # not known here).
                 value = int(error.metadata["limit_value"])
-                headers += _rate_limit_triple(word, value, 0, math.ceil(seconds * 1000))
+                remaining = int(error.metadata.get("limit_remaining", "0"))
+                headers += _rate_limit_triple(word, value, remaining, delay_ms)
     return status, headers, _json(error_body(error, kind))
 
 
@@ -1282,13 +1284,14 @@ class _Response:
         self.reason = ""
         # The HTTP status sent, once sent (its request span's).
         self.status: int | None = None
-        # An admitted turn's x-ratelimit-* headers (rate_limit_headers).
-        self.rate_limits: list[tuple[bytes, bytes]] = []
+        # An admitted turn's grant, whose rate windows its x-ratelimit-*
+        # headers say (rate_limit_headers) as the response starts: after a
+        # session turn's top-up, which grows them.
+        self.grant = None
 
     def admitted(self, grant) -> None:
-        """Pipeline.run's on_admitted: the turn's rate windows, for the
-        response's headers."""
-        self.rate_limits = rate_limit_headers(getattr(grant, "windows", ()))
+        """Pipeline.run's on_admitted."""
+        self.grant = grant
 
     def failed(self, error: MeshgateError) -> None:
         self.failed_with(error.code, error.reason)
@@ -1304,7 +1307,8 @@ class _Response:
             headers = [*message.get("headers", ()), (b"x-request-id", self.request_id.encode())]
             # An error's own (a window that refused a prompt's growth) over admission's.
             named = {name for name, _ in headers}
-            headers += [(name, value) for name, value in self.rate_limits if name not in named]
+            admitted = rate_limit_headers(getattr(self.grant, "windows", ()))
+            headers += [(name, value) for name, value in admitted if name not in named]
             message = dict(message, headers=headers)
         await self._send(message)
         if message["type"] == "http.response.body" and not message.get("more_body"):

@@ -134,6 +134,32 @@ async def test_an_admitted_turn_says_what_each_window_holds_and_when_it_frees(re
     assert (await admission.admit([budgets], 1, 1, None)).windows == ()
 
 
+async def test_a_top_up_a_refusal_and_a_turn_of_no_use_keep_the_windows_told_true(redis_client):
+    """A review's three (`/tmp/rev_rl48/`): the windows a session turn's
+    top-up grew are told as grown (they were told as admitted: the caller
+    read 890 left where 400 were, and its next turn was refused); a window's
+    refusal says what it still holds for a smaller turn (it said 0); and a
+    turn settled to nothing leaves the window, so the reset told is when a
+    paying entry leaves (it was a 0-cost entry's, freeing nothing)."""
+    clock = Clock(1_800_000_000.0)
+    admission = Admission(redis_client, max_generation_s=60, clock=clock)
+    scope = _scope(tokens_per_minute=1_000)
+    grant = await admission.admit([scope], 100, 10, None)
+    await admission.top_up(grant, tokens=600, nano_usd=0)
+    (window,) = grant.windows
+    assert (window.used, window.remaining) == (600, 400)
+    with pytest.raises(MeshgateError) as refused:
+        await admission.admit([scope], 440, 10, None)
+    assert refused.value.metadata["limit_remaining"] == "400"
+    # The first turn ends having used nothing (it failed before any output).
+    await admission.settle(grant, 0, 0)
+    clock.now += 10
+    second = await admission.admit([scope], 190, 10, None)
+    (window,) = second.windows
+    # Its own entry is the oldest left: a minute from now, not 50 s.
+    assert (window.used, window.frees_in_ms) == (200, 60_000)
+
+
 async def test_a_refusal_names_the_limit_with_quota_failure_and_retry_info(redis_client):
     clock = Clock(1_800_000_000.0)
     admission = Admission(redis_client, max_generation_s=60, clock=clock)

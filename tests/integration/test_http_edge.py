@@ -67,6 +67,9 @@ TINY_KEY = "http-edge-tiny-limit-key"
 # A tenant with both per-minute windows, and a tighter request window on its model.
 RATED_KEY = "http-edge-rated-key"
 RATED_TPM = 100_000
+# A tenant whose session turns grow their reservation by their history.
+SESSION_RATED_KEY = "http-edge-session-rated-key"
+SESSION_RATED_TPM = 6_000
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +100,11 @@ async def edge(redis_url, inference_address):
             id=f"rated-{uuid.uuid4().hex[:8]}",
             api_key_sha256=[hash_api_key(RATED_KEY)],
             limits=LimitSettings(requests_per_minute=50, tokens_per_minute=RATED_TPM),
+        ),
+        TenantSettings(
+            id=f"session-rated-{uuid.uuid4().hex[:8]}",
+            api_key_sha256=[hash_api_key(SESSION_RATED_KEY)],
+            limits=LimitSettings(tokens_per_minute=SESSION_RATED_TPM),
         ),
     ]
     (live,) = settings.models["tiny-gpt"].deployments
@@ -524,6 +532,35 @@ async def test_a_limit_is_429_with_retry_after(base_url):
     assert refused.headers["x-ratelimit-limit-requests"] == str(LIMITED_RPM)
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert 0 < reset_s(refused.headers["x-ratelimit-reset-requests"]) <= 60
+
+
+async def test_a_session_turns_headers_count_its_history(base_url):
+    """A session turn's reservation grows by its history once assembled
+    (the prompt's top-up): its headers said the window as admitted, before
+    the growth (a review: 2,583 told left where ~1,600 were; a turn sized by
+    them was refused). A turn sized by what they say now is admitted."""
+    history = " ".join(f"word{i}" for i in range(150))  # ~1,000 bytes
+    body = {"model": "tiny-gpt", "max_tokens": 2}
+    headers = {"authorization": f"Bearer {SESSION_RATED_KEY}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60) as http:
+        first = await http.post(
+            "/chat/completions", json=dict(body, messages=question(history), session_id="new")
+        )
+        assert first.status_code == 200, first.text
+        session_id = first.json()["meshgate"]["session_id"]
+        again = dict(body, messages=question("hi"), session_id=session_id)
+        second = await http.post("/chat/completions", json=again)
+        assert second.status_code == 200, second.text
+        told = int(second.headers["x-ratelimit-remaining-tokens"])
+        # The window holds the first turn's use at least (its reservation
+        # until it settles), and the second's reservation, its history's
+        # bytes at least.
+        used_first = first.json()["usage"]["total_tokens"]
+        assert told <= SESSION_RATED_TPM - used_first - len(history), (told, used_first)
+        sized = await http.post(
+            "/chat/completions", json=dict(body, messages=question("x" * (told - 40)), max_tokens=20)
+        )
+    assert sized.status_code == 200, sized.text
 
 
 def reset_s(duration: str) -> float:

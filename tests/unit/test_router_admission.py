@@ -160,8 +160,8 @@ def test_prices_are_checked():
 
 
 def _admitted(keys: list[str]) -> list[int]:
-    """An admit's reply admitting the turn: each window (its keys the
-    entries', then the sum's) at no use, freeing in a minute."""
+    """An admit's (or top-up's) reply admitting the turn: each window (its
+    keys the entries', then the sum's) at no use, freeing in a minute."""
     return [1] + [0, 60_000] * sum(key.endswith((":rpm:sum", ":tpm:sum")) for key in keys)
 
 
@@ -174,7 +174,7 @@ class _RecordingRedis:
         self,
         admit_reply=_admitted,
         admit_answers: asyncio.Event | None = None,
-        top_up_reply=lambda keys: [1],
+        top_up_reply=_admitted,
     ) -> None:
         # (script, its KEYS): script "admit", "settle", "top_up" or "other"
         # (the ledger's).
@@ -576,7 +576,7 @@ async def test_a_top_up_one_slot_refuses_is_given_back_in_the_other_without_free
     still runs until it fails and settles), and the model's refusal stands."""
 
     def model_refuses(keys):
-        return [0, 1, 0] if ":model:" in keys[0] else [1]
+        return [0, 1, 0] if ":model:" in keys[0] else _admitted(keys)
 
     redis = _RecordingRedis(top_up_reply=model_refuses)
     admission = Admission(redis, max_generation_s=60, split_by_slot=True)

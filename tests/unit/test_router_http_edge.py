@@ -22,7 +22,7 @@ from uvicorn.server import ServerState
 
 from meshgate import metrics
 from meshgate.config import ModelSettings, RouterSettings
-from meshgate.errors import MeshgateError, busy_unavailable, unavailable
+from meshgate.errors import MeshgateError, busy_unavailable, retry_info, unavailable
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.reasons import Reason
 from services.router import http_edge
@@ -408,6 +408,14 @@ def test_a_per_minute_refusal_says_none_is_left_until_its_retry():
         (b"x-ratelimit-remaining-tokens", b"0"),
         (b"x-ratelimit-reset-tokens", b"12.5s"),
     ]
+    # What the window still holds for a smaller turn, where admission said it.
+    roomy_metadata = dict(metadata, limit_remaining="273")
+    roomy = MeshgateError(exhausted, Reason.RATE_LIMITED, "x", roomy_metadata, details=[retry])
+    assert (b"x-ratelimit-remaining-tokens", b"273") in http_error(roomy)[1]
+    # The reset is the RetryInfo's milliseconds (a float's ceil made 1,132 ms 1.133 s).
+    for ms in (1132, 1136, 1257, 59_999):
+        odd = MeshgateError(exhausted, Reason.RATE_LIMITED, "x", metadata, details=[retry_info(ms / 1000)])
+        assert (b"x-ratelimit-reset-tokens", http_edge._duration(ms).encode()) in http_error(odd)[1]
     # A budget's or a stream cap's refusal is no per-minute window.
     per_day = dict(metadata, limit="tokens_per_day")
     budget = MeshgateError(exhausted, Reason.RATE_LIMITED, "x", per_day, details=[retry])
