@@ -732,6 +732,20 @@ def test_a_not_after_the_subject_is_the_contractions_not():
     assert not retyped("Does not exercising cause weight gain?", "Does exercising not cause weight gain?")
 
 
+def test_some_thing_not_is_not_no_thing():
+    """ "Is there anything I can't eat while pregnant?" asks for the foods to
+    avoid; "Is there nothing I can eat ...?", whether any food is allowed:
+    one negation each, served at 0.906 (a hunt). Where the "not" comes
+    before the any-word, it says no thing, as "nothing" does."""
+    vetoed_by = lambda a, b: verifier.structural_veto(analyze(a), analyze(b))  # noqa: E731
+    some_not, none = "Is there anything I can't eat?", "Is there nothing I can eat?"
+    assert vetoed_by(some_not, none) == vetoed_by(none, some_not) == "negation"
+    assert vetoed_by("Is there anyone who doesn't sing?", "Is there no one who sings?") == "negation"
+    # Both say no thing: no veto.
+    assert vetoed_by("Why can't I find anything in here?", "Why can I find nothing in here?") is None
+    assert vetoed_by("Is there anything I should not eat?", "Is there anything I shouldn't eat?") is None
+
+
 def test_a_not_written_out_after_the_opening_auxiliary_is_not_the_contractions():
     """ "Does not smoking improve your health?" asks about quitting;
     "Doesn't smoking improve your health?" expects a yes: the same tokens
