@@ -908,6 +908,8 @@ _LAST_VERB_AFTER = _words("to will would can could should may might")
 # "last" before these is the verb whatever comes before it ("make my phone
 # battery last longer" was vetoed against "extend its battery life").
 _LAST_VERB_BEFORE = _words("longer long forever")
+# Before a subject and a verb (not a form of "be": "Was he last?" is the adjective).
+_VERB_AUXILIARIES = _words("do does did can could should would will must may might")
 _DETERMINERS = _words("the a an my your his her its our their this that these those")
 
 
@@ -918,16 +920,16 @@ def _says_scope(tokens: list[str], i: int) -> bool:
     if token == "last":
         if following in _LAST_VERB_BEFORE and before not in _DETERMINERS:
             return False
-        if not following and before in _SUBJECT_PRONOUNS and i >= 2 and tokens[i - 2] in _AUXILIARIES:
-            return False  # "Will it last?", "Does it last?" (not "... see him last?")
+        if not following and before in _SUBJECT_PRONOUNS and i >= 2 and tokens[i - 2] in _VERB_AUXILIARIES:
+            return False  # "Will it last?", "Does it last?" (not "Was he last?", "... see him last?")
         verb_here = (not following or following in STOPWORDS) and before not in _DETERMINERS
         return not (verb_here and ("long" in tokens or before in _LAST_VERB_AFTER))
     if token == "all":
         # "at all" ends the phrase where no noun of "all" follows: "Is it
         # safe at all to eat ...?" (not "at all airports", "at all the
-        # airports", "at all of them").
+        # airports", "at all of them", "at all such venues").
         no_noun = not following or (
-            following in STOPWORDS and following not in _DETERMINERS and following != "of"
+            following in STOPWORDS and following not in _DETERMINERS and following not in ("of", "such")
         )
         return not (before in ("at", "after") and no_noun)
     return True
@@ -1168,12 +1170,20 @@ def _a_subject(words: tuple[str, ...]) -> bool:
 
 def _opening_not(analysis: Analysis) -> str:
     """How a "not" right after the question's opening auxiliary is written:
-    "contracted" ("Doesn't smoking ...?"), "written" ("Does not smoking
-    ...?"), or "" where none stands there."""
-    aux = _opening_auxiliary(analysis.tokens)
-    if aux is None or analysis.tokens[aux + 1 : aux + 2] != ("not",):
+    "contracted" ("Doesn't smoking ...?"), "written" where it negates what
+    follows ("Does not smoking ...?"), or "" (none there, or one that reads
+    as the contraction)."""
+    tokens = analysis.tokens
+    aux = _opening_auxiliary(tokens)
+    if aux is None or tokens[aux + 1 : aux + 2] != ("not",):
         return ""
-    return "contracted" if aux + 1 in analysis.contracted else "written"
+    if aux + 1 in analysis.contracted:
+        return "contracted"
+    # Written out, it negates a word in -ing that follows ("not smoking");
+    # before any other ("What is not allowed ...?", "Why does not my laptop
+    # ...?") it says what the contraction says (a final read: 20 such pairs
+    # were refused once every written "not" counted).
+    return "written" if tokens[aux + 2 : aux + 3] and tokens[aux + 2].endswith("ing") else ""
 
 
 def _retyped(a: Analysis, b: Analysis) -> bool:
@@ -1211,6 +1221,14 @@ def _retyped(a: Analysis, b: Analysis) -> bool:
     return i == len(x) and j == len(y)
 
 
+# Words a prefix spells that are no prefixed form: "re-sign" (again) is no
+# "resign" (quit), "re-cover" no "recover", "co-op" no "coop" (a review). A
+# list, as "restart", "reset", "cooperate" and "coordinate" are the hyphen's
+# words (a final read: a vocabulary test refused them).
+_PREFIXED_OTHERWISE = _words(
+    """resign recover coop retreat reform resent remark react release resort reserve resolve
+    repress recreation represent redress"""
+)
 # A colour or a temperature before a noun is a phrase of its own, not the
 # compound it spells: "a green house" is no "greenhouse", "a hot dog" no
 # "hotdog", "a black bird" no "blackbird" (a review: served at 0.91-0.99).
@@ -1224,12 +1242,11 @@ def _joined(word: str, first: str, second: str) -> bool:
     of them a stop word or a negation: "a theist" is no "atheist", "a
     typical" no "atypical", "no body" no "nobody" (a review: 27 such pairs
     served at 0.94-0.99 once any two tokens joined); nor a phrase
-    (_PHRASE_FIRST_WORDS). A prefix of two letters joins into a word of its
-    own only where that is no other word: "re-heat" is "reheat", but
-    "re-sign" no "resign", "re-cover" no "recover", "co-op" no "coop"."""
+    (_PHRASE_FIRST_WORDS), nor a word a prefix spells otherwise
+    (_PREFIXED_OTHERWISE: "re-heat" is "reheat", "re-sign" no "resign")."""
     return (
         word == first + second
-        and (len(first) > 2 or word not in _vocabulary())
+        and word not in _PREFIXED_OTHERWISE
         and first not in _PHRASE_FIRST_WORDS
         and first not in STOPWORDS
         and second not in STOPWORDS

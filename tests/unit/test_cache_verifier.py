@@ -277,6 +277,8 @@ def test_scope_words_that_say_no_scope_there_are_no_veto():
     assert vetoed_by("Is it safe at all?", "Is it safe?") is None
     assert vetoed_by("Is it safe at all to eat raw eggs?", "Is it safe to eat raw eggs?") is None
     assert vetoed_by("Will it last?", "Will it last long?") is None
+    assert vetoed_by("Were we last?", "Were we?") == "scope"  # the adjective after "be"
+    assert vetoed_by("Is smoking banned at all such venues?", "Is smoking banned at such venues?") == "scope"
     assert (
         vetoed_by("How do I make my phone battery last longer?", "How can I extend my phone's battery life?")
         is None
@@ -682,6 +684,9 @@ def test_another_word_one_letter_away_is_no_typo():
     assert not retyped("Will the quarterback re-sign this year?", "Will the quarterback resign this year?")
     assert not retyped("How do I join a co-op?", "How do I join a coop?")
     assert retyped("What is the best way to re-heat pizza?", "What is the best way to reheat pizza?")
+    # The hyphen's own words, in the embedder's vocabulary too (a final read).
+    assert retyped("How do I co-ordinate a team?", "How do I coordinate a team?")
+    assert retyped("Should I re-start my router?", "Should I restart my router?")
     assert retyped("Best cities for travelling?", "Best cities for traveling?")
     assert retyped("What are good horses for kids?", "What are good horse for kids?")
     # Another spelling of the same word (a final read: 7 paraphrases refused).
@@ -756,6 +761,10 @@ def test_a_not_written_out_after_the_opening_auxiliary_is_not_the_contractions()
     assert not retyped("Will not paying rent get me evicted?", "Won't paying rent get me evicted?")
     assert not retyped("Why does not sleeping cause weight gain?", "Why doesn't sleeping cause weight gain?")
     assert retyped("I don't know how to swim, is it too late?", "I do not know how to swim, is it too late?")
+    # Before a word not in -ing it reads as the contraction (a final read: 20 such pairs refused).
+    assert retyped("What is not allowed in carry-on luggage?", "What isn't allowed in carry-on luggage?")
+    assert retyped("Why does not my laptop turn on?", "Why doesn't my laptop turn on?")
+    assert retyped("Who cannot donate blood?", "Who can not donate blood?")
     assert retyped("Why doesn't my phone charge?", "why doesnt my phone charge")
     assert analyze("Doesn't it work?").contracted == {1}
     assert analyze("Does not it work?").contracted == frozenset()
