@@ -620,10 +620,18 @@ class WindowUse:
     used: int
     # Until its oldest entry leaves the window: when its use next falls.
     frees_in_ms: int
+    # When Redis said so (time.monotonic()): a response that starts later
+    # (a whole answer, after its generation) says the wait from then.
+    said_at_s: float | None = None
 
     @property
     def remaining(self) -> int:
         return max(0, self.value - self.used)
+
+    def frees_in_ms_at(self, now_s: float) -> int:
+        if self.said_at_s is None:
+            return self.frees_in_ms
+        return max(0, self.frees_in_ms - int((now_s - self.said_at_s) * 1000))
 
 
 @dataclasses.dataclass
@@ -1092,6 +1100,7 @@ class Admission:
                 args += [self._lease_ms, mark]
             calls.append((keys, args))
         replies = await run_scripts(script, calls, raise_on_error=False)
+        said_at_s = time.monotonic()
         refused, failed, charged, unsure = None, None, [], []
         for (checks, _), reply in zip(groups, replies, strict=True):
             if isinstance(reply, Exception):
@@ -1104,8 +1113,8 @@ class Admission:
                     # Each window check's use and when it frees, in order.
                     in_order = [check for check in checks if check.kind == "window"]
                     windows += (
-                        WindowUse(check.limit, check.scope.kind, check.a, int(used), int(frees_in_ms))
-                        for check, used, frees_in_ms in zip(in_order, reply[1::2], reply[2::2], strict=True)
+                        WindowUse(check.limit, check.scope.kind, check.a, int(used), int(frees), said_at_s)
+                        for check, used, frees in zip(in_order, reply[1::2], reply[2::2], strict=True)
                     )
             elif reply[0] == 2:
                 # Released before it ran: charged nothing. Only a call whose

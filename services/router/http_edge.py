@@ -210,20 +210,26 @@ def http_error(
 _RATE_WINDOWS = (("requests_per_minute", b"requests"), ("tokens_per_minute", b"tokens"))
 
 
-def rate_limit_headers(windows: tuple[WindowUse, ...]) -> list[tuple[bytes, bytes]]:
+def rate_limit_headers(
+    windows: tuple[WindowUse, ...], now_s: float | None = None
+) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens} for a
     turn admitted with ``windows`` (admission.Reservation.windows): of the
     windows of each limit among its scopes (tenant, API key, model), the
     one with the least left after this turn (its tokens as reserved: the
     prompt's estimate and max_tokens); reset, when that window's oldest
     entry leaves it, so that its remaining next grows (a one-minute sliding
-    window, not a bucket that refills). None for a limit that no scope sets,
-    or for a turn admitted without Redis (failing open)."""
+    window, not a bucket that refills), counted from ``now_s`` (monotonic;
+    default now: a response starts after its turn's admission, a whole
+    answer after its generation). None for a limit that no scope sets, or
+    for a turn admitted without Redis (failing open)."""
+    now_s = time.monotonic() if now_s is None else now_s
     headers = []
     for limit, word in _RATE_WINDOWS:
         tightest = min((w for w in windows if w.limit == limit), key=lambda w: w.remaining, default=None)
         if tightest is not None:
-            headers += _rate_limit_triple(word, tightest.value, tightest.remaining, tightest.frees_in_ms)
+            reset_ms = tightest.frees_in_ms_at(now_s)
+            headers += _rate_limit_triple(word, tightest.value, tightest.remaining, reset_ms)
     return headers
 
 

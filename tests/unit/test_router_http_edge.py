@@ -395,6 +395,11 @@ def test_rate_limit_headers_name_each_kinds_window_with_the_least_left():
     }
     assert http_edge.rate_limit_headers(windows[1:2])[0] == (b"x-ratelimit-limit-tokens", b"10000")
     assert http_edge.rate_limit_headers(()) == []
+    # Said by Redis at admission: a response starting 30 s later (a whole
+    # answer, after its generation) says the wait from then (a final read).
+    said = (WindowUse("requests_per_minute", "tenant", 100, 10, 60_000, said_at_s=1_000.0),)
+    assert dict(http_edge.rate_limit_headers(said, now_s=1_030.0))[b"x-ratelimit-reset-requests"] == b"30s"
+    assert dict(http_edge.rate_limit_headers(said, now_s=1_090.0))[b"x-ratelimit-reset-requests"] == b"0ms"
 
 
 def test_a_per_minute_refusal_says_none_is_left_until_its_retry():
