@@ -206,6 +206,14 @@ def test_a_contraction_reads_as_its_words_with_or_without_the_apostrophe():
     assert analyze("we were well").tokens == ("we", "were", "well")
     assert analyze("Is an IM injection painful?").tokens[2] == "im"
     assert analyze("What'd Napoleon do?").tokens != analyze("What would Napoleon do?").tokens
+    # Before a past participle, though, it is "had" (a hunt: "I'd cancelled
+    # the order ..." was served "I would cancel the order ..." at 0.917).
+    assert analyze("I'd cancelled the order").tokens == ("i", "had", "cancelled", "the", "order")
+    assert analyze("Who'd won the election?").tokens[:3] == ("who", "had", "won")
+    assert analyze("I'd need a visa").tokens[0] == "i'd"  # a verb in -ed, no participle
+    retyped = lambda a, b: verifier._retyped(analyze(a), analyze(b))  # noqa: E731
+    assert retyped("I'd cancelled the order, why?", "I had cancelled the order, why?")
+    assert not retyped("I'd cancelled the order, why?", "I would cancel the order, why?")
 
 
 def test_a_scope_word_typed_with_a_typo_is_said():
