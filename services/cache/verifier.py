@@ -279,9 +279,9 @@ _BASE_VERBS_IN_ED = _words("need feed bleed breed speed seed weed heed exceed pr
 def _had_before(word: str, following: str) -> bool:
     """Whether ``word`` is a clitic "'d" standing for "had": before a past
     participle (_IRREGULAR_PARTICIPLES, or a word in -ed)."""
-    lower, next_word = word.lower(), following.lower()
-    if not (len(lower) > 2 and lower.endswith("'d")):
-        return False
+    if not (len(word) > 2 and word[-2:] in ("'d", "'D")):
+        return False  # most words: nothing lowered
+    next_word = following.lower()
     return next_word in _IRREGULAR_PARTICIPLES or (
         next_word.endswith("ed") and len(next_word) > 4 and next_word not in _BASE_VERBS_IN_ED
     )

@@ -195,7 +195,7 @@ def http_error(
         if isinstance(detail, error_details_pb2.RetryInfo):
             delay_ms = detail.retry_delay.ToMilliseconds()
             headers.append((b"retry-after", str(max(1, math.ceil(delay_ms / 1000))).encode()))
-            word = dict(_RATE_WINDOWS).get(error.metadata.get("limit", ""))
+            word = _RATE_WINDOWS.get(error.metadata.get("limit", ""))
             if word is not None and error.metadata.get("limit_value", "").isdigit():
                 # A per-minute window refused the turn: what it holds for a
                 # smaller one, and when this one fits (the other window is
@@ -207,7 +207,7 @@ def http_error(
 
 
 # OpenAI's names for the per-minute windows in its x-ratelimit-* headers.
-_RATE_WINDOWS = (("requests_per_minute", b"requests"), ("tokens_per_minute", b"tokens"))
+_RATE_WINDOWS = {"requests_per_minute": b"requests", "tokens_per_minute": b"tokens"}
 
 
 def rate_limit_headers(
@@ -225,7 +225,7 @@ def rate_limit_headers(
     for a turn admitted without Redis (failing open)."""
     now_s = time.monotonic() if now_s is None else now_s
     headers = []
-    for limit, word in _RATE_WINDOWS:
+    for limit, word in _RATE_WINDOWS.items():
         tightest = min((w for w in windows if w.limit == limit), key=lambda w: w.remaining, default=None)
         if tightest is not None:
             reset_ms = tightest.frees_in_ms_at(now_s)

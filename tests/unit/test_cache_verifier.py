@@ -27,6 +27,10 @@ def vetoed_by(a: str, b: str) -> str | None:
     return verifier.structural_veto(analyze(a), analyze(b))
 
 
+def retyped(a: str, b: str) -> bool:
+    return verifier._retyped(analyze(a), analyze(b))
+
+
 @pytest.mark.parametrize(
     ("a", "b"),
     [
@@ -211,13 +215,11 @@ def test_a_contraction_reads_as_its_words_with_or_without_the_apostrophe():
     assert analyze("I'd cancelled the order").tokens == ("i", "had", "cancelled", "the", "order")
     assert analyze("Who'd won the election?").tokens[:3] == ("who", "had", "won")
     assert analyze("I'd need a visa").tokens[0] == "i'd"  # a verb in -ed, no participle
-    retyped = lambda a, b: verifier._retyped(analyze(a), analyze(b))  # noqa: E731
     assert retyped("I'd cancelled the order, why?", "I had cancelled the order, why?")
     assert not retyped("I'd cancelled the order, why?", "I would cancel the order, why?")
 
 
 def test_a_scope_word_typed_with_a_typo_is_said():
-    vetoed_by = lambda a, b: verifier.structural_veto(analyze(a), analyze(b))  # noqa: E731
     assert vetoed_by("Can I take melatonin every night?", "can i take melatonin evry night") is None
     assert vetoed_by("Is it the only way?", "is it the onyl way") is None
     # Another scope word, or another word one letter away, is no typo, nor
@@ -236,7 +238,6 @@ def test_a_hyphen_between_words_and_a_unit_sign_are_no_words():
     unit at all ("5 euros" was one side's addition)."""
     assert analyze("How do I jump-start a car?").tokens == analyze("how do i jump start a car").tokens
     assert "-" in analyze("How do I simplify a-b?").tokens  # between single letters it may subtract
-    vetoed_by = lambda a, b: verifier.structural_veto(analyze(a), analyze(b))  # noqa: E731
     assert vetoed_by("What is 10% of 50?", "What is 10 percent of 50?") is None
     # The signs are no words, the units they say are (as spelled out).
     assert (
@@ -274,7 +275,6 @@ def test_scope_words_that_say_no_scope_there_are_no_veto():
     """ "last" as a verb, "at all" ending a question and "both X and Y"
     narrowed nothing, and vetoed paraphrases ("How long do boiled eggs last ...?" /
     "... how many days are they good for?")."""
-    vetoed_by = lambda a, b: verifier.structural_veto(analyze(a), analyze(b))  # noqa: E731
     assert (
         vetoed_by(
             "How long do hard-boiled eggs last in the fridge?",
@@ -335,7 +335,6 @@ def test_a_word_written_as_one_or_as_two_is_the_same_content():
 
 def test_how_long_or_how_much_one_can_is_not_how_long_one_should():
     """A limit against advice: served at 0.903-0.904 by a hunt."""
-    vetoed_by = lambda a, b: verifier.structural_veto(analyze(a), analyze(b))  # noqa: E731
     assert (
         vetoed_by(
             "How long can I leave cooked chicken out at room temperature?",
@@ -672,7 +671,6 @@ def test_another_word_one_letter_away_is_no_typo():
     twice, the learned stage's strongest feature after the cosine (a third
     hunt: 14 served at 0.93-0.999); a typo, a plural or a doubled letter
     still is one."""
-    retyped = lambda a, b: verifier._retyped(analyze(a), analyze(b))  # noqa: E731
     assert not retyped("How do I hire a contractor?", "How do I fire a contractor?")
     assert not retyped("Can my employer read my email?", "Can my employee read my email?")
     assert retyped("How do I recieve a parcel?", "How do I receive a parcel?")
@@ -715,7 +713,6 @@ def test_a_not_after_the_subject_is_the_contractions_not():
     "not" elsewhere. It is the same question typed again where only the
     auxiliary's subject stands between them, after a question word or with
     a plain auxiliary; any other "not" that moved changes the question."""
-    retyped = lambda a, b: verifier._retyped(analyze(a), analyze(b))  # noqa: E731
     assert retyped("Why won't my car start?", "Why will my car not start?")
     assert retyped("Why can't I log in?", "Why can I not log in?")
     assert retyped("Why don't cats like water?", "Why do cats not like water?")
@@ -750,7 +747,6 @@ def test_some_thing_not_is_not_no_thing():
     avoid; "Is there nothing I can eat ...?", whether any food is allowed:
     one negation each, served at 0.906 (a hunt). Where the "not" comes
     before the any-word, it says no thing, as "nothing" does."""
-    vetoed_by = lambda a, b: verifier.structural_veto(analyze(a), analyze(b))  # noqa: E731
     some_not, none = "Is there anything I can't eat?", "Is there nothing I can eat?"
     assert vetoed_by(some_not, none) == vetoed_by(none, some_not) == "negation"
     assert vetoed_by("Is there anyone who doesn't sing?", "Is there no one who sings?") == "negation"
@@ -764,7 +760,6 @@ def test_a_not_written_out_after_the_opening_auxiliary_is_not_the_contractions()
     "Doesn't smoking improve your health?" expects a yes: the same tokens
     once split, and served at 0.99+ (a review: 18 such pairs). Where the
     subject stands before the auxiliary the two are one ("I don't know")."""
-    retyped = lambda a, b: verifier._retyped(analyze(a), analyze(b))  # noqa: E731
     assert not retyped("Does not smoking improve your health?", "Doesn't smoking improve your health?")
     assert not retyped("Will not paying rent get me evicted?", "Won't paying rent get me evicted?")
     assert not retyped("Why does not sleeping cause weight gain?", "Why doesn't sleeping cause weight gain?")
