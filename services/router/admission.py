@@ -634,6 +634,22 @@ class WindowUse:
         return max(0, self.frees_in_ms - int((now_s - self.said_at_s) * 1000))
 
 
+# The per-minute limits a front end tells its caller, in the order it does.
+RATE_LIMITS = ("requests_per_minute", "tokens_per_minute")
+
+
+def tightest_windows(windows: tuple[WindowUse, ...]) -> list[WindowUse]:
+    """Of a turn's windows (Reservation.windows), for each of RATE_LIMITS
+    that some scope sets, the one with the least remaining: what limits the
+    caller's next turns first."""
+    tightest = []
+    for limit in RATE_LIMITS:
+        window = min((w for w in windows if w.limit == limit), key=lambda w: w.remaining, default=None)
+        if window is not None:
+            tightest.append(window)
+    return tightest
+
+
 @dataclasses.dataclass
 class Reservation:
     """What admission charged for one turn; settle it exactly once."""

@@ -60,7 +60,7 @@ from meshgate.errors import (
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.sampling import check_stop_count
-from services.router.admission import Hold, TenantCalls, WindowUse
+from services.router.admission import Hold, TenantCalls, WindowUse, tightest_windows
 from services.router.auth import Authenticator, Tenant, same_tenant
 from services.router.body_parser import BodyParser
 from services.router.embeddings import Embeddings
@@ -216,8 +216,9 @@ def rate_limit_headers(
     """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens} for a
     turn admitted with ``windows`` (admission.Reservation.windows): of the
     windows of each limit among its scopes (tenant, API key, model), the
-    one with the least left after this turn (its tokens as reserved: the
-    prompt's estimate and max_tokens); reset, when that window's oldest
+    one with the least left after this turn (admission.tightest_windows;
+    its tokens as reserved: the prompt's estimate and max_tokens); reset,
+    when that window's oldest
     entry leaves it, so that its remaining next grows (a one-minute sliding
     window, not a bucket that refills), counted from ``now_s`` (monotonic;
     default now: a response starts after its turn's admission, a whole
@@ -225,11 +226,9 @@ def rate_limit_headers(
     for a turn admitted without Redis (failing open)."""
     now_s = time.monotonic() if now_s is None else now_s
     headers = []
-    for limit, word in _RATE_WINDOWS.items():
-        tightest = min((w for w in windows if w.limit == limit), key=lambda w: w.remaining, default=None)
-        if tightest is not None:
-            reset_ms = tightest.frees_in_ms_at(now_s)
-            headers += _rate_limit_triple(word, tightest.value, tightest.remaining, reset_ms)
+    for window in tightest_windows(windows):
+        reset_ms = window.frees_in_ms_at(now_s)
+        headers += _rate_limit_triple(_RATE_WINDOWS[window.limit], window.value, window.remaining, reset_ms)
     return headers
 
 

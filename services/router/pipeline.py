@@ -276,6 +276,9 @@ class Completion:
     text: str = ""
     # For a hit, the entry that answered.
     cache_entry_id: str = ""
+    # The rate windows it was admitted under (admission.Reservation.windows,
+    # as a session turn's top-up left them), for its front end to tell.
+    rate_windows: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1153,6 +1156,7 @@ class Pipeline:
             turn.model_alias,
             turn.selection,
             cache_entry_id=entry_id,
+            rate_windows=getattr(grant, "windows", ()),
         )
 
     async def report_wrong_hit(

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import datetime
 import math
+import time
 
 import grpc
 import structlog
@@ -21,7 +22,7 @@ from meshgate.errors import MeshgateError, clip, internal_error, invalid_argumen
 from meshgate.reasons import Reason
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
-from services.router.admission import SessionStreams
+from services.router.admission import SessionStreams, tightest_windows
 from services.router.auth import current_caller, current_tenant
 from services.router.downstream import own_request_id
 from services.router.keys import check_tenant_id
@@ -43,11 +44,17 @@ _CACHE_STATUS = {
     CacheStatus.MISS: pb.CACHE_STATUS_MISS,
     CacheStatus.BYPASSED: pb.CACHE_STATUS_BYPASSED,
 }
+_RATE_LIMIT_KIND = {
+    "requests_per_minute": pb.RATE_LIMIT_KIND_REQUESTS_PER_MINUTE,
+    "tokens_per_minute": pb.RATE_LIMIT_KIND_TOKENS_PER_MINUTE,
+}
 
 log = structlog.get_logger(__name__)
 
 
-def completion_proto(completion: Completion) -> pb.ChatCompletion:
+def completion_proto(completion: Completion, now_s: float | None = None) -> pb.ChatCompletion:
+    """``now_s`` (time.monotonic(); default now): when the completion goes
+    out, which its rate limits' resets count from."""
     answer = completion.answer
     return pb.ChatCompletion(
         text=completion.text,
@@ -63,7 +70,21 @@ def completion_proto(completion: Completion) -> pb.ChatCompletion:
         selection_reason=completion.selection.reason if completion.selection else "",
         selection_score=completion.selection.score if completion.selection else 0.0,
         cache_entry_id=completion.cache_entry_id,
+        rate_limits=_rate_limits(completion.rate_windows, now_s) if completion.rate_windows else (),
     )
+
+
+def _rate_limits(windows, now_s: float | None) -> list[pb.RateLimit]:
+    now_s = time.monotonic() if now_s is None else now_s
+    return [
+        pb.RateLimit(
+            kind=_RATE_LIMIT_KIND[window.limit],
+            limit=window.value,
+            remaining=window.remaining,
+            reset_ms=window.frees_in_ms_at(now_s),
+        )
+        for window in tightest_windows(windows)
+    ]
 
 
 # Metadata a ChatSession stream may open with: the session it continues.

@@ -13,12 +13,14 @@ import socket
 import time
 import uuid
 
+import grpc
 import httpx
 import numpy as np
 import openai
 import pytest
 
 from meshgate import metrics, redis_access
+from meshgate.common.v1 import common_pb2 as common_pb
 from meshgate.config import (
     DEV_TENANT_ID,
     DeploymentSettings,
@@ -30,6 +32,7 @@ from meshgate.config import (
 )
 from meshgate.context.v1 import context_service_pb2 as context_pb
 from meshgate.context.v1 import context_service_pb2_grpc
+from meshgate.errors import error_info
 from meshgate.inference.v1 import inference_service_pb2 as inference_pb
 from meshgate.inference.v1 import inference_service_pb2_grpc
 from meshgate.local.stack import free_port
@@ -70,6 +73,9 @@ RATED_TPM = 100_000
 # A tenant whose session turns grow their reservation by their history.
 SESSION_RATED_KEY = "http-edge-session-rated-key"
 SESSION_RATED_TPM = 6_000
+# A tenant whose gRPC turns say its windows on their completions.
+GRPC_RATED_KEY = "http-edge-grpc-rated-key"
+GRPC_RATED_RPM = 3
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +111,11 @@ async def edge(redis_url, inference_address):
             id=f"session-rated-{uuid.uuid4().hex[:8]}",
             api_key_sha256=[hash_api_key(SESSION_RATED_KEY)],
             limits=LimitSettings(tokens_per_minute=SESSION_RATED_TPM),
+        ),
+        TenantSettings(
+            id=f"grpc-rated-{uuid.uuid4().hex[:8]}",
+            api_key_sha256=[hash_api_key(GRPC_RATED_KEY)],
+            limits=LimitSettings(requests_per_minute=GRPC_RATED_RPM, tokens_per_minute=RATED_TPM),
         ),
     ]
     (live,) = settings.models["tiny-gpt"].deployments
@@ -598,6 +609,55 @@ async def test_rate_limit_headers_name_the_tightest_window_of_each_kind(base_url
     assert all(RATED_TPM - int(a.headers["x-ratelimit-remaining-tokens"]) >= 4 for a in rated)
     assert all(0 < reset_s(a.headers["x-ratelimit-reset-tokens"]) <= 60 for a in rated)
     assert not any(name.startswith("x-ratelimit-") for name in unlimited.headers)
+
+
+async def test_a_grpc_completion_says_the_windows_the_headers_say(edge):
+    """Chat and ChatSession turns carry on their completion what an HTTP
+    answer's x-ratelimit-* headers say: each limited kind's tightest
+    window, what it holds after the turn, and when it next frees. A tenant
+    with no limit gets none; the turn past the minute is refused, saying
+    what its window holds."""
+    _, router_address = edge
+    auth = [("authorization", f"Bearer {GRPC_RATED_KEY}")]
+    kinds = (router_pb.RATE_LIMIT_KIND_REQUESTS_PER_MINUTE, router_pb.RATE_LIMIT_KIND_TOKENS_PER_MINUTE)
+
+    def turn():
+        return router_pb.ChatRequest(
+            model="tiny-gpt",
+            messages=[common_pb.Message(role=common_pb.ROLE_USER, content=unique("windows"))],
+            parameters=common_pb.GenerationParameters(max_tokens=4),
+        )
+
+    async def completion_of(call):
+        return [response async for response in call][-1].completion
+
+    async with bounded_channel(router_address) as channel:
+        stub = router_service_pb2_grpc.RouterServiceStub(channel)
+        completions = [await completion_of(stub.Chat(turn(), metadata=auth, timeout=60)) for _ in range(2)]
+        session = stub.ChatSession(metadata=auth, timeout=60)
+        await session.initial_metadata()
+        chat = turn()
+        await session.write(
+            router_pb.ChatSessionRequest(model=chat.model, messages=chat.messages, parameters=chat.parameters)
+        )
+        while not (response := await session.read()).HasField("completion"):
+            assert response.HasField("delta"), response
+        completions.append(response.completion)
+        await session.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await completion_of(stub.Chat(turn(), metadata=auth, timeout=60))
+        unlimited = await completion_of(stub.Chat(turn(), metadata=list(AUTH.items()), timeout=60))
+    for left, completion in zip(reversed(range(GRPC_RATED_RPM)), completions, strict=True):
+        requests, tokens = completion.rate_limits
+        assert (requests.kind, tokens.kind) == kinds
+        assert (requests.limit, requests.remaining) == (GRPC_RATED_RPM, left)
+        # Less this turn's reservation at least: its prompt's estimate and max_tokens.
+        assert tokens.limit == RATED_TPM and tokens.remaining <= RATED_TPM - 4
+        assert all(0 < window.reset_ms <= 60_000 for window in (requests, tokens))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(refused.value)
+    assert (info.metadata["limit"], info.metadata["limit_remaining"]) == ("requests_per_minute", "0")
+    assert not unlimited.rate_limits
 
 
 async def test_bodies_parsed_off_the_loop_are_answered_through_the_mesh(base_url):

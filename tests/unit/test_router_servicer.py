@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import dataclasses
 import datetime
 import math
 import threading
@@ -31,7 +32,7 @@ from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
 from services.router import servicer as servicer_module
 from services.router.admin import AdminServicer
-from services.router.admission import TenantCalls
+from services.router.admission import TenantCalls, WindowUse
 from services.router.app import SERVICE_NAMES
 from services.router.auth import Authenticator, CallerGate
 from services.router.keys import KeyStore
@@ -47,7 +48,7 @@ from services.router.pipeline import (
     replay_pieces,
     replayed_tokens,
 )
-from services.router.servicer import ADMITTED_METADATA, RouterServicer, add_to_server
+from services.router.servicer import ADMITTED_METADATA, RouterServicer, add_to_server, completion_proto
 from tests.mesh import bounded_channel, held_back, rpc_outcomes
 from tests.unit.test_router_pipeline import (
     DELIVERED_BEFORE_THE_BUG,
@@ -272,6 +273,24 @@ def test_chat_maps_deltas_and_the_completion(loop):
     assert completion.cache_status == pb.CACHE_STATUS_MISS
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (5, 3)
     assert (completion.deployment, completion.finish_reason) == ("d1", "length")
+
+
+def test_a_completion_says_each_limited_kinds_tightest_window():
+    """What an HTTP answer's x-ratelimit-* headers say, on the gRPC
+    completion: per kind, the window with the least left; its reset counted
+    from when the completion goes out, not from its admission."""
+    windows = (
+        WindowUse("requests_per_minute", "tenant", 100, 10, 30_000, said_at_s=1_000.0),
+        WindowUse("tokens_per_minute", "tenant", 10_000, 9_990, 1_500, said_at_s=1_000.0),
+        WindowUse("requests_per_minute", "model", 20, 19, 59_000, said_at_s=1_000.0),
+    )
+    completion = Completion(Answer(), CacheStatus.MISS, 0.0, "", 0, "", rate_windows=windows)
+    told = completion_proto(completion, now_s=1_002.5).rate_limits
+    assert [(w.kind, w.limit, w.remaining, w.reset_ms) for w in told] == [
+        (pb.RATE_LIMIT_KIND_REQUESTS_PER_MINUTE, 20, 1, 56_500),
+        (pb.RATE_LIMIT_KIND_TOKENS_PER_MINUTE, 10_000, 10, 0),
+    ]
+    assert not completion_proto(dataclasses.replace(completion, rate_windows=())).rate_limits
 
 
 def test_chat_sends_the_last_piece_on_the_completion_only_to_a_client_that_reads_it(loop):

@@ -22,6 +22,12 @@ class CacheStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CACHE_STATUS_SEMANTIC_HIT: _ClassVar[CacheStatus]
     CACHE_STATUS_MISS: _ClassVar[CacheStatus]
     CACHE_STATUS_BYPASSED: _ClassVar[CacheStatus]
+
+class RateLimitKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RATE_LIMIT_KIND_UNSPECIFIED: _ClassVar[RateLimitKind]
+    RATE_LIMIT_KIND_REQUESTS_PER_MINUTE: _ClassVar[RateLimitKind]
+    RATE_LIMIT_KIND_TOKENS_PER_MINUTE: _ClassVar[RateLimitKind]
 CACHE_POLICY_UNSPECIFIED: CachePolicy
 CACHE_POLICY_USE: CachePolicy
 CACHE_POLICY_BYPASS: CachePolicy
@@ -31,6 +37,21 @@ CACHE_STATUS_EXACT_HIT: CacheStatus
 CACHE_STATUS_SEMANTIC_HIT: CacheStatus
 CACHE_STATUS_MISS: CacheStatus
 CACHE_STATUS_BYPASSED: CacheStatus
+RATE_LIMIT_KIND_UNSPECIFIED: RateLimitKind
+RATE_LIMIT_KIND_REQUESTS_PER_MINUTE: RateLimitKind
+RATE_LIMIT_KIND_TOKENS_PER_MINUTE: RateLimitKind
+
+class RateLimit(_message.Message):
+    __slots__ = ("kind", "limit", "remaining", "reset_ms")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    RESET_MS_FIELD_NUMBER: _ClassVar[int]
+    kind: RateLimitKind
+    limit: int
+    remaining: int
+    reset_ms: int
+    def __init__(self, kind: _Optional[_Union[RateLimitKind, str]] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., reset_ms: _Optional[int] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
     __slots__ = ("model", "session_id", "messages", "parameters", "cache_policy", "expected_session_version", "template", "completion_may_carry_text")
@@ -112,7 +133,7 @@ class TextDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class ChatCompletion(_message.Message):
-    __slots__ = ("usage", "cache_status", "cache_similarity", "deployment", "trace_id", "session_id", "session_version", "finish_reason", "selected_model", "selection_reason", "selection_score", "text", "cache_entry_id")
+    __slots__ = ("usage", "cache_status", "cache_similarity", "deployment", "trace_id", "session_id", "session_version", "finish_reason", "selected_model", "selection_reason", "selection_score", "text", "cache_entry_id", "rate_limits")
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CACHE_STATUS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +147,7 @@ class ChatCompletion(_message.Message):
     SELECTION_SCORE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CACHE_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMITS_FIELD_NUMBER: _ClassVar[int]
     usage: _common_pb2.Usage
     cache_status: CacheStatus
     cache_similarity: float
@@ -139,7 +161,8 @@ class ChatCompletion(_message.Message):
     selection_score: float
     text: str
     cache_entry_id: str
-    def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., cache_similarity: _Optional[float] = ..., deployment: _Optional[str] = ..., trace_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., finish_reason: _Optional[str] = ..., selected_model: _Optional[str] = ..., selection_reason: _Optional[str] = ..., selection_score: _Optional[float] = ..., text: _Optional[str] = ..., cache_entry_id: _Optional[str] = ...) -> None: ...
+    rate_limits: _containers.RepeatedCompositeFieldContainer[RateLimit]
+    def __init__(self, usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cache_status: _Optional[_Union[CacheStatus, str]] = ..., cache_similarity: _Optional[float] = ..., deployment: _Optional[str] = ..., trace_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_version: _Optional[int] = ..., finish_reason: _Optional[str] = ..., selected_model: _Optional[str] = ..., selection_reason: _Optional[str] = ..., selection_score: _Optional[float] = ..., text: _Optional[str] = ..., cache_entry_id: _Optional[str] = ..., rate_limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("request_id",)
