@@ -266,24 +266,44 @@ _CLITICS = {"'m": "am", "'re": "are", "'ve": "have", "'ll": "will"}
 # Before a past participle, though, "'d" is "had": "I'd cancelled the order"
 # is no "I would cancel the order" (a hunt's pair, served at 0.917), "Who'd
 # won ...?" no "Who would win ...?".
-_IRREGULAR_PARTICIPLES = _words(
-    """been done gone seen won taken given eaten written known made said got gotten left lost paid found told
-    heard bought brought thought sent spent built met kept become begun broken chosen driven fallen forgotten
-    frozen grown hidden ridden risen shaken spoken stolen thrown woken worn beaten bitten flown drawn shown
-    sung swum drunk sunk forgiven understood"""
-)
+# Participles no suffix gives away, and the verb each is of: what a "'d"
+# before one is ("had"), and a passive's verb ("Was the child bitten by the
+# dog?" / "Did the child bite the dog?": a final read). One table: a second
+# one of the same name, for the voice check, silently replaced the clitics'
+# (a session's read: "I'd gone" was not "I had gone").
+_IRREGULAR_PARTICIPLES = {
+    "bitten": "bite", "written": "write", "eaten": "eat", "beaten": "beat", "taken": "take",
+    "chosen": "choose", "paid": "pay", "caught": "catch", "shot": "shoot", "hit": "hit",
+    "driven": "drive", "given": "give", "stolen": "steal", "broken": "break", "spoken": "speak",
+    "known": "know", "seen": "see", "made": "make", "sold": "sell", "bought": "buy", "told": "tell",
+    "held": "hold", "found": "find", "built": "build", "sent": "send", "led": "lead", "won": "win",
+    "fought": "fight", "thrown": "throw", "drawn": "draw", "hidden": "hide", "forgotten": "forget",
+    "shaken": "shake", "struck": "strike", "taught": "teach", "brought": "bring", "kept": "keep",
+    "left": "leave", "lost": "lose", "met": "meet", "run": "run", "hurt": "hurt", "cut": "cut",
+    "been": "be", "done": "do", "gone": "go", "said": "say", "got": "get", "gotten": "get",
+    "heard": "hear", "thought": "think", "spent": "spend", "become": "become", "begun": "begin",
+    "fallen": "fall", "frozen": "freeze", "grown": "grow", "ridden": "ride", "risen": "rise",
+    "woken": "wake", "worn": "wear", "shown": "show", "sung": "sing", "swum": "swim",
+    "drunk": "drink", "sunk": "sink", "forgiven": "forgive", "understood": "understand", "flown": "fly",
+}  # fmt: skip
 # Verbs ending in "ed" that are no participle ("I'd need ...").
 _BASE_VERBS_IN_ED = _words("need feed bleed breed speed seed weed heed exceed proceed succeed shed shred wed")
 
 
 def _had_before(word: str, following: str) -> bool:
     """Whether ``word`` is a clitic "'d" standing for "had": before a past
-    participle (_IRREGULAR_PARTICIPLES, or a word in -ed)."""
+    participle (_IRREGULAR_PARTICIPLES, or a word in -ed), but one that
+    is its verb's base too ("I'd run away", "I'd hit it", "I'd become"),
+    which only the rest of the sentence tells from "would"."""
     if not (len(word) > 2 and word[-2:] in ("'d", "'D")):
         return False  # most words: nothing lowered
-    next_word = following.lower()
-    return next_word in _IRREGULAR_PARTICIPLES or (
-        next_word.endswith("ed") and len(next_word) > 4 and next_word not in _BASE_VERBS_IN_ED
+    return _a_participle(following.lower())
+
+
+def _a_participle(word: str) -> bool:
+    """A past participle no base verb is spelled as (_had_before)."""
+    return _IRREGULAR_PARTICIPLES.get(word, word) != word or (
+        word.endswith("ed") and len(word) > 4 and word not in _BASE_VERBS_IN_ED
     )
 
 
@@ -1745,10 +1765,31 @@ _MODAL_FORCE = {
     **dict.fromkeys(_words("should ought recommended advisable"), "advice"),
     "optional": "option",
 }
+# Forces that leave it to one: what "have to" and "need to" never ask.
+_LEAVE = frozenset({"permission", "option"})
 
 
 def _modal_forces(tokens: tuple[str, ...]) -> frozenset[str]:
     return frozenset(_MODAL_FORCE[token] for token in tokens if token in _MODAL_FORCE)
+
+
+_DUTY_VERBS = _words("have has need needs")
+
+
+def _says_a_duty(tokens: tuple[str, ...]) -> bool:
+    """ "have to" or "need to" (not "has to do with", which says a link):
+    a must or a should, never a may."""
+    return any(
+        tokens[i] in _DUTY_VERBS and tokens[i + 1] == "to" and tokens[i + 2 : i + 4] != ("do", "with")
+        for i in range(len(tokens) - 1)
+    )
+
+
+def _duty_against_leave(a: Analysis, forces_a: frozenset[str], b: Analysis, forces_b: frozenset[str]) -> bool:
+    """One side asks only whether one has or needs to, the other only
+    whether one may (or it is optional): "Do I have to tip in Japan?" /
+    "Can I tip in Japan?" (a hunt: served at 0.905)."""
+    return not forces_a and _says_a_duty(a.tokens) and bool(forces_b) and forces_b <= _LEAVE
 
 
 def modal_veto(a: Analysis, b: Analysis) -> bool:
@@ -1760,14 +1801,19 @@ def modal_veto(a: Analysis, b: Analysis) -> bool:
     force; "Can I" and "Should I" are left to the score. A question of how
     much or how long asks a limit with "can" and advice with "should" ("How
     long can I leave cooked chicken out?" / "How long should I ...": a hunt's
-    pairs, served at 0.903-0.904): there any other force vetoes."""
+    pairs, served at 0.903-0.904): there any other force vetoes. "Have to"
+    and "need to" say no force of their own (a must or a should), but are
+    never a may (_duty_against_leave)."""
     forces_a, forces_b = _modal_forces(a.tokens), _modal_forces(b.tokens)
+    amounts = _asks_an_amount(a.tokens) and _asks_an_amount(b.tokens)
+    if not (amounts or (a.tokens[:1] and b.tokens[:1] and {a.tokens[0], b.tokens[0]} <= _AUXILIARIES)):
+        return False
+    if _duty_against_leave(a, forces_a, b, forces_b) or _duty_against_leave(b, forces_b, a, forces_a):
+        return True
     if not (forces_a and forces_b):
         return False
-    if _asks_an_amount(a.tokens) and _asks_an_amount(b.tokens):
+    if amounts:
         return forces_a != forces_b
-    if not (a.tokens[0] in _AUXILIARIES and b.tokens[0] in _AUXILIARIES):
-        return False
     return ("obligation" in forces_a) != ("obligation" in forces_b)
 
 
@@ -1779,20 +1825,6 @@ def _asks_an_amount(tokens: tuple[str, ...]) -> bool:
 
 
 _BE = _words("is are was were be been being am")
-
-
-# Participles no suffix gives away, and the verb each is of ("Was the child
-# bitten by the dog?" / "Did the child bite the dog?": a final read).
-_IRREGULAR_PARTICIPLES = {
-    "bitten": "bite", "written": "write", "eaten": "eat", "beaten": "beat", "taken": "take",
-    "chosen": "choose", "paid": "pay", "caught": "catch", "shot": "shoot", "hit": "hit",
-    "driven": "drive", "given": "give", "stolen": "steal", "broken": "break", "spoken": "speak",
-    "known": "know", "seen": "see", "made": "make", "sold": "sell", "bought": "buy", "told": "tell",
-    "held": "hold", "found": "find", "built": "build", "sent": "send", "led": "lead", "won": "win",
-    "fought": "fight", "thrown": "throw", "drawn": "draw", "hidden": "hide", "forgotten": "forget",
-    "shaken": "shake", "struck": "strike", "taught": "teach", "brought": "bring", "kept": "keep",
-    "left": "leave", "lost": "lose", "met": "meet", "run": "run", "hurt": "hurt", "cut": "cut",
-}  # fmt: skip
 
 
 def _verb_forms(token: str) -> frozenset[str]:
@@ -1908,6 +1940,37 @@ def time_frame_veto(a: Analysis, b: Analysis) -> bool:
     return bool(whens_a) and bool(whens_b) and whens_a != whens_b
 
 
+# After "would", the words of a request or a wish, not of what would be.
+_WOULD_ASKS = _words("you like love mind rather")
+
+
+def _says_what_had_been(tokens: tuple[str, ...]) -> bool:
+    """A "had" before a past participle (one word may come between:
+    "had already won"), and no "would"."""
+    return "would" not in tokens and any(
+        token == "had" and any(_a_participle(word) for word in tokens[at + 1 : at + 3])
+        for at, token in enumerate(tokens)
+    )
+
+
+def _says_what_would_be(tokens: tuple[str, ...]) -> bool:
+    """A "would" of what would be (not "would you", "would like"), and no "had"."""
+    return "had" not in tokens and any(
+        token == "would" and tokens[at + 1 : at + 2] != () and tokens[at + 1] not in _WOULD_ASKS
+        for at, token in enumerate(tokens)
+    )
+
+
+def mood_veto(a: Analysis, b: Analysis) -> bool:
+    """What had happened against what would: "Who'd won the election in
+    1960?" (had won) / "Who would win the election in 1960?" was served at
+    0.944 (a hunt): the clitic's "would" and "had" embed alike, and no other
+    check reads a mood. Only a side saying "had" + participle and no "would"
+    against one saying "would" and no "had"; anything else is left to the
+    score ("If I had known, would I ...?" says both)."""
+    return any(_says_what_had_been(x.tokens) and _says_what_would_be(y.tokens) for x, y in ((a, b), (b, a)))
+
+
 def glyph_veto(a: Analysis, b: Analysis) -> bool:
     """Symbols on both sides that are not the same in the same order: the
     embedder reads most of them as one unknown token, and no check reads
@@ -1932,6 +1995,7 @@ _CHECKS = (
     ("voice", voice_veto),
     ("possessor", possessor_veto),
     ("modal", modal_veto),
+    ("mood", mood_veto),
     ("code", code_veto),
     ("glyph", glyph_veto),
     ("time frame", time_frame_veto),
@@ -1942,7 +2006,7 @@ _CHECKS = (
 # / "Is a passport required for that?": a final read).
 # So does the symbols' order: a follow-up's own symbols and its topic's,
 # read as one text, were vetoed where each part's were the same (a hunt).
-_PART_CHECKS = frozenset({"subject", "voice", "possessor", "modal", "glyph"})
+_PART_CHECKS = frozenset({"subject", "voice", "possessor", "modal", "mood", "glyph"})
 
 
 def structural_veto(a: Analysis, b: Analysis, *, parts_checked: bool = False) -> str | None:
