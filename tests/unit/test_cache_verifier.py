@@ -642,9 +642,59 @@ def test_what_had_happened_is_not_what_would(a, b, vetoed):
         ("Do I have to tip in Japan?", "Can I tip in Japan?", True),
         ("Do I need to see a doctor?", "Can I see a doctor?", True),
         ("Do I have to tip in Japan?", "Is tipping optional in Japan?", True),
-        ("How much do I have to contribute to my 401k?", "How much can I contribute to my 401k?", True),
-        ("How long do I have to wait before swimming?", "How long should I wait before swimming?", False),
         ("Can I park here if I have to go to the bank?", "Can I park here?", False),
+        # After a statement, the question's own words (a hunt: 7 served).
+        (
+            "I inherited my mother's house in Ohio, do I have to pay inheritance tax?",
+            "I inherited my mother's house in Ohio, can I pay inheritance tax?",
+            True,
+        ),
+        ("In Japan, do you have to take your shoes off?", "In Japan, can you take your shoes off?", True),
+        ("What can I do if I have to work late?", "What do I have to do if I work late?", False),
+        # A duty on both sides; a modal's word used otherwise (a hunt's paraphrases).
+        ("Can you tell me if I have to tip in Japan?", "Do I have to tip in Japan?", False),
+        ("Do I have to go to jury duty, or can I get out of it?", "Do I have to go to jury duty?", False),
+        ("Do I have to rinse a can before recycling it?", "Must I rinse a can before recycling it?", False),
+        ("Do I have to plant tomatoes before May?", "Must I plant tomatoes before May?", False),
+        ("Is it a legal requirement to carry ID in Germany?", "Is carrying ID mandatory in Germany?", False),
+        ("Is it legal to carry a knife in Germany?", "Is it mandatory to carry a knife in Germany?", True),
+        ("Do cats need baths?", "Can cats take baths?", True),
+        (
+            "What do I have to disclose when selling a house?",
+            "What can I disclose when selling a house?",
+            True,
+        ),
+        ("Why do I have to pay a resort fee?", "Why can I pay a resort fee?", True),
+        (
+            "What can I do if my flight is cancelled?",
+            "What do I have to do if my flight is cancelled?",
+            False,
+        ),
+        ("Who can I call about a gas leak?", "Who do I need to call about a gas leak?", False),
+        ("How close can I park to a fire hydrant?", "How close do I have to park to a fire hydrant?", True),
+        # In an amount, a least (or a most) one has to against what one may
+        # (a hunt's 23 served), but for a deadline: how long one has to is how
+        # long one can (a hunt's 32 paraphrases); and only where both ask the
+        # same amount ("how long ... wait" is "how soon").
+        (
+            "How long can I stay in Japan as a tourist?",
+            "How long do I have to stay in Japan as a tourist?",
+            True,
+        ),
+        (
+            "How tall do you have to be to ride Space Mountain?",
+            "How tall can you be to ride Space Mountain?",
+            True,
+        ),
+        ("How many clubs can you carry in golf?", "How many clubs do you have to carry in golf?", True),
+        ("How long do I have to file a claim?", "How long can I file a claim?", False),
+        (
+            "How many days do I have to return an item to Amazon?",
+            "How many days can I return an item?",
+            False,
+        ),
+        ("How long do I have to wait to swim after eating?", "How soon can I swim after eating?", False),
+        ("How long do I have to wait before swimming?", "How long should I wait before swimming?", False),
         # "Can I" and "Should I" are left to the score; so are wh-questions.
         ("Can I take ibuprofen with alcohol?", "Should I take ibuprofen with alcohol?", False),
         ("What should I eat before a run?", "What must I eat before a run?", False),
