@@ -42,6 +42,11 @@ def retyped(a: str, b: str) -> bool:
         ("How long is 5 minutes?", "How long is 5 hours?"),
         # A day said relative to today is a date; a dozen is a number.
         ("What happened yesterday in the news?", "What happened today in the news?"),
+        # "Right now" is today (a hunt: served at 0.925).
+        (
+            "I had chest pain yesterday, should I go to the ER?",
+            "I have chest pain right now, should I go to the ER?",
+        ),
         ("How much rice should I cook for 4 people?", "How much rice should I cook for a dozen people?"),
     ],
 )
@@ -50,6 +55,8 @@ def test_number_date_and_unit_changes_are_vetoed(a, b):
 
 
 def test_numbers_spelled_or_repeated_differently_pass():
+    assert not verifier.number_veto(analyze("Is it raining right now?"), analyze("Is it raining today?"))
+    assert analyze("What should I do now?").days == frozenset()
     assert not verifier.number_veto(analyze("I have 2 cats"), analyze("I have two cats"))
     assert not verifier.number_veto(
         analyze("What is the 14th amendment?"), analyze("Why the 14th amendment?")
