@@ -303,14 +303,41 @@ _IRREGULAR_PARTICIPLES = {
 _BASE_VERBS_IN_ED = _words("need feed bleed breed speed seed weed heed exceed proceed succeed shed shred wed")
 
 
-def _had_before(word: str, following: str) -> bool:
+def _had_before(word: str, following: list[str]) -> bool:
     """Whether ``word`` is a clitic "'d" standing for "had": before a past
     participle (_IRREGULAR_PARTICIPLES, or a word in -ed), but one that
     is its verb's base too ("I'd run away", "I'd hit it", "I'd become"),
-    which only the rest of the sentence tells from "would"."""
+    which only the rest of the sentence tells from "would"; ``following``,
+    the next two words (lowered), one of _BEFORE_A_PARTICIPLE between ("I'd
+    already paid": a hunt)."""
     if not (len(word) > 2 and word[-2:] in ("'d", "'D")):
         return False  # most words: nothing lowered
-    return _a_participle(following.lower())
+    return _perfect_after(following, None)
+
+
+# A subject pronoun's "'d" before anything but a participle (or "better",
+# "had better") is "would": "I'd pay the deposit if ..." against "I'd
+# already paid the deposit when ..." (a hunt: served at 0.930 once the
+# second read "had" and the first stayed "i'd"). After a question word it
+# stays whole: "What'd Napoleon do?" is "did".
+_WOULD_CLITICS = frozenset(f"{pronoun}'d" for pronoun in _words("i you he she we they it"))
+# Words that may stand between a perfect's auxiliary and its participle.
+_BEFORE_A_PARTICIPLE = _words("already just never ever not recently previously also always finally actually")
+# After "'s", the participles of "has" alone: "it's broken" is "it is
+# broken", but "who's been", "she's got" are "has" (a hunt: "Who's won ...?"
+# read "who is won").
+_HAS_PARTICIPLES = _words("been got gotten")
+
+
+def _perfect_after(following: list[str], participles: frozenset[str] | None) -> bool:
+    """Whether ``following`` opens with a past participle (of
+    ``participles``, or any: _a_participle), one of _BEFORE_A_PARTICIPLE
+    aside."""
+    if following[:1] and following[0] in _BEFORE_A_PARTICIPLE:
+        following = following[1:]
+    if not following:
+        return False
+    return following[0] in participles if participles is not None else _a_participle(following[0])
 
 
 def _a_participle(word: str) -> bool:
@@ -766,8 +793,13 @@ def analyze_uncached(text: str) -> Analysis:
         if word == "-" and _signs(tokens, text, match.start(), match.end()):
             minus_signs.add(len(tokens))
         parts = _split(word)
-        if _had_before(word, matches[at + 1].group() if at + 1 < len(matches) else ""):
+        following = [later.group().lower() for later in matches[at + 1 : at + 3]]
+        if _had_before(word, following):
             parts = [word.lower()[:-2], "had"]
+        elif word.lower() in _WOULD_CLITICS and following[:1] != ["better"]:
+            parts = [word.lower()[:-2], "would"]  # "I'd pay" is "I would pay"
+        elif parts[-1:] == ["is"] and _perfect_after(following, _HAS_PARTICIPLES):
+            parts = [parts[0], "has"]  # "who's been" is "who has been"
         if parts[-1] == "not" and word.lower() != "not":
             contracted.add(len(tokens) + len(parts) - 1)
         # "landlord's", and a plural's "roommates'" (its "'" no token's).

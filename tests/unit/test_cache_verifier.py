@@ -217,17 +217,29 @@ def test_a_contraction_reads_as_its_words_with_or_without_the_apostrophe():
     assert analyze("we were well").tokens == ("we", "were", "well")
     assert analyze("Is an IM injection painful?").tokens[2] == "im"
     assert analyze("What'd Napoleon do?").tokens != analyze("What would Napoleon do?").tokens
+    assert analyze("What'd Napoleon do?").tokens[0] == "what'd"
     # Before a past participle, though, it is "had" (a hunt: "I'd cancelled
     # the order ..." was served "I would cancel the order ..." at 0.917).
     assert analyze("I'd cancelled the order").tokens == ("i", "had", "cancelled", "the", "order")
     assert analyze("Who'd won the election?").tokens[:3] == ("who", "had", "won")
-    assert analyze("I'd need a visa").tokens[0] == "i'd"  # a verb in -ed, no participle
+    assert analyze("I'd need a visa").tokens[:2] == ("i", "would")  # a verb in -ed, no participle
     # Every participle of the table (a second table of the same name, the
     # voice check's, had replaced it: "been", "gone", "done" were not read);
-    # not one that is its verb's base too ("I'd run away if ...").
+    # not one that is its verb's base too ("I'd run away if ...": "would").
     assert analyze("I'd been there").tokens[:2] == ("i", "had")
     assert analyze("Who'd gone home?").tokens[:2] == ("who", "had")
-    assert analyze("I'd run away").tokens[0] == "i'd"
+    assert analyze("I'd run away").tokens[:2] == ("i", "would")
+    # An adverb between (a hunt: "I'd already paid" stayed "i'd").
+    assert analyze("I'd already paid").tokens[:3] == ("i", "had", "already")
+    # A pronoun's "'d" before anything else is "would" (a hunt: "I'd pay the
+    # deposit if ..." / "I'd already paid the deposit when ..." served).
+    assert analyze("I'd like to cancel my order").tokens == analyze("I would like to cancel my order").tokens
+    assert vetoed_by("She'd already taken two Advil, can she?", "She'd take two Advil, can she?") == "mood"
+    assert analyze("I'd better go").tokens[0] == "i'd"
+    # "'s" is "has" before "been" and "got" alone ("it's broken" is "is").
+    assert analyze("It's been raining").tokens == analyze("It has been raining").tokens
+    assert analyze("She's got a cold").tokens[:2] == ("she", "has")
+    assert analyze("It's broken").tokens[:2] == ("it", "is")
     assert retyped("I'd cancelled the order, why?", "I had cancelled the order, why?")
     assert not retyped("I'd cancelled the order, why?", "I would cancel the order, why?")
 
