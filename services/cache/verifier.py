@@ -2143,6 +2143,8 @@ def _ahead(tokens: tuple[str, ...], at: int) -> bool:
     before = at - 1
     if before >= 0 and tokens[before] == "be":
         before -= 1
+    if before > 0 and tokens[before] in _SUBJECT_PRONOUNS and tokens[before - 1] == "will":
+        return True  # a question's "will they save ...?"
     if before < 0:
         return False
     if tokens[before] in ("will", "gonna"):

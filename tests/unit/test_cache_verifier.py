@@ -627,6 +627,11 @@ def test_a_subject_traded_with_a_pronoun_is_vetoed(a, b, vetoed):
             "I am going to be fired, can I get unemployment?",
             True,
         ),
+        (
+            "If I had gone to the ER sooner, would they have saved my appendix?",
+            "If I go to the ER now, will they save my appendix?",
+            True,
+        ),
         # A tense one side says alone, or the same event on both: left to the score.
         ("Will I get a refund if I cancelled?", "Will I get a refund if I cancel?", False),
         ("When will my package be delivered?", "When will my package be delivered to me?", False),
