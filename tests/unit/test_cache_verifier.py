@@ -655,12 +655,89 @@ def test_a_verb_done_on_one_side_and_ahead_on_the_other_is_vetoed(a, b, vetoed):
         ("Would you tell me who had won in 1960?", "Who had won in 1960?", False),
         ("Would you tell me who won in 1960?", "Who had won in 1960?", False),
         ("Who won the election in 1960?", "Who would win the election in 1960?", False),
+        # A "would" of another verb: a counterfactual said twice, a polite or
+        # hedged question (a review's 57 paraphrases, vetoed by the first version).
+        (
+            "What if Germany had won World War 2?",
+            "What would have happened if Germany won World War 2?",
+            False,
+        ),
+        (
+            "My flight had been cancelled, am I owed a refund?",
+            "My flight was cancelled, would I be owed a refund?",
+            False,
+        ),
+        (
+            "If I had filed on time, could I have avoided the fee?",
+            "Would filing on time have avoided the fee?",
+            False,
+        ),
+        (
+            "I had a delayed flight, am I owed compensation?",
+            "My flight was delayed, would I be owed compensation?",
+            False,
+        ),
     ],
 )
 def test_what_had_happened_is_not_what_would(a, b, vetoed):
     assert verifier.mood_veto(analyze(a), analyze(b)) is vetoed
     assert verifier.mood_veto(analyze(b), analyze(a)) is vetoed
     assert (vetoed_by(a, b) == "mood") is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A duty said otherwise, a polite request, a risk, another's power:
+        # no may (a review's paraphrases, vetoed by the first version).
+        ("Do I have to work on Christmas?", "Can my boss make me work on Christmas?", False),
+        ("Do I need a visa for Japan?", "Can you tell me if a visa is necessary for Japan?", False),
+        ("Do I need to worry about a tick bite?", "Can a tick bite be dangerous?", False),
+        ("How much should I tip in Mexico?", "Can you tell me how much I should tip in Mexico?", False),
+        ("Where do I need to go to get a passport?", "Where can I go to get a passport?", False),
+        ("What does Lisbon have to offer tourists?", "What can Lisbon offer tourists?", False),
+        ("When do I have to file my taxes?", "When is the latest I can file my taxes?", False),
+        (
+            "How long can milk sit out before it goes bad?",
+            "How long does milk have to sit out to go bad?",
+            False,
+        ),
+        (
+            "How old can a kitten leave its mother?",
+            "How old does a kitten have to be to leave its mother?",
+            False,
+        ),
+        ("How much time do I have to file an appeal?", "How much time can I take to file an appeal?", False),
+        ("Do I have to pay my rent by May 1?", "Must I pay my rent by May 1?", False),
+        # What the review found still served.
+        ("Do I have to recycle an aerosol can?", "Can I recycle an aerosol can?", True),
+        (
+            "Is there a form that must be signed by both parents?",
+            "Is there a form that can be signed by both parents?",
+            True,
+        ),
+        ("Do I have to tip in Japan?", "Am I able to tip in Japan?", True),
+        ("If I retire early, do I have to pay a penalty?", "If I retire early, can I pay a penalty?", True),
+        (
+            "In Florida, what do I have to disclose when selling a car?",
+            "In Florida, what can I disclose when selling a car?",
+            True,
+        ),
+        ("How quickly do I have to report a stolen card?", "How quickly can I report a stolen card?", True),
+        ("How long do I have to use a nicotine patch?", "How long can I use a nicotine patch?", True),
+        (
+            "How long do I have to apply sunscreen before going out?",
+            "How long can I apply sunscreen before going out?",
+            True,
+        ),
+        ("What age do you have to be to get a tattoo?", "What age can you be to get a tattoo?", True),
+        ("What do landlords have to disclose to tenants?", "What can landlords disclose to tenants?", True),
+        ("How early do I have to check in for my flight?", "How early can I check in for my flight?", True),
+    ],
+)
+def test_a_duty_is_told_from_a_may_however_said(a, b, vetoed):
+    assert verifier.modal_veto(analyze(a), analyze(b)) is vetoed
+    assert verifier.modal_veto(analyze(b), analyze(a)) is vetoed
 
 
 @pytest.mark.parametrize(
