@@ -56,6 +56,21 @@ def test_number_date_and_unit_changes_are_vetoed(a, b):
 
 def test_numbers_spelled_or_repeated_differently_pass():
     assert not verifier.number_veto(analyze("Is it raining right now?"), analyze("Is it raining today?"))
+    # Against tonight, "right now" is tonight; beside another day, it says
+    # when one asks (a final read's paraphrases).
+    assert (
+        vetoed_by(
+            "I can't fall asleep tonight, what should I do?",
+            "I can't fall asleep right now, what should I do?",
+        )
+        is None
+    )
+    assert (
+        vetoed_by(
+            "I'm sick right now, should I go to work tomorrow?", "I'm sick, should I go to work tomorrow?"
+        )
+        is None
+    )
     assert analyze("What should I do now?").days == frozenset()
     assert not verifier.number_veto(analyze("I have 2 cats"), analyze("I have two cats"))
     assert not verifier.number_veto(
@@ -240,6 +255,8 @@ def test_a_contraction_reads_as_its_words_with_or_without_the_apostrophe():
     assert analyze("It's been raining").tokens == analyze("It has been raining").tokens
     assert analyze("She's got a cold").tokens[:2] == ("she", "has")
     assert analyze("It's broken").tokens[:2] == ("it", "is")
+    assert analyze("Is the past of get got?").tokens == ("is", "the", "past", "of", "get", "got")
+    assert analyze("I'd used up my PTO").tokens[:3] == ("i", "had", "used")
     assert retyped("I'd cancelled the order, why?", "I had cancelled the order, why?")
     assert not retyped("I'd cancelled the order, why?", "I would cancel the order, why?")
 
@@ -633,6 +650,11 @@ def test_a_subject_traded_with_a_pronoun_is_vetoed(a, b, vetoed):
             True,
         ),
         # A tense one side says alone, or the same event on both: left to the score.
+        # A present passive, an adjective, a question's inverted "is it" are
+        # no past (a final read's 35 paraphrases vetoed).
+        ("Will I be allowed to bring food on a plane?", "Is food allowed on a plane?", False),
+        ("Will frozen pipes burst?", "Do frozen pipes burst?", False),
+        ("If I crack my screen, will it be covered?", "If I crack my screen, is it covered?", False),
         ("Will I get a refund if I cancelled?", "Will I get a refund if I cancel?", False),
         ("When will my package be delivered?", "When will my package be delivered to me?", False),
         ("I filed my taxes late, what now?", "I have filed my taxes late, what now?", False),
@@ -709,6 +731,12 @@ def test_what_had_happened_is_not_what_would(a, b, vetoed):
         ),
         ("How much time do I have to file an appeal?", "How much time can I take to file an appeal?", False),
         ("Do I have to pay my rent by May 1?", "Must I pay my rent by May 1?", False),
+        # A final read's: a purpose by its suffix, a fear, a wh-question
+        # after an opening clause, "until when".
+        ("What do I have to add to thicken a sauce?", "What can I add to thicken a sauce?", False),
+        ("Do I need to be worried about chest pain?", "Can chest pain be serious?", False),
+        ("If I lose my passport, what do I have to do?", "If I lose my passport, what can I do?", False),
+        ("Until when can I file my taxes?", "When do I have to file my taxes by?", False),
         # What the review found still served.
         ("Do I have to recycle an aerosol can?", "Can I recycle an aerosol can?", True),
         (
@@ -733,6 +761,19 @@ def test_what_had_happened_is_not_what_would(a, b, vetoed):
         ("What age do you have to be to get a tattoo?", "What age can you be to get a tattoo?", True),
         ("What do landlords have to disclose to tenants?", "What can landlords disclose to tenants?", True),
         ("How early do I have to check in for my flight?", "How early can I check in for my flight?", True),
+        # A least time of an act that lasts, a step before another, a must
+        # asked of "you" (a final read's, served).
+        ("How long do I have to marinate chicken?", "How long can I marinate chicken?", True),
+        (
+            "How long does dough have to rise before I bake it?",
+            "How long can dough rise before I bake it?",
+            True,
+        ),
+        (
+            "Should you tell your landlord you have a pet?",
+            "Must you tell your landlord you have a pet?",
+            True,
+        ),
     ],
 )
 def test_a_duty_is_told_from_a_may_however_said(a, b, vetoed):

@@ -30,9 +30,10 @@ from meshgate.reasons import Reason
 from meshgate.router.v1 import admin_service_pb2 as admin_pb
 from meshgate.router.v1 import admin_service_pb2_grpc, router_service_pb2_grpc
 from meshgate.router.v1 import router_service_pb2 as pb
+from services.router import http_edge
 from services.router import servicer as servicer_module
 from services.router.admin import AdminServicer
-from services.router.admission import TenantCalls, WindowUse
+from services.router.admission import RATE_LIMITS, TenantCalls, WindowUse
 from services.router.app import SERVICE_NAMES
 from services.router.auth import Authenticator, CallerGate
 from services.router.keys import KeyStore
@@ -291,6 +292,8 @@ def test_a_completion_says_each_limited_kinds_tightest_window():
         (pb.RATE_LIMIT_KIND_TOKENS_PER_MINUTE, 10_000, 10, 0),
     ]
     assert not completion_proto(dataclasses.replace(completion, rate_windows=())).rate_limits
+    # Each front end names every limit admission tells of (a new one would fail both at its first turn).
+    assert set(servicer_module._RATE_LIMIT_KIND) == set(RATE_LIMITS) == set(http_edge._RATE_WINDOWS)
 
 
 def test_chat_sends_the_last_piece_on_the_completion_only_to_a_client_that_reads_it(loop):
