@@ -435,6 +435,16 @@ ANTONYMS = {
         ("morning", "evening"),
         ("beginner", "advanced"),
         ("arrive", "leave"),
+        # A hunt of the forty-ninth session: "How do I speed up my laptop?" /
+        # "... slow down ...?" served at 0.903-0.956 (18 pairs).
+        ("speed", "slow"),
+        ("accelerate", "decelerate"),
+        ("north", "south"),
+        ("east", "west"),
+        ("upper", "lower"),
+        ("ahead", "behind"),
+        # Not give / receive, lend / borrow: "money I receive from my parents"
+        # is "money my parents give me" (a converse, said either way).
     ]
 }
 # Each word's antonyms ("small": "big" and "large").
@@ -1065,6 +1075,35 @@ def _replaced(x, y) -> bool:
     return bool(x - y) and bool(y - x)
 
 
+# A bound on a number: "over 103", "103 or above" (more), "under 2 weeks",
+# "below 0.08" (less). Stop words, so nothing else read them in a question
+# ("Is a fever over 103 dangerous?" / "... under 103 ...?": a hunt, 25 pairs
+# served at 0.902-0.952; topic_condition_veto reads them in a topic turn).
+_BOUND_SIDES = {"over": "more", "above": "more", "under": "less", "below": "less"}
+
+
+def _bounds(tokens: tuple[str, ...]) -> frozenset[tuple[str, str]]:
+    bounds = set()
+    for at, token in enumerate(tokens):
+        if token[:1].isdigit():
+            if at and tokens[at - 1] in _BOUND_SIDES:
+                bounds.add((tokens[at - 1], token))
+            if (
+                tokens[at + 1 : at + 2] == ("or",)
+                and tokens[at + 2 : at + 3]
+                and tokens[at + 2] in _BOUND_SIDES
+            ):
+                bounds.add((tokens[at + 2], token))
+    return frozenset((_BOUND_SIDES[word], number) for word, number in bounds)
+
+
+def _bound_flipped(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """One number bounded from opposite sides: more than it on one side,
+    less on the other."""
+    x, y = _bounds(a), _bounds(b)
+    return any(("less" if side == "more" else "more", number) in y for side, number in x)
+
+
 def number_veto(a: Analysis, b: Analysis) -> bool:
     """A number, date or unit replaced by another: "2+2" vs "2+3", "in 2014"
     vs "in 2018", "yesterday" vs "today", "in Celsius" vs "in Kelvin". Compared as multisets, so
@@ -1073,6 +1112,7 @@ def number_veto(a: Analysis, b: Analysis) -> bool:
     the learned stage."""
     return (
         _replaced(a.numbers, b.numbers)
+        or _bound_flipped(a.tokens, b.tokens)
         or _replaced(*_days_against(a, b))
         or _replaced(a.units, b.units)
         or _numeral_replaced(a, b)
@@ -1165,7 +1205,8 @@ def _particle_reversed(a: Analysis, b: Analysis) -> bool:
 
 def negation_veto(a: Analysis, b: Analysis) -> bool:
     """Opposite polarity: an odd difference in negations ("cancel" vs "don't
-    cancel"; "can't", "cant" and "not" count once, "never" too), an antonym
+    cancel"; "can't", "cant" and "not" count once, "never" too; a thing
+    prevented against the same thing caused, _prevented_against_caused), an antonym
     in place of a word in any inflection ("advantages" vs "disadvantages",
     "buying" vs "selling", "cheaper" vs "expensive"), an opposite prefix
     ("upgrade" vs "downgrade"), a particle turned around after the same
@@ -1173,9 +1214,59 @@ def negation_veto(a: Analysis, b: Analysis) -> bool:
     "why am I not unable") keeps the sense."""
     if (a.negations - b.negations) % 2:
         return True
+    if _prevented_against_caused(a.tokens, b.tokens) or _prevented_against_caused(b.tokens, a.tokens):
+        return True
     if {_negated_quantity(a.tokens), _negated_quantity(b.tokens)} == {"some not", "none"}:
         return True
     return _has_negated_form(a, b) or _has_negated_form(b, a) or _particle_reversed(a, b)
+
+
+# Verbs that say a thing is not to happen, and those that make it happen:
+# "How do I stop my baby from sleeping during the day?" / "How do I get my
+# baby to sleep during the day?", "keep squirrels from eating my tomatoes" /
+# "get squirrels to eat ..." (a hunt: 14 pairs served at 0.906-0.966).
+_PREVENTING = _words("stop stops keep keeps prevent prevents prohibit ban discourage deter")
+_CAUSING = _words("get gets make makes")
+_CEASING = _words("stop stops quit quits")
+
+
+def _gerund_bases(word: str) -> frozenset[str]:
+    """What a word in -ing may be of: "going" go, "biting" bite, "running" run."""
+    stem = word[:-3]
+    bases = {stem, stem + "e"}
+    if len(stem) > 2 and stem[-1] == stem[-2]:
+        bases.add(stem[:-1])
+    return frozenset(bases)
+
+
+def _prevented(tokens: tuple[str, ...]) -> frozenset[str]:
+    """The bases of what a text says is not to happen: one of _PREVENTING,
+    up to four words, "from" and a word in -ing ("stop my dog from eating":
+    eat), or one of _CEASING right before it ("get my puppy to stop biting")."""
+    verbs = set()
+    for at, token in enumerate(tokens):
+        if token in _CEASING and tokens[at + 1 : at + 2] and tokens[at + 1].endswith("ing"):
+            verbs |= _gerund_bases(tokens[at + 1])
+        elif token in _PREVENTING:
+            for later in range(at + 2, min(at + 6, len(tokens) - 1)):
+                if tokens[later] == "from" and tokens[later + 1].endswith("ing"):
+                    verbs |= _gerund_bases(tokens[later + 1])
+                    break
+    return frozenset(verbs)
+
+
+def _prevented_against_caused(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """``a`` prevents what ``b`` makes happen (a get or make, then within
+    five words the same verb), ``b`` preventing nothing: opposite asks in
+    the same words. Not "stop eating" against another verb ("break my habit
+    of eating"): QQP's paraphrases say so in many ways."""
+    prevented = _prevented(a)
+    if not prevented or _prevented(b):
+        return False
+    return any(
+        token in _CAUSING and any(word in prevented for word in b[at + 1 : at + 6])
+        for at, token in enumerate(b)
+    )
 
 
 _ANY_WORDS = _words("any anything anyone anybody anywhere")

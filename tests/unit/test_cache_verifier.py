@@ -54,6 +54,23 @@ def test_number_date_and_unit_changes_are_vetoed(a, b):
     assert verifier.number_veto(analyze(a), analyze(b))
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A bound turned around on one number (a hunt: 25 served at 0.902-0.952).
+        ("Is a fever over 103 dangerous for a child?", "Is a fever under 103 dangerous for a child?", True),
+        ("What does it mean if my temperature is below 97?", "... my temperature is above 97?", True),
+        ("Is it safe to cook chicken to 165 or above?", "Is it safe to cook chicken to 165 or below?", True),
+        # The same side said two ways, or another number: not this check's.
+        ("Is a fever over 103 dangerous?", "Is a fever above 103 dangerous?", False),
+        ("Is a fever over 103 dangerous?", "Is a fever under 101 dangerous?", False),
+    ],
+)
+def test_a_number_bounded_from_the_other_side_is_vetoed(a, b, vetoed):
+    assert verifier._bound_flipped(analyze(a).tokens, analyze(b).tokens) is vetoed
+    assert verifier._bound_flipped(analyze(b).tokens, analyze(a).tokens) is vetoed
+
+
 def test_numbers_spelled_or_repeated_differently_pass():
     assert not verifier.number_veto(analyze("Is it raining right now?"), analyze("Is it raining today?"))
     # Against tonight, "right now" is tonight; beside another day, it says
@@ -101,10 +118,34 @@ def test_a_number_only_one_side_states_is_left_to_the_learned_stage():
         ("What are the advantages of remote work?", "What are the disadvantages of remote work?"),
         ("How can I increase my credit score?", "How can I decrease my credit score?"),
         ("Which foods contain gluten?", "Which foods contain no gluten?"),
+        # A thing prevented against the same thing caused (a hunt: 14 served).
+        (
+            "How do I stop my baby from sleeping during the day?",
+            "How do I get my baby to sleep during the day?",
+        ),
+        ("How do I keep my cat from going outside?", "How do I get my cat to go outside?"),
+        ("How do I stop my laptop from going to sleep?", "How do I make my laptop go to sleep?"),
+        # An antonym the list had not: "speed up" / "slow down" (18 served).
+        ("How do I speed up my laptop?", "How do I slow down my laptop?"),
     ],
 )
 def test_negation_and_polarity_flips_are_vetoed(a, b):
     assert verifier.negation_veto(analyze(a), analyze(b))
+    assert verifier.negation_veto(analyze(b), analyze(a))
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("How do I stop my puppy from biting?", "How can I get my puppy to stop biting?"),
+        ("How do I stop my dog from barking?", "How do I keep my dog from barking?"),
+        ("How can I stop eating junk food?", "How can I break my habit of eating junk food?"),
+        ("Is money I receive from my parents taxable?", "Do I have to pay tax on money my parents give me?"),
+    ],
+)
+def test_a_thing_prevented_either_way_or_a_converse_keeps_polarity(a, b):
+    assert not verifier.negation_veto(analyze(a), analyze(b))
+    assert not verifier.negation_veto(analyze(b), analyze(a))
 
 
 @pytest.mark.parametrize(
