@@ -118,6 +118,15 @@ async def chat(
         f"total time: {total_s * 1000:.1f} ms\n"
         f"deployment: {completion.deployment or '-'}   trace: {completion.trace_id}\n"
     )
+    if completion.rate_limits:
+        # The key's tightest per-minute windows, as the router admitted the turn.
+        told = (
+            f"{window.remaining}/{window.limit} "
+            f"{pb.RateLimitKind.Name(window.kind).removeprefix('RATE_LIMIT_KIND_').removesuffix('_PER_MINUTE').lower()}"
+            f" a minute left (more in {window.reset_ms / 1000:.1f} s)"
+            for window in completion.rate_limits
+        )
+        out.write(f"rate limits: {', '.join(told)}\n")
     return completion
 
 

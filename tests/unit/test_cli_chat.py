@@ -41,6 +41,38 @@ async def test_a_stream_without_its_completion_is_an_error_not_an_answer(last):
         await server.stop(None)
 
 
+class LimitedRouter(router_service_pb2_grpc.RouterServiceServicer):
+    """An answer whose completion says the key's two per-minute windows."""
+
+    async def Chat(self, request, context):
+        yield pb.ChatResponse(delta=pb.TextDelta(text="Paris."))
+        windows = [
+            pb.RateLimit(
+                kind=pb.RATE_LIMIT_KIND_REQUESTS_PER_MINUTE, limit=60, remaining=59, reset_ms=59_500
+            ),
+            pb.RateLimit(
+                kind=pb.RATE_LIMIT_KIND_TOKENS_PER_MINUTE, limit=10_000, remaining=9_800, reset_ms=250
+            ),
+        ]
+        yield pb.ChatResponse(completion=pb.ChatCompletion(rate_limits=windows, trace_id="t"))
+
+
+async def test_chat_tells_the_rate_limits_the_answer_was_admitted_under():
+    server = grpc.aio.server()
+    router_service_pb2_grpc.add_RouterServiceServicer_to_server(LimitedRouter(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        out = io.StringIO()
+        await cli.chat(f"127.0.0.1:{port}", "key", "What is the capital of France?", out=out)
+    finally:
+        await server.stop(None)
+    assert out.getvalue().endswith(
+        "rate limits: 59/60 requests a minute left (more in 59.5 s),"
+        " 9800/10000 tokens a minute left (more in 0.2 s)\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
