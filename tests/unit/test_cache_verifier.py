@@ -61,6 +61,7 @@ def test_number_date_and_unit_changes_are_vetoed(a, b):
         ("Is a fever over 103 dangerous for a child?", "Is a fever under 103 dangerous for a child?", True),
         ("What does it mean if my temperature is below 97?", "... my temperature is above 97?", True),
         ("Is it safe to cook chicken to 165 or above?", "Is it safe to cook chicken to 165 or below?", True),
+        ("Can I return a laptop within 30 days?", "Can I return a laptop after 30 days?", True),
         # The same side said two ways, or another number: not this check's.
         ("Is a fever over 103 dangerous?", "Is a fever above 103 dangerous?", False),
         ("Is a fever over 103 dangerous?", "Is a fever under 101 dangerous?", False),
@@ -69,6 +70,15 @@ def test_number_date_and_unit_changes_are_vetoed(a, b):
 def test_a_number_bounded_from_the_other_side_is_vetoed(a, b, vetoed):
     assert verifier._bound_flipped(analyze(a).tokens, analyze(b).tokens) is vetoed
     assert verifier._bound_flipped(analyze(b).tokens, analyze(a).tokens) is vetoed
+
+
+def test_a_vague_amount_replaced_in_a_question_is_vetoed():
+    """ "a few" / "a lot of" (a hunt: 7 served); "how many" asks no amount."""
+    assert (
+        vetoed_by("Is it normal to have a few floaters in my eye?", "Is it normal to have lots of floaters?")
+        == "number"
+    )
+    assert vetoed_by("How many almonds can I eat a day?", "How many almonds can I eat daily?") is None
 
 
 def test_numbers_spelled_or_repeated_differently_pass():
@@ -127,6 +137,9 @@ def test_a_number_only_one_side_states_is_left_to_the_learned_stage():
         ("How do I stop my laptop from going to sleep?", "How do I make my laptop go to sleep?"),
         # An antonym the list had not: "speed up" / "slow down" (18 served).
         ("How do I speed up my laptop?", "How do I slow down my laptop?"),
+        # "unless" is "if not"; "instead of" is no "as well as" (a hunt: 10 served).
+        ("Can I work from home if I'm sick?", "Can I work from home unless I'm sick?"),
+        ("Can I use honey instead of sugar in baking?", "Can I use honey as well as sugar in baking?"),
     ],
 )
 def test_negation_and_polarity_flips_are_vetoed(a, b):
@@ -141,6 +154,8 @@ def test_negation_and_polarity_flips_are_vetoed(a, b):
         ("How do I stop my dog from barking?", "How do I keep my dog from barking?"),
         ("How can I stop eating junk food?", "How can I break my habit of eating junk food?"),
         ("Is money I receive from my parents taxable?", "Do I have to pay tax on money my parents give me?"),
+        ("Can I work from home unless I'm sick?", "Can I work from home when I'm not sick?"),
+        ("Can I use honey instead of sugar?", "Can I replace sugar with honey?"),
     ],
 )
 def test_a_thing_prevented_either_way_or_a_converse_keeps_polarity(a, b):
@@ -625,6 +640,13 @@ def test_a_direction_turned_around_in_other_words_is_vetoed(a, b, vetoed):
         # Who does what to whom traded through a pronoun (8 served).
         ("Does my boss have to pay me overtime?", "Do I have to pay my boss overtime?", True),
         ("Does my roommate owe me rent?", "Do I owe my roommate rent?", True),
+        # After "how much / how long" and a noun too (a hunt: 9 served).
+        ("How much do I owe my landlord?", "How much does my landlord owe me?", True),
+        (
+            "How much notice do I have to give my employer?",
+            "How much notice does my employer have to give me?",
+            True,
+        ),
         ("Does our landlord have to give us notice?", "Do we have to give our landlord notice?", True),
         (
             "What should my landlord ask me before renting?",
