@@ -582,6 +582,9 @@ def test_role_fillers_are_found_in_time_linear_in_the_question():
         ("Why do dogs chase cats?", "Why do cats chase dogs?", True),
         ("Why did Japan attack the United States?", "Why did the United States attack Japan?", True),
         ("Why do parents ignore their teenagers?", "Why do their teenagers ignore parents?", True),
+        # The nouns swapped with their number (a hunt: 5 served at 0.905-0.915).
+        ("Can dogs eat cat food?", "Can cats eat dog food?", True),
+        ("Is dog food bad for cats?", "Is cat food bad for dogs?", True),
         # A pair or list joined by "and"/"or" reads the same either way.
         ("Who is older, Obama or Biden?", "Who is older, Biden or Obama?", False),
         ("Is there a war between the cat and the dog?", "Is there a war between the dog and the cat?", False),
