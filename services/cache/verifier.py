@@ -292,9 +292,6 @@ _IRREGULAR_NOT = {"won't": "will", "can't": "can", "shan't": "shall", "ain't": "
 # served "What would Napoleon do after Waterloo?" the answer for "What'd
 # ...").
 _CLITICS = {"'m": "am", "'re": "are", "'ve": "have", "'ll": "will"}
-# Before a past participle, though, "'d" is "had": "I'd cancelled the order"
-# is no "I would cancel the order" (a hunt's pair, served at 0.917), "Who'd
-# won ...?" no "Who would win ...?".
 # Participles no suffix gives away, and the verb each is of: what a "'d"
 # before one is ("had"), and a passive's verb ("Was the child bitten by the
 # dog?" / "Did the child bite the dog?": a final read). One table: a second
@@ -323,7 +320,9 @@ _BASE_VERBS_IN_ED = _words(
 
 def _had_before(word: str, following: list[str]) -> bool:
     """Whether ``word`` is a clitic "'d" standing for "had": before a past
-    participle (_IRREGULAR_PARTICIPLES, or a word in -ed), but not one
+    participle ("I'd cancelled the order" is no "I would cancel the order":
+    a hunt's pair, served at 0.917; _IRREGULAR_PARTICIPLES, or a word in
+    -ed), but not one
     that is its verb's base too ("I'd run away", "I'd hit it", "I'd
     become": read "would", _WOULD_CLITICS, as "I'd hurt my back" is too,
     which only the rest of the sentence could tell); ``following``,
@@ -1256,12 +1255,9 @@ _CEASING = _words("stop stops quit quits")
 
 
 def _gerund_bases(word: str) -> frozenset[str]:
-    """What a word in -ing may be of: "going" go, "biting" bite, "running" run."""
-    stem = word[:-3]
-    bases = {stem, stem + "e"}
-    if len(stem) > 2 and stem[-1] == stem[-2]:
-        bases.add(stem[:-1])
-    return frozenset(bases)
+    """What a word in -ing may be of: "biting" bite, "running" run
+    (_base_forms), and a stem too short for it ("going" go)."""
+    return _base_forms(word) | {word[:-3]}
 
 
 def _prevented(tokens: tuple[str, ...]) -> frozenset[str]:
@@ -2151,7 +2147,9 @@ def _yes_no_question(tokens: tuple[str, ...]) -> tuple[str, ...] | None:
     return None
 
 
-def _duty_against_leave(duty: tuple[str, ...], leave: tuple[str, ...], kinds=None) -> bool:
+def _duty_against_leave(
+    duty: tuple[str, ...], leave: tuple[str, ...], kinds: frozenset[str] | None = None
+) -> bool:
     """One question asks only whether one has or needs to, the other only
     whether one may (or it is optional): "Do I have to tip in Japan?" /
     "Can I tip in Japan?" (a hunt: served at 0.905). Not where the second
@@ -2190,8 +2188,9 @@ def modal_veto(a: Analysis, b: Analysis) -> bool:
     threshold ("How long can milk sit out before it goes bad?" / "How long
     does milk have to sit out to go bad?") or a legal age ("How old is it
     legal to drink?")."""
-    if _amounts_asked(a.tokens) and _amounts_asked(b.tokens):
-        if _amounts_asked(a.tokens) == _amounts_asked(b.tokens):
+    amounts_a, amounts_b = _amounts_asked(a.tokens), _amounts_asked(b.tokens)
+    if amounts_a and amounts_b:
+        if amounts_a == amounts_b:
             for duty, leave in ((a.tokens, b.tokens), (b.tokens, a.tokens)):
                 if (
                     _duty_against_leave(duty, leave)

@@ -218,12 +218,12 @@ def rate_limit_headers(
     windows of each limit among its scopes (tenant, API key, model), the
     one with the least left after this turn (admission.tightest_windows;
     its tokens as reserved: the prompt's estimate and max_tokens); reset,
-    when that window's oldest
-    entry leaves it, so that its remaining next grows (a one-minute sliding
-    window, not a bucket that refills), counted from ``now_s`` (monotonic;
-    default now: a response starts after its turn's admission, a whole
-    answer after its generation). None for a limit that no scope sets, or
-    for a turn admitted without Redis (failing open)."""
+    when that window's oldest entry leaves it, so that its remaining next
+    grows (a one-minute sliding window, not a bucket that refills), counted
+    from ``now_s`` (monotonic; default now: a response starts after its
+    turn's admission, a whole answer after its generation). None for a
+    limit that no scope sets, or for a turn admitted without Redis (failing
+    open)."""
     now_s = time.monotonic() if now_s is None else now_s
     headers = []
     for window in tightest_windows(windows):

@@ -1,8 +1,11 @@
-"""`meshgate chat` against a router stand-in whose stream ends without its
-completion (a real router never does: tests/integration/test_cli_chat.py)."""
+"""`meshgate chat` and `meshgate sessions` against router stand-ins: a stream
+that ends without its completion (a real router never does:
+tests/integration/test_cli_chat.py), a completion with rate limits, a
+listing in pages."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import grpc
@@ -11,6 +14,19 @@ import pytest
 from meshgate import cli
 from meshgate.router.v1 import router_service_pb2 as pb
 from meshgate.router.v1 import router_service_pb2_grpc
+
+
+@contextlib.asynccontextmanager
+async def stand_in(router: router_service_pb2_grpc.RouterServiceServicer):
+    """The address of a server answering as ``router``, stopped on the way out."""
+    server = grpc.aio.server()
+    router_service_pb2_grpc.add_RouterServiceServicer_to_server(router, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
 
 
 class CutShortRouter(router_service_pb2_grpc.RouterServiceServicer):
@@ -28,17 +44,11 @@ class CutShortRouter(router_service_pb2_grpc.RouterServiceServicer):
 
 @pytest.mark.parametrize("last", [(), (pb.ChatResponse(),)], ids=["nothing", "an empty message"])
 async def test_a_stream_without_its_completion_is_an_error_not_an_answer(last):
-    server = grpc.aio.server()
-    router_service_pb2_grpc.add_RouterServiceServicer_to_server(CutShortRouter(last), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        out = io.StringIO()
+    out = io.StringIO()
+    async with stand_in(CutShortRouter(last)) as router:
         with pytest.raises(cli.IncompleteAnswer):
-            await cli.chat(f"127.0.0.1:{port}", "key", "What is the capital of France?", out=out)
-        assert out.getvalue() == "The capital of"
-    finally:
-        await server.stop(None)
+            await cli.chat(router, "key", "What is the capital of France?", out=out)
+    assert out.getvalue() == "The capital of"
 
 
 class LimitedRouter(router_service_pb2_grpc.RouterServiceServicer):
@@ -58,15 +68,9 @@ class LimitedRouter(router_service_pb2_grpc.RouterServiceServicer):
 
 
 async def test_chat_tells_the_rate_limits_the_answer_was_admitted_under():
-    server = grpc.aio.server()
-    router_service_pb2_grpc.add_RouterServiceServicer_to_server(LimitedRouter(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        out = io.StringIO()
-        await cli.chat(f"127.0.0.1:{port}", "key", "What is the capital of France?", out=out)
-    finally:
-        await server.stop(None)
+    out = io.StringIO()
+    async with stand_in(LimitedRouter()) as router:
+        await cli.chat(router, "key", "What is the capital of France?", out=out)
     assert out.getvalue().endswith(
         "rate limits: 59/60 requests a minute left (more in 59.5 s),"
         " 9800/10000 tokens a minute left (more in 0.2 s)\n"
@@ -130,15 +134,9 @@ class PagedRouter(router_service_pb2_grpc.RouterServiceServicer):
 
 async def test_sessions_list_follows_the_listings_pages_to_its_end():
     router = PagedRouter()
-    server = grpc.aio.server()
-    router_service_pb2_grpc.add_RouterServiceServicer_to_server(router, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        out = io.StringIO()
-        await cli.sessions(f"127.0.0.1:{port}", "key", "list", out=out)
-    finally:
-        await server.stop(None)
+    out = io.StringIO()
+    async with stand_in(router) as address:
+        await cli.sessions(address, "key", "list", out=out)
     header, *rows = out.getvalue().splitlines()
     assert header.split()[:3] == ["session", "version", "turns"]
     assert [row.split()[:3] for row in rows] == [[f"s{n}", str(n), str(2 * n)] for n in range(5, 0, -1)]
