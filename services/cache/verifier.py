@@ -1739,6 +1739,8 @@ def role_veto(a: Analysis, b: Analysis) -> bool:
         tuple(map(singular, a.tokens)), tuple(map(singular, b.tokens))
     ):
         return True
+    if _names_swapped(a, b):
+        return True
     for marker in {m for m, _ in a.roles} & {m for m, _ in b.roles}:
         fillers_a = Counter(f for m, f in a.roles if m == marker)
         fillers_b = Counter(f for m, f in b.roles if m == marker)
@@ -1761,7 +1763,7 @@ _MAX_SWAP_TOKENS = 64
 _JOINING = _words("and or nor")
 
 
-def _spans_swapped(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
+def _spans_swapped(x: tuple[str, ...], y: tuple[str, ...], names: frozenset[str] | None = None) -> bool:
     """The same words, but two spans of them exchanged around a middle that
     stays: "why do dogs chase cats" vs "why do cats chase dogs", "did Japan
     attack the United States" vs "did the United States attack Japan".
@@ -1769,7 +1771,8 @@ def _spans_swapped(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
     is" turns nothing around), and a middle with "and"/"or" in it makes a
     list or a choice, which reads the same in either order. Relations that
     read the same either way without one ("did Einstein meet Gandhi", "7
-    plus 5") are refused too: a missed hit, never a wrong one."""
+    plus 5") are refused too: a missed hit, never a wrong one. With
+    ``names``, both spans must be of those words only (_names_swapped)."""
     if x == y or len(x) != len(y) or len(x) > _MAX_SWAP_TOKENS or sorted(x) != sorted(y):
         return False
     start, end = 0, len(x)
@@ -1794,9 +1797,30 @@ def _spans_swapped(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
                 spans = (mx[:first], mx[n - last :])
                 if middle & _JOINING:
                     continue
-                if all(any(t not in STOPWORDS for t in span) for span in spans):
+                if names is not None:
+                    if all(span and set(span) <= names for span in spans):
+                        return True
+                elif all(any(t not in STOPWORDS for t in span) for span in spans):
                     return True
     return False
+
+
+def _names_swapped(a: Analysis, b: Analysis) -> bool:
+    """Two names exchanged around the same words, with words only one side
+    has between them: "What North Indians think about South Indians?" /
+    "What do South Indians think about North Indians?", "What can you do in
+    USA that you cannot do in Japan?" / "... do in Japan that you cannot in
+    the USA?" (QQP's development portions: scored 0.89-0.90, served at a
+    looser bound). _spans_swapped on the words that say something (no stop
+    words; "not" and the joining words kept, so that "X and Y" still reads
+    either way), the spans names only: common words change their order in
+    paraphrases ("prison rape" / "rape in prison"), names seldom."""
+    if not a.names or a.names != b.names:
+        return False
+    kept = _JOINING | NEGATIONS
+    x = tuple(t for t in a.tokens if t not in STOPWORDS or t in kept)
+    y = tuple(t for t in b.tokens if t not in STOPWORDS or t in kept)
+    return x != y and _spans_swapped(x, y, a.names)
 
 
 # Markers of where something goes and where it comes from.

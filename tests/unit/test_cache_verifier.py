@@ -585,8 +585,30 @@ def test_role_fillers_are_found_in_time_linear_in_the_question():
         # The nouns swapped with their number (a hunt: 5 served at 0.905-0.915).
         ("Can dogs eat cat food?", "Can cats eat dog food?", True),
         ("Is dog food bad for cats?", "Is cat food bad for dogs?", True),
+        # Names exchanged around the same words, with words only one side has
+        # between them (QQP's development portions, scored 0.89-0.90).
+        (
+            "What North Indians think about South Indians?",
+            "What do South Indians think about North Indians?",
+            True,
+        ),
+        (
+            "What things can you do in USA that you cannot do in Japan?",
+            "What things can you do in Japan that you cannot in the USA?",
+            True,
+        ),
+        ("Why is China so much afraid of India?", "Is India afraid of China?", True),
+        # ... but common words change their order in a paraphrase.
+        ("How common is prison rape?", "Is rape in prison common?", False),
+        (
+            "What are the best email finding free tools?",
+            "What is the best free tools for finding email?",
+            False,
+        ),
+        ("How do I get from Heathrow to London?", "What's the way to London from Heathrow?", False),
         # A pair or list joined by "and"/"or" reads the same either way.
         ("Who is older, Obama or Biden?", "Who is older, Biden or Obama?", False),
+        ("Who would win, Batman or Superman?", "Who would win, Superman or the Batman?", False),
         ("Is there a war between the cat and the dog?", "Is there a war between the dog and the cat?", False),
         (
             "Which is healthiest: apples, bananas or oranges?",
