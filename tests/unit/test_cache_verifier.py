@@ -598,6 +598,15 @@ def test_role_fillers_are_found_in_time_linear_in_the_question():
             True,
         ),
         ("Why is China so much afraid of India?", "Is India afraid of China?", True),
+        # A country and its people's name trading places (a hunt: 3 served at 0.90-0.92).
+        ("Do British citizens need a visa for India?", "Do Indian citizens need a visa for Britain?", True),
+        ("Does Canada need a visa for US citizens?", "Does the US need a visa for Canadian citizens?", True),
+        ("Do German citizens need a visa for Turkey?", "Do Turkish citizens need a visa for Germany?", True),
+        (
+            "Do Indian citizens need a visa for Britain?",
+            "Do citizens of India need a visa for Britain?",
+            False,
+        ),
         # ... but common words change their order in a paraphrase.
         ("How common is prison rape?", "Is rape in prison common?", False),
         (
@@ -652,6 +661,16 @@ def test_reversed_roles_are_vetoed_symmetric_order_is_not(a, b, vetoed):
         ),
         ("How is Python different from Java?", "How does Python compare to Java?", False),
         ("How far is Boston from New York?", "What is the distance from New York to Boston?", False),
+        # "out of" a place is "from" it (a hunt: 2 served at 0.90-0.91), but
+        # to keep a thing out of it is to stop it getting in.
+        ("Can I bring food into the US?", "Can I bring food out of the US?", True),
+        ("Can I take my dog to Mexico?", "Can I take my dog out of Mexico?", True),
+        ("How do I get stains out of a white shirt?", "How do I remove stains from a white shirt?", False),
+        (
+            "How do I keep squirrels out of my garden?",
+            "How can I stop squirrels from getting into my garden?",
+            False,
+        ),
     ],
 )
 def test_a_direction_turned_around_in_other_words_is_vetoed(a, b, vetoed):
@@ -862,6 +881,16 @@ def test_what_had_happened_is_not_what_would(a, b, vetoed):
             "Must you tell your landlord you have a pet?",
             True,
         ),
+        # "Do I get to ...?" asks a may (a hunt: served at 0.90); "get to" a
+        # place asks no leave.
+        (
+            "Do I get to keep my deposit if the tenant breaks the lease?",
+            "Do I have to keep my deposit if the tenant breaks the lease?",
+            True,
+        ),
+        ("Do I get to choose my seat?", "Do I need to choose my seat?", True),
+        ("How do I get to the airport?", "How do I have to get to the airport?", False),
+        ("Do I get to choose my seat?", "Can I choose my seat?", False),
     ],
 )
 def test_a_duty_is_told_from_a_may_however_said(a, b, vetoed):
