@@ -19,6 +19,7 @@ import cache_data
 
 from meshgate.config import CacheSettings
 from services.cache import verifier
+from services.cache.verifier import _checks
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
             continue
         veto = verifier.structural_veto(asked, stored)
         if veto == "scope":
-            veto += ", swapped" if verifier._replaced(asked.scope, stored.scope) else ", on one side"
+            veto += ", swapped" if _checks._replaced(asked.scope, stored.scope) else ", on one side"
         elif veto != "negation":
             continue
         served = head.score(asked, stored, vectors[p.asked], vectors[p.stored]) >= head.threshold()

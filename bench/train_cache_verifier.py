@@ -8,7 +8,7 @@ Two coefficient sets (``verifier.Head``), each trained and calibrated as
 below on the same pairs: ``question``, for single questions, with the
 word-rarity features (document frequencies of content words over the train
 portion's questions, kept in the model file); and ``conversation``, for a
-question with its topic turn, without them (see ``verifier.py`` for why).
+question with its topic turn, without them (see ``services/cache/verifier/__init__.py`` for why).
 The conversation head is therefore the verifier as it was before the
 rarity features, coefficient for coefficient.
 
@@ -317,7 +317,7 @@ def build_model(natural_train: bool = False) -> dict:
         file=sys.stderr,
     )
     return {
-        "about": "Written by bench/train_cache_verifier.py; see services/cache/verifier.py.",
+        "about": "Written by bench/train_cache_verifier.py; see services/cache/verifier/.",
         "embedding_model": "all-MiniLM-L6-v2 int8 (minilm)",
         # The embedder of every vector it was trained on: its scores mean
         # nothing for another's (verifier.Verifier.trained_on).

@@ -1037,7 +1037,7 @@ class CacheSettings:
     # 1.5 KiB each at 384 dimensions; 0: none.
     embedding_memo_entries: int = 4096
     # A cheap pre-filter on cosine similarity: only candidates above it reach
-    # the verifier (services/cache/verifier.py), which decides.
+    # the verifier (services/cache/verifier/), which decides.
     semantic_threshold: float = 0.8
     # Bound on served wrong answers: the verifier's threshold is the one
     # calibrated on labelled data for the largest bound not above this

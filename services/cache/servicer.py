@@ -5,7 +5,7 @@ An exact hit costs one GET and no embedding. A miss with ``semantic`` set
 embeds the question once, while the sub-partition's index tops itself up
 from Redis over the same wait, and a Store right after that miss reuses the
 vector instead of embedding the question again. The index's best matches
-above the cosine pre-filter go to the verifier (``verifier.py``), and the
+above the cosine pre-filter go to the verifier (``verifier/``), and the
 best-scoring accepted one is served. The last question of a multi-turn prompt
 is matched together with the topic turn it refers to (``conversation.py``).
 

