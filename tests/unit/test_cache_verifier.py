@@ -156,11 +156,40 @@ def test_negation_and_polarity_flips_are_vetoed(a, b):
         ("Is money I receive from my parents taxable?", "Do I have to pay tax on money my parents give me?"),
         ("Can I work from home unless I'm sick?", "Can I work from home when I'm not sick?"),
         ("Can I use honey instead of sugar?", "Can I replace sugar with honey?"),
+        # A "not" said against "avoid", "for free" or a thing kept from
+        # happening is the same "not" (natural training pairs, and QQP's
+        # duplicate "How can I avoid sleeping in a boring class?").
+        ("How do I make rice not sticky?", "How can I keep rice from getting sticky?"),
+        (
+            "How do I avoid roaming charges when using my phone abroad?",
+            "How can I use my phone overseas without paying roaming fees?",
+        ),
+        ("How can I avoid sleeping in a boring class?", "How do I not sleep in a boring class?"),
+        ("How do I file my taxes for free?", "Where can I file my taxes at no cost?"),
+        ("How do I stop my dog from barking?", "How do I make my dog not bark?"),
     ],
 )
 def test_a_thing_prevented_either_way_or_a_converse_keeps_polarity(a, b):
     assert not verifier.negation_veto(analyze(a), analyze(b))
     assert not verifier.negation_veto(analyze(b), analyze(a))
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # Said on both sides, "avoid" excuses no "not" ...
+        ("How do I avoid paying taxes?", "How do I not avoid paying taxes?"),
+        ("Can I get Netflix for free?", "Can't I get Netflix for free?"),
+        # ... and it is never counted as one: QQP says "avoid" for "overcome".
+        ("Don't cancel my subscription", "Cancel my subscription"),
+    ],
+)
+def test_a_not_said_otherwise_excuses_only_a_not_the_other_side_says(a, b):
+    assert verifier.negation_veto(analyze(a), analyze(b))
+    assert verifier.negation_veto(analyze(b), analyze(a))
+    assert not verifier.negation_veto(
+        analyze("How do I overcome loneliness?"), analyze("How can I avoid loneliness?")
+    )
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,28 @@ def _particle_reversed(a: Analysis, b: Analysis) -> bool:
     )
 
 
+# Ways to say "not" with no negation word: "avoid roaming charges" is "not
+# pay roaming charges", "for free" is "without paying".
+_AVOIDING = _words("avoid avoids avoided avoiding")
+_AT_NO_COST = (("for", "free"), ("free", "of", "charge"), ("free", "of", "cost"))
+
+
+def _denied_otherwise(tokens: tuple[str, ...]) -> bool:
+    """Whether a question says a "not" in other words: "avoid", "for free", a
+    thing kept from happening (_prevented: "keep rice from getting sticky").
+    Said against a negation word, it is the same "not" ("How do I make rice
+    not sticky?", "... use my phone abroad without paying roaming fees?":
+    natural training pairs the negation count vetoed). Only to excuse that
+    count, never to add to it: QQP says "avoid" and "stop" for "overcome",
+    "get rid of" and "quit" (counted as negations, they vetoed 22 more of
+    its duplicates on the development portions than they freed)."""
+    return (
+        any(token in _AVOIDING for token in tokens)
+        or any(_says(tokens, phrase) for phrase in _AT_NO_COST)
+        or bool(_prevented(tokens))
+    )
+
+
 def negation_veto(a: Analysis, b: Analysis) -> bool:
     """Opposite polarity: an odd difference in negations ("cancel" vs "don't
     cancel"; "can't", "cant" and "not" count once, "never" too; a thing
@@ -188,8 +210,12 @@ def negation_veto(a: Analysis, b: Analysis) -> bool:
     ("upgrade" vs "downgrade"), a particle turned around after the same
     word ("zoom in" vs "zoom out"). An even difference ("why can't I" vs
     "why am I not unable") keeps the sense."""
-    if (a.negations + a.tokens.count("unless") - b.negations - b.tokens.count("unless")) % 2:
-        return True  # "unless" is "if not" (a hunt: "if" / "unless" served at 0.903-0.910)
+    # "unless" is "if not" (a hunt: "if" / "unless" served at 0.903-0.910).
+    said_a, said_b = a.negations + a.tokens.count("unless"), b.negations + b.tokens.count("unless")
+    if (said_a - said_b) % 2:
+        fewer, more = (a, b) if said_a < said_b else (b, a)
+        if not (_denied_otherwise(fewer.tokens) and not _denied_otherwise(more.tokens)):
+            return True
     if _instead_against_besides(a.tokens, b.tokens) or _instead_against_besides(b.tokens, a.tokens):
         return True
     if _prevented_against_caused(a.tokens, b.tokens) or _prevented_against_caused(b.tokens, a.tokens):
@@ -253,10 +279,14 @@ def _prevented_against_caused(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     prevented = _prevented(a)
     if not prevented or _prevented(b):
         return False
-    return any(
-        token in _CAUSING and any(word in prevented for word in b[at + 1 : at + 6])
-        for at, token in enumerate(b)
-    )
+    for at, token in enumerate(b):
+        if token in _CAUSING:
+            window = b[at + 1 : at + 6]
+            caused = next((i for i, word in enumerate(window) if word in prevented), None)
+            # "make my dog not bark" causes a "not": what "stop my dog from barking" asks.
+            if caused is not None and NEGATIONS.isdisjoint(window[:caused]):
+                return True
+    return False
 
 
 _ANY_WORDS = _words("any anything anyone anybody anywhere")
