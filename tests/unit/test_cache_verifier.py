@@ -426,7 +426,36 @@ def test_scope_words_that_say_no_scope_there_are_no_veto():
         )
         is None
     )
+    # "last" after an adverb is a verb, "first" at the end of its clause an
+    # order a question without it asks too (natural training pairs).
+    assert (
+        vetoed_by("How long does a cold usually last?", "How many days does a common cold typically last?")
+        is None
+    )
+    assert (
+        vetoed_by("Is it better to pay off debt or save?", "Should I pay off my debt first or build savings?")
+        is None
+    )
+    assert (
+        vetoed_by(
+            "Can my landlord enter my apartment without notice?",
+            "Is my landlord allowed to come into my apartment without telling me first?",
+        )
+        is None
+    )
+    assert (
+        vetoed_by(
+            "What should be the first programming language I learn?",
+            "Which programming language should I learn first?",
+        )
+        is None
+    )
     # Where they do narrow, they still veto.
+    assert vetoed_by("Who was the first man on the moon?", "Who was a man on the moon?") == "scope"
+    assert (
+        vetoed_by("What is the first thing to do after a crash?", "What should I do after a crash?")
+        == "scope"
+    )
     assert vetoed_by("What was the last step?", "What was the step?") == "scope"
     assert vetoed_by("Who came last in the race?", "Who came first in the race?") == "scope"
     assert vetoed_by("Are all planets round?", "Are planets round?") == "scope"

@@ -999,8 +999,32 @@ def scope_veto(a: Analysis, b: Analysis) -> bool:
     # horizontally"): a "both" on one side, with an "and" on each, says nothing more.
     if "both" in x ^ y and "and" in a.token_set and "and" in b.token_set:
         x, y = x - {"both"}, y - {"both"}
-    changed = _replaced(x, y) or bool((x ^ y) - WEAK_SCOPE_WORDS)
+    one_sided = (x ^ y) - WEAK_SCOPE_WORDS
+    if one_sided == {"first"} and _first_as_an_order(a if "first" in x else b):
+        one_sided = frozenset()
+    changed = _replaced(x, y) or bool(one_sided)
     return changed and not _retyped(a, b)
+
+
+# What follows an order said at the end of a clause ("... first or ...").
+_AFTER_AN_ORDER = _words("or and then before so")
+
+
+def _first_as_an_order(side: Analysis) -> bool:
+    """Whether every "first" of a question says an order at the end of its
+    clause ("Should I pay off my debt first or build savings?", "... enter my
+    apartment without telling me first?"), which a question without it asks
+    too (natural training pairs: 2 vetoed), not "the first X" or "first
+    time". On one side only, it vetoes nothing; against "the first X" on the
+    other, both still read "first" ("What should be the first language I
+    learn?" / "Which language should I learn first?")."""
+    tokens = side.tokens
+    places = [at for at, token in enumerate(tokens) if token == "first"]
+    return bool(places) and all(
+        (at + 1 == len(tokens) or tokens[at + 1] in _AFTER_AN_ORDER)
+        and (not at or tokens[at - 1] not in _DETERMINERS)
+        for at in places
+    )
 
 
 # What a yes/no question's modal asks: whether one may, must, or should, or

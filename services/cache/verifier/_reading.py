@@ -994,7 +994,8 @@ def _says_scope(tokens: list[str], i: int) -> bool:
         if not following and before in _SUBJECT_PRONOUNS and i >= 2 and tokens[i - 2] in _VERB_AUXILIARIES:
             return False  # "Will it last?", "Does it last?" (not "Was he last?", "... see him last?")
         verb_here = (not following or following in STOPWORDS) and before not in _DETERMINERS
-        return not (verb_here and ("long" in tokens or before in _LAST_VERB_AFTER))
+        # "How many days does a cold typically last?": after an adverb, a verb.
+        return not (verb_here and ("long" in tokens or before in _LAST_VERB_AFTER or before.endswith("ly")))
     if token == "all":
         # "at all" ends the phrase where no noun of "all" follows: "Is it
         # safe at all to eat ...?" (not "at all airports", "at all the
