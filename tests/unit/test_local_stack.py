@@ -280,6 +280,39 @@ def test_free_ports_are_distinct_and_below_the_range_the_kernel_gives_outgoing_c
     assert set(tried) > set(ports)
 
 
+def test_a_port_one_process_handed_out_is_never_handed_out_by_another(monkeypatch, tmp_path) -> None:
+    # Two test workers each found one port free and gave it to their own
+    # Triton; the second failed to start (a clean-clone run). A claim lasts
+    # as long as the process that made it.
+    claims = tmp_path / "ports.lock"
+    monkeypatch.setattr(local_ports, "_CLAIMS_PATH", claims)
+    monkeypatch.setattr(local_ports, "_claims_fd", None)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from meshgate.local import ports; ports._CLAIMS_PATH = sys.argv[1]; "
+            "ports._bindable = lambda port: True; print(ports.free_port(), flush=True); sys.stdin.read()",
+            str(claims),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=pathlib.Path(__file__).resolve().parents[2],
+    )
+    try:
+        held = int(holder.stdout.readline())
+        assert not local_ports._claim(held)
+        # Offered it and the next, both free to bind, free_port passes it over.
+        monkeypatch.setattr(local_ports, "_bindable", lambda port: True)
+        monkeypatch.setattr(local_ports, "_FIRST_CHOSEN_PORT", held)
+        monkeypatch.setattr(local_ports, "_ephemeral_ports", lambda: (held + 2, 60999))
+        assert local_ports.free_port() == held + 1
+    finally:
+        holder.communicate("")
+    assert local_ports._claim(held)  # its holder has ended
+
+
 def test_a_redis_cluster_nodes_bus_ports_are_below_the_ephemeral_range_too(monkeypatch) -> None:
     # A bus port (the node's + 10000) inside the range an outgoing
     # connection's local end is drawn from could be taken before the node binds it.
