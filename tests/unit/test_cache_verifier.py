@@ -167,6 +167,8 @@ def test_negation_and_polarity_flips_are_vetoed(a, b):
         ("How can I avoid sleeping in a boring class?", "How do I not sleep in a boring class?"),
         ("How do I file my taxes for free?", "Where can I file my taxes at no cost?"),
         ("How do I stop my dog from barking?", "How do I make my dog not bark?"),
+        ("What should I do not to be so drunk?", "How can I avoid getting drunk?"),
+        ("What can I do to not feel sleepy after lunch?", "How do I avoid feeling sleepy after lunch?"),
     ],
 )
 def test_a_thing_prevented_either_way_or_a_converse_keeps_polarity(a, b):
@@ -182,6 +184,12 @@ def test_a_thing_prevented_either_way_or_a_converse_keeps_polarity(a, b):
         ("Can I get Netflix for free?", "Can't I get Netflix for free?"),
         # ... and it is never counted as one: QQP says "avoid" for "overcome".
         ("Don't cancel my subscription", "Cancel my subscription"),
+        # Nor does it excuse a "not" that says a state, not a wish (a hunt:
+        # 8 such served at 0.908-0.951), or "not free".
+        ("What can I do to stop my Mac from sleeping?", "What can I do if my Mac won't sleep?"),
+        ("What can I do to keep my dog from barking?", "What can I do if my dog won't bark?"),
+        ("How do I stop Chrome from opening at startup?", "Why doesn't Chrome open at startup?"),
+        ("Is it free of charge?", "Is it not free?"),
     ],
 )
 def test_a_not_said_otherwise_excuses_only_a_not_the_other_side_says(a, b):
@@ -450,7 +458,13 @@ def test_scope_words_that_say_no_scope_there_are_no_veto():
         )
         is None
     )
+    # On one side only, it reads the same (a hunt: 11 paraphrases vetoed).
+    assert vetoed_by("How many days does a cold typically last?", "How many days does a cold last?") is None
+    assert vetoed_by("Do gel nails actually last?", "Do gel nails last?") is None
     # Where they do narrow, they still veto.
+    assert vetoed_by("Do nice guys finish last?", "Do nice guys finish?") == "scope"
+    assert vetoed_by("Who finished surprisingly last?", "Who finished surprisingly first?") == "scope"
+    assert vetoed_by("Should X or O go first?", "Should X or O go second?") == "scope"
     assert vetoed_by("Who was the first man on the moon?", "Who was a man on the moon?") == "scope"
     assert (
         vetoed_by("What is the first thing to do after a crash?", "What should I do after a crash?")
@@ -665,6 +679,21 @@ def test_role_fillers_are_found_in_time_linear_in_the_question():
             "Do citizens of India need a visa for Britain?",
             False,
         ),
+        # Two clauses joined by "and" are no list of names (a hunt: 4 served).
+        (
+            "I live in New Jersey and work in New York, where do I pay income tax?",
+            "I live in New York and work in New Jersey, where do I pay income tax?",
+            True,
+        ),
+        # A relation that reads the same either way, or each name after its
+        # own marker on both sides (a hunt: 15 paraphrases vetoed).
+        ("Is Taylor Swift dating Travis Kelce?", "Has Travis Kelce been dating Taylor Swift?", False),
+        ("Is Spain on the same time zone as France?", "Is France in the same time zone as Spain?", False),
+        (
+            "How long does it take to get from Paris by train to London?",
+            "How long does it take to London by train from Paris?",
+            False,
+        ),
         # ... but common words change their order in a paraphrase.
         ("How common is prison rape?", "Is rape in prison common?", False),
         (
@@ -729,6 +758,20 @@ def test_reversed_roles_are_vetoed_symmetric_order_is_not(a, b, vetoed):
             "How can I stop squirrels from getting into my garden?",
             False,
         ),
+        # A "stop" elsewhere keeps nothing out; "out of" what is no named place
+        # is an idiom (a hunt: 2 served, 15 paraphrases vetoed).
+        (
+            "Will my benefits stop if I move out of the US?",
+            "Will my benefits stop if I move to the US?",
+            True,
+        ),
+        ("How long will the PS5 be out of stock?", "When will the PS5 come back into stock?", False),
+        (
+            "How do I check whether my BIOS is out of date?",
+            "How do I check whether my BIOS is up to date?",
+            False,
+        ),
+        ("How do I start running when I'm out of shape?", "How do I start running to get into shape?", False),
     ],
 )
 def test_a_direction_turned_around_in_other_words_is_vetoed(a, b, vetoed):
@@ -949,6 +992,24 @@ def test_what_had_happened_is_not_what_would(a, b, vetoed):
         ("Do I get to choose my seat?", "Do I need to choose my seat?", True),
         ("How do I get to the airport?", "How do I have to get to the airport?", False),
         ("Do I get to choose my seat?", "Can I choose my seat?", False),
+        (
+            "Do tenants get to see the inspection report?",
+            "Do tenants have to see the inspection report?",
+            True,
+        ),
+        (
+            "Do I get to be there when my dog is put down?",
+            "Do I have to be there when my dog is put down?",
+            True,
+        ),
+        # After a question word "get to" asks the time allowed, or a place (a
+        # hunt: 11 paraphrases vetoed).
+        ("How long do I get to activate my new card?", "How long do I have to activate my new card?", False),
+        (
+            "How early do I get to Heathrow for an international flight?",
+            "How early do I have to be at Heathrow for an international flight?",
+            False,
+        ),
     ],
 )
 def test_a_duty_is_told_from_a_may_however_said(a, b, vetoed):

@@ -201,6 +201,41 @@ def _denied_otherwise(tokens: tuple[str, ...]) -> bool:
     )
 
 
+# The words a "not" may follow to say what one wants not to happen: made so
+# ("make rice not sticky"), or asked how ("How do I not sleep in class?",
+# "What can I do to not feel sleepy?").
+_CAUSING_A_NOT = _words("make makes get gets keep keeps")
+_ASKING_HOW_NOT = _words("do can")
+_COSTS = _words("cost charge fee fees money")
+
+
+def _a_wanted_not(side: Analysis) -> bool:
+    """Whether every negation of ``side`` says what is wanted not to happen,
+    as "avoid", "for free" and "keep from" do: "without" anything, "no
+    cost", or a "not" written out after a "to", after "make / get / keep"
+    and its object, or in "How do I / can I not ...?". Not a state said
+    with a contraction ("What can I do if my Mac won't sleep?" asks the
+    opposite of "... to stop my Mac from sleeping?", and "Is it not free?"
+    of "Is it free of charge?": a hunt's 8 wrong hits at 0.908-0.951)."""
+    tokens = side.tokens
+    for at, token in enumerate(tokens):
+        if token not in NEGATIONS or token == "without":
+            continue
+        if token == "no" and tokens[at + 1 : at + 2] and tokens[at + 1] in _COSTS:
+            continue
+        if token != "not" or at in side.contracted:
+            return False
+        before = tokens[max(0, at - 3) : at]
+        if not (
+            before[-1:] == ("to",)
+            or tokens[at + 1 : at + 2] == ("to",)  # "What should I do not to be so drunk?"
+            or _CAUSING_A_NOT.intersection(before)
+            or (len(before) >= 2 and before[-2] in _ASKING_HOW_NOT and before[-1] in _SUBJECT_PRONOUNS)
+        ):
+            return False
+    return "free" not in side.token_set  # "not free" is no "for free"
+
+
 def negation_veto(a: Analysis, b: Analysis) -> bool:
     """Opposite polarity: an odd difference in negations ("cancel" vs "don't
     cancel"; "can't", "cant" and "not" count once, "never" too; a thing
@@ -214,7 +249,9 @@ def negation_veto(a: Analysis, b: Analysis) -> bool:
     said_a, said_b = a.negations + a.tokens.count("unless"), b.negations + b.tokens.count("unless")
     if (said_a - said_b) % 2:
         fewer, more = (a, b) if said_a < said_b else (b, a)
-        if not (_denied_otherwise(fewer.tokens) and not _denied_otherwise(more.tokens)):
+        if not (
+            _denied_otherwise(fewer.tokens) and not _denied_otherwise(more.tokens) and _a_wanted_not(more)
+        ):
             return True
     if _instead_against_besides(a.tokens, b.tokens) or _instead_against_besides(b.tokens, a.tokens):
         return True
@@ -786,7 +823,10 @@ def _spans_swapped(x: tuple[str, ...], y: tuple[str, ...], names: frozenset[str]
             ):
                 middle = set(mx[first : n - last])
                 spans = (mx[:first], mx[n - last :])
-                if middle & _JOINING:
+                # Of the words that say something (names), "and" joins the two
+                # only where it is all that stands between them: "I live in New
+                # Jersey and work in New York" is no list (a hunt: 4 served).
+                if middle <= _JOINING if names is not None else middle & _JOINING:
                     continue
                 if names is not None:
                     if all(span and set(span) <= names for span in spans):
@@ -805,14 +845,52 @@ def _names_swapped(a: Analysis, b: Analysis) -> bool:
     looser bound). _spans_swapped on the words that say something (no stop
     words; "not" and the joining words kept, so that "X and Y" still reads
     either way), the spans names only: common words change their order in
-    paraphrases ("prison rape" / "rape in prison"), names seldom."""
+    paraphrases ("prison rape" / "rape in prison"), names seldom. Not where
+    a relation reads the same either way ("Is Taylor Swift dating Travis
+    Kelce?", "Does Canada border Alaska?": a hunt's 11 paraphrases), nor
+    where each name stands after the same word on both sides: the trip
+    "from Paris by train to London" is "to London by train from Paris"."""
     forms = _name_forms(a.names - b.names, b.names - a.names)
     if not a.names or a.names != {forms.get(name, name) for name in b.names}:
+        return False
+    if (a.token_set | b.token_set) & _SYMMETRIC_BETWEEN_NAMES:
         return False
     kept = _JOINING | NEGATIONS | a.names | forms.keys()  # names spelled like stop words: "US"
     x = tuple(t for t in a.tokens if t not in STOPWORDS or t in kept)
     y = tuple(forms.get(t, t) for t in b.tokens if t not in STOPWORDS or t in kept)
-    return x != y and _spans_swapped(x, y, a.names)
+    if x == y or not _spans_swapped(x, y, a.names):
+        return False
+    places_a, places_b = _places_of_names(a, {}), _places_of_names(b, forms)
+    return places_a != places_b or not _told_apart(places_a)
+
+
+# Relations that read the same with their two names exchanged.
+_SYMMETRIC_BETWEEN_NAMES = _words(
+    """different differ differs difference differences compare compared comparison similar same far
+    distance dating date dated married marry meet met meeting border borders bordering compatible
+    intelligible together versus vs between with against"""
+)
+
+
+def _places_of_names(side: Analysis, forms: dict[str, str]) -> dict[str, frozenset[str]]:
+    """Per name of ``side`` (one written in another form, _name_forms, as the
+    one it stands for), the words just before it."""
+    places: dict[str, set[str]] = {}
+    for before, name, _ in side.name_contexts:
+        places.setdefault(forms.get(name, name), set()).add(before)
+    return {name: frozenset(words) for name, words in places.items()}
+
+
+def _told_apart(places: dict[str, frozenset[str]]) -> bool:
+    """Whether no two names stand after the same word ("from Paris ... to
+    London" tells them apart; "in New Jersey and ... in New York" does not,
+    so their order is all that says which is which)."""
+    seen: set[str] = set()
+    for words in places.values():
+        if seen & words:
+            return False
+        seen |= words
+    return True
 
 
 # The letters a country and its people's name share at least ("Canada" /
@@ -857,16 +935,20 @@ def _directions(analysis: Analysis) -> dict[str, set[str]]:
     for marker, filler in analysis.roles:
         if filler and filler not in _NO_PLACE and (marker in _TOWARD or marker in _AWAY):
             directions.setdefault(filler, set()).add("toward" if marker in _TOWARD else "away")
-    # "out of" a place is "from" it ("Can I bring food into the US?" / "...
-    # out of the US?", a hunt: 2 such served at 0.90-0.91), but to keep
-    # something out of a place is to stop it getting in: no direction.
+    # "out of" a named place is "from" it ("Can I bring food into the US?" /
+    # "... out of the US?", a hunt: 2 such served at 0.90-0.91). Only a name:
+    # "out of stock", "out of date", "out of sync" are no places ("... back
+    # into stock", "up to date": a hunt's 15 paraphrases vetoed). To keep
+    # something out of a place, though, is to stop it getting in.
     tokens = analysis.tokens
-    if analysis.token_set & _KEPT_OUT:
-        return directions
     for at in range(len(tokens) - 2):
-        if tokens[at] == "out" and tokens[at + 1] == "of":
+        if (
+            tokens[at] == "out"
+            and tokens[at + 1] == "of"
+            and not _KEPT_OUT.intersection(tokens[max(0, at - 3) : at])
+        ):
             filler = next((t for t in tokens[at + 2 :] if t not in STOPWORDS or t in analysis.names), "")
-            if filler and filler not in _NO_PLACE:
+            if filler in analysis.names:
                 directions.setdefault(filler, set()).add("away")
     return directions
 
@@ -1000,12 +1082,16 @@ def scope_veto(a: Analysis, b: Analysis) -> bool:
     if "both" in x ^ y and "and" in a.token_set and "and" in b.token_set:
         x, y = x - {"both"}, y - {"both"}
     one_sided = (x ^ y) - WEAK_SCOPE_WORDS
-    if one_sided == {"first"} and _first_as_an_order(a if "first" in x else b):
-        one_sided = frozenset()
+    if one_sided == {"first"}:
+        side, other = (a, b) if "first" in x else (b, a)
+        if _first_as_an_order(side) and other.token_set.isdisjoint(_ANOTHER_ORDER):
+            one_sided = frozenset()
     changed = _replaced(x, y) or bool(one_sided)
     return changed and not _retyped(a, b)
 
 
+# An order the other side may say instead of "first" ("Who won first?" / "Who won second?").
+_ANOTHER_ORDER = _words("second third later next then after")
 # What follows an order said at the end of a clause ("... first or ...").
 _AFTER_AN_ORDER = _words("or and then before so")
 
@@ -1095,20 +1181,27 @@ _GET = _words("get gets")
 
 
 def _gets_leave(tokens: tuple[str, ...], at: int) -> bool:
-    """A question's "get to" + a verb is a may: "Do I get to keep my miles if I
-    cancel my card?" asks whether I may ("Do I have to keep ...?" whether I
-    must; a hunt's pair at 0.90). Not "How do I get to the airport?": after a
-    determiner (or another stop word) "to" says where one gets."""
+    """A yes/no question's "get to" + a verb is a may: "Do I get to keep my
+    miles if I cancel my card?", "Do tenants get to see the report?" ask
+    whether one may ("Do I have to keep ...?" whether one must; a hunt's pair
+    at 0.90). Not after a question word: "How long do I get to activate my
+    card?" asks the time allowed, as "have to" does, and "How early do I get
+    to Heathrow?" where one gets (a second hunt: 11 paraphrases vetoed);
+    nor before a determiner or another stop word, a place ("Do I get to the
+    airport by bus?"), but for "be", "have" and "do"."""
     following = tokens[at + 1 : at + 3]
     return (
         at >= 2
         and tokens[at - 2] in _AUXILIARIES
-        and tokens[at - 1] in _SUBJECT_PRONOUNS
+        and (tokens[at - 1] in _SUBJECT_PRONOUNS or tokens[at - 1] not in STOPWORDS)
+        and _WH_WORDS.isdisjoint(tokens[:at])
         and len(following) == 2
         and following[0] == "to"
-        and following[1] not in _DETERMINERS
-        and following[1] not in STOPWORDS
+        and (following[1] in _VERBS_AFTER_GET_TO or following[1] not in STOPWORDS)
     )
+
+
+_VERBS_AFTER_GET_TO = _words("be have do")
 
 
 _DUTY_VERBS = _words("have has need needs")

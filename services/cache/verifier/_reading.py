@@ -979,6 +979,13 @@ _LAST_VERB_AFTER = _words("to will would can could should may might")
 # "last" before these is the verb whatever comes before it ("make my phone
 # battery last longer" was vetoed against "extend its battery life").
 _LAST_VERB_BEFORE = _words("longer long forever")
+_BEFORE_LAST_AS_A_VERB = _words("usually typically generally normally actually really commonly still")
+_TIME_UNITS = _words("seconds minutes hours days weeks months years")
+_LAST_VERB_QUESTIONS = _words("do does did will would can could")
+# Verbs after which "last" is a place in an order: "Do nice guys finish last?"
+_LAST_AS_A_PLACE_AFTER = _words(
+    "finish finished finishes come came comes arrive arrived rank ranked place placed end ended"
+)
 # Before a subject and a verb (not a form of "be": "Was he last?" is the adjective).
 _VERB_AUXILIARIES = _words("do does did can could should would will must may might")
 _DETERMINERS = _words("the a an my your his her its our their this that these those")
@@ -993,9 +1000,24 @@ def _says_scope(tokens: list[str], i: int) -> bool:
             return False
         if not following and before in _SUBJECT_PRONOUNS and i >= 2 and tokens[i - 2] in _VERB_AUXILIARIES:
             return False  # "Will it last?", "Does it last?" (not "Was he last?", "... see him last?")
-        verb_here = (not following or following in STOPWORDS) and before not in _DETERMINERS
-        # "How many days does a cold typically last?": after an adverb, a verb.
-        return not (verb_here and ("long" in tokens or before in _LAST_VERB_AFTER or before.endswith("ly")))
+        verb_here = (
+            (not following or following in STOPWORDS)
+            and before not in _DETERMINERS
+            and before not in _LAST_AS_A_PLACE_AFTER
+        )
+        return not (
+            verb_here
+            and (
+                "long" in tokens
+                or before in _LAST_VERB_AFTER
+                # "How many days does a cold typically last?", "Do gel nails
+                # actually last?" (not "finished surprisingly last").
+                or before in _BEFORE_LAST_AS_A_VERB
+                or ("many" in tokens and not _TIME_UNITS.isdisjoint(tokens))
+                # "Do gel nails last?": a do / will question ending on it.
+                or (not following and tokens[0] in _LAST_VERB_QUESTIONS)
+            )
+        )
     if token == "all":
         # "at all" ends the phrase where no noun of "all" follows: "Is it
         # safe at all to eat ...?" (not "at all airports", "at all the
