@@ -190,6 +190,11 @@ def test_a_thing_prevented_either_way_or_a_converse_keeps_polarity(a, b):
         ("What can I do to keep my dog from barking?", "What can I do if my dog won't bark?"),
         ("How do I stop Chrome from opening at startup?", "Why doesn't Chrome open at startup?"),
         ("Is it free of charge?", "Is it not free?"),
+        # Nor where a place, a time or an owner changes beside it (a second
+        # hunt: 9 served at 0.904-0.963).
+        ("How do I stop my cat from peeing outside the box?", "How do I get my cat to not pee in the box?"),
+        ("How do I stop my dog from barking at night?", "How do I get my dog to not bark during the day?"),
+        ("How do I keep my dog from sleeping on my bed?", "How do I get my dog to not sleep on his bed?"),
     ],
 )
 def test_a_not_said_otherwise_excuses_only_a_not_the_other_side_says(a, b):
@@ -461,6 +466,19 @@ def test_scope_words_that_say_no_scope_there_are_no_veto():
     # On one side only, it reads the same (a hunt: 11 paraphrases vetoed).
     assert vetoed_by("How many days does a cold typically last?", "How many days does a cold last?") is None
     assert vetoed_by("Do gel nails actually last?", "Do gel nails last?") is None
+    # Before a span of time it is a verb too (a second hunt: 13 vetoed), and
+    # a "then" both sides say is no other order.
+    assert (
+        vetoed_by("Does a Tesla battery last 10 years?", "How many years does a Tesla battery last?") is None
+    )
+    assert (
+        vetoed_by("Can a person last a week without food?", "Can a person survive a week without food?")
+        is None
+    )
+    assert (
+        vetoed_by("Should I wash my hair first and then shave?", "Should I wash my hair and then shave?")
+        is None
+    )
     # Where they do narrow, they still veto.
     assert vetoed_by("Do nice guys finish last?", "Do nice guys finish?") == "scope"
     assert vetoed_by("Who finished surprisingly last?", "Who finished surprisingly first?") == "scope"
@@ -688,7 +706,27 @@ def test_role_fillers_are_found_in_time_linear_in_the_question():
         # A relation that reads the same either way, or each name after its
         # own marker on both sides (a hunt: 15 paraphrases vetoed).
         ("Is Taylor Swift dating Travis Kelce?", "Has Travis Kelce been dating Taylor Swift?", False),
-        ("Is Spain on the same time zone as France?", "Is France in the same time zone as Spain?", False),
+        (
+            "Is Hindi mutually intelligible with Urdu?",
+            "Is Urdu really mutually intelligible with Hindi?",
+            False,
+        ),
+        ("Should I buy a Toyota or maybe a Honda?", "Should I buy a Honda or maybe a Toyota?", False),
+        # Two names next to each other once stop words are dropped (a second hunt: 5 served).
+        (
+            "Can I drive in Italy with a German license?",
+            "Can I drive in Germany with an Italian license?",
+            True,
+        ),
+        ("How do I get from Heathrow to London?", "How do I get to London from Heathrow?", False),
+        ("Is there a war between Russia and Ukraine?", "Is there a war between Ukraine and Russia?", False),
+        # ... but a relation word elsewhere excuses no swap (a second hunt: 8 served).
+        ("Is Italian coffee different in Germany?", "Is German coffee different in Italy?", True),
+        (
+            "Is the German economy bigger compared with Italy?",
+            "Is the Italian economy bigger compared with Germany?",
+            True,
+        ),
         (
             "How long does it take to get from Paris by train to London?",
             "How long does it take to London by train from Paris?",
@@ -766,6 +804,8 @@ def test_reversed_roles_are_vetoed_symmetric_order_is_not(a, b, vetoed):
             True,
         ),
         ("How long will the PS5 be out of stock?", "When will the PS5 come back into stock?", False),
+        # Paid out of an account is no trip (a second hunt: 5 vetoed).
+        ("Can I pay for glasses out of my HSA?", "Can I charge my glasses to my HSA?", False),
         (
             "How do I check whether my BIOS is out of date?",
             "How do I check whether my BIOS is up to date?",
@@ -1000,6 +1040,17 @@ def test_what_had_happened_is_not_what_would(a, b, vetoed):
         (
             "Do I get to be there when my dog is put down?",
             "Do I have to be there when my dog is put down?",
+            True,
+        ),
+        # An adverb or a longer subject before "get" (a second hunt: served at 0.903).
+        (
+            "Do I still get to use my PTO after I resign?",
+            "Do I still have to use my PTO after I resign?",
+            True,
+        ),
+        (
+            "Do both parents get to sign the passport form?",
+            "Do both parents have to sign the passport form?",
             True,
         ),
         # After a question word "get to" asks the time allowed, or a place (a

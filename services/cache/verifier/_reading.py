@@ -981,6 +981,10 @@ _LAST_VERB_AFTER = _words("to will would can could should may might")
 _LAST_VERB_BEFORE = _words("longer long forever")
 _BEFORE_LAST_AS_A_VERB = _words("usually typically generally normally actually really commonly still")
 _TIME_UNITS = _words("seconds minutes hours days weeks months years")
+# What a "last" that is a verb runs until: "last a week", "last until spring".
+_LASTS_FOR = _TIME_UNITS | _words(
+    "until till past through a an one two three four five six seven eight nine ten"
+)
 _LAST_VERB_QUESTIONS = _words("do does did will would can could")
 # Verbs after which "last" is a place in an order: "Do nice guys finish last?"
 _LAST_AS_A_PLACE_AFTER = _words(
@@ -1000,6 +1004,8 @@ def _says_scope(tokens: list[str], i: int) -> bool:
             return False
         if not following and before in _SUBJECT_PRONOUNS and i >= 2 and tokens[i - 2] in _VERB_AUXILIARIES:
             return False  # "Will it last?", "Does it last?" (not "Was he last?", "... see him last?")
+        if before not in _DETERMINERS and (following[:1].isdigit() or following in _LASTS_FOR):
+            return False  # "Does a Tesla battery last 10 years?", "... last until spring?"
         verb_here = (
             (not following or following in STOPWORDS)
             and before not in _DETERMINERS
