@@ -169,6 +169,10 @@ def test_negation_and_polarity_flips_are_vetoed(a, b):
         ("How do I stop my dog from barking?", "How do I make my dog not bark?"),
         ("What should I do not to be so drunk?", "How can I avoid getting drunk?"),
         ("What can I do to not feel sleepy after lunch?", "How do I avoid feeling sleepy after lunch?"),
+        # "make sure ... don't", "never", "and not", "no ... fees" (a second hunt: vetoed).
+        ("How can I keep my glasses from fogging up?", "How can I make sure my glasses don't fog up?"),
+        ("How do I avoid missing credit card payments?", "How do I never miss a credit card payment?"),
+        ("Which banks let you avoid overdraft fees?", "Which banks have no overdraft fees?"),
     ],
 )
 def test_a_thing_prevented_either_way_or_a_converse_keeps_polarity(a, b):
@@ -190,6 +194,8 @@ def test_a_thing_prevented_either_way_or_a_converse_keeps_polarity(a, b):
         ("What can I do to keep my dog from barking?", "What can I do if my dog won't bark?"),
         ("How do I stop Chrome from opening at startup?", "Why doesn't Chrome open at startup?"),
         ("Is it free of charge?", "Is it not free?"),
+        ("How do I avoid paying taxes?", "Why do I never pay taxes?"),
+        ("How can I keep my glasses from fogging up?", "Why do my glasses never fog up?"),
         # Nor where a place, a time or an owner changes beside it (a second
         # hunt: 9 served at 0.904-0.963).
         ("How do I stop my cat from peeing outside the box?", "How do I get my cat to not pee in the box?"),

@@ -222,29 +222,46 @@ _PLACES_AND_OWNERS = (
 
 def _a_wanted_not(side: Analysis) -> bool:
     """Whether every negation of ``side`` says what is wanted not to happen,
-    as "avoid", "for free" and "keep from" do: "without" anything, "no
-    cost", or a "not" written out after a "to", after "make / get / keep"
-    and its object, or in "How do I / can I not ...?". Not a state said
-    with a contraction ("What can I do if my Mac won't sleep?" asks the
-    opposite of "... to stop my Mac from sleeping?", and "Is it not free?"
-    of "Is it free of charge?": a hunt's 8 wrong hits at 0.908-0.951)."""
+    as "avoid", "for free" and "keep from" do: "without" anything, "no" and
+    a cost ("no cost", "no overdraft fees"), or a "not" or "never" written
+    out after a "to" or an "and", before a "to", after "make / get / keep"
+    and its object, or in "How do I / can I not ...?"; a contraction only
+    after "make sure" or "ensure" ("How can I make sure my glasses don't fog
+    up?"). Not a state said with a contraction ("What can I do if my Mac
+    won't sleep?" asks the opposite of "... to stop my Mac from sleeping?",
+    and "Is it not free?" of "Is it free of charge?": a hunt's 8 wrong hits
+    at 0.908-0.951)."""
     tokens = side.tokens
     for at, token in enumerate(tokens):
         if token not in NEGATIONS or token == "without":
             continue
-        if token == "no" and tokens[at + 1 : at + 2] and tokens[at + 1] in _COSTS:
+        if token == "no" and not _COSTS.isdisjoint(tokens[at + 1 : at + 3]):
             continue
-        if token != "not" or at in side.contracted:
+        if token not in _WANTED_NOTS:
             return False
         before = tokens[max(0, at - 3) : at]
+        if at in side.contracted:
+            if not _MAKING_SURE.intersection(tokens[max(0, at - 6) : at]):
+                return False
+            continue
         if not (
-            before[-1:] == ("to",)
+            before[-1:] in (("to",), ("and",))
             or tokens[at + 1 : at + 2] == ("to",)  # "What should I do not to be so drunk?"
             or _CAUSING_A_NOT.intersection(before)
-            or (len(before) >= 2 and before[-2] in _ASKING_HOW_NOT and before[-1] in _SUBJECT_PRONOUNS)
+            or (
+                len(before) >= 2
+                and before[-2] in _ASKING_HOW_NOT
+                and before[-1] in _SUBJECT_PRONOUNS
+                and "why" not in tokens  # "Why do I never pay taxes?" asks a cause
+            )
         ):
             return False
     return "free" not in side.token_set  # "not free" is no "for free"
+
+
+_WANTED_NOTS = _words("not never")
+# What a contracted "not" after them says is wanted: "make sure it doesn't".
+_MAKING_SURE = _words("sure ensure")
 
 
 def negation_veto(a: Analysis, b: Analysis) -> bool:
