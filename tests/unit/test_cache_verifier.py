@@ -718,6 +718,18 @@ def test_role_fillers_are_found_in_time_linear_in_the_question():
             False,
         ),
         ("Should I buy a Toyota or maybe a Honda?", "Should I buy a Honda or maybe a Toyota?", False),
+        # Two clauses joined by "and", each naming one (a hunt: 5 served at 0.902-0.909).
+        (
+            "My husband is American and I am British, where should our baby be born?",
+            "My husband is British and I am American, where should our baby be born?",
+            True,
+        ),
+        (
+            "I live in Canada and my husband lives in the US, where do we file taxes?",
+            "I live in the US and my husband lives in Canada, where do we file taxes?",
+            True,
+        ),
+        ("Should I visit Spain and Portugal in May?", "Should I visit Portugal and Spain in May?", False),
         # Two names next to each other once stop words are dropped (a second hunt: 5 served).
         (
             "Can I drive in Italy with a German license?",
