@@ -22,6 +22,7 @@ from services.cache.verifier._reading import (
     _OPPOSITE_PREFIX_OF,
     _PREFIXED_STEM_MIN,
     _SUBJECT_PRONOUNS,
+    _TIME_UNITS,
     NEGATIONS,
     SCOPE_WORDS,
     STOPWORDS,
@@ -201,12 +202,14 @@ def _denied_otherwise(tokens: tuple[str, ...]) -> bool:
     )
 
 
-# The words a "not" may follow to say what one wants not to happen: made so
-# ("make rice not sticky"), or asked how ("How do I not sleep in class?",
-# "What can I do to not feel sleepy?").
-_CAUSING_A_NOT = _words("make makes get gets keep keeps")
+# The words a "not" may follow to say what one wants not to happen: asked
+# how ("How do I not sleep in class?", "What can I do to not feel sleepy?"),
+# or made so (_CAUSING_A_NOT: "make rice not sticky").
 _ASKING_HOW_NOT = _words("do can")
+_WANTED_NOTS = _words("not never")
 _COSTS = _words("cost charge fee fees money")
+# What a contracted "not" after them says is wanted: "make sure it doesn't".
+_MAKING_SURE = _words("sure ensure")
 
 
 # Where, when and whose, said on one side only: the "not" said otherwise is
@@ -259,11 +262,6 @@ def _a_wanted_not(side: Analysis) -> bool:
     return "free" not in side.token_set  # "not free" is no "for free"
 
 
-_WANTED_NOTS = _words("not never")
-# What a contracted "not" after them says is wanted: "make sure it doesn't".
-_MAKING_SURE = _words("sure ensure")
-
-
 def negation_veto(a: Analysis, b: Analysis) -> bool:
     """Opposite polarity: an odd difference in negations ("cancel" vs "don't
     cancel"; "can't", "cant" and "not" count once, "never" too; a thing
@@ -314,6 +312,7 @@ def _instead_against_besides(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
 # "get squirrels to eat ..." (a hunt: 14 pairs served at 0.906-0.966).
 _PREVENTING = _words("stop stops keep keeps prevent prevents prohibit ban discourage deter")
 _CAUSING = _words("get gets make makes")
+_CAUSING_A_NOT = _CAUSING | _words("keep keeps")
 _CEASING = _words("stop stops quit quits")
 
 
@@ -854,14 +853,10 @@ def _spans_swapped(x: tuple[str, ...], y: tuple[str, ...], names: frozenset[str]
             ):
                 middle = set(mx[first : n - last])
                 spans = (mx[:first], mx[n - last :])
-                if names is None and middle & _JOINING:
-                    continue
-                if names is not None and _names_read_either_way(middle):
-                    continue
-                if names is not None:
-                    if all(span and set(span) <= names for span in spans):
+                if names is None:
+                    if not middle & _JOINING and all(any(t not in STOPWORDS for t in span) for span in spans):
                         return True
-                elif all(any(t not in STOPWORDS for t in span) for span in spans):
+                elif not _names_read_either_way(middle) and all(set(span) <= names for span in spans):
                     return True
     return False
 
@@ -883,9 +878,8 @@ def _names_swapped(a: Analysis, b: Analysis) -> bool:
     forms = _name_forms(a.names - b.names, b.names - a.names)
     if not a.names or a.names != {forms.get(name, name) for name in b.names}:
         return False
-    kept = (
-        _JOINING | NEGATIONS | a.names | forms.keys() | {_CLAUSE_AND}
-    )  # names spelled like stop words: "US"
+    # Names spelled like stop words ("US") are kept too.
+    kept = _JOINING | NEGATIONS | a.names | forms.keys() | {_CLAUSE_AND}
     x = tuple(t for t in _clauses_told(a.tokens) if t not in STOPWORDS or t in kept)
     y = tuple(forms.get(t, t) for t in _clauses_told(b.tokens) if t not in STOPWORDS or t in kept)
     if x == y or not (_spans_swapped(x, y, a.names) or _neighbours_traded(x, y, a)):
@@ -948,14 +942,6 @@ def _names_read_either_way(middle: set[str]) -> bool:
     return bool(said) and said <= _SYMMETRIC_BETWEEN_NAMES
 
 
-# Relations that read the same with their two names exchanged.
-_SYMMETRIC_BETWEEN_NAMES = _words(
-    """different differ differs difference differences compare compared comparison similar same far
-    distance dating date dated married marry meet met meeting border borders bordering compatible
-    intelligible together versus vs between with against along"""
-)
-
-
 def _places_of_names(side: Analysis, forms: dict[str, str]) -> dict[str, frozenset[str]]:
     """Per name of ``side`` (one written in another form, _name_forms, as the
     one it stands for), the words just before it, past a determiner: "in the
@@ -1016,6 +1002,11 @@ _NO_PLACE = _words("each other another")
 # New York to Boston?" (a final read: 10 such paraphrases refused).
 _SYMMETRIC_RELATIONS = _words(
     "different differ differs difference differences compare compared comparison similar far distance"
+)
+# And those that read the same with their two names exchanged (_names_read_either_way).
+_SYMMETRIC_BETWEEN_NAMES = _SYMMETRIC_RELATIONS | _words(
+    """same dating date dated married marry meet met meeting border borders bordering compatible
+    intelligible together versus vs between with against along"""
 )
 
 
@@ -1554,7 +1545,6 @@ _DEADLINE_VERBS = _words(
     vacate fix make settle ship charge audit give pick spend finish drop check stop vote decide object request
     schedule book order send refund see reimburse issue process deliver approve"""
 )
-_TIME_UNITS = _words("minutes hours days weeks months years")
 
 
 def _asks_a_deadline(tokens: tuple[str, ...]) -> bool:
