@@ -970,7 +970,10 @@ async def test_calls_the_checks_ended_count_against_no_breaker_nor_ejection():
                 routing_strategy="weighted",
                 deployments=[
                     DeploymentSettings(name="a", address="127.0.0.1:5000", weight=1000.0),
-                    DeploymentSettings(name="b", address="127.0.0.1:5001", weight=1.0),
+                    # Drained: only while "a" admits nothing, so that the last
+                    # turn goes to "a" for certain (at weight 1 it went to "b" one
+                    # time in ~1,000: a clean-clone run).
+                    DeploymentSettings(name="b", address="127.0.0.1:5001", weight=0.0),
                 ],
             )
         }
