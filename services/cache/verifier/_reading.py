@@ -186,7 +186,8 @@ UNIT_WORDS = _words(
     """km kilometer kilometre mile meter metre cm mm foot feet inch yard kg kilogram gram pound lb lbs
     ounce oz ton tonne liter litre ml gallon celsius fahrenheit kelvin degree second minute hour day week
     month year decade century dollar usd euro eur rupee rs inr pound yen yuan bitcoin percent % gb mb tb
-    kb ghz mhz mph kmph kmh calorie kcal watt kw kwh volt amp mg"""
+    kb ghz mhz mph kmph kmh calorie kcal watt kw kwh volt amp mg mcg bps kbps mbps gbps kbit mbit gbit
+    kib mib gib mmol umol"""
 )
 # After a number: which half of the day a time is in.
 _MERIDIEMS = _words("am pm")
