@@ -570,6 +570,83 @@ def test_a_misspelled_name_or_one_said_elsewhere_is_not_a_replacement():
     )
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # One name written as one word or two, or by its initials (a hunt: 12 paraphrases vetoed).
+        ("How do I change the theme in VSCode?", "How do I change the theme in VS Code?", False),
+        ("Is ChatGPT free to use?", "Is Chat GPT free to use?", False),
+        ("Why does my Wi-Fi keep dropping?", "Why does my WiFi keep dropping?", False),
+        ("What's the best pizza in NYC?", "What's the best pizza in New York City?", False),
+        (
+            "Who was the first president of the United States?",
+            "Who was the first president of the US?",
+            False,
+        ),
+        ("Do I need a visa for the USA?", "Do I need a visa for the US?", False),
+        ("Do I need a visa for the United States of America?", "Do I need a visa for the USA?", False),
+        # Initials are a name where they stand: "do" is no "Donald Obama".
+        (
+            "Who do you think won the debate between Hillary Clinton and Donald Trump?",
+            "Who do you think won the debate between Hillary Clinton and Donald Obama?",
+            True,
+        ),
+        ("Do I need a visa for the UK?", "Do I need a visa for the US?", True),
+        ("What's the best pizza in NYC?", "What's the best pizza in LA?", True),
+        # A courtesy opening a sentence is no name; a name opening one still is.
+        ("How do I reset my router? Any help appreciated!", "How do I reset my router? Please help!", False),
+        ("What should I do? John keeps calling me.", "What should I do? Mike keeps calling me.", True),
+        ("Is Dr. Smith in today?", "Is Dr. Jones in today?", True),
+    ],
+)
+def test_a_name_written_otherwise_is_no_replacement(a, b, vetoed):
+    assert (vetoed_by(a, b) == "entity") is vetoed
+    assert (vetoed_by(b, a) == "entity") is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # Ordinals are numbers (a hunt: "the second largest" was served "the third largest"'s answer).
+        ("What is the second largest city in India?", "What is the third largest city in India?", True),
+        ("What is the 2nd largest city in India?", "What is the third largest city in India?", True),
+        ("Who won the third season of Survivor?", "Who won the fourth season of Survivor?", True),
+        ("What is the Second World War?", "What is the Third World War?", True),
+        ("Who was the second president?", "Who was the 2nd president?", False),
+        (
+            "Who was the first person to walk on the moon?",
+            "Who was the 1st person to walk on the moon?",
+            False,
+        ),
+        # "second" as a time is none.
+        ("How far does light travel in a second?", "How far does light travel in one second?", False),
+        # Tens and units in words are one number.
+        ("Can I drink at twenty-one in the US?", "Can I drink at 21 in the US?", False),
+        ("Which months have thirty-one days?", "Which months have thirty days?", True),
+    ],
+)
+def test_ordinals_and_compound_numbers_are_numbers(a, b, vetoed):
+    assert (vetoed_by(a, b) is not None) is vetoed
+
+
+def test_a_prefix_or_a_number_joined_by_a_hyphen_is_one_word():
+    """ "non-stick" is "nonstick", not the negated form of "stick"; a hyphen
+    inside a word is no operator (a hunt: 5 and 4 paraphrases vetoed)."""
+    assert (
+        vetoed_by(
+            "Can I use metal utensils on a non-stick pan?", "Can I use metal utensils on a nonstick pan?"
+        )
+        is None
+    )
+    assert vetoed_by("Is non-stick cookware safe?", "Is stick cookware safe?") == "negation"
+    assert vetoed_by("Can a 3-year-old eat popcorn?", "Can a three-year-old eat popcorn?") is None
+    assert (
+        vetoed_by("How do I back up my e-mail to a hard-drive?", "How do I back up my email to a hard-drive?")
+        is None
+    )
+    assert vetoed_by("What is x-1 when x=3?", "What is x+1 when x=3?") == "code"
+
+
 def test_a_name_is_found_misspelt_exactly_when_a_word_is_one_typo_from_it():
     # The lookup by blanked and shortened words against its definition, on
     # every pair of words of four to six letters a and b.

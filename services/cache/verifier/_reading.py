@@ -22,6 +22,10 @@ def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
+def _ordered_words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
 # Letters of the Latin script (ASCII, Latin-1, Extended-A and -B, and
 # Extended Additional's Vietnamese): accented words are words ("Zürich" was
 # "z" and "rich"). Text in other scripts is not read at all (readable()).
@@ -69,14 +73,23 @@ _SUPERSCRIPT = re.compile("[\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+")
 _MIXED_NUMBER = re.compile("(?<=\\d)(?=[\u00bc-\u00be\u2150-\u215e\u2189])")
 
 
+# An ordinal of one to ten in digits, said as its word: "1st" is "first"
+# (a scope word), "2nd" is "second" (a hunt: "the 1st president" was vetoed
+# against "the first president" as a scope word added).
+_SHORT_ORDINAL = re.compile(r"\b(10|[1-9])(?:st|nd|rd|th)\b", re.IGNORECASE)
+_ORDINAL_NAMES = _ordered_words("first second third fourth fifth sixth seventh eighth ninth tenth")
+
+
 def _as_typed(text: str) -> str:
     """``text`` with compatibility characters as their plain forms (NFKC:
     "½" is "1⁄2", a full-width "１０" is "10": "½ cup" was served "¼ cup"'s
     answer, no number read in either), exponents and mixed numbers as they
-    are typed plainly, and _TYPED's characters as the ones the checks read."""
+    are typed plainly, _TYPED's characters as the ones the checks read, and
+    short ordinals as words (_SHORT_ORDINAL)."""
     text = _SUPERSCRIPT.sub(lambda power: "^" + unicodedata.normalize("NFKC", power.group()), text)
     text = _MIXED_NUMBER.sub(" ", text.translate(_BEFORE_NFKC))
-    return unicodedata.normalize("NFKC", text).translate(_TYPED)
+    text = unicodedata.normalize("NFKC", text).translate(_TYPED)
+    return _SHORT_ORDINAL.sub(lambda ordinal: _ORDINAL_NAMES[int(ordinal.group(1)) - 1], text)
 
 
 def readable(text: str) -> bool:
@@ -143,6 +156,28 @@ NUMBER_WORDS = {
 }
 # "one" is mostly a pronoun ("how can one ..."), not a count.
 NUMBER_WORDS.pop("one")
+# Ordinals are numbers too: "the second largest city" is not "the third"
+# (a hunt: served). Not "first", a scope word (scope_veto reads it against
+# any other order), and "second" only where it is no time (_a_time_second).
+ORDINAL_WORDS = {
+    word: value
+    for value, word in enumerate(
+        _ordered_words(
+            """second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth
+            fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth twentieth"""
+        ),
+        start=2,
+    )
+} | {"thirtieth": 30, "fortieth": 40, "fiftieth": 50, "hundredth": 100}
+# Tens and units said in words make one number: "twenty-one" is 21.
+_TENS_WORDS = _words("twenty thirty forty fifty sixty seventy eighty ninety")
+_UNIT_NUMBER_WORDS = {
+    word: value
+    for value, word in enumerate(_ordered_words("one two three four five six seven eight nine"), 1)
+}
+# Before "second", words that make it a time: "a second", "per second",
+# "30 second ad", "a split second".
+_TIME_SECOND_AFTER = _words("a per one each few couple split nano milli micro")
 # Dates: a changed month or weekday is a changed date.
 _WEEKDAYS = _words("monday tuesday wednesday thursday friday saturday sunday")
 _MONTHS = _words("january february march april june july august september october november december")
@@ -456,6 +491,8 @@ _SCOPE_SPELLING_STARTS = frozenset(words[0] for words in SCOPE_SPELLINGS)
 # songs" = "the best songs", "the latest news" = "the news"): only their
 # replacement by another scope word vetoes, not their being on one side.
 WEAK_SCOPE_WORDS = _words("most always latest entire whole single")
+# Courtesies that open a sentence of their own, capitalized as any first word.
+_COURTESIES = _words("please thanks thank thx cheers hi hello hey regards appreciated sorry help")
 # Capitalized words that are not names.
 _NOT_NAMES = _words("i what which who whom whose when where why how is are do does can should")
 
@@ -469,7 +506,14 @@ _CODE_SYMBOL = re.compile(r"[&|\[\]{}()^~#;=<>+*/\\-]|[!:](?=\S)")
 _CODE_SKELETON = re.compile(rf"\d+(?:\.\d+)*|{_CODE_SYMBOL.pattern}")
 
 
+# A hyphen inside a word is no operator: "e-mail", "hard-drive", "a
+# 3-year-old" (a hunt: "Can a 3-year-old eat popcorn?" was vetoed against
+# "a three-year-old" as code changed, its skeleton "3 - -" against "- -").
+_WORD_HYPHEN = re.compile(r"(?<=[A-Za-z]{2})-(?=[A-Za-z])|(?<=\d)-(?=[A-Za-z]{2})")
+
+
 def _code_symbols(text: str) -> tuple[str, ...]:
+    text = _WORD_HYPHEN.sub(" ", text)
     return tuple(_CODE_SKELETON.findall(text)) if _CODE_SYMBOL.search(text) else ()
 
 
@@ -530,6 +574,8 @@ class Analysis:
     time_frames: frozenset[tuple[str, str]] = frozenset()
     # The content words' stems (stem): what the lookup's first stage matches.
     stems: frozenset[str] = frozenset()
+    # Those of names written in capitals ("NYC", "US"): what initials are.
+    acronyms: frozenset[str] = frozenset()
 
 
 def singular(word: str) -> str:
@@ -750,6 +796,7 @@ def analyze_uncached(text: str) -> Analysis:
     text = _as_typed(text)
     tokens: list[str] = []
     names: set[str] = set()
+    acronyms: set[str] = set()
     possessives: set[int] = set()
     contracted: set[int] = set()
     # Where a minus sign makes the number after it negative (_signs).
@@ -757,9 +804,15 @@ def analyze_uncached(text: str) -> Analysis:
     roman_numbers: list[str] = []
     numerals: set[tuple[str, int]] = set()
     sentence_start = True
+    prefix_joined = False
     matches = list(_TOKEN.finditer(text))
     for at, match in enumerate(matches):
         word = match.group()
+        if at and _SENTENCE_END.search(text, matches[at - 1].end(), match.start()):
+            # After a sentence's end, a stop word or a courtesy ("How do I
+            # reset my router? Any help appreciated!") is no name: a hunt's
+            # "Any" and "Please" were read as names replaced.
+            sentence_start = word.lower() in STOPWORDS or word.lower() in _COURTESIES
         if (
             word == "-"
             and text[max(0, match.start() - 2) : match.start()].isalpha()
@@ -768,11 +821,17 @@ def analyze_uncached(text: str) -> Analysis:
             # A hyphen joining two words joins nothing the words do not:
             # "jump-start" is "jump start" (it was a token of one side only).
             # Not after or before a single letter, where it may subtract
-            # ("a-b" is not "a b"; "x-ray" keeps it as before).
+            # ("a-b" is not "a b"; "x-ray" keeps it as before). After "non"
+            # it joins them: "non-stick" is "nonstick" (else the negated
+            # form of "stick", a hunt: 5 paraphrases vetoed).
+            prefix_joined = tokens[-1:] == ["non"]
             continue
         if word == "-" and _signs(tokens, text, match.start(), match.end()):
             minus_signs.add(len(tokens))
         parts = _split(word)
+        if prefix_joined:
+            parts[0] = tokens.pop() + parts[0]
+            prefix_joined = False
         following = [later.group().lower() for later in matches[at + 1 : at + 3]]
         if _had_before(word, following):
             parts = [word.lower()[:-2], "had"]
@@ -804,19 +863,30 @@ def analyze_uncached(text: str) -> Analysis:
             (word[:1].isupper() and not sentence_start) or (word.isupper() and len(word) > 1)
         ):
             names.add(name)  # acronyms even first: "CBSE", "USA"
+            if word.isupper() and len(word) > 1:
+                acronyms.add(name)
         sentence_start = False
         tokens.extend(parts)
     _spell_unit_signs(tokens)
     numbers: Counter = Counter(roman_numbers)
     units = set()
     number_units = set()
+    said_with_tens = set()
     for at, token in enumerate(tokens):
+        if at in said_with_tens:
+            continue
         number = _number_of(token)
+        if token in _TENS_WORDS and tokens[at + 1 : at + 2] and tokens[at + 1] in _UNIT_NUMBER_WORDS:
+            said_with_tens.add(at + 1)
+            number = str(NUMBER_WORDS[token] + _UNIT_NUMBER_WORDS[tokens[at + 1]])
+        elif token in ORDINAL_WORDS and not _a_time_second(tokens, at):
+            number = str(ORDINAL_WORDS[token])
         if number is not None:
             if at and (_signed(tokens, at, minus_signs) or _said_negative(tokens, at)):
                 number = "-" + number
             numbers[number] += 1
-            following = tokens[at + 1] if at + 1 < len(tokens) else ""
+            after = at + 2 if at + 1 in said_with_tens else at + 1
+            following = tokens[after] if after < len(tokens) else ""
             number_units.add((number, _unit_of(following) or ""))
         elif token in CALENDAR_WORDS:
             numbers[token] += 1
@@ -875,6 +945,7 @@ def analyze_uncached(text: str) -> Analysis:
         # A question of numbers and signs alone ("What is 7-3?") is still
         # looked for: its signs are its first stage's words.
         stems=frozenset(stem(word) for word in content) | (token_set & SIGNS),
+        acronyms=frozenset(acronyms),
     )
 
 
@@ -930,6 +1001,19 @@ def _said_negative(tokens: list[str], at: int) -> bool:
     """Whether the number at ``at`` is said negative in words ("negative 5",
     "minus 40"), not subtracted ("10 minus 5")."""
     return tokens[at - 1] in _NEGATIVE_WORDS and (at < 2 or _number_of(tokens[at - 2]) is None)
+
+
+def _a_time_second(tokens: list[str], at: int) -> bool:
+    """Whether ``tokens[at]`` is "second" as a time: after a number or one of
+    _TIME_SECOND_AFTER ("30 second ad", "wait a second"), or before "ago"."""
+    if tokens[at] != "second":
+        return False
+    before = tokens[at - 1] if at else ""
+    return (
+        before in _TIME_SECOND_AFTER
+        or (bool(before) and _number_of(before) is not None)
+        or tokens[at + 1 : at + 2] == ["ago"]
+    )
 
 
 def _number_of(token: str) -> str | None:
