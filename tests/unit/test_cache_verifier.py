@@ -629,6 +629,32 @@ def test_ordinals_and_compound_numbers_are_numbers(a, b, vetoed):
     assert (vetoed_by(a, b) is not None) is vetoed
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A negation said another way (a hunt: vetoed as one added).
+        ("Why am I unable to log in to my account?", "Why can't I log in to my account?", False),
+        ("Why am I able to log in?", "Why am I unable to log in?", True),
+        (
+            "Should a toddler watch at most one hour of TV?",
+            "Should a toddler watch no more than one hour of TV?",
+            False,
+        ),
+        ("Should I get at least 8 hours of sleep?", "Should I get no less than 8 hours of sleep?", False),
+        ("Should I get no less than 8 hours of sleep?", "Should I get no more than 8 hours of sleep?", True),
+        # How long one should wait is how soon one can (a hunt: vetoed as advice against permission).
+        (
+            "How soon can I shower after getting a tattoo?",
+            "How long should I wait to shower after getting a tattoo?",
+            False,
+        ),
+        ("How long can I leave cooked chicken out?", "How long should I leave cooked chicken out?", True),
+    ],
+)
+def test_a_negation_or_a_modal_said_another_way_is_the_same(a, b, vetoed):
+    assert (vetoed_by(a, b) is not None) is vetoed
+
+
 def test_a_prefix_or_a_number_joined_by_a_hyphen_is_one_word():
     """ "non-stick" is "nonstick", not the negated form of "stick"; a hyphen
     inside a word is no operator (a hunt: 5 and 4 paraphrases vetoed)."""

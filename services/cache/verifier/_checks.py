@@ -1624,6 +1624,8 @@ def modal_veto(a: Analysis, b: Analysis) -> bool:
                     and not _an_age_to_act(leave)
                 ):
                     return True
+        if _waits_against_how_soon(a.tokens, b.tokens) or _waits_against_how_soon(b.tokens, a.tokens):
+            return False
         forces_a, forces_b = _modal_forces(a.tokens), _modal_forces(b.tokens)
         return bool(forces_a) and bool(forces_b) and forces_a != forces_b
     wh_a, wh_b = _wh_question(a.tokens), _wh_question(b.tokens)
@@ -1645,6 +1647,21 @@ def modal_veto(a: Analysis, b: Analysis) -> bool:
         return True
     forces_x, forces_y = _modal_forces(x), _modal_forces(y)
     return bool(forces_x) and bool(forces_y) and ("obligation" in forces_x) != ("obligation" in forces_y)
+
+
+def _waits_against_how_soon(wait: tuple[str, ...], soon: tuple[str, ...]) -> bool:
+    """How long one should wait to do a thing against how soon one can: "How
+    long should I wait to shower after getting a tattoo?" asks "How soon can
+    I shower after getting a tattoo?" and "How long after eating can I swim?"
+    (a hunt: vetoed as advice against permission). Not "How long can I wait
+    to file?", the most one may wait."""
+    return (
+        "wait" in wait
+        and _modal_forces(wait) == {"advice"}
+        and "wait" not in soon
+        and _modal_forces(soon) == {"permission"}
+        and ("soon" in _amounts_asked(soon) or "after" in soon)
+    )
 
 
 # A threshold: "before" and a clause ("... before it goes bad", "before my

@@ -77,6 +77,10 @@ _MIXED_NUMBER = re.compile("(?<=\\d)(?=[\u00bc-\u00be\u2150-\u215e\u2189])")
 # (a scope word), "2nd" is "second" (a hunt: "the 1st president" was vetoed
 # against "the first president" as a scope word added).
 _SHORT_ORDINAL = re.compile(r"\b(10|[1-9])(?:st|nd|rd|th)\b", re.IGNORECASE)
+# A bound said with a negation is the scope word it means: "no more than an
+# hour" is "at most an hour" (a hunt: vetoed as a negation added).
+_AT_MOST = re.compile(r"\b(?:no|not) (?:more|greater) than\b", re.IGNORECASE)
+_AT_LEAST = re.compile(r"\b(?:no|not) (?:less|fewer) than\b", re.IGNORECASE)
 _ORDINAL_NAMES = _ordered_words("first second third fourth fifth sixth seventh eighth ninth tenth")
 
 
@@ -85,10 +89,12 @@ def _as_typed(text: str) -> str:
     "½" is "1⁄2", a full-width "１０" is "10": "½ cup" was served "¼ cup"'s
     answer, no number read in either), exponents and mixed numbers as they
     are typed plainly, _TYPED's characters as the ones the checks read, and
-    short ordinals as words (_SHORT_ORDINAL)."""
+    short ordinals as words (_SHORT_ORDINAL), bounds as scope words
+    (_AT_MOST, _AT_LEAST)."""
     text = _SUPERSCRIPT.sub(lambda power: "^" + unicodedata.normalize("NFKC", power.group()), text)
     text = _MIXED_NUMBER.sub(" ", text.translate(_BEFORE_NFKC))
     text = unicodedata.normalize("NFKC", text).translate(_TYPED)
+    text = _AT_MOST.sub("at most", _AT_LEAST.sub("at least", text))
     return _SHORT_ORDINAL.sub(lambda ordinal: _ORDINAL_NAMES[int(ordinal.group(1)) - 1], text)
 
 
@@ -244,7 +250,9 @@ UNIT_SYNONYMS = {
     "%": "percent",
 }
 
-NEGATIONS = _words("not no never none nobody nothing neither nor without cannot")
+# "unable" says "can not" ("Why am I unable to log in?" / "Why can't I log
+# in?": a hunt, vetoed as a negation added).
+NEGATIONS = _words("not no never none nobody nothing neither nor without cannot unable")
 # Contractions typed without the apostrophe: "wont" is "will not".
 _BARE_CONTRACTIONS = {
     "dont": "do",
