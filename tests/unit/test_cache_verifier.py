@@ -1490,6 +1490,28 @@ def test_two_terms_one_letter_apart_that_no_dictionary_knows_are_no_typo():
     assert retyped("How do I learn app developement?", "How do I learn app development?")
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A term one letter from another, neither a known word (a hunt: served at 0.90-0.96).
+        ("What port does ldap use?", "What port does ldaps use?", True),
+        (
+            "What is the difference between http and ftp?",
+            "What is the difference between https and ftp?",
+            True,
+        ),
+        ("How do I index a jsonb column in postgres?", "How do I index a json column in postgres?", True),
+        ("Does malloc initialize memory to zero?", "Does calloc initialize memory to zero?", True),
+        # A plural, an accent, or two letters after the first swapped are no other term.
+        ("What are ETFs?", "What is an ETF?", False),
+        ("Why does Recep Erdoğan hate the PKK?", "Why does Recep Erdogan hate the PKK?", False),
+        ("Is there any spot round in ism dhanbad?", "is there any spot round in ism dhnabad", False),
+    ],
+)
+def test_a_term_replaced_by_another_one_letter_away_is_vetoed(a, b, vetoed):
+    assert (vetoed_by(a, b) == "entity") is vetoed
+
+
 def test_a_data_rate_or_a_concentration_in_another_unit_is_vetoed():
     assert vetoed_by("Is 100 mbps good for streaming 4k?", "Is 100 kbps good for streaming 4k?") == "number"
     assert vetoed_by("Is 1 gbps internet worth it?", "Is 1 mbps internet worth it?") == "number"

@@ -21,6 +21,7 @@ from services.cache.verifier._reading import (
     _OPPOSITE_PREFIX_LENGTHS,
     _OPPOSITE_PREFIX_OF,
     _PREFIXED_STEM_MIN,
+    _SECURE_PROTOCOLS,
     _SUBJECT_PRONOUNS,
     _TIME_UNITS,
     NEGATIONS,
@@ -734,12 +735,40 @@ def _initials(tokens: tuple[str, ...], names: frozenset[str]) -> list[tuple[str,
     return runs
 
 
+def _terms_replaced(a: Analysis, b: Analysis) -> bool:
+    """A term replaced by another one letter away, neither a known word
+    (_typo: two such are two things, but for two letters after the first
+    swapped), or a protocol and its secure form: "mysql" / "mssql", "ldap" /
+    "ldaps", "http" / "https" (a hunt: "http and ftp" / "https and ftp"
+    served at 0.96 once "https" was no plural; names in capitals are
+    entity_veto's own). A plural is no other term ("ETFs" / "ETF"), nor a
+    letter with an accent ("Erdoğan" / "Erdogan")."""
+    only_a, only_b = a.token_set - b.token_set, b.token_set - a.token_set
+    if not (only_a and only_b):
+        return False
+    words = _known_words()
+    for x in only_a:
+        if len(x) < 3 or not (x.isascii() and x.isalpha()):
+            continue
+        for y in only_b:
+            if len(y) < 3 or not (y.isascii() and y.isalpha()) or not _edit_distance_at_most_one(x, y):
+                continue
+            if x in _SECURE_PROTOCOLS or y in _SECURE_PROTOCOLS:
+                return True
+            if x in words or y in words or x + "s" == y or y + "s" == x:
+                continue
+            return True
+    return False
+
+
 def entity_veto(a: Analysis, b: Analysis) -> bool:
     """A name replaced by another in the same place ("capital of France?" vs
     "capital of Germany?", "Docker on Ubuntu" vs "on Windows"): each side
     names something the other never mentions, and the two stand after the
     same word or before the same word. Names merely added ("Trump" vs
     "Donald Trump") or said in other words are for the learned stage."""
+    if _terms_replaced(a, b):
+        return True
     only_a, only_b = _unmatched_names(a, b), _unmatched_names(b, a)
     if not (only_a and only_b):
         return False

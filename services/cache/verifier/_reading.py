@@ -586,8 +586,15 @@ class Analysis:
     acronyms: frozenset[str] = frozenset()
 
 
+# Protocols whose "s" says "secure", no plural: "https" is no "http" (a hunt:
+# "http and ftp" / "https and ftp" served at 0.96, "ldap" / "ldaps" at 0.90).
+_SECURE_PROTOCOLS = _words("https smtps ldaps imaps ftps wss")
+
+
 def singular(word: str) -> str:
-    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+    if len(word) <= 3 or not word.endswith("s") or word.endswith("ss") or word in _SECURE_PROTOCOLS:
+        return word
+    return word[:-1]
 
 
 # Longest first: one is stripped, the first that leaves three letters.
