@@ -88,13 +88,29 @@ def number_veto(a: Analysis, b: Analysis) -> bool:
     states ("after six hours of sleep" vs "after enough sleep") is left to
     the learned stage."""
     return (
-        _replaced(a.numbers, b.numbers)
+        _replaced(_ordinals_named(a, b), _ordinals_named(b, a))
         or _bound_flipped(a.tokens, b.tokens)
         or _replaced(_vague_amounts(a.tokens), _vague_amounts(b.tokens))
         or _replaced(*_days_against(a, b))
         or _replaced(a.units, b.units)
         or _numeral_replaced(a, b)
     )
+
+
+def _ordinals_named(side: Analysis, other: Analysis) -> Counter:
+    """``side``'s numbers, each that names one of a series written as the
+    ordinal ``other`` says instead: "season 2" is "the second season",
+    "World War II" "the Second World War" (a hunt: vetoed as other numbers
+    once ordinals were read)."""
+    numbers = side.numbers
+    for number in side.named_numbers:
+        ordinal = f"{number}th"
+        if other.numbers[ordinal] > numbers[ordinal] and numbers[number]:
+            if numbers is side.numbers:
+                numbers = numbers.copy()
+            numbers[number] -= 1
+            numbers[ordinal] += 1
+    return numbers
 
 
 def _numeral_replaced(a: Analysis, b: Analysis) -> bool:
@@ -1184,6 +1200,9 @@ _SYMMETRIC_BETWEEN_NAMES = _SYMMETRIC_RELATIONS | _words(
 _KEPT_OUT = _PREVENTING | _words("stay stays")
 # Verbs that take a thing or a person out of a place: "pay for glasses out of
 # my HSA" names an account (a second hunt: 5 paraphrases vetoed).
+# Places said by their kind, which "out of" leaves as a name's place is
+# left ("take my cat out of the country" / "into the country": a hunt).
+_PLACES = _words("country state city town house home building office hospital airport school")
 _MOVING = _words(
     """bring brings take takes move moving moved fly flying drive driving ship shipping send sending
     travel travelling traveling carry carrying export exporting leave leaving get go going come coming"""
@@ -1196,7 +1215,8 @@ def _directions(analysis: Analysis) -> dict[str, set[str]]:
         if filler and filler not in _NO_PLACE and (marker in _TOWARD or marker in _AWAY):
             directions.setdefault(filler, set()).add("toward" if marker in _TOWARD else "away")
     # "out of" a named place is "from" it ("Can I bring food into the US?" /
-    # "... out of the US?", a hunt: 2 such served at 0.90-0.91). Only a name:
+    # "... out of the US?", a hunt: 2 such served at 0.90-0.91). Only a name
+    # or one of _PLACES:
     # "out of stock", "out of date", "out of sync" are no places ("... back
     # into stock", "up to date": a hunt's 15 paraphrases vetoed). To keep
     # something out of a place, though, is to stop it getting in.
@@ -1209,7 +1229,7 @@ def _directions(analysis: Analysis) -> dict[str, set[str]]:
             and not _KEPT_OUT.intersection(tokens[max(0, at - 3) : at])
         ):
             filler = next((t for t in tokens[at + 2 :] if t not in STOPWORDS or t in analysis.names), "")
-            if filler in analysis.names:
+            if filler in analysis.names or filler in _PLACES:
                 directions.setdefault(filler, set()).add("away")
     return directions
 

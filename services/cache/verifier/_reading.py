@@ -584,6 +584,9 @@ class Analysis:
     stems: frozenset[str] = frozenset()
     # Those of names written in capitals ("NYC", "US"): what initials are.
     acronyms: frozenset[str] = frozenset()
+    # Numbers that name one of a series, as an ordinal does ("season 2",
+    # "World War II": _a_named_number); number_veto reads them as one.
+    named_numbers: frozenset[str] = frozenset()
 
 
 # Protocols whose "s" says "secure", no plural: "https" is no "http" (a hunt:
@@ -884,6 +887,7 @@ def analyze_uncached(text: str) -> Analysis:
         tokens.extend(parts)
     _spell_unit_signs(tokens)
     numbers: Counter = Counter(roman_numbers)
+    named_numbers = set(roman_numbers)
     units = set()
     number_units = set()
     said_with_tens = set()
@@ -895,7 +899,12 @@ def analyze_uncached(text: str) -> Analysis:
             said_with_tens.add(at + 1)
             number = str(NUMBER_WORDS[token] + _UNIT_NUMBER_WORDS[tokens[at + 1]])
         elif token in ORDINAL_WORDS and not _a_time_second(tokens, at):
-            number = str(ORDINAL_WORDS[token])
+            # Not the count ("the second most populated city" is no "the 2
+            # most populated cities"), but in a date ("July fourth").
+            value = ORDINAL_WORDS[token]
+            number = str(value) if _a_day_of_month(tokens, at) else f"{value}th"
+        if number is not None and number[0].isdigit() and _a_named_number(tokens, at, names):
+            named_numbers.add(number)
         if number is not None:
             if at and (_signed(tokens, at, minus_signs) or _said_negative(tokens, at)):
                 number = "-" + number
@@ -961,6 +970,7 @@ def analyze_uncached(text: str) -> Analysis:
         # looked for: its signs are its first stage's words.
         stems=frozenset(stem(word) for word in content) | (token_set & SIGNS),
         acronyms=frozenset(acronyms),
+        named_numbers=frozenset(named_numbers),
     )
 
 
@@ -1016,6 +1026,31 @@ def _said_negative(tokens: list[str], at: int) -> bool:
     """Whether the number at ``at`` is said negative in words ("negative 5",
     "minus 40"), not subtracted ("10 minus 5")."""
     return tokens[at - 1] in _NEGATIVE_WORDS and (at < 2 or _number_of(tokens[at - 2]) is None)
+
+
+def _a_day_of_month(tokens: list[str], at: int) -> bool:
+    """Whether the ordinal at ``at`` is a day of a month: "July fourth",
+    "the fourth of July" ("July 4th" reads "July fourth": a date, as "July 4")."""
+    return (at > 0 and tokens[at - 1] in _MONTHS) or (
+        tokens[at + 1 : at + 2] == ["of"] and at + 2 < len(tokens) and tokens[at + 2] in _MONTHS
+    )
+
+
+def _a_named_number(tokens: list[str], at: int, names: set[str]) -> bool:
+    """Whether the number at ``at`` names one of a series, as an ordinal
+    does: after a name ("World War 2") or after a word with nothing after it
+    in its phrase ("season 2 of", "in grade 3?"); not a count ("2 seasons",
+    "the 2 most populated cities", "fail my test 3 times")."""
+    if not at:
+        return False
+    before = tokens[at - 1]
+    if before in names:
+        return True
+    return (
+        before not in STOPWORDS
+        and _number_of(before) is None
+        and (at + 1 == len(tokens) or tokens[at + 1] in STOPWORDS)
+    )
 
 
 def _a_time_second(tokens: list[str], at: int) -> bool:
