@@ -593,9 +593,24 @@ def test_a_misspelled_name_or_one_said_elsewhere_is_not_a_replacement():
         ),
         ("Do I need a visa for the UK?", "Do I need a visa for the US?", True),
         ("What's the best pizza in NYC?", "What's the best pizza in LA?", True),
+        # Initials stand for a whole run of names (a hunt: served at 0.90-0.94).
+        ("Is the University of North Carolina good for nursing?", "Is NC State good for nursing?", True),
+        ("What is the average rent in New York City?", "What is the average rent in NY State?", True),
+        ("Is the University of North Carolina good for nursing?", "Is UNC good for nursing?", False),
         # A courtesy opening a sentence is no name; a name opening one still is.
         ("How do I reset my router? Any help appreciated!", "How do I reset my router? Please help!", False),
         ("What should I do? John keeps calling me.", "What should I do? Mike keeps calling me.", True),
+        # A modal or a pronoun opening a sentence is read, as a name is (a hunt: served at 0.90-0.93).
+        (
+            "My flight was delayed 4 hours. Must the airline compensate me?",
+            "My flight was delayed 4 hours. May the airline compensate me?",
+            True,
+        ),
+        (
+            "My landlord didn't return my deposit. Could I sue him?",
+            "My landlord didn't return my deposit. Will he sue me?",
+            True,
+        ),
         ("Is Dr. Smith in today?", "Is Dr. Jones in today?", True),
     ],
 )
@@ -688,6 +703,11 @@ def test_a_prefix_or_a_number_joined_by_a_hyphen_is_one_word():
         is None
     )
     assert vetoed_by("What is x-1 when x=3?", "What is x+1 when x=3?") == "code"
+    # Beside other code a hyphen subtracts (a hunt: served at 0.998).
+    assert (
+        vetoed_by("Why does total = price-discount fail?", "Why does total = price_discount fail?") == "code"
+    )
+    assert vetoed_by("What is the integral of 3-cos(x)?", "What is the integral of 3 cos(x)?") == "code"
 
 
 def test_a_name_is_found_misspelt_exactly_when_a_word_is_one_typo_from_it():
@@ -838,6 +858,8 @@ def test_role_fillers_are_found_in_time_linear_in_the_question():
             "What is the best thing to eat after after a long run?",
             False,
         ),
+        # "before or after" asks the order either way (a hunt: 16 vetoed).
+        ("Should I stretch before or after running?", "Should I run before or after stretching?", False),
         # Names exchanged around the same words, with words only one side has
         # between them (QQP's development portions, scored 0.89-0.90).
         (

@@ -499,8 +499,14 @@ _SCOPE_SPELLING_STARTS = frozenset(words[0] for words in SCOPE_SPELLINGS)
 # songs" = "the best songs", "the latest news" = "the news"): only their
 # replacement by another scope word vetoes, not their being on one side.
 WEAK_SCOPE_WORDS = _words("most always latest entire whole single")
-# Courtesies that open a sentence of their own, capitalized as any first word.
-_COURTESIES = _words("please thanks thank thx cheers hi hello hey regards appreciated sorry help")
+# Words that open a sentence of their own, capitalized as any first word,
+# and say nothing a name would: courtesies and joining words. Not a modal
+# or a pronoun ("My flight was delayed. Must the airline ...?" / "... May
+# the airline ...?": a hunt, served once every stop word there was no name).
+_SENTENCE_OPENERS = _words(
+    """please thanks thank thx cheers hi hello hey regards appreciated sorry help
+    and but or so also any anyone some"""
+)
 # Capitalized words that are not names.
 _NOT_NAMES = _words("i what which who whom whose when where why how is are do does can should")
 
@@ -521,8 +527,13 @@ _WORD_HYPHEN = re.compile(r"(?<=[A-Za-z]{2})-(?=[A-Za-z])|(?<=\d)-(?=[A-Za-z]{2}
 
 
 def _code_symbols(text: str) -> tuple[str, ...]:
-    text = _WORD_HYPHEN.sub(" ", text)
-    return tuple(_CODE_SKELETON.findall(text)) if _CODE_SYMBOL.search(text) else ()
+    """The code skeleton of ``text``; a hyphen inside a word read as one
+    only where nothing else in the text is code: in "total = price-discount",
+    "=Revenue-Expenses" or "3-cos(x)" it subtracts (a hunt: served against
+    "price_discount" at 0.998 while every word hyphen was dropped)."""
+    if not _CODE_SYMBOL.search(_WORD_HYPHEN.sub(" ", text)):
+        return ()
+    return tuple(_CODE_SKELETON.findall(text))
 
 
 _BACKTICKED = re.compile(r"`([^`\n]+)`")
@@ -827,10 +838,10 @@ def analyze_uncached(text: str) -> Analysis:
     for at, match in enumerate(matches):
         word = match.group()
         if at and _SENTENCE_END.search(text, matches[at - 1].end(), match.start()):
-            # After a sentence's end, a stop word or a courtesy ("How do I
+            # After a sentence's end, one of _SENTENCE_OPENERS ("How do I
             # reset my router? Any help appreciated!") is no name: a hunt's
             # "Any" and "Please" were read as names replaced.
-            sentence_start = word.lower() in STOPWORDS or word.lower() in _COURTESIES
+            sentence_start = word.lower() in _SENTENCE_OPENERS
         if (
             word == "-"
             and text[max(0, match.start() - 2) : match.start()].isalpha()
