@@ -681,9 +681,21 @@ def test_ordinals_and_compound_numbers_are_numbers(a, b, vetoed):
             False,
         ),
         ("How long can I leave cooked chicken out?", "How long should I leave cooked chicken out?", True),
+        # A must against a may in a wh-question (a hunt: served at 0.90-0.92).
+        ("At what age can my child stay home alone?", "At what age must my child stay home alone?", True),
+        ("Which documents may I bring to the DMV?", "Which documents must I bring to the DMV?", True),
+        # Coming and going with opposite particles, left and right (a hunt: served at 0.90-0.94).
+        ("When did the Berlin Wall go up?", "When did the Berlin Wall come down?", True),
+        ("What time does the tide come in at Brighton?", "What time does the tide go out at Brighton?", True),
+        (
+            "I'm left handed. Which side should the mouse be on?",
+            "I'm right handed. Which side should the mouse be on?",
+            True,
+        ),
     ],
 )
 def test_a_negation_or_a_modal_said_another_way_is_the_same(a, b, vetoed):
+    """(And their opposites, vetoed.)"""
     assert (vetoed_by(a, b) is not None) is vetoed
 
 
@@ -856,6 +868,33 @@ def test_role_fillers_are_found_in_time_linear_in_the_question():
         (
             "What's the best thing to eat/drink after a long run?",
             "What is the best thing to eat after after a long run?",
+            False,
+        ),
+        # Numbers traded between the things they count (a hunt: 25 served at 0.93) ...
+        (
+            "A class has 12 boys and 18 girls. What share are boys?",
+            "A class has 18 boys and 12 girls. What share are boys?",
+            True,
+        ),
+        (
+            "I bought shares at $50 and sold them at $40. What's my loss?",
+            "I bought shares at $40 and sold them at $50. What's my loss?",
+            True,
+        ),
+        (
+            "My son is 4 and my daughter is 7. Who needs a booster?",
+            "My son is 7 and my daughter is 4. Who needs a booster?",
+            True,
+        ),
+        # ... not a list's numbers, nor each with the same words around it.
+        (
+            "I have kids aged 5 and 9. Who needs a booster?",
+            "I have kids aged 9 and 5. Who needs a booster?",
+            False,
+        ),
+        (
+            "We have a 16 year old and a 6 year old. Who can babysit?",
+            "We have a 6 year old and a 16 year old. Who can babysit?",
             False,
         ),
         # "before or after" asks the order either way (a hunt: 16 vetoed).

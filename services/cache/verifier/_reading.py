@@ -436,6 +436,10 @@ ANTONYMS = {
         ("east", "west"),
         ("upper", "lower"),
         ("ahead", "behind"),
+        # A hunt of the fifty-first session: "I'm left handed. Which side
+        # should the mouse be on?" / "... right handed ..." served at 0.91.
+        ("left", "right"),
+        ("front", "back"),
         # Not give / receive, lend / borrow: "money I receive from my parents"
         # is "money my parents give me" (a converse, said either way).
     ]
