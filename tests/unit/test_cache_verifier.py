@@ -597,6 +597,13 @@ def test_a_misspelled_name_or_one_said_elsewhere_is_not_a_replacement():
         ("Is the University of North Carolina good for nursing?", "Is NC State good for nursing?", True),
         ("What is the average rent in New York City?", "What is the average rent in NY State?", True),
         ("Is the University of North Carolina good for nursing?", "Is UNC good for nursing?", False),
+        # A state's postal code, programs commonly shortened (a hunt: vetoed at 0.91-0.94).
+        ("How much is car registration in CA?", "How much is car registration in California?", False),
+        ("What does `const` mean in JavaScript?", "What does the const keyword mean in JS?", False),
+        ("What is the sales tax in CA?", "What is the sales tax in TX?", True),
+        ("Is weed legal in MA?", "Is weed legal in Maryland?", True),
+        # "D.C." is two initials, no numerals (a hunt: 600 against 500 and 100).
+        ("Is Washington DC a state?", "Is Washington, D.C. a state?", False),
         # A courtesy opening a sentence is no name; a name opening one still is.
         ("How do I reset my router? Any help appreciated!", "How do I reset my router? Please help!", False),
         ("What should I do? John keeps calling me.", "What should I do? Mike keeps calling me.", True),
@@ -615,8 +622,8 @@ def test_a_misspelled_name_or_one_said_elsewhere_is_not_a_replacement():
     ],
 )
 def test_a_name_written_otherwise_is_no_replacement(a, b, vetoed):
-    assert (vetoed_by(a, b) == "entity") is vetoed
-    assert (vetoed_by(b, a) == "entity") is vetoed
+    assert (vetoed_by(a, b) is not None) is vetoed
+    assert (vetoed_by(b, a) is not None) is vetoed
 
 
 @pytest.mark.parametrize(
@@ -655,6 +662,9 @@ def test_a_name_written_otherwise_is_no_replacement(a, b, vetoed):
         ("Is there a possibility of World War III?", "Is there a possibility of a third World War?", False),
         ("Is the bank open on July 4?", "Is the bank open on July 4th?", False),
         ("Is the bank open on the fourth of July?", "Is the bank open on July 4?", False),
+        # An ordinal in digits from 11th up is the ordinal in words.
+        ("Who was the 16th president?", "Who was the sixteenth president?", False),
+        ("Who was the 16th president?", "Who was the 17th president?", True),
     ],
 )
 def test_ordinals_and_compound_numbers_are_numbers(a, b, vetoed):
@@ -667,6 +677,11 @@ def test_ordinals_and_compound_numbers_are_numbers(a, b, vetoed):
         # A negation said another way (a hunt: vetoed as one added).
         ("Why am I unable to log in to my account?", "Why can't I log in to my account?", False),
         ("Why am I able to log in?", "Why am I unable to log in?", True),
+        # "not safe" is "unsafe" (a hunt: 16 vetoed).
+        ("Is it unsafe to swim after eating?", "Is swimming after eating not safe?", False),
+        ("Is it not legal to park on the sidewalk?", "Is it illegal to park on the sidewalk?", False),
+        ("Is it safe to swim?", "Is it not safe to swim?", True),
+        ("Is it not unsafe?", "Is it unsafe?", True),
         (
             "Should a toddler watch at most one hour of TV?",
             "Should a toddler watch no more than one hour of TV?",
@@ -720,6 +735,10 @@ def test_a_prefix_or_a_number_joined_by_a_hyphen_is_one_word():
         vetoed_by("Why does total = price-discount fail?", "Why does total = price_discount fail?") == "code"
     )
     assert vetoed_by("What is the integral of 3-cos(x)?", "What is the integral of 3 cos(x)?") == "code"
+    # Code in backticks spaced or quoted otherwise is the same code (a hunt: vetoed at 0.998).
+    assert vetoed_by("What does `x=5` mean in Python?", "What does `x = 5` mean in Python?") is None
+    assert vetoed_by("""What does `print("hi")` do?""", "What does `print('hi')` do?") is None
+    assert vetoed_by("What does `rm -rf /tmp/build` do?", "What does `rm -rf / tmp/build` do?") == "code"
 
 
 def test_a_name_is_found_misspelt_exactly_when_a_word_is_one_typo_from_it():

@@ -35,6 +35,7 @@ from services.cache.verifier._reading import (
     _content_words,
     _days_against,
     _number_of,
+    _ordered_words,
     _unit_of,
     _whens,
     _words,
@@ -132,6 +133,36 @@ def _numerals_by_name(analysis: Analysis) -> dict[str, set[int]]:
     return by_name
 
 
+# Between "not" and the word it negates: "not a good idea", "not very safe".
+_BETWEEN_NOT_AND_WORD = _words("a an the very really so too that")
+
+
+def _said_with_not(side: Analysis, word: str) -> bool:
+    """Whether ``side`` says "not" before ``word`` ("not safe", "not a legal
+    ...")."""
+    tokens = side.tokens
+    for at, token in enumerate(tokens):
+        if token == word and at:
+            before = at - 1
+            while before > 0 and tokens[before] in _BETWEEN_NOT_AND_WORD:
+                before -= 1
+            if tokens[before] == "not":
+                return True
+    return False
+
+
+def _prefix_said_with_not(base: str, other: Analysis) -> bool:
+    """Whether ``base`` is a negating prefix on a word ``other`` says after
+    "not": "unsafe" / "not safe", "illegal" / "not legal" (a hunt: 16 such
+    paraphrases vetoed as a negation added)."""
+    return any(
+        base.startswith(prefix)
+        and len(base) - len(prefix) >= 3
+        and _said_with_not(other, base[len(prefix) :])
+        for prefix in _NEGATING_PREFIXES
+    )
+
+
 def _has_negated_form(a: Analysis, b: Analysis) -> bool:
     """Whether ``a`` has a word whose negated form ``b`` has instead: compared
     in base form (Analysis.base_forms), "advantage" vs "disadvantages",
@@ -149,7 +180,12 @@ def _has_negated_form(a: Analysis, b: Analysis) -> bool:
             return True
         for prefix in _NEGATING_PREFIXES:
             stem = base[len(prefix) :]
-            if base.startswith(prefix) and stem in instead and stem not in STOPWORDS:
+            if (
+                base.startswith(prefix)
+                and stem in instead
+                and stem not in STOPWORDS
+                and not _said_with_not(b, stem)
+            ):
                 return True
         for length in _OPPOSITE_PREFIX_LENGTHS:
             prefix, stem = base[:length], base[length:]
@@ -303,6 +339,9 @@ def negation_veto(a: Analysis, b: Analysis) -> bool:
     "why am I not unable") keeps the sense."""
     # "unless" is "if not" (a hunt: "if" / "unless" served at 0.903-0.910).
     said_a, said_b = a.negations + a.tokens.count("unless"), b.negations + b.tokens.count("unless")
+    # "unsafe" against "not safe" is one negation each (_prefix_said_with_not).
+    said_a += sum(1 for base in a.base_forms - b.base_forms if _prefix_said_with_not(base, b))
+    said_b += sum(1 for base in b.base_forms - a.base_forms if _prefix_said_with_not(base, a))
     if (said_a - said_b) % 2:
         fewer, more = (a, b) if said_a < said_b else (b, a)
         if not (
@@ -703,8 +742,27 @@ def _unmatched_names(a: Analysis, b: Analysis) -> list[tuple[str, str, str]]:
     return [context for context in a.name_contexts if context[1] in unmatched]
 
 
-# One country said two ways, which no initials tell.
-_NAME_ALIASES = {"usa": "us", "us": "usa"}
+# Names said two ways that no initials tell: a country, the US states'
+# postal codes of one-word states (a hunt: "in CA" / "in California" vetoed
+# as a name replaced, 0.91-0.94 without the veto; not "LA", mostly Los
+# Angeles, nor "WA", beside Washington D.C.), and programs commonly
+# shortened ("JS", "Win 11").
+_STATE_CODES = """al alabama ak alaska az arizona ar arkansas ca california co colorado ct connecticut
+de delaware fl florida ga georgia hi hawaii id idaho il illinois in indiana ia iowa ks kansas ky kentucky
+me maine md maryland ma massachusetts mi michigan mn minnesota ms mississippi mo missouri
+mt montana ne nebraska nv nevada oh ohio ok oklahoma or oregon pa pennsylvania tn tennessee tx texas
+ut utah vt vermont va virginia wi wisconsin wy wyoming"""
+_NAME_ALIASES = {
+    one: other
+    for short, full in [
+        ("usa", "us"),
+        *zip(_ordered_words(_STATE_CODES)[::2], _ordered_words(_STATE_CODES)[1::2], strict=True),
+        ("js", "javascript"),
+        ("ts", "typescript"),
+        ("win", "windows"),
+    ]
+    for one, other in ((short, full), (full, short))
+}
 # The most words initials stand for ("NYSE": four).
 _MOST_INITIALS = 5
 # Inside a name whose initials are said: "United States of America".

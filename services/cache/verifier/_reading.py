@@ -541,6 +541,18 @@ def _code_symbols(text: str) -> tuple[str, ...]:
 
 
 _BACKTICKED = re.compile(r"`([^`\n]+)`")
+# Spaces beside these say nothing in code: "x=5" is "x = 5", "arr[ 0 ]" is
+# "arr[0]"; not beside "/" or "-" ("rm -rf / tmp/build" is no "rm -rf /tmp/build").
+_SPACE_BESIDE_PUNCTUATION = re.compile(r"\s*([=()\[\]{},:;])\s*")
+
+
+def _code_span(span: str) -> str:
+    """A span in backticks as code_veto compares it: spaces folded, none
+    beside _SPACE_BESIDE_PUNCTUATION's characters, double quotes as single
+    (a hunt: `print("hello")` / `print('hello')`, `x=5` / `x = 5` vetoed)."""
+    return _SPACE_BESIDE_PUNCTUATION.sub(r"\1", " ".join(span.split())).replace('"', "'")
+
+
 # Between a multi-turn question and the topic turn it refers to
 # (conversation.py). Normalized text never holds a newline, so a text
 # without one is a single-turn question.
@@ -682,6 +694,9 @@ def _split(word: str) -> list[str]:
     return [lower]
 
 
+# A letter's "." before another letter: "D.C." is two initials, no numeral
+# (its "D" and "C" read 500 and 100 against "DC"'s 600: a hunt).
+_AN_INITIAL = re.compile(r"\.[A-Za-z]")
 # A Roman numeral of 1 to 3999 in capitals, as after a name.
 _ROMAN_NUMERAL = re.compile(r"(?=[MDCLXVI])M{0,3}(?:C[MD]|D?C{0,3})(?:X[CL]|L?X{0,3})(?:I[XV]|V?I{0,3})")
 _ROMAN_DIGITS = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100, "D": 500, "M": 1000}
@@ -880,7 +895,13 @@ def analyze_uncached(text: str) -> Analysis:
         ):
             possessives.add(len(tokens))
         name = parts[0]
-        if tokens and tokens[-1] in names and _ROMAN_NUMERAL.fullmatch(word):
+        if (
+            tokens
+            and tokens[-1] in names
+            and _ROMAN_NUMERAL.fullmatch(word)
+            and not _AN_INITIAL.match(text, match.end())
+            and not (at and _AN_INITIAL.match(text, matches[at - 1].end()) and len(word) == 1)
+        ):
             # A Roman numeral after a name is its number ("World War I" vs
             # "World War II", "Henry VIII"): "I" was read as the pronoun,
             # and "World War Ⅰ" was served "World War Ⅱ"'s answer (NFKC
@@ -918,6 +939,14 @@ def analyze_uncached(text: str) -> Analysis:
             # most populated cities"), but in a date ("July fourth").
             value = ORDINAL_WORDS[token]
             number = str(value) if _a_day_of_month(tokens, at) else f"{value}th"
+        if (
+            number is not None
+            and token[0].isdigit()
+            and tokens[at + 1 : at + 2]
+            and tokens[at + 1] in _ORDINAL_SUFFIXES
+            and not _a_day_of_month(tokens, at)
+        ):
+            number = f"{number}th"  # "16th" is "sixteenth" ("1st" to "10th" read as words)
         if number is not None and number[0].isdigit() and _a_named_number(tokens, at, names):
             named_numbers.add(number)
         if number is not None:
@@ -974,7 +1003,7 @@ def analyze_uncached(text: str) -> Analysis:
         question_word=next((t for t in tokens if t in _QUESTION_WORDS), ""),
         sentences=max(1, len(_SENTENCE_END.findall(text))),
         symbols=_code_symbols(text),
-        code=tuple(" ".join(span.split()) for span in _BACKTICKED.findall(text)),
+        code=tuple(_code_span(span) for span in _BACKTICKED.findall(text)),
         number_units=frozenset(number_units),
         possessives=frozenset(possessives),
         contracted=frozenset(contracted),
@@ -1041,6 +1070,9 @@ def _said_negative(tokens: list[str], at: int) -> bool:
     """Whether the number at ``at`` is said negative in words ("negative 5",
     "minus 40"), not subtracted ("10 minus 5")."""
     return tokens[at - 1] in _NEGATIVE_WORDS and (at < 2 or _number_of(tokens[at - 2]) is None)
+
+
+_ORDINAL_SUFFIXES = _words("st nd rd th")
 
 
 def _a_day_of_month(tokens: list[str], at: int) -> bool:
