@@ -2355,3 +2355,21 @@ def test_tonight_is_this_evening_and_this_coming_week_is_the_next():
         == "time frame"
     )
     assert verifier.emotive("😊") and verifier.emotive("👍") and not verifier.emotive("🐶")
+
+
+def test_numbers_traded_with_their_nouns_or_articles_are_a_swap():
+    """A number taking its noun along in another form ("2 cups" / "1 cup"),
+    or its article ("a 256 GB" / "an 8 GB"), is still a number traded (a
+    hunt: served at 0.93)."""
+    assert (
+        vetoed_by(
+            "I'm converting 2 cups of flour and 1 cup of sugar.",
+            "I'm converting 1 cup of flour and 2 cups of sugar.",
+        )
+        == "role"
+    )
+    assert (
+        vetoed_by("My laptop has 8 GB RAM and a 256 GB SSD.", "My laptop has 256 GB RAM and an 8 GB SSD.")
+        == "role"
+    )
+    assert vetoed_by("I have kids aged 5 and 9.", "I have kids aged 9 and 5.") is None

@@ -990,11 +990,13 @@ def role_veto(a: Analysis, b: Analysis) -> bool:
     (_spans_swapped)."""
     if _spans_swapped(a.tokens, b.tokens) or _direction_flipped(a, b):
         return True
-    # The words swapped with their number or tense: "Can dogs eat cat food?"
+    # The words swapped with their number or tense (and their article): "Can dogs eat cat food?"
     # / "Can cats eat dog food?", "wait to swim after eating" / "wait to eat
     # after swimming" (two hunts: 5 and 13 such served at 0.905-0.975).
     # Only for two questions of one length.
-    if len(a.tokens) == len(b.tokens) and _spans_swapped(a.tokens, _forms_unified(a.tokens, b.tokens)):
+    if len(a.tokens) == len(b.tokens) and _spans_swapped(
+        _an_as_a(a.tokens), _forms_unified(_an_as_a(a.tokens), _an_as_a(b.tokens))
+    ):
         return True
     if _names_swapped(a, b) or _events_traded(a.tokens, b.tokens):
         return True
@@ -1008,6 +1010,11 @@ def role_veto(a: Analysis, b: Analysis) -> bool:
         if only_a and only_b and all(_fills_both(f, a, b) for f in changed):
             return True
     return False
+
+
+def _an_as_a(tokens: tuple[str, ...]) -> tuple[str, ...]:
+    # The article follows the word after it: "a 256 GB SSD" / "an 8 GB SSD".
+    return tuple("a" if token == "an" else token for token in tokens) if "an" in tokens else tokens
 
 
 def _forms_unified(x: tuple[str, ...], y: tuple[str, ...]) -> tuple[str, ...]:
@@ -1142,18 +1149,25 @@ def _numbers_tied(x: tuple[str, ...], one: int, other: int, first: int, last: in
     servings" / "serves 6 ... for 4 servings", "12 boys and 18 girls" / "18
     boys and 12 girls" (a hunt: 25 such served at 0.93). Not two numbers of
     one list ("aged 5 and 9"), nor each with the same words around it ("a
-    16 year old and a 6 year old")."""
-    if first != 1 or last != 1 or middle <= _JOINING:
+    16 year old and a 6 year old"). A number may take its noun along, in
+    another number's form: "2 cups of flour and 1 cup of sugar" / "1 cup of
+    flour and 2 cups of sugar"."""
+    if first != last or middle <= _JOINING:
         return False
     if _number_of(x[one]) is None or _number_of(x[other]) is None:
         return False
-    return _around_a_number(x, one) != _around_a_number(x, other)
+    if not all(
+        _one_word(p, q) for p, q in zip(x[one + 1 : one + first], x[other + 1 : other + last], strict=True)
+    ):
+        return False
+    return _around_a_number(x, one, first) != _around_a_number(x, other, last)
 
 
-def _around_a_number(x: tuple[str, ...], at: int) -> tuple[str, str]:
-    """The word before the number at ``at`` and the first after it that is
-    no unit ("at $50 and": "at", "and")."""
-    after = next((t for t in x[at + 1 :] if _unit_of(t) is None), "")
+def _around_a_number(x: tuple[str, ...], at: int, length: int) -> tuple[str, str]:
+    """The word before the span of ``length`` words at ``at`` (a number, and
+    the words it takes along) and the first after it that is no unit ("at
+    $50 and": "at", "and")."""
+    after = next((t for t in x[at + length :] if _unit_of(t) is None), "")
     return (x[at - 1] if at else "", after)
 
 
