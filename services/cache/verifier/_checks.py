@@ -155,7 +155,7 @@ def _prefix_said_with_not(base: str, other: Analysis) -> bool:
     """Whether ``base`` is a negating prefix on a word ``other`` says after
     "not": "unsafe" / "not safe", "illegal" / "not legal" (a hunt: 16 such
     paraphrases vetoed as a negation added)."""
-    return any(
+    return base.startswith(_NEGATING_PREFIXES) and any(
         base.startswith(prefix)
         and len(base) - len(prefix) >= 3
         and _said_with_not(other, base[len(prefix) :])
@@ -340,8 +340,10 @@ def negation_veto(a: Analysis, b: Analysis) -> bool:
     # "unless" is "if not" (a hunt: "if" / "unless" served at 0.903-0.910).
     said_a, said_b = a.negations + a.tokens.count("unless"), b.negations + b.tokens.count("unless")
     # "unsafe" against "not safe" is one negation each (_prefix_said_with_not).
-    said_a += sum(1 for base in a.base_forms - b.base_forms if _prefix_said_with_not(base, b))
-    said_b += sum(1 for base in b.base_forms - a.base_forms if _prefix_said_with_not(base, a))
+    if "not" in b.token_set:
+        said_a += sum(1 for base in a.base_forms - b.base_forms if _prefix_said_with_not(base, b))
+    if "not" in a.token_set:
+        said_b += sum(1 for base in b.base_forms - a.base_forms if _prefix_said_with_not(base, a))
     if (said_a - said_b) % 2:
         fewer, more = (a, b) if said_a < said_b else (b, a)
         if not (
@@ -834,12 +836,14 @@ def _terms_replaced(a: Analysis, b: Analysis) -> bool:
     only_a, only_b = a.token_set - b.token_set, b.token_set - a.token_set
     if not (only_a and only_b):
         return False
+    # Only terms no dictionary knows, or the protocols, can be such a pair:
+    # most words are known, so few pairs are compared (a pair of long
+    # questions differing in every word compared each with each).
     words = _known_words()
-    for x in only_a:
-        if len(x) < 3 or not (x.isascii() and x.isalpha()):
-            continue
-        for y in only_b:
-            if len(y) < 3 or not (y.isascii() and y.isalpha()) or not _edit_distance_at_most_one(x, y):
+    terms_a, terms_b = _unknown_terms(only_a, words), _unknown_terms(only_b, words)
+    for x in terms_a:
+        for y in terms_b:
+            if abs(len(x) - len(y)) > 1 or not _edit_distance_at_most_one(x, y):
                 continue
             if x in _SECURE_PROTOCOLS or y in _SECURE_PROTOCOLS:
                 return True
@@ -847,6 +851,17 @@ def _terms_replaced(a: Analysis, b: Analysis) -> bool:
                 continue
             return True
     return False
+
+
+def _unknown_terms(tokens: frozenset[str], words: frozenset[str]) -> list[str]:
+    return [
+        t
+        for t in tokens
+        if len(t) >= 3
+        and (t not in words or t in _SECURE_PROTOCOLS or t + "s" in _SECURE_PROTOCOLS)
+        and t.isascii()
+        and t.isalpha()
+    ]
 
 
 def entity_veto(a: Analysis, b: Analysis) -> bool:
@@ -993,12 +1008,17 @@ def role_veto(a: Analysis, b: Analysis) -> bool:
     # The words swapped with their number or tense (and their article): "Can dogs eat cat food?"
     # / "Can cats eat dog food?", "wait to swim after eating" / "wait to eat
     # after swimming" (two hunts: 5 and 13 such served at 0.905-0.975).
-    # Only for two questions of one length.
-    if len(a.tokens) == len(b.tokens) and _spans_swapped(
-        _an_as_a(a.tokens), _forms_unified(_an_as_a(a.tokens), _an_as_a(b.tokens))
+    # Only for two questions of one length, a few words apart: few words
+    # change their form as they move.
+    if (
+        len(a.tokens) == len(b.tokens)
+        and len(a.token_set ^ b.token_set) <= _MOST_FORMS_CHANGED
+        and _spans_swapped(_an_as_a(a.tokens), _forms_unified(_an_as_a(a.tokens), _an_as_a(b.tokens)))
     ):
         return True
-    if _names_swapped(a, b) or _events_traded(a.tokens, b.tokens):
+    if _names_swapped(a, b):
+        return True
+    if _EVENT_ORDER & a.token_set and _EVENT_ORDER & b.token_set and _events_traded(a.tokens, b.tokens):
         return True
     for marker in {m for m, _ in a.roles} & {m for m, _ in b.roles}:
         fillers_a = Counter(f for m, f in a.roles if m == marker)
@@ -1010,6 +1030,12 @@ def role_veto(a: Analysis, b: Analysis) -> bool:
         if only_a and only_b and all(_fills_both(f, a, b) for f in changed):
             return True
     return False
+
+
+# The most words two questions may differ in for a swap with inflected
+# words (both sides' forms counted: "swim after eating" / "eat after
+# swimming" differ in four).
+_MOST_FORMS_CHANGED = 8
 
 
 def _an_as_a(tokens: tuple[str, ...]) -> tuple[str, ...]:

@@ -856,7 +856,11 @@ def analyze_uncached(text: str) -> Analysis:
     matches = list(_TOKEN.finditer(text))
     for at, match in enumerate(matches):
         word = match.group()
-        if at and _SENTENCE_END.search(text, matches[at - 1].end(), match.start()):
+        if (
+            at
+            and text[matches[at - 1].end() : match.start()] != " "
+            and _SENTENCE_END.search(text, matches[at - 1].end(), match.start())
+        ):
             # After a sentence's end, one of _SENTENCE_OPENERS ("How do I
             # reset my router? Any help appreciated!") is no name: a hunt's
             # "Any" and "Please" were read as names replaced.
