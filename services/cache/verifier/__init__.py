@@ -10,15 +10,21 @@ separates them. A candidate is therefore served only when
    that keeps almost every word but flips the answer, and vetoes only on
    evidence of a *replacement*, never on mere difference (a paraphrase is
    different words, and often says a little more or less): a number, date
-   or unit replaced by another; negation and polarity flipped; a name
-   replaced by another in the same place; roles reversed around
+   or unit replaced by another (an ordinal is no count); negation and
+   polarity flipped; a name replaced by another in the same place (a name
+   written otherwise, by its initials or a known short form, is the same
+   name), or a term by another one letter away where neither is a known word
+   (the tokenizer's and an English dictionary's: a typo makes a known word
+   unknown); roles reversed around
    "from/to/than/...", or two spans of the same words exchanged ("dogs
    chase cats" vs "cats chase dogs"), a direction turned ("to Spanish" vs
    "from Spanish"), a subject traded with a pronoun ("Does my boss owe
    me" vs "Do I owe my boss"), a passive turned active in place ("Is X
    caused by Y" vs "Does X cause Y"), or whose thing did it to whom ("My
-   dog bit someone" vs "Someone's dog bit me"); a yes/no question's "must"
-   against "should", "may" or "can"; a scope word (only, all, first, except ...) added,
+   dog bit someone" vs "Someone's dog bit me"), two events traded around
+   "before" / "after", two numbers traded between what they count; a yes/no
+   question's "must" against "should", "may" or "can" (a wh-question's
+   against "may" or "can"); a scope word (only, all, first, except ...) added,
    dropped or swapped. What one side merely adds (a number, a name, "most")
    is no veto but a feature of the learned stage, which weighs it.
 2. a learned verifier scores the pair at or above a threshold. It is a
