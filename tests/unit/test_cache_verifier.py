@@ -2373,3 +2373,45 @@ def test_numbers_traded_with_their_nouns_or_articles_are_a_swap():
         == "role"
     )
     assert vetoed_by("I have kids aged 5 and 9.", "I have kids aged 9 and 5.") is None
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A number and the multiplier after it are one number (a hunt: vetoed as numbers replaced).
+        ("Is $80k a good salary in Texas?", "Is an $80,000 salary good in Texas?", False),
+        ("Is a $2,000 laptop worth it?", "Is a two thousand dollar laptop worth it?", False),
+        ("Can you retire on 1 million dollars?", "Can you retire with $1,000,000?", False),
+        ("What can I do with $1,500?", "What can I do with fifteen hundred dollars?", False),
+        ("Is $80k a good salary?", "Is $90k a good salary?", True),
+        ("Is a 5k run hard?", "Is a 10k run hard?", True),
+    ],
+)
+def test_a_number_and_its_multiplier_are_one_number(a, b, vetoed):
+    assert (vetoed_by(a, b) is not None) is vetoed
+
+
+def test_terms_one_letter_apart_are_sought_in_time_linear_in_them():
+    """Each unknown term of one question was compared with each of the
+    other's: 1 KB of names, each unknown, stalled the cache's event loop
+    (tests/integration/test_cache_verification.py). Twice the names must
+    cost about twice the time (four times, compared each with each): a
+    ratio, not a clock."""
+    first = string.ascii_lowercase[:13]
+
+    def names(count: int, tail: str) -> str:
+        spellings = itertools.islice(itertools.product(first, repeat=4), count)
+        return " ".join(
+            "A" + "".join(s[:2]) + "".join(s[2:]).translate(str.maketrans(first, tail)) for s in spellings
+        )
+
+    def analysed(count: int) -> tuple:
+        return verifier.analyze_uncached(names(count, "nopqrstuvwxyz")), verifier.analyze_uncached(
+            names(count, first)
+        )
+
+    small, large = analysed(200), analysed(400)
+    assert not _checks._terms_replaced(*large)
+    assert _fastest_of_three(_checks._terms_replaced, *large) < 3 * _fastest_of_three(
+        _checks._terms_replaced, *small
+    )

@@ -140,15 +140,20 @@ _BETWEEN_NOT_AND_WORD = _words("a an the very really so too that")
 def _said_with_not(side: Analysis, word: str) -> bool:
     """Whether ``side`` says "not" before ``word`` ("not safe", "not a legal
     ...")."""
-    tokens = side.tokens
+    return "not" in side.token_set and word in _words_after_not(side.tokens)
+
+
+@functools.lru_cache(maxsize=256)
+def _words_after_not(tokens: tuple[str, ...]) -> frozenset[str]:
+    said = set()
     for at, token in enumerate(tokens):
-        if token == word and at:
-            before = at - 1
-            while before > 0 and tokens[before] in _BETWEEN_NOT_AND_WORD:
-                before -= 1
-            if tokens[before] == "not":
-                return True
-    return False
+        if token == "not":
+            after = at + 1
+            while after < len(tokens) and tokens[after] in _BETWEEN_NOT_AND_WORD:
+                after += 1
+            if after < len(tokens):
+                said.add(tokens[after])
+    return frozenset(said)
 
 
 def _prefix_said_with_not(base: str, other: Analysis) -> bool:
@@ -836,15 +841,29 @@ def _terms_replaced(a: Analysis, b: Analysis) -> bool:
     only_a, only_b = a.token_set - b.token_set, b.token_set - a.token_set
     if not (only_a and only_b):
         return False
-    # Only terms no dictionary knows, or the protocols, can be such a pair:
-    # most words are known, so few pairs are compared (a pair of long
-    # questions differing in every word compared each with each).
+    # Only terms no dictionary knows, or the protocols, can be such a pair;
+    # each is looked up by its forms less one letter, not compared with each
+    # of the other side's (1 KB of names each of them unknown took 0.5 s of
+    # the cache's event loop a lookup: a test's stall).
     words = _known_words()
-    terms_a, terms_b = _unknown_terms(only_a, words), _unknown_terms(only_b, words)
-    for x in terms_a:
-        for y in terms_b:
-            if abs(len(x) - len(y)) > 1 or not _edit_distance_at_most_one(x, y):
-                continue
+    terms_b = _unknown_terms(only_b, words)
+    if not terms_b:
+        return False
+    shortened = {}  # a form less one letter -> the terms it is of
+    for y in terms_b:
+        for i in range(len(y)):
+            shortened.setdefault((i, y[:i] + y[i + 1 :]), []).append(y)
+            shortened.setdefault((-1, y[:i] + y[i + 1 :]), []).append(y)
+    said_b = set(terms_b)
+    for x in _unknown_terms(only_a, words):
+        candidates = set()
+        for i in range(len(x)):
+            less = x[:i] + x[i + 1 :]
+            candidates.update(shortened.get((i, less), ()))  # one letter changed
+            if less in said_b:
+                candidates.add(less)  # one letter more in x
+        candidates.update(shortened.get((-1, x), ()))  # one letter less in x
+        for y in candidates:
             if x in _SECURE_PROTOCOLS or y in _SECURE_PROTOCOLS:
                 return True
             if x in words or y in words or x + "s" == y or y + "s" == x:

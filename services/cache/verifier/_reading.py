@@ -175,6 +175,9 @@ ORDINAL_WORDS = {
         start=2,
     )
 } | {"thirtieth": 30, "fortieth": 40, "fiftieth": 50, "hundredth": 100}
+# After a number, what multiplies it: "2 thousand" is 2000 (it read as 2 and
+# 1000 against "2,000"), "$80k" is $80,000 (a hunt: vetoed as numbers replaced).
+_MULTIPLIERS = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9, "k": 1000}
 # Tens and units said in words make one number: "twenty-one" is 21.
 _TENS_WORDS = _words("twenty thirty forty fifty sixty seventy eighty ninety")
 _UNIT_NUMBER_WORDS = {
@@ -938,6 +941,13 @@ def analyze_uncached(text: str) -> Analysis:
         if token in _TENS_WORDS and tokens[at + 1 : at + 2] and tokens[at + 1] in _UNIT_NUMBER_WORDS:
             said_with_tens.add(at + 1)
             number = str(NUMBER_WORDS[token] + _UNIT_NUMBER_WORDS[tokens[at + 1]])
+        if (
+            number is not None
+            and tokens[at + 1 : at + 2]
+            and (product := _multiplied(number, tokens[at + 1])) is not None
+        ):
+            said_with_tens.add(at + 1)
+            number = product
         elif token in ORDINAL_WORDS and not _a_time_second(tokens, at):
             # Not the count ("the second most populated city" is no "the 2
             # most populated cities"), but in a date ("July fourth").
@@ -1122,8 +1132,26 @@ def _number_of(token: str) -> str | None:
     if token[0].isdigit():
         return token.replace(",", "")
     if token in NUMBER_WORDS:
-        return f"{NUMBER_WORDS[token]:g}"
+        return _written(NUMBER_WORDS[token])
     return None
+
+
+def _written(value: float) -> str:
+    # As digits write it: "1000000", not "1e+06".
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _multiplied(number: str, following: str) -> str | None:
+    """``number`` times the multiplier after it, as digits write the product
+    ("2 thousand", "1.5 million", "80k", "fifteen hundred": 2000, 1500000,
+    80000, 1500); None where none follows or ``number`` is no plain one."""
+    factor = _MULTIPLIERS.get(following)
+    if factor is None:
+        return None
+    try:
+        return _written(float(number) * factor)
+    except ValueError:
+        return None
 
 
 def _unit_of(token: str) -> str | None:
