@@ -81,7 +81,10 @@ _SHORT_ORDINAL = re.compile(r"\b(10|[1-9])(?:st|nd|rd|th)\b", re.IGNORECASE)
 # hour" is "at most an hour" (a hunt: vetoed as a negation added).
 _AT_MOST = re.compile(r"\b(?:no|not) (?:more|greater) than\b", re.IGNORECASE)
 _AT_LEAST = re.compile(r"\b(?:no|not) (?:less|fewer) than\b", re.IGNORECASE)
-_ORDINAL_NAMES = _ordered_words("first second third fourth fifth sixth seventh eighth ninth tenth")
+_ORDINALS = _ordered_words(
+    """first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth
+    fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth twentieth"""
+)
 
 
 def _as_typed(text: str) -> str:
@@ -95,7 +98,7 @@ def _as_typed(text: str) -> str:
     text = _MIXED_NUMBER.sub(" ", text.translate(_BEFORE_NFKC))
     text = unicodedata.normalize("NFKC", text).translate(_TYPED)
     text = _AT_MOST.sub("at most", _AT_LEAST.sub("at least", text))
-    return _SHORT_ORDINAL.sub(lambda ordinal: _ORDINAL_NAMES[int(ordinal.group(1)) - 1], text)
+    return _SHORT_ORDINAL.sub(lambda ordinal: _ORDINALS[int(ordinal.group(1)) - 1], text)
 
 
 def readable(text: str) -> bool:
@@ -165,16 +168,12 @@ NUMBER_WORDS.pop("one")
 # Ordinals are numbers too: "the second largest city" is not "the third"
 # (a hunt: served). Not "first", a scope word (scope_veto reads it against
 # any other order), and "second" only where it is no time (_a_time_second).
-ORDINAL_WORDS = {
-    word: value
-    for value, word in enumerate(
-        _ordered_words(
-            """second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth thirteenth
-            fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth twentieth"""
-        ),
-        start=2,
-    )
-} | {"thirtieth": 30, "fortieth": 40, "fiftieth": 50, "hundredth": 100}
+ORDINAL_WORDS = {word: value for value, word in enumerate(_ORDINALS[1:], start=2)} | {
+    "thirtieth": 30,
+    "fortieth": 40,
+    "fiftieth": 50,
+    "hundredth": 100,
+}
 # After a number, what multiplies it: "2 thousand" is 2000 (it read as 2 and
 # 1000 against "2,000"), "$80k" is $80,000 (a hunt: vetoed as numbers replaced).
 _MULTIPLIERS = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9, "k": 1000}
@@ -933,20 +932,20 @@ def analyze_uncached(text: str) -> Analysis:
     named_numbers = set(roman_numbers)
     units = set()
     number_units = set()
-    said_with_tens = set()
+    read_with_the_one_before = set()
     for at, token in enumerate(tokens):
-        if at in said_with_tens:
+        if at in read_with_the_one_before:
             continue
         number = _number_of(token)
         if token in _TENS_WORDS and tokens[at + 1 : at + 2] and tokens[at + 1] in _UNIT_NUMBER_WORDS:
-            said_with_tens.add(at + 1)
+            read_with_the_one_before.add(at + 1)
             number = str(NUMBER_WORDS[token] + _UNIT_NUMBER_WORDS[tokens[at + 1]])
         if (
             number is not None
             and tokens[at + 1 : at + 2]
             and (product := _multiplied(number, tokens[at + 1])) is not None
         ):
-            said_with_tens.add(at + 1)
+            read_with_the_one_before.add(at + 1)
             number = product
         elif token in ORDINAL_WORDS and not _a_time_second(tokens, at):
             # Not the count ("the second most populated city" is no "the 2
@@ -967,7 +966,7 @@ def analyze_uncached(text: str) -> Analysis:
             if at and (_signed(tokens, at, minus_signs) or _said_negative(tokens, at)):
                 number = "-" + number
             numbers[number] += 1
-            after = at + 2 if at + 1 in said_with_tens else at + 1
+            after = at + 2 if at + 1 in read_with_the_one_before else at + 1
             following = tokens[after] if after < len(tokens) else ""
             number_units.add((number, _unit_of(following) or ""))
         elif token in CALENDAR_WORDS:
