@@ -1137,6 +1137,37 @@ def test_a_subject_traded_with_a_pronoun_is_vetoed(a, b, vetoed):
     ("a", "b", "vetoed"),
     [
         (
+            "My neighbor's tree fell on my fence. He says we have to pay for it. Is that true?",
+            "My neighbor's tree fell on my fence. We say he has to pay for it. Is that true?",
+            True,
+        ),
+        (
+            "My landlord didn't return my deposit. Can I sue him?",
+            "My landlord didn't return my deposit. Could he sue me?",
+            True,
+        ),
+        (
+            "My dog bit the neighbor's dog. She wants us to pay the vet bill. Do we have to?",
+            "My dog bit the neighbor's dog. We want her to pay the vet bill. Does she have to?",
+            True,
+        ),
+        ("Should I tell him I love her?", "Should I tell her I love him?", True),
+        # One person changed is no trade (the score's), nor the same persons in other words.
+        ("Can I sue him?", "Can I sue her?", False),
+        ("He says we have to pay for it. Is that true?", "He says we must pay for it. Is that true?", False),
+        ("Can I sue him?", "Can I sue him?", False),
+        ("Can he sue me?", "Could he sue me?", False),
+    ],
+)
+def test_two_persons_traded_are_vetoed(a, b, vetoed):
+    assert verifier.subject_veto(analyze(a), analyze(b)) is vetoed
+    assert verifier.subject_veto(analyze(b), analyze(a)) is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        (
             "I already filed my taxes but forgot a W-2, what should I do now?",
             "I am about to file my taxes but forgot a W-2, what should I do now?",
             True,
@@ -1205,6 +1236,55 @@ def test_a_verb_done_on_one_side_and_ahead_on_the_other_is_vetoed(a, b, vetoed):
     ],
 )
 def test_what_had_happened_is_not_what_would(a, b, vetoed):
+    assert verifier.mood_veto(analyze(a), analyze(b)) is vetoed
+    assert verifier.mood_veto(analyze(b), analyze(a)) is vetoed
+    assert (vetoed_by(a, b) == "mood") is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        (
+            "How much should I save for retirement by 40?",
+            "How much should I have saved for retirement by 40?",
+            True,
+        ),
+        (
+            "How much should I be paying in rent on a 60k salary?",
+            "How much should I have paid in rent on a 60k salary?",
+            True,
+        ),
+        ("How much should a 6 month old eat?", "How much should a 6 month old have eaten?", True),
+        ("Should I sell my Nvidia stock?", "Should I have sold my Nvidia stock?", True),
+        ("Should I invest in bitcoin?", "Should've I invested in bitcoin?", True),
+        (
+            "My dog might eat chocolate, what are the symptoms?",
+            "My dog must have eaten chocolate, what are the symptoms?",
+            True,
+        ),
+        # Both look back, or neither: the same question.
+        ("Should I have sold my Nvidia stock?", "Should I have sold my shares of Nvidia?", False),
+        (
+            "How much should I save for retirement by 40?",
+            "How much money should I save for retirement by age 40?",
+            False,
+        ),
+        # "would" asks the same either way (QQP duplicates).
+        (
+            "What would you have done if you knew then what you know now?",
+            "What would you do if you knew then what you know now?",
+            False,
+        ),
+        # A perfect with no modal is the tense check's, or the score's.
+        ("How much have I saved for retirement?", "How much should I save for retirement?", False),
+        (
+            "If I had filed on time, could I have avoided the fee?",
+            "Would filing on time have avoided the fee?",
+            False,
+        ),
+    ],
+)
+def test_what_should_have_been_done_is_not_what_should_be(a, b, vetoed):
     assert verifier.mood_veto(analyze(a), analyze(b)) is vetoed
     assert verifier.mood_veto(analyze(b), analyze(a)) is vetoed
     assert (vetoed_by(a, b) == "mood") is vetoed
