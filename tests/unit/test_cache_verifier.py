@@ -1152,6 +1152,14 @@ def test_a_subject_traded_with_a_pronoun_is_vetoed(a, b, vetoed):
             True,
         ),
         ("Should I tell him I love her?", "Should I tell her I love him?", True),
+        (
+            "They play music until 3 am. Can I call the police?",
+            "We play music until 3 am. Can they call the police?",
+            True,
+        ),
+        # One person said as another throughout moves no one.
+        ("Can I sue him?", "Can we sue him?", False),
+        ("How do I tell my boss I'm pregnant?", "How do we tell our boss we're pregnant?", False),
         # One person changed is no trade (the score's), nor the same persons in other words.
         ("Can I sue him?", "Can I sue her?", False),
         ("He says we have to pay for it. Is that true?", "He says we must pay for it. Is that true?", False),
@@ -1162,6 +1170,37 @@ def test_a_subject_traded_with_a_pronoun_is_vetoed(a, b, vetoed):
 def test_two_persons_traded_are_vetoed(a, b, vetoed):
     assert verifier.subject_veto(analyze(a), analyze(b)) is vetoed
     assert verifier.subject_veto(analyze(b), analyze(a)) is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        (
+            "I'm studying TCP and UDP for my exam. Does UDP guarantee delivery?",
+            "I'm studying TCP and UDP for my exam. Does TCP guarantee delivery?",
+            True,
+        ),
+        (
+            "I have a front loader and a top loader. How much detergent for the front loader?",
+            "I have a front loader and a top loader. How much detergent for the top loader?",
+            True,
+        ),
+        (
+            "What's the difference between pre-tax and post-tax deductions? Is health insurance pre-tax?",
+            "What's the difference between pre-tax and post-tax deductions? Is health insurance post-tax?",
+            True,
+        ),
+        # Two options traded is a list read either way; a stop word is no option.
+        ("Which is faster, TCP or UDP?", "Which is faster, UDP or TCP?", False),
+        (
+            "I have a cat and a dog. Is the cat allowed in the park?",
+            "I have a cat and a dog. Is a cat allowed in the park?",
+            False,
+        ),
+    ],
+)
+def test_the_other_option_both_name_asked_about_is_vetoed(a, b, vetoed):
+    assert (vetoed_by(a, b) == "entity") is vetoed
 
 
 @pytest.mark.parametrize(
@@ -1755,6 +1794,68 @@ def test_a_follow_up_and_its_topic_question_are_checked_for_their_modals_each_al
 )
 def test_scope_changes_are_vetoed(a, b):
     assert verifier.scope_veto(analyze(a), analyze(b))
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # How often, said any way, is no scope (a hunt: 14 such paraphrases vetoed).
+        ("How much water should I drink each day?", "How much water should I drink every day?", False),
+        ("How much protein should I eat every day?", "How much protein should I eat per day?", False),
+        ("Is it OK to drink coffee every day?", "Is it OK to drink coffee daily?", False),
+        # "all", "every" and "each" say one scope.
+        ("Do all dogs need a rabies shot?", "Does every dog need a rabies shot?", False),
+        ("Should I stretch before every run?", "Should I stretch before each run?", False),
+        # "last" with no determiner before a period is a time frame, not a scope.
+        (
+            "How do I get a red wine stain out of carpet?",
+            "I spilled wine last night. How do I get a red wine stain out of carpet?",
+            False,
+        ),
+        # Still a scope: "every other day", "all day", "the last week", "each other" is none.
+        ("Can I take vitamin D every day?", "Can I take vitamin D every other day?", True),
+        ("Can I wear contacts every day?", "Can I wear contacts all day?", True),
+        ("What happens in pregnancy?", "What happens in the last week of pregnancy?", True),
+        (
+            "Can both tanks damage each other in any way?",
+            "Can both tanks damage each other in every way?",
+            True,
+        ),
+    ],
+)
+def test_how_often_is_no_scope_and_all_every_each_are_one(a, b, vetoed):
+    assert verifier.scope_veto(analyze(a), analyze(b)) is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A comparison said from the other side (a hunt: 10 such vetoed).
+        ("Is the sun bigger than the moon?", "Is the moon smaller than the sun?", False),
+        (
+            "Is a crocodile more dangerous than an alligator?",
+            "Is an alligator less dangerous than a crocodile?",
+            False,
+        ),
+        (
+            "Does hot water freeze faster than cold water?",
+            "Does cold water freeze slower than hot water?",
+            False,
+        ),
+        ("Is Mount Everest taller than K2?", "Is K2 shorter than Mount Everest?", False),
+        # The things traded alone, or the comparative alone, is another question.
+        ("Is the sun bigger than the moon?", "Is the moon bigger than the sun?", True),
+        ("Is the sun bigger than the moon?", "Is the sun smaller than the moon?", True),
+        (
+            "Is a crocodile more dangerous than an alligator?",
+            "Is a crocodile less dangerous than an alligator?",
+            True,
+        ),
+        ("Is the sun bigger than the moon?", "Is the moon smaller than the earth?", True),
+    ],
+)
+def test_a_comparison_said_from_the_other_side_is_no_change(a, b, vetoed):
+    assert (vetoed_by(a, b) is not None) is vetoed
 
 
 def test_except_in_other_words_is_no_swap_for_except():
@@ -2469,6 +2570,61 @@ def test_numbers_traded_with_their_nouns_or_articles_are_a_swap():
 )
 def test_a_number_and_its_multiplier_are_one_number(a, b, vetoed):
     assert (vetoed_by(a, b) is not None) is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # Numbers in notations words say otherwise (a hunt: 8 such vetoed as numbers replaced).
+        (
+            "How do I preheat an oven to 350 degrees?",
+            "How do I preheat an oven to three hundred fifty degrees?",
+            False,
+        ),
+        ("Is a $2,500 laptop worth it?", "Is a two thousand five hundred dollar laptop worth it?", False),
+        ("How many grams is 1/2 cup of butter?", "How many grams is half a cup of butter?", False),
+        ("How many grams is 3/4 cup of sugar?", "How many grams is three quarters of a cup of sugar?", False),
+        ("Can I double 1 1/2 cups of flour?", "Can I double 1.5 cups of flour?", False),
+        (
+            "Is 2.5 hours of exercise a week enough?",
+            "Is two and a half hours of exercise a week enough?",
+            False,
+        ),
+        ("What happened on 7/20/1969?", "What happened on July 20, 1969?", False),
+        ("What day of the week is 2025-03-14?", "What day of the week is March 14, 2025?", False),
+        ("Is the pharmacy open at 14:30 on Sunday?", "Is the pharmacy open at 2:30 pm on Sunday?", False),
+        ("Should I take my pill at 21:00?", "Should I take my pill at 9pm?", False),
+        (
+            "My flight is at 06:15, when should I leave?",
+            "My flight is at 6:15 am, when should I leave?",
+            False,
+        ),
+        # Each is still its own number.
+        ("How many grams is 1/2 cup of butter?", "How many grams is 1/4 cup of butter?", True),
+        ("How many grams is half a cup of butter?", "How many grams is a quarter cup of butter?", True),
+        ("Is the pharmacy open at 14:30?", "Is the pharmacy open at 2:30 am?", True),
+        ("Is the pharmacy open at 14:30?", "Is the pharmacy open at 4:30 pm?", True),
+        ("What happened on 7/20/1969?", "What happened on July 21, 1969?", True),
+        ("What happened on 3/4/2020?", "What happened on April 3, 2020?", True),
+        (
+            "How do I preheat an oven to 350 degrees?",
+            "How do I preheat an oven to three hundred degrees?",
+            True,
+        ),
+        # A division is no fraction of a measure.
+        ("What does 1/2 return in Python?", "What does 0.5 return in Python?", True),
+    ],
+)
+def test_dates_times_fractions_and_compound_numbers_are_read_as_said(a, b, vetoed):
+    assert (vetoed_by(a, b) is not None) is vetoed
+
+
+def test_ratios_code_and_ambiguous_dates_keep_their_numbers():
+    assert analyze("Is a 24/7 pharmacy open?").numbers == {"24": 1, "7": 1}
+    assert analyze("Is it 50/50?").numbers == {"50": 2}
+    assert analyze("Why is x = 1/2 cup wrong?").numbers == {"1": 1, "2": 1}
+    assert analyze("What happened on 3/4/2020?").numbers == {"3": 1, "4": 1, "2020": 1}
+    assert analyze("Read John 3:16").numbers == {"3": 1, "16": 1}
 
 
 def test_terms_one_letter_apart_are_sought_in_time_linear_in_them():

@@ -87,16 +87,120 @@ _ORDINALS = _ordered_words(
 )
 
 
+# Numbers written in notations the words of the other side say otherwise
+# (a hunt: 8 such paraphrases vetoed as numbers replaced):
+# A date in digits, where which part is the month is plain: "7/20/1969" and
+# "1969-07-20" are "july 20, 1969" ("3/4/2020" is left as it is: March or
+# April).
+_SLASHED_DATE = re.compile(r"(?<![\w/.,])(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})(?![\w/])")
+_ISO_DATE = re.compile(r"(?<![\w/.,-])(\d{4})-(\d{2})-(\d{2})(?![\w/-])")
+_MONTH_NAMES = _ordered_words(
+    "january february march april may june july august september october november december"
+)
+# A time on the 24-hour clock, and whole hours: "14:30" is "2:30 pm",
+# "18:00" "6 pm", "6:00 pm" "6 pm". An hour under 12 is a morning's only
+# with its leading zero ("09:30"; "9:30" may be either half of the day).
+_CLOCK = re.compile(r"(?<![\w:.,])(\d{1,2}):([0-5]\d)(?![\w:])(?!\s*[ap]\.?m\b)", re.IGNORECASE)
+_WHOLE_HOUR = re.compile(r"(?<![\w:.,])(\d{1,2}):00(?=\s*[ap]\.?m\b)", re.IGNORECASE)
+# A fraction of halves, thirds, quarters or eighths, after a whole number
+# or alone, before a measure, as its decimal: "1/2 cup" is "0.5 cup" ("half
+# a cup"), "1 1/2 cups" is "1.5 cups", "3/4 of" is "0.75 of". Not a date
+# ("on 1/12") nor a ratio ("24/7", "50/50"), nor a division whose value the
+# question may ask ("What does 1/2 return in Python?"), nor in a text with
+# code (_CODE_SIGNS).
+_FRACTION = re.compile(r"(?<![\w/.,])(?:(\d+) )?([1-7])/([2348]) ([^\W\d_]+)")
+_MEASURES = _words(
+    """of cup cups teaspoon teaspoons tablespoon tablespoons tsp tbsp stick sticks pint pints quart quarts
+    inches miles pounds ounces hours tablet tablets pill pills dose"""
+)
+_CODE_SIGNS = re.compile(r"[=<>*+`(){}\[\]]")
+# Quarters and thirds of a measure: "three quarters of a cup" is 0.75 of
+# one ("3/4 cup"), "a quarter teaspoon" 0.25 (a quarter alone may be a coin).
+_PARTS_OF = re.compile(
+    r"\b(a|one|two|three|[1-3]) (quarters?|thirds?) ((?:of|a|an|the) )*([^\W\d_]+)", re.IGNORECASE
+)
+_PARTS = {"quarter": 4, "quarters": 4, "third": 3, "thirds": 3}
+# "one and a half" is 1.5, "two and a half" 2.5.
+_AND_A_HALF = re.compile(
+    r"\b(\d+|one|two|three|four|five|six|seven|eight|nine|ten) and a half\b", re.IGNORECASE
+)
+
+
+def _date_as_said(month: int, day: int, year: str, whole: str) -> str:
+    if 1 <= month <= 12 and 1 <= day <= 31:
+        return f"{_MONTH_NAMES[month - 1]} {day}, {year}"
+    return whole
+
+
+def _slashed_date(match: re.Match) -> str:
+    first, second = int(match.group(1)), int(match.group(2))
+    if first <= 12 < second:
+        return _date_as_said(first, second, match.group(3), match.group())
+    if second <= 12 < first:
+        return _date_as_said(second, first, match.group(3), match.group())
+    return match.group()
+
+
+def _iso_date(match: re.Match) -> str:
+    return _date_as_said(int(match.group(2)), int(match.group(3)), match.group(1), match.group())
+
+
+def _clock(match: re.Match) -> str:
+    hour, minutes = int(match.group(1)), match.group(2)
+    if 13 <= hour <= 23:
+        return f"{hour - 12}:{minutes} pm"
+    if hour == 12:
+        return f"12:{minutes} pm"
+    if hour == 0:
+        return f"12:{minutes} am"
+    if match.group(1).startswith("0"):
+        return f"{hour}:{minutes} am"
+    return match.group()
+
+
+def _fraction(match: re.Match) -> str:
+    numerator, denominator, measure = int(match.group(2)), int(match.group(3)), match.group(4)
+    if numerator >= denominator or not (measure.lower() in _MEASURES or measure.lower() in UNIT_WORDS):
+        return match.group()
+    value = int(match.group(1) or 0) + numerator / denominator
+    return f"{_written(round(value, 4))} {measure}"
+
+
+def _parts_of(match: re.Match) -> str:
+    count, part, measure = match.group(1).lower(), match.group(2).lower(), match.group(4)
+    parts = _PARTS[part]
+    number = {"a": 1, "one": 1, "two": 2, "three": 3}.get(count) or int(count)
+    if number >= parts or not (measure.lower() in _MEASURES or measure.lower() in UNIT_WORDS):
+        return match.group()
+    return f"{_written(round(number / parts, 4))} {measure}"
+
+
+def _and_a_half(match: re.Match) -> str:
+    whole = match.group(1).lower()
+    value = int(whole) if whole.isdigit() else (1 if whole == "one" else NUMBER_WORDS[whole])
+    return _written(value + 0.5)
+
+
+def _numbers_as_said(text: str) -> str:
+    text = _ISO_DATE.sub(_iso_date, _SLASHED_DATE.sub(_slashed_date, text))
+    text = _WHOLE_HOUR.sub(r"\1", _CLOCK.sub(_clock, text))
+    if not _CODE_SIGNS.search(text):
+        text = _FRACTION.sub(_fraction, text)
+    text = _PARTS_OF.sub(_parts_of, text)
+    return _AND_A_HALF.sub(_and_a_half, text)
+
+
 def _as_typed(text: str) -> str:
     """``text`` with compatibility characters as their plain forms (NFKC:
     "½" is "1⁄2", a full-width "１０" is "10": "½ cup" was served "¼ cup"'s
     answer, no number read in either), exponents and mixed numbers as they
-    are typed plainly, _TYPED's characters as the ones the checks read, and
-    short ordinals as words (_SHORT_ORDINAL), bounds as scope words
+    are typed plainly, _TYPED's characters as the ones the checks read,
+    dates, clock times and fractions in digits as words say them
+    (_numbers_as_said), and short ordinals as words (_SHORT_ORDINAL), bounds as scope words
     (_AT_MOST, _AT_LEAST)."""
     text = _SUPERSCRIPT.sub(lambda power: "^" + unicodedata.normalize("NFKC", power.group()), text)
     text = _MIXED_NUMBER.sub(" ", text.translate(_BEFORE_NFKC))
-    text = unicodedata.normalize("NFKC", text).translate(_TYPED)
+    text = _numbers_as_said(unicodedata.normalize("NFKC", text).translate(_TYPED))
     text = _AT_MOST.sub("at most", _AT_LEAST.sub("at least", text))
     return _SHORT_ORDINAL.sub(lambda ordinal: _ORDINALS[int(ordinal.group(1)) - 1], text)
 
@@ -947,6 +1051,10 @@ def analyze_uncached(text: str) -> Analysis:
         ):
             read_with_the_one_before.add(at + 1)
             number = product
+            rest, read = _said_after_a_multiplier(tokens, at + 2, _MULTIPLIERS[tokens[at + 1]])
+            if rest:
+                read_with_the_one_before.update(read)
+                number = _written(float(number) + rest)
         elif token in ORDINAL_WORDS and not _a_time_second(tokens, at):
             # Not the count ("the second most populated city" is no "the 2
             # most populated cities"), but in a date ("July fourth").
@@ -966,7 +1074,9 @@ def analyze_uncached(text: str) -> Analysis:
             if at and (_signed(tokens, at, minus_signs) or _said_negative(tokens, at)):
                 number = "-" + number
             numbers[number] += 1
-            after = at + 2 if at + 1 in read_with_the_one_before else at + 1
+            after = at + 1
+            while after in read_with_the_one_before:
+                after += 1
             following = tokens[after] if after < len(tokens) else ""
             number_units.add((number, _unit_of(following) or ""))
         elif token in CALENDAR_WORDS:
@@ -1126,6 +1236,36 @@ def _a_time_second(tokens: list[str], at: int) -> bool:
     )
 
 
+def _said_after_a_multiplier(tokens: list[str], at: int, factor: int) -> tuple[int, list[int]]:
+    """What words at ``at`` add to a number a multiplier of ``factor`` ended,
+    and where they stand: "three hundred (and) fifty" is 350, "two thousand
+    five hundred" 2500 (a hunt: "three hundred fifty degrees" was vetoed
+    against "350 degrees"). (0, []) where no number word follows."""
+    read = []
+    if tokens[at : at + 1] == ["and"]:
+        read.append(at)
+        at += 1
+    word = tokens[at] if at < len(tokens) else ""
+    if word in _TENS_WORDS:
+        value = NUMBER_WORDS[word]
+        read.append(at)
+        if tokens[at + 1 : at + 2] and tokens[at + 1] in _UNIT_NUMBER_WORDS:
+            value += _UNIT_NUMBER_WORDS[tokens[at + 1]]
+            read.append(at + 1)
+        return value, read
+    value = _UNIT_NUMBER_WORDS.get(word) or NUMBER_WORDS.get(word)
+    if not isinstance(value, int) or not 1 <= value < 20 or value >= factor:
+        return 0, []
+    if word in _UNIT_NUMBER_WORDS or word in NUMBER_WORDS:
+        read.append(at)
+        # "two thousand five hundred": the hundreds after the thousands
+        if tokens[at + 1 : at + 2] and _MULTIPLIERS.get(tokens[at + 1], factor) < factor:
+            read.append(at + 1)
+            value *= _MULTIPLIERS[tokens[at + 1]]
+        return value, read
+    return 0, []
+
+
 def _number_of(token: str) -> str | None:
     """A token's number as Analysis.numbers writes it; None for none."""
     if token[0].isdigit():
@@ -1208,10 +1348,27 @@ _VERB_AUXILIARIES = _words("do does did can could should would will must may mig
 _DETERMINERS = _words("the a an my your his her its our their this that these those")
 
 
+# Before a period, "every" and "each" say how often ("every day", "each
+# night": the same as "per day", "a day", "daily"), and "last" with no
+# determiner says when ("last night", a time frame _time_frames reads): no
+# scope (a hunt: 14 paraphrases vetoed as a scope word on one side).
+_HOW_OFTEN = _words("every each")
+
+
+def _a_period(word: str) -> bool:
+    return singular(word) in _PERIODS
+
+
 def _says_scope(tokens: list[str], i: int) -> bool:
     token = tokens[i]
     before = tokens[i - 1] if i else ""
     following = tokens[i + 1] if i + 1 < len(tokens) else ""
+    if token in _HOW_OFTEN and following and _a_period(following):
+        return False
+    if token == "each" and following == "other":
+        return False  # "damage each other": no scope, one another
+    if token == "last" and following and _a_period(following) and before not in _DETERMINERS:
+        return False
     if token == "last":
         if following in _LAST_VERB_BEFORE and before not in _DETERMINERS:
             return False
@@ -1248,8 +1405,15 @@ def _says_scope(tokens: list[str], i: int) -> bool:
     return True
 
 
+# Scope words that say the same: "Do all dogs need ...?" is "Does every dog
+# need ...?" and "Does each dog need ...?" (a hunt: vetoed as swapped).
+_SAME_SCOPE = {"every": "all", "each": "all"}
+
+
 def _scope(tokens: list[str]) -> frozenset[str]:
-    scope = {t for i, t in enumerate(tokens) if t in SCOPE_WORDS and _says_scope(tokens, i)}
+    scope = {
+        _SAME_SCOPE.get(t, t) for i, t in enumerate(tokens) if t in SCOPE_WORDS and _says_scope(tokens, i)
+    }
     for i, token in enumerate(tokens):
         if token in _SCOPE_SPELLING_STARTS:
             for words in ((token,), tuple(tokens[i : i + 2])):
