@@ -2619,6 +2619,28 @@ def test_dates_times_fractions_and_compound_numbers_are_read_as_said(a, b, vetoe
     assert (vetoed_by(a, b) is not None) is vetoed
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A degree sign and the world wars' initials as words say them (a hunt: read as names).
+        ("Is 100 degrees Fahrenheit a fever?", "Is 100°F a fever?", False),
+        ("Is 38 degrees Celsius a fever?", "Is 38 °C a fever?", False),
+        ("When did World War II end?", "When did WWII end?", False),
+        ("Why did WW2 start?", "Why did World War II start?", False),
+        ("Is 100°F a fever?", "Is 100°C a fever?", True),
+        ("When did WWI end?", "When did WWII end?", True),
+        # How long one should wait is how long one must (a hunt: vetoed as advice against a duty).
+        ("How long should I wait after eating to swim?", "How long must I wait after eating to swim?", False),
+        ("How long should I keep tax records?", "How long must I keep tax records?", True),
+        # "What shouldn't I eat?" asks what to avoid; "Why shouldn't I ...?" is left to the count.
+        ("What foods should I avoid when pregnant?", "What foods shouldn't I eat while pregnant?", False),
+        ("Why should I avoid sugar?", "Why shouldn't I eat sugar?", True),
+    ],
+)
+def test_degree_signs_war_initials_waits_and_things_to_avoid_are_read(a, b, vetoed):
+    assert (vetoed_by(a, b) is not None) is vetoed
+
+
 def test_ratios_code_and_ambiguous_dates_keep_their_numbers():
     assert analyze("Is a 24/7 pharmacy open?").numbers == {"24": 1, "7": 1}
     assert analyze("Is it 50/50?").numbers == {"50": 2}

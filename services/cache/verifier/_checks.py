@@ -294,6 +294,16 @@ _PLACES_AND_OWNERS = (
 )
 
 
+# Questions that ask which things to leave alone with a "shouldn't": "What
+# foods shouldn't I eat while pregnant?" asks what to avoid (a hunt: vetoed
+# against "What foods should I avoid ...?"). Not "why", which asks a reason.
+_ASKING_WHICH = _words("what which")
+
+
+def _advised_against(tokens: tuple[str, ...], at: int) -> bool:
+    return at > 0 and tokens[at - 1] == "should" and bool(tokens) and tokens[0] in _ASKING_WHICH
+
+
 def _a_wanted_not(side: Analysis) -> bool:
     """Whether every negation of ``side`` says what is wanted not to happen,
     as "avoid", "for free" and "keep from" do: "without" anything, "no" and
@@ -315,7 +325,7 @@ def _a_wanted_not(side: Analysis) -> bool:
             return False
         before = tokens[max(0, at - 3) : at]
         if at in side.contracted:
-            if not _MAKING_SURE.intersection(tokens[max(0, at - 6) : at]):
+            if not (_MAKING_SURE.intersection(tokens[max(0, at - 6) : at]) or _advised_against(tokens, at)):
                 return False
             continue
         if not (
@@ -1658,6 +1668,7 @@ _MODAL_FORCE = {
 }
 # Forces that leave it to one: what "have to" and "need to" never ask.
 _LEAVE = frozenset({"permission", "option"})
+_ADVICE_AND_DUTY = {frozenset({"advice"}), frozenset({"obligation"})}
 
 
 # A modal's word used otherwise: "a can", "before May", "on May 1st", "late
@@ -1926,6 +1937,11 @@ def modal_veto(a: Analysis, b: Analysis) -> bool:
         if _waits_against_how_soon(a.tokens, b.tokens) or _waits_against_how_soon(b.tokens, a.tokens):
             return False
         forces_a, forces_b = _modal_forces(a.tokens), _modal_forces(b.tokens)
+        if {forces_a, forces_b} == _ADVICE_AND_DUTY and "wait" in a.token_set & b.token_set:
+            # How long one should wait is how long one must: "How long
+            # should I wait after eating to swim?" / "How long must I wait
+            # ...?" (a hunt: vetoed as advice against a duty).
+            return False
         return bool(forces_a) and bool(forces_b) and forces_a != forces_b
     wh_a, wh_b = _wh_question(a.tokens), _wh_question(b.tokens)
     if wh_a is not None and wh_b is not None:

@@ -181,7 +181,20 @@ def _and_a_half(match: re.Match) -> str:
     return _written(value + 0.5)
 
 
+# A degree sign as the words it stands for: "100°F" is "100 degrees
+# Fahrenheit" (a hunt: the "F" read as a name against "Fahrenheit"); NFKC
+# writes "℉" as "°F".
+_DEGREES = re.compile(r"°\s*([CF])\b|°")
+_SCALES = {"C": " degrees Celsius", "F": " degrees Fahrenheit", None: " degrees"}
+# The world wars by their initials: "WWII" and "WW2" are "World War II" (a
+# hunt: read as a name against "World War II").
+_WORLD_WAR = re.compile(r"\bWW ?(II|I|2|1)\b")
+_WAR_NUMBERS = {"II": "II", "2": "II", "I": "I", "1": "I"}
+
+
 def _numbers_as_said(text: str) -> str:
+    text = _DEGREES.sub(lambda sign: _SCALES[sign.group(1)], text)
+    text = _WORLD_WAR.sub(lambda war: f"World War {_WAR_NUMBERS[war.group(1)]}", text)
     text = _ISO_DATE.sub(_iso_date, _SLASHED_DATE.sub(_slashed_date, text))
     text = _WHOLE_HOUR.sub(r"\1", _CLOCK.sub(_clock, text))
     if not _CODE_SIGNS.search(text):
