@@ -702,6 +702,10 @@ def test_ordinals_and_compound_numbers_are_numbers(a, b, vetoed):
         # Coming and going with opposite particles, left and right (a hunt: served at 0.90-0.94).
         ("When did the Berlin Wall go up?", "When did the Berlin Wall come down?", True),
         ("What time does the tide come in at Brighton?", "What time does the tide go out at Brighton?", True),
+        # "into" is "in" as a particle (a hunt: served at 0.94).
+        ("When do bears come out of hibernation?", "When do bears go into hibernation?", True),
+        ("How do I move money out of savings?", "How do I move money into savings?", True),
+        ("How do I turn a PDF into a Word document?", "How do I convert a PDF into Word?", False),
         (
             "I'm left handed. Which side should the mouse be on?",
             "I'm right handed. Which side should the mouse be on?",
