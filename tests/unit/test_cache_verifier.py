@@ -185,7 +185,7 @@ def test_a_thing_prevented_either_way_or_a_converse_keeps_polarity(a, b):
     [
         # Said on both sides, "avoid" excuses no "not" ...
         ("How do I avoid paying taxes?", "How do I not avoid paying taxes?"),
-        ("Can I get Netflix for free?", "Can't I get Netflix for free?"),
+        ("Can I get Netflix for free?", "Why can't I get Netflix for free?"),
         # ... and it is never counted as one: QQP says "avoid" for "overcome".
         ("Don't cancel my subscription", "Cancel my subscription"),
         # Nor does it excuse a "not" that says a state, not a wish (a hunt:
@@ -2643,6 +2643,83 @@ def test_dates_times_fractions_and_compound_numbers_are_read_as_said(a, b, vetoe
 )
 def test_degree_signs_war_initials_waits_and_things_to_avoid_are_read(a, b, vetoed):
     assert (vetoed_by(a, b) is not None) is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # since / until bound a time from opposite sides (a hunt: 4 of 5 served).
+        (
+            "I've lived in the US since 2020. Am I a tax resident?",
+            "I lived in the US until 2020. Am I a tax resident?",
+            True,
+        ),
+        ("I have had this job since March. Do I qualify?", "I had this job until March. Do I qualify?", True),
+        (
+            "I've lived here since 2020. Am I a resident?",
+            "I have lived here since 2020. Am I a resident?",
+            False,
+        ),
+        # A time of day replaced (a hunt: 3 served), unless a wanted "not" says it otherwise.
+        ("I take melatonin at night. Is that ok?", "I take melatonin in the morning. Is that ok?", True),
+        ("Good morning! Is the pharmacy open at night?", "Is the pharmacy open at night?", False),
+        # How bad a condition is (a hunt: 2 served).
+        ("I have mild acne. What should I use?", "I have severe acne. What should I use?", True),
+        # How often, by rank or by period (a hunt: 6 served).
+        (
+            "I occasionally get heartburn. What should I do?",
+            "I constantly get heartburn. What should I do?",
+            True,
+        ),
+        ("I run every day. Do I need rest days?", "I run once a week. Do I need rest days?", True),
+        ("I feed my cat twice a day. Is that enough?", "I feed my cat once a day. Is that enough?", True),
+        ("I run every day. Do I need rest days?", "I run daily. Do I need rest days?", False),
+        (
+            "How many times a day should I brush my teeth?",
+            "How often each day should I brush my teeth?",
+            False,
+        ),
+        ("How often should I water my lawn?", "How many times a week should I water my lawn?", False),
+        # "w/o" is "without"; "half a dozen" is 6.
+        ("How do I cook rice w/o a rice cooker?", "How do I cook rice without a rice cooker?", False),
+        ("How much is half a dozen eggs?", "How much are 6 eggs?", False),
+        ("How much is half a dozen eggs?", "How much is a dozen eggs?", True),
+        # A country by a short name, not by its people's adjective.
+        ("When did the UK leave the EU?", "When did Britain leave the EU?", False),
+        ("How do I create a user in Postgres?", "How do I create a user in PostgreSQL?", False),
+        ("Can an Irish citizen work in Britain?", "Can a British citizen work in Ireland?", True),
+    ],
+)
+def test_bounds_times_of_day_severity_frequency_and_short_names_are_read(a, b, vetoed):
+    assert (vetoed_by(a, b) is not None) is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A yes/no question opening with a contracted "not" asks the same, expecting a yes.
+        ("Isn't it bad to sleep with wet hair?", "Is it bad to sleep with wet hair?", False),
+        ("Don't I need a passport to fly to Canada?", "Do I need a passport to fly to Canada?", False),
+        ("Can't I just use bleach to clean mold?", "Can I just use bleach to clean mold?", False),
+        # Not a wh-question, nor a "not" written out before an -ing, nor another auxiliary.
+        ("Why isn't my code working?", "Why is my code working?", True),
+        ("Does not smoking improve your health?", "Does smoking improve your health?", True),
+        ("Isn't it bad to sleep with wet hair?", "Should I sleep with wet hair?", True),
+        # "the most recent" and "the latest" are "the last" against it; alone, a weak scope word.
+        ("How do I undo the last commit in git?", "How do I undo the most recent commit in git?", False),
+        (
+            "What are the best websites for Hindi movies?",
+            "What are the best websites for the latest Hindi movies?",
+            False,
+        ),
+    ],
+)
+def test_questions_expecting_yes_and_the_latest_as_the_last(a, b, vetoed):
+    if "commit" in a or "websites" in a:
+        assert verifier.scope_veto(analyze(a), analyze(b)) is vetoed
+    else:
+        assert verifier.negation_veto(analyze(a), analyze(b)) is vetoed
+        assert verifier.negation_veto(analyze(b), analyze(a)) is vetoed
 
 
 def test_ratios_code_and_ambiguous_dates_keep_their_numbers():
