@@ -155,7 +155,13 @@ def _how_often(tokens: tuple[str, ...]) -> tuple[frozenset, frozenset]:
     return frozenset(ranks), frozenset(periods)
 
 
+# The words how often is said with, to look for it at a glance.
+_OFTEN_CUES = frozenset(_OFTEN) | frozenset(_PERIODICALLY) | frozenset(_TIMES) | _EACH | {"times"}
+
+
 def _how_often_changed(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    if _OFTEN_CUES.isdisjoint(a) or _OFTEN_CUES.isdisjoint(b):
+        return False
     (ranks_a, periods_a), (ranks_b, periods_b) = _how_often(a), _how_often(b)
     return bool(ranks_a and ranks_b and ranks_a != ranks_b) or bool(
         periods_a and periods_b and periods_a != periods_b
@@ -1111,6 +1117,10 @@ def greeting_times(tokens: tuple[str, ...]) -> frozenset[str]:
         if singular(token) in TIMES_OF_DAY:
             (greeted if at and tokens[at - 1] in _GREETING_BEFORE else said).add(singular(token))
     return frozenset(greeted - said)
+
+
+# The words a time of day is said with, to look for one at a glance.
+_TIME_OF_DAY_FORMS = TIMES_OF_DAY | {time + "s" for time in TIMES_OF_DAY}
 
 
 def _times_of_day(analysis: Analysis) -> frozenset[str]:
@@ -2252,9 +2262,11 @@ def time_frame_veto(a: Analysis, b: Analysis) -> bool:
     by another is another time."""
     if a.time_frames and b.time_frames and a.time_frames != b.time_frames:
         return True
-    if _replaced(_times_of_day(a), _times_of_day(b)) and not any(
-        side.negations and _a_wanted_not(side) for side in (a, b)
-    ):
+    if (
+        not _TIME_OF_DAY_FORMS.isdisjoint(a.token_set)
+        and not _TIME_OF_DAY_FORMS.isdisjoint(b.token_set)
+        and _replaced(_times_of_day(a), _times_of_day(b))
+    ) and not any(side.negations and _a_wanted_not(side) for side in (a, b)):
         # "I take melatonin at night." / "... in the morning." (a hunt: 3
         # served at 0.90-0.92). Not where a "not" says what is wanted: "How
         # do I stop my dog barking at night?" / "... get him to not bark
