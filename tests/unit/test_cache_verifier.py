@@ -1194,6 +1194,12 @@ def test_two_persons_traded_are_vetoed(a, b, vetoed):
             "What's the difference between pre-tax and post-tax deductions? Is health insurance post-tax?",
             True,
         ),
+        # In either number: "lists and tuples" names "a list" and "a tuple".
+        (
+            "I'm comparing Python lists and tuples. How do I add an item to a list?",
+            "I'm comparing Python lists and tuples. How do I add an item to a tuple?",
+            True,
+        ),
         # Two options traded is a list read either way; a stop word is no option.
         ("Which is faster, TCP or UDP?", "Which is faster, UDP or TCP?", False),
         (
@@ -1205,6 +1211,18 @@ def test_two_persons_traded_are_vetoed(a, b, vetoed):
 )
 def test_the_other_option_both_name_asked_about_is_vetoed(a, b, vetoed):
     assert (vetoed_by(a, b) == "entity") is vetoed
+
+
+def test_two_things_traded_in_either_number_are_vetoed():
+    context = "I have a cat and a dog and got flea medicine. "
+    assert (
+        vetoed_by(
+            context + "Can the dog medicine be used on cats?",
+            context + "Can the cat medicine be used on dogs?",
+        )
+        == "role"
+    )
+    assert vetoed_by("Can the dog medicine be used on cats?", "Can the dog medicine be used on cats?") is None
 
 
 @pytest.mark.parametrize(
