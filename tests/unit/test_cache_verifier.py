@@ -1318,11 +1318,9 @@ def test_what_had_happened_is_not_what_would(a, b, vetoed):
         ("How much should a 6 month old eat?", "How much should a 6 month old have eaten?", True),
         ("Should I sell my Nvidia stock?", "Should I have sold my Nvidia stock?", True),
         ("Should I invest in bitcoin?", "Should've I invested in bitcoin?", True),
-        (
-            "My dog might eat chocolate, what are the symptoms?",
-            "My dog must have eaten chocolate, what are the symptoms?",
-            True,
-        ),
+        # Not "must have", a duty as often, nor a causative's "have it removed" (a review).
+        ("How long must I have lived in the US to apply?", "How long must I live in the US to apply?", False),
+        ("Should I have it removed?", "Should I get it removed?", False),
         # Both look back, or neither: the same question.
         ("Should I have sold my Nvidia stock?", "Should I have sold my shares of Nvidia?", False),
         (
@@ -1859,10 +1857,23 @@ def test_how_often_is_no_scope_and_all_every_each_are_one(a, b, vetoed):
             "Is an alligator less dangerous than a crocodile?",
             False,
         ),
+        # A word the things compared share stays where it is.
         (
             "Does hot water freeze faster than cold water?",
             "Does cold water freeze slower than hot water?",
             False,
+        ),
+        ("Is Python slower than C++?", "Is C++ faster than Python?", False),
+        (
+            "Is a 2 year old Honda more reliable than a 5 year old Toyota?",
+            "Is a 5 year old Honda less reliable than a 2 year old Toyota?",
+            True,
+        ),
+        # A word inside them traded is no converse (a review).
+        (
+            "Is a used Honda more reliable than a new Toyota?",
+            "Is a new Honda less reliable than a used Toyota?",
+            True,
         ),
         ("Is Mount Everest taller than K2?", "Is K2 shorter than Mount Everest?", False),
         # The things traded alone, or the comparative alone, is another question.
@@ -2651,8 +2662,9 @@ def test_dates_times_fractions_and_compound_numbers_are_read_as_said(a, b, vetoe
         ("Why did WW2 start?", "Why did World War II start?", False),
         ("Is 100°F a fever?", "Is 100°C a fever?", True),
         ("When did WWI end?", "When did WWII end?", True),
-        # How long one should wait is how long one must (a hunt: vetoed as advice against a duty).
-        ("How long should I wait after eating to swim?", "How long must I wait after eating to swim?", False),
+        # Advice against a duty stays a change, for a wait too (a review: "How long must you wait
+        # to buy a gun?" was served against "should").
+        ("How long should I wait to buy a gun?", "How long must I wait to buy a gun?", True),
         ("How long should I keep tax records?", "How long must I keep tax records?", True),
         # "What shouldn't I eat?" asks what to avoid; "Why shouldn't I ...?" is left to the count.
         ("What foods should I avoid when pregnant?", "What foods shouldn't I eat while pregnant?", False),
@@ -2738,6 +2750,53 @@ def test_questions_expecting_yes_and_the_latest_as_the_last(a, b, vetoed):
     else:
         assert verifier.negation_veto(analyze(a), analyze(b)) is vetoed
         assert verifier.negation_veto(analyze(b), analyze(a)) is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A review's wrong hits and misses of this session's first readings.
+        ("Can I take a third pill today?", "Can I take a third of a pill today?", True),
+        ("Are 3/4 of Americans overweight?", "Are three quarters of Americans overweight?", False),
+        (
+            "How much does each ticket cost for the concert?",
+            "How much do all the tickets cost for the concert?",
+            True,
+        ),
+        ("Is thirty two and a half weeks full term?", "Is two and a half weeks full term?", True),
+        ("Is 14:30 a good 5k time?", "Is 2:30 a good 5k time?", True),
+        ("Is it bad to drink coffee every day?", "Is it bad to drink coffee occasionally?", True),
+        ("What did I eat last night?", "What did I eat every night?", True),
+        (
+            "Can't sleep after drinking coffee, what should I do?",
+            "Can I sleep after drinking coffee, what should I do?",
+            True,
+        ),
+        ("Are the Baltic States part of NATO?", "Is the US part of NATO?", True),
+        ("Can I take four hundred twice a day?", "Can I take 400 twice a day?", False),
+        ("Is between five hundred and six hundred enough?", "Is between 500 and 600 enough?", False),
+        ("Is one hundred fifty too many?", "Is 150 too many?", False),
+        ("How many days in Paris is enough?", "How many nights in Paris is enough?", False),
+        ("Should I take melatonin in the evening?", "Should I take melatonin at night?", False),
+        ("Should I wait until 6 months to start solids?", "Can I start solids after 6 months?", False),
+        (
+            "I work 40 hours a week. How many hours is that per day?",
+            "I work 40 hours per week. How many hours is that a day?",
+            False,
+        ),
+        ("Should I text him or should he text me?", "Should he text me or should I text him?", False),
+        ("How do I know if you have a concussion?", "How do you know if you have a concussion?", False),
+    ],
+)
+def test_a_reviews_cases_of_the_new_readings(a, b, vetoed):
+    assert (vetoed_by(a, b) is not None) is vetoed
+
+
+def test_numbers_too_long_to_read_are_left_as_typed():
+    """A review: 400 nines before "1/2 cup" or "and a half" overflowed a float
+    and failed the lookup."""
+    assert analyze("9" * 400 + " 1/2 cup").tokens[-3:] == ("/", "2", "cup")
+    assert "half" in analyze("Is " + "9" * 320 + " and a half big?").tokens
 
 
 def test_ratios_code_and_ambiguous_dates_keep_their_numbers():

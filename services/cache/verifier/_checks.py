@@ -68,6 +68,11 @@ _BOUND_SIDES = {
 }
 
 
+# Before "until", words that make it the bound's other side: "wait until 6
+# months" is "after 6 months" (a review).
+_WAITING = _words("wait waiting waited")
+
+
 def _bounds(tokens: tuple[str, ...]) -> frozenset[tuple[str, str]]:
     bounds = set()
     for at, token in enumerate(tokens):
@@ -80,7 +85,13 @@ def _bounds(tokens: tuple[str, ...]) -> frozenset[tuple[str, str]]:
                 and tokens[at + 2] in _BOUND_SIDES
             ):
                 bounds.add((tokens[at + 2], token))
-    return frozenset((_BOUND_SIDES[word], number) for word, number in bounds)
+    return frozenset(
+        (
+            "more" if word in ("until", "till") and not _WAITING.isdisjoint(tokens) else _BOUND_SIDES[word],
+            number,
+        )
+        for word, number in bounds
+    )
 
 
 def _bound_flipped(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
@@ -103,27 +114,36 @@ def number_veto(a: Analysis, b: Analysis) -> bool:
         or _replaced(*_days_against(a, b))
         or _replaced(a.units, b.units)
         or _numeral_replaced(a, b)
-        or _how_often_changed(a.tokens, b.tokens)
+        or _how_often_changed(a, b)
     )
 
 
 # How often, said by an adverb, as a rank: "I occasionally get heartburn" is
 # not "I constantly get heartburn" (a hunt: 5 such served at 0.90-0.95).
+# "often" and "usually" are one rank ("Do cats usually sleep a lot?").
 _OFTEN = {
     **dict.fromkeys(_words("rarely seldom"), 1),
     **dict.fromkeys(_words("occasionally sometimes"), 2),
-    **dict.fromkeys(_words("often frequently regularly"), 3),
-    **dict.fromkeys(_words("usually normally generally"), 4),
-    **dict.fromkeys(_words("constantly continually always"), 5),
+    **dict.fromkeys(_words("often frequently regularly usually normally generally"), 3),
+    **dict.fromkeys(_words("constantly continually always"), 4),
 }
+_ALWAYS = 4
 # How often, said by a period: "every day", "daily", "once a week", "twice a
 # day", "3 times a week" ("I run every day." / "I run once a week.").
-_PER_PERIOD = {"day": "day", "night": "day", "week": "week", "month": "month", "year": "year", "hour": "hour"}
+_PER_PERIOD = {
+    "day": "day", "night": "day", "morning": "day", "afternoon": "day", "evening": "day", "hour": "hour",
+    "week": "week", "weekend": "week", "month": "month", "year": "year", "season": "season",
+    "quarter": "quarter", "semester": "semester",
+}  # fmt: skip
 _PERIODICALLY = {
     "daily": "day", "nightly": "day", "weekly": "week", "monthly": "month",
     "yearly": "year", "annually": "year", "hourly": "hour",
 }  # fmt: skip
-_EACH = _words("every each per")
+_EACH = _words("every each")
+# Before a period, words that say a rate only after a count of times ("twice
+# a day", "3 times per week"); alone, "per" and "a" say a rate of something
+# else ("40 hours a week", "how many hours per day", a review).
+_PER = _words("a per")
 _TIMES = {"once": "1", "twice": "2"}
 _SOME_TIMES = _words("several few many multiple couple")
 
@@ -138,7 +158,7 @@ def _how_often(tokens: tuple[str, ...]) -> tuple[frozenset, frozenset]:
             ranks.add(_OFTEN[token])
         elif token in _PERIODICALLY:
             periods.add((_PERIODICALLY[token], "1"))
-        elif token in _EACH or token == "a":
+        elif token in _EACH or token in _PER:
             period = _PER_PERIOD.get(singular(tokens[at + 1])) if at + 1 < len(tokens) else None
             if period is None or "how" in tokens[max(0, at - 4) : at]:
                 continue
@@ -150,22 +170,40 @@ def _how_often(tokens: tuple[str, ...]) -> tuple[frozenset, frozenset]:
                     periods.add((period, "n"))
                 elif (number := _number_of(count)) is not None:
                     periods.add((period, number))
-            elif token != "a":
+            elif token not in _PER:
                 periods.add((period, "1"))
     return frozenset(ranks), frozenset(periods)
 
 
 # The words how often is said with, to look for it at a glance.
 _OFTEN_CUES = frozenset(_OFTEN) | frozenset(_PERIODICALLY) | frozenset(_TIMES) | _EACH | {"times"}
+_DAILY = frozenset({("day", "1")})
 
 
-def _how_often_changed(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    if _OFTEN_CUES.isdisjoint(a) or _OFTEN_CUES.isdisjoint(b):
+def _how_often_changed(a: Analysis, b: Analysis) -> bool:
+    """How often said otherwise on the two sides: two ranks, two periods,
+    or a rank against a period (but always against daily: "Why do I always
+    wake up at 3am?" / "... every night?"); or a period's frequency against
+    one time frame ("What did I eat last night?" / "... every night?", a
+    review: "every" and "last" before a period say no scope since)."""
+    cued_a, cued_b = not _OFTEN_CUES.isdisjoint(a.token_set), not _OFTEN_CUES.isdisjoint(b.token_set)
+    if not (cued_a or cued_b):
         return False
-    (ranks_a, periods_a), (ranks_b, periods_b) = _how_often(a), _how_often(b)
-    return bool(ranks_a and ranks_b and ranks_a != ranks_b) or bool(
-        periods_a and periods_b and periods_a != periods_b
-    )
+    (ranks_a, periods_a), (ranks_b, periods_b) = _how_often(a.tokens), _how_often(b.tokens)
+    if (periods_a and b.time_frames and not a.time_frames) or (
+        periods_b and a.time_frames and not b.time_frames
+    ):
+        return True
+    if not (cued_a and cued_b):
+        return False
+    if ranks_a and ranks_b:
+        return ranks_a != ranks_b
+    if periods_a and periods_b:
+        return periods_a != periods_b
+    for ranks, periods in ((ranks_a, periods_b), (ranks_b, periods_a)):
+        if ranks and periods and not (ranks == {_ALWAYS} and periods == _DAILY):
+            return True
+    return False
 
 
 def _ordinals_named(side: Analysis, other: Analysis) -> Counter:
@@ -424,7 +462,9 @@ def _asked_expecting_yes(side: Analysis, other: Analysis) -> int:
         return 0
     if _opening_not(side) != "contracted" or _opening_not(other) or others[1:2] == ("not",):
         return 0
-    return int(tokens[0] == others[0])
+    # The same subject after the auxiliary: "Can't sleep after coffee, what
+    # should I do?" says no subject and asks no "can I" (a review).
+    return int(tokens[0] == others[0] and tokens[2] == others[1])
 
 
 def negation_veto(a: Analysis, b: Analysis) -> bool:
@@ -850,8 +890,9 @@ def _unmatched_names(a: Analysis, b: Analysis) -> list[tuple[str, str, str]]:
 # postal codes of one-word states (a hunt: "in CA" / "in California" vetoed
 # as a name replaced, 0.91-0.94 without the veto; not "LA", mostly Los
 # Angeles, nor "WA", beside Washington D.C.), and programs commonly
-# shortened ("JS", "Win 11"). A country by a short name: "the States",
-# "Britain" (a hunt: 5 such paraphrases vetoed). Not by its people's
+# shortened ("JS", "Win 11"). A country by a short name: "Britain" (a hunt:
+# vetoed as a name replaced); not "States" ("the Baltic States", a review).
+# Not by its people's
 # adjective ("an American license"): "Can an Irish citizen work in
 # Britain?" was then served "Can a British citizen work in Ireland?"'s
 # answer, the adjective and the country traded.
@@ -861,7 +902,7 @@ me maine md maryland ma massachusetts mi michigan mn minnesota ms mississippi mo
 mt montana ne nebraska nv nevada oh ohio ok oklahoma or oregon pa pennsylvania tn tennessee tx texas
 ut utah vt vermont va virginia wi wisconsin wy wyoming"""
 _NAME_GROUPS = [
-    ("us", "usa", "states"),
+    ("us", "usa"),
     ("uk", "britain"),
     *zip(_ordered_words(_STATE_CODES)[::2], _ordered_words(_STATE_CODES)[1::2], strict=True),
     ("js", "javascript"),
@@ -1131,6 +1172,17 @@ _TIME_OF_DAY_FORMS = TIMES_OF_DAY | {time + "s" for time in TIMES_OF_DAY}
 def _times_of_day(analysis: Analysis) -> frozenset[str]:
     said = frozenset(singular(token) for token in analysis.token_set) & TIMES_OF_DAY
     return said - greeting_times(analysis.tokens)
+
+
+# The times of day one is asked about at, against another: "day" says a
+# length as often ("How many days in Paris?" / "... nights?", "per day" /
+# "per night"), and the evening is the night's start ("take melatonin in
+# the evening" / "at night"): a review.
+_TIMES_TO_TELL = {"morning": "morning", "afternoon": "afternoon", "evening": "night", "night": "night"}
+
+
+def _times_told(analysis: Analysis) -> frozenset[str]:
+    return frozenset(_TIMES_TO_TELL[time] for time in _times_of_day(analysis) if time in _TIMES_TO_TELL)
 
 
 def topic_entity_veto(a: Analysis, b: Analysis) -> bool:
@@ -1670,16 +1722,22 @@ def _pronouns_traded(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
     no one."""
     if len(x) != len(y) or x == y:
         return False
+    if Counter(x) == Counter(y) and not _JOINING.isdisjoint(x):
+        # "Should I text him or should he text me?" read the other way round
+        # (a review): a list in another order, _spans_swapped's.
+        return False
     one_side, other_side = _in_persons(x), _in_persons(y)
     persons = {word for word in one_side if word[0] == "@"}
-    moved = False
+    moved, places = False, 0
     for one, other in zip(one_side, other_side, strict=True):
         if one == other:
             continue
         if not (one[0] == "@" and other[0] == "@"):
             return False
-        moved = moved or other in persons
-    return moved
+        moved, places = moved or other in persons, places + 1
+    # One place changed is a person said otherwise, not moved: "How do I
+    # know if you have a concussion?" / "How do you know ...?" (a review).
+    return moved and places >= 2
 
 
 def _owner_traded(noun: str, possessive: str, by_pronoun: Analysis, by_noun: Analysis) -> bool:
@@ -1787,7 +1845,6 @@ _MODAL_FORCE = {
 }
 # Forces that leave it to one: what "have to" and "need to" never ask.
 _LEAVE = frozenset({"permission", "option"})
-_ADVICE_AND_DUTY = {frozenset({"advice"}), frozenset({"obligation"})}
 
 
 # A modal's word used otherwise: "a can", "before May", "on May 1st", "late
@@ -2056,11 +2113,6 @@ def modal_veto(a: Analysis, b: Analysis) -> bool:
         if _waits_against_how_soon(a.tokens, b.tokens) or _waits_against_how_soon(b.tokens, a.tokens):
             return False
         forces_a, forces_b = _modal_forces(a.tokens), _modal_forces(b.tokens)
-        if {forces_a, forces_b} == _ADVICE_AND_DUTY and "wait" in a.token_set & b.token_set:
-            # How long one should wait is how long one must: "How long
-            # should I wait after eating to swim?" / "How long must I wait
-            # ...?" (a hunt: vetoed as advice against a duty).
-            return False
         return bool(forces_a) and bool(forces_b) and forces_a != forces_b
     wh_a, wh_b = _wh_question(a.tokens), _wh_question(b.tokens)
     if wh_a is not None and wh_b is not None:
@@ -2281,7 +2333,7 @@ def time_frame_veto(a: Analysis, b: Analysis) -> bool:
     if (
         not _TIME_OF_DAY_FORMS.isdisjoint(a.token_set)
         and not _TIME_OF_DAY_FORMS.isdisjoint(b.token_set)
-        and _replaced(_times_of_day(a), _times_of_day(b))
+        and _replaced(_times_told(a), _times_told(b))
     ) and not any(side.negations and _a_wanted_not(side) for side in (a, b)):
         # "I take melatonin at night." / "... in the morning." (a hunt: 3
         # served at 0.90-0.92). Not where a "not" says what is wanted: "How
@@ -2365,10 +2417,10 @@ def mood_veto(a: Analysis, b: Analysis) -> bool:
 # saved", "must have eaten", "could I have prevented". Not "would": "What
 # would you have done ...?" and "What would you do ...?" ask one thing (two
 # QQP duplicates).
-_LOOKING_BACK_MODALS = _words("should could must might may ought")
+_LOOKING_BACK_MODALS = _words("should could might may ought")
 # Words a perfect's participle may stand after: "should I have already
 # paid", "could've I prevented", "should I have been saving".
-_BEFORE_A_LOOKING_BACK_PARTICIPLE = _SUBJECT_PRONOUNS | _words("already just really actually been")
+_BEFORE_A_LOOKING_BACK_PARTICIPLE = _words("already just really actually been")
 # How far a modal may stand before its "have" or its verb: "how much should
 # a 6 month old have eaten".
 _MODAL_REACH = 5
@@ -2382,6 +2434,13 @@ def _looked_back_on(tokens: tuple[str, ...]) -> frozenset[str]:
         if token != "have" or _LOOKING_BACK_MODALS.isdisjoint(tokens[max(0, at - _MODAL_REACH) : at]):
             continue
         after = at + 1
+        if (
+            after < len(tokens) - 1
+            and tokens[after] in _SUBJECT_PRONOUNS
+            and at
+            and tokens[at - 1] in _LOOKING_BACK_MODALS
+        ):
+            after += 1  # "could've I prevented it": the subject after the clitic
         while after < len(tokens) - 1 and tokens[after] in _BEFORE_A_LOOKING_BACK_PARTICIPLE:
             after += 1
         if after < len(tokens) and (_a_participle(tokens[after]) or tokens[after - 1] == "been"):
@@ -2539,17 +2598,71 @@ def _converse_comparison(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
     dangerous than an alligator?" / "Is an alligator less dangerous than a
     crocodile?" (a hunt: 10 such paraphrases vetoed, as a negation or roles
     swapped). One comparative on one side said by its converse, and the two
-    things compared traded around its "than"; nothing else differs."""
-    if "than" not in x or "than" not in y or len(x) != len(y):
+    things compared traded around its "than", each whole; nothing else
+    differs (_compared_traded)."""
+    if "than" not in x or "than" not in y:
         return False
     for at, token in enumerate(y):
         for converse in _CONVERSES.get(token, ()):
-            if token == x[at] or converse not in x:
+            if converse not in x:
                 continue
             turned = (*y[:at], converse, *y[at + 1 :])
-            if _spans_swapped(x, turned) and "than" in x[x.index(converse) :]:
+            if turned != x and _compared_traded(x, x.index(converse), turned, at):
                 return True
     return False
+
+
+# The most words between a comparative and its "than": "easier to learn
+# than", "higher in calories than".
+_MOST_BEFORE_THAN = 3
+
+
+def _compared_traded(x: tuple[str, ...], at_x: int, y: tuple[str, ...], at_y: int) -> bool:
+    """Whether ``x`` and ``y``, each with the same comparative (at ``at_x``,
+    ``at_y``) and the same words up to its "than", trade the things before it
+    and after the "than", each whole. Words both sides keep inside the things
+    must be the same on both sides of the "than" ("hot water" / "cold water"
+    keep "water"); a word traded inside them alone is no converse ("a used
+    Honda ... than a new Toyota" / "a new Honda ... than a used Toyota": a
+    review found vetoes skipped there)."""
+    than_x, than_y = _than_after(x, at_x), _than_after(y, at_y)
+    if than_x is None or than_y is None or x[at_x : than_x + 1] != y[at_y : than_y + 1]:
+        return False
+    first_x, first_y, kept_first = _apart(x[:at_x], y[:at_y])
+    second_x, second_y, kept_second = _apart(x[than_x + 1 :], y[than_y + 1 :])
+    return (
+        bool(first_x)
+        and _undetermined(first_x) == _undetermined(second_y)
+        and _undetermined(second_x) == _undetermined(first_y)
+        and kept_first[: len(kept_second)] == kept_second[: len(kept_first)]
+    )
+
+
+def _than_after(tokens: tuple[str, ...], at: int) -> int | None:
+    return next(
+        (i for i in range(at + 1, min(at + 2 + _MOST_BEFORE_THAN, len(tokens))) if tokens[i] == "than"), None
+    )
+
+
+def _apart(
+    x: tuple[str, ...], y: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The parts of ``x`` and ``y`` between what they start and end with
+    alike, and what they end with alike."""
+    start = 0
+    while start < min(len(x), len(y)) and x[start] == y[start]:
+        start += 1
+    end = 0
+    while end < min(len(x), len(y)) - start and x[len(x) - 1 - end] == y[len(y) - 1 - end]:
+        end += 1
+    return x[start : len(x) - end], y[start : len(y) - end], x[len(x) - end :]
+
+
+def _undetermined(span: tuple[str, ...]) -> tuple[str, ...]:
+    at = 0
+    while at < len(span) and span[at] in _DETERMINERS:
+        at += 1
+    return span[at:]
 
 
 def structural_veto(a: Analysis, b: Analysis, *, parts_checked: bool = False) -> str | None:

@@ -100,7 +100,13 @@ _MONTH_NAMES = _ordered_words(
 # A time on the 24-hour clock, and whole hours: "14:30" is "2:30 pm",
 # "18:00" "6 pm", "6:00 pm" "6 pm". An hour under 12 is a morning's only
 # with its leading zero ("09:30"; "9:30" may be either half of the day).
-_CLOCK = re.compile(r"(?<![\w:.,])(\d{1,2}):([0-5]\d)(?![\w:])(?!\s*[ap]\.?m\b)", re.IGNORECASE)
+# Only after a word that puts a time of day after it ("at 14:30", "leaves
+# 14:30" is no such): "Is 14:30 a good 5k time?" asks a duration (a review).
+_CLOCK = re.compile(
+    r"\b(at|by|from|until|till|before|after|around|about|between|and|or|to|past|since) "
+    r"(\d{1,2}):([0-5]\d)(?![\w:])(?!\s*[ap]\.?m\b)",
+    re.IGNORECASE,
+)
 _WHOLE_HOUR = re.compile(r"(?<![\w:.,])(\d{1,2}):00(?=\s*[ap]\.?m\b)", re.IGNORECASE)
 # A fraction of halves, thirds, quarters or eighths, after a whole number
 # or alone, before a measure, as its decimal: "1/2 cup" is "0.5 cup" ("half
@@ -114,10 +120,13 @@ _MEASURES = _words(
     inches miles pounds ounces hours tablet tablets pill pills dose"""
 )
 _CODE_SIGNS = re.compile(r"[=<>*+`(){}\[\]]")
-# Quarters and thirds of a measure: "three quarters of a cup" is 0.75 of
-# one ("3/4 cup"), "a quarter teaspoon" 0.25 (a quarter alone may be a coin).
+# Quarters and thirds: "three quarters of a cup" is 0.75 of one ("3/4
+# cup"), "three quarters of Americans" "0.75 of Americans" ("3/4 of"), "a
+# quarter teaspoon" 0.25. A quarter alone may be a coin, and "a third"
+# without an "of" is an ordinal ("a third pill", "for a third day": a
+# review found them served against "a third of a pill").
 _PARTS_OF = re.compile(
-    r"\b(a|one|two|three|[1-3]) (quarters?|thirds?) ((?:of|a|an|the) )*([^\W\d_]+)", re.IGNORECASE
+    r"\b(a|one|two|three|[1-3]) (quarters?|thirds?) (of )?((?:a|an|the) )*([^\W\d_]+)", re.IGNORECASE
 )
 _PARTS = {"quarter": 4, "quarters": 4, "third": 3, "thirds": 3}
 # "one and a half" is 1.5, "two and a half" 2.5.
@@ -146,37 +155,54 @@ def _iso_date(match: re.Match) -> str:
 
 
 def _clock(match: re.Match) -> str:
-    hour, minutes = int(match.group(1)), match.group(2)
+    before, hour, minutes = match.group(1), int(match.group(2)), match.group(3)
     if 13 <= hour <= 23:
-        return f"{hour - 12}:{minutes} pm"
+        return f"{before} {hour - 12}:{minutes} pm"
     if hour == 12:
-        return f"12:{minutes} pm"
+        return f"{before} 12:{minutes} pm"
     if hour == 0:
-        return f"12:{minutes} am"
-    if match.group(1).startswith("0"):
-        return f"{hour}:{minutes} am"
+        return f"{before} 12:{minutes} am"
+    if match.group(2).startswith("0"):
+        return f"{before} {hour}:{minutes} am"
     return match.group()
+
+
+# The most digits a whole number before a fraction or "and a half" is read
+# with: a longer one is left as typed (a review: 400 nines overflowed a float).
+_MOST_DIGITS = 12
 
 
 def _fraction(match: re.Match) -> str:
     numerator, denominator, measure = int(match.group(2)), int(match.group(3)), match.group(4)
     if numerator >= denominator or not (measure.lower() in _MEASURES or measure.lower() in UNIT_WORDS):
         return match.group()
+    if len(match.group(1) or "") > _MOST_DIGITS:
+        return match.group()
     value = int(match.group(1) or 0) + numerator / denominator
     return f"{_written(round(value, 4))} {measure}"
 
 
 def _parts_of(match: re.Match) -> str:
-    count, part, measure = match.group(1).lower(), match.group(2).lower(), match.group(4)
+    count, part, of, measure = match.group(1).lower(), match.group(2).lower(), match.group(3), match.group(5)
     parts = _PARTS[part]
     number = {"a": 1, "one": 1, "two": 2, "three": 3}.get(count) or int(count)
-    if number >= parts or not (measure.lower() in _MEASURES or measure.lower() in UNIT_WORDS):
+    if number >= parts:
         return match.group()
+    a_measure = measure.lower() in _MEASURES or measure.lower() in UNIT_WORDS
+    if of and not a_measure:
+        return f"{_written(round(number / parts, 4))} of {match.group(4) or ''}{measure}"
+    if not of and (part.startswith("third") or not a_measure):
+        return match.group()
+    # "three quarters of a cup" is "0.75 cup", as "3/4 cup" reads.
     return f"{_written(round(number / parts, 4))} {measure}"
 
 
 def _and_a_half(match: re.Match) -> str:
     whole = match.group(1).lower()
+    before = match.string[: match.start()].split()[-1:]
+    if len(whole) > _MOST_DIGITS or (before and before[0].lower() in _TENS_WORDS):
+        # "thirty two and a half" is 32.5, which this does not read.
+        return match.group()
     value = int(whole) if whole.isdigit() else (1 if whole == "one" else NUMBER_WORDS[whole])
     return _written(value + 0.5)
 
@@ -1099,6 +1125,12 @@ def analyze_uncached(text: str) -> Analysis:
             if rest:
                 read_with_the_one_before.update(read)
                 number = _written(float(number) + rest)
+        elif number is not None and token in _MULTIPLIERS:
+            # "one hundred fifty" ("one" is no count here), "a hundred and one".
+            rest, read = _said_after_a_multiplier(tokens, at + 1, _MULTIPLIERS[token])
+            if rest:
+                read_with_the_one_before.update(read)
+                number = _written(float(number) + rest)
         elif token in ORDINAL_WORDS and not _a_time_second(tokens, at):
             # Not the count ("the second most populated city" is no "the 2
             # most populated cities"), but in a date ("July fourth").
@@ -1280,34 +1312,44 @@ def _a_time_second(tokens: list[str], at: int) -> bool:
     )
 
 
+# The number words that may follow a multiplier within one number: units,
+# teens and tens ("three hundred fifty", "two thousand and ten"), not
+# "twice" or "double" ("four hundred twice a day" is 400, a review).
+_WITHIN_A_NUMBER = {
+    word: value
+    for word, value in NUMBER_WORDS.items()
+    if isinstance(value, int) and value < 100 and word not in ("twice", "double", "dozen")
+} | _UNIT_NUMBER_WORDS
+
+
 def _said_after_a_multiplier(tokens: list[str], at: int, factor: int) -> tuple[int, list[int]]:
     """What words at ``at`` add to a number a multiplier of ``factor`` ended,
     and where they stand: "three hundred (and) fifty" is 350, "two thousand
     five hundred" 2500 (a hunt: "three hundred fifty degrees" was vetoed
-    against "350 degrees"). (0, []) where no number word follows."""
+    against "350 degrees"). (0, []) where no number word follows, or where
+    the words start a number of their own ("between five hundred and six
+    hundred": a review read 506 and 100)."""
     read = []
     if tokens[at : at + 1] == ["and"]:
         read.append(at)
         at += 1
     word = tokens[at] if at < len(tokens) else ""
-    if word in _TENS_WORDS:
-        value = NUMBER_WORDS[word]
-        read.append(at)
-        if tokens[at + 1 : at + 2] and tokens[at + 1] in _UNIT_NUMBER_WORDS:
-            value += _UNIT_NUMBER_WORDS[tokens[at + 1]]
-            read.append(at + 1)
-        return value, read
-    value = _UNIT_NUMBER_WORDS.get(word) or NUMBER_WORDS.get(word)
-    if not isinstance(value, int) or not 1 <= value < 20 or value >= factor:
+    value = _WITHIN_A_NUMBER.get(word)
+    if value is None or value >= factor:
         return 0, []
-    if word in _UNIT_NUMBER_WORDS or word in NUMBER_WORDS:
+    read.append(at)
+    if word in _TENS_WORDS and tokens[at + 1 : at + 2] and tokens[at + 1] in _UNIT_NUMBER_WORDS:
+        value += _UNIT_NUMBER_WORDS[tokens[at + 1]]
+        at += 1
         read.append(at)
-        # "two thousand five hundred": the hundreds after the thousands
-        if tokens[at + 1 : at + 2] and _MULTIPLIERS.get(tokens[at + 1], factor) < factor:
-            read.append(at + 1)
-            value *= _MULTIPLIERS[tokens[at + 1]]
-        return value, read
-    return 0, []
+    following = _MULTIPLIERS.get(tokens[at + 1]) if at + 1 < len(tokens) else None
+    if following is not None:
+        if following >= factor:
+            return 0, []
+        # "two thousand five hundred": the hundreds after the thousands.
+        read.append(at + 1)
+        value *= following
+    return value, read
 
 
 def _number_of(token: str) -> str | None:
@@ -1455,15 +1497,24 @@ def _says_scope(tokens: list[str], i: int) -> bool:
     return True
 
 
-# Scope words that say the same: "Do all dogs need ...?" is "Does every dog
-# need ...?" and "Does each dog need ...?" (a hunt: vetoed as swapped).
-_SAME_SCOPE = {"every": "all", "each": "all"}
+# Scope words that say the same. "each" and "every" ask of one at a time
+# ("Should I stretch before every run?" / "... each run?"); "all" says the
+# same where no amount is asked ("Do all dogs need a rabies shot?" / "Does
+# every dog ...?": a hunt, vetoed as swapped), but a total where one is
+# ("How much do all the tickets cost?" against "each ticket": a review found
+# those served while the three were one everywhere).
+_AMOUNT_ASKED = _words("much many long big far often old")
+
+
+def _asks_an_amount(tokens: list[str]) -> bool:
+    return any(
+        t == "how" and tokens[i + 1 : i + 2] and tokens[i + 1] in _AMOUNT_ASKED for i, t in enumerate(tokens)
+    )
 
 
 def _scope(tokens: list[str]) -> frozenset[str]:
-    scope = {
-        _SAME_SCOPE.get(t, t) for i, t in enumerate(tokens) if t in SCOPE_WORDS and _says_scope(tokens, i)
-    }
+    same = {"each": "every"} if _asks_an_amount(tokens) else {"each": "all", "every": "all"}
+    scope = {same.get(t, t) for i, t in enumerate(tokens) if t in SCOPE_WORDS and _says_scope(tokens, i)}
     if "most" in scope and any(
         t == "most" and tokens[i + 1 : i + 2] == ["recent"] for i, t in enumerate(tokens)
     ):
