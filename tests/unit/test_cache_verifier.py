@@ -1824,7 +1824,9 @@ def test_scope_changes_are_vetoed(a, b):
         ("How much protein should I eat every day?", "How much protein should I eat per day?", False),
         ("Is it OK to drink coffee every day?", "Is it OK to drink coffee daily?", False),
         # "all", "every" and "each" say one scope.
-        ("Do all dogs need a rabies shot?", "Does every dog need a rabies shot?", False),
+        # "all" is a total as often: apart from "every" and "each" (two reviews).
+        ("Do all dogs need a rabies shot?", "Does every dog need a rabies shot?", True),
+        ("What is the weight of all the boxes?", "What is the weight of each box?", True),
         ("Should I stretch before every run?", "Should I stretch before each run?", False),
         # "last" with no determiner before a period is a time frame, not a scope.
         (
@@ -1875,7 +1877,10 @@ def test_how_often_is_no_scope_and_all_every_each_are_one(a, b, vetoed):
             "Is a new Honda less reliable than a used Toyota?",
             True,
         ),
-        ("Is Mount Everest taller than K2?", "Is K2 shorter than Mount Everest?", False),
+        ("Is Mount Everest taller than Mont Blanc?", "Is Mont Blanc shorter than Mount Everest?", False),
+        # Not with a measure of the comparison, nor whose things (two reviews).
+        ("Is a 4090 50% faster than a 3090?", "Is a 3090 50% slower than a 4090?", True),
+        ("Is my house bigger than your house?", "Is your house smaller than our house?", True),
         # The things traded alone, or the comparative alone, is another question.
         ("Is the sun bigger than the moon?", "Is the moon bigger than the sun?", True),
         ("Is the sun bigger than the moon?", "Is the sun smaller than the moon?", True),
@@ -2715,7 +2720,8 @@ def test_degree_signs_war_initials_waits_and_things_to_avoid_are_read(a, b, veto
         ("How much is half a dozen eggs?", "How much are 6 eggs?", False),
         ("How much is half a dozen eggs?", "How much is a dozen eggs?", True),
         # A country by a short name, not by its people's adjective.
-        ("When did the UK leave the EU?", "When did Britain leave the EU?", False),
+        # Not "Britain" for "the UK" (Belfast is in one only), nor "States" (a review).
+        ("Is Belfast in UK?", "Is Belfast in Britain?", True),
         ("How do I create a user in Postgres?", "How do I create a user in PostgreSQL?", False),
         ("Can an Irish citizen work in Britain?", "Can a British citizen work in Ireland?", True),
     ],
@@ -2736,7 +2742,9 @@ def test_bounds_times_of_day_severity_frequency_and_short_names_are_read(a, b, v
         ("Does not smoking improve your health?", "Does smoking improve your health?", True),
         ("Isn't it bad to sleep with wet hair?", "Should I sleep with wet hair?", True),
         # "the most recent" and "the latest" are "the last" against it; alone, a weak scope word.
-        ("How do I undo the last commit in git?", "How do I undo the most recent commit in git?", False),
+        # "the most recent" is "the latest", not "the last" ("the last version of Windows", a review).
+        ("How do I see my latest orders?", "How do I see my most recent orders?", False),
+        ("Is Windows 10 the last version of Windows?", "Is Windows 10 the latest version of Windows?", True),
         (
             "What are the best websites for Hindi movies?",
             "What are the best websites for the latest Hindi movies?",
@@ -2745,11 +2753,8 @@ def test_bounds_times_of_day_severity_frequency_and_short_names_are_read(a, b, v
     ],
 )
 def test_questions_expecting_yes_and_the_latest_as_the_last(a, b, vetoed):
-    if "commit" in a or "websites" in a:
-        assert verifier.scope_veto(analyze(a), analyze(b)) is vetoed
-    else:
-        assert verifier.negation_veto(analyze(a), analyze(b)) is vetoed
-        assert verifier.negation_veto(analyze(b), analyze(a)) is vetoed
+    assert (vetoed_by(a, b) is not None) is vetoed
+    assert (vetoed_by(b, a) is not None) is vetoed
 
 
 @pytest.mark.parametrize(
@@ -2789,6 +2794,25 @@ def test_questions_expecting_yes_and_the_latest_as_the_last(a, b, vetoed):
     ],
 )
 def test_a_reviews_cases_of_the_new_readings(a, b, vetoed):
+    assert (vetoed_by(a, b) is not None) is vetoed
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A second review's wrong hits.
+        (
+            "I'm waiting for my visa. Can I work until 2025?",
+            "I'm waiting for my visa. Can I work after 2025?",
+            True,
+        ),
+        ("Do dogs often bite?", "Do dogs usually bite?", True),
+        ("What shouldn't I forget to pack for Japan?", "What should I avoid packing for Japan?", True),
+        ("Should I take amoxicillin twice daily?", "Should I take amoxicillin once daily?", True),
+        ("Is 1,000 and a half a lot?", "Is 10.5 a lot?", True),
+    ],
+)
+def test_a_second_reviews_cases(a, b, vetoed):
     assert (vetoed_by(a, b) is not None) is vetoed
 
 

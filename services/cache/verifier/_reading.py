@@ -100,10 +100,11 @@ _MONTH_NAMES = _ordered_words(
 # A time on the 24-hour clock, and whole hours: "14:30" is "2:30 pm",
 # "18:00" "6 pm", "6:00 pm" "6 pm". An hour under 12 is a morning's only
 # with its leading zero ("09:30"; "9:30" may be either half of the day).
-# Only after a word that puts a time of day after it ("at 14:30", "leaves
-# 14:30" is no such): "Is 14:30 a good 5k time?" asks a duration (a review).
+# Only after a word that puts a time of day after it ("at 14:30"): "Is
+# 14:30 a good 5k time?", "around 14:30", "from 16:10 to 16:9" say a duration
+# or a ratio (two reviews).
 _CLOCK = re.compile(
-    r"\b(at|by|from|until|till|before|after|around|about|between|and|or|to|past|since) "
+    r"\b(at|by|until|till|before|after|between|and|or|since) "
     r"(\d{1,2}):([0-5]\d)(?![\w:])(?!\s*[ap]\.?m\b)",
     re.IGNORECASE,
 )
@@ -131,7 +132,7 @@ _PARTS_OF = re.compile(
 _PARTS = {"quarter": 4, "quarters": 4, "third": 3, "thirds": 3}
 # "one and a half" is 1.5, "two and a half" 2.5.
 _AND_A_HALF = re.compile(
-    r"\b(\d+|one|two|three|four|five|six|seven|eight|nine|ten) and a half\b", re.IGNORECASE
+    r"(?<![\d,.])\b(\d+|one|two|three|four|five|six|seven|eight|nine|ten) and a half\b", re.IGNORECASE
 )
 
 
@@ -1497,29 +1498,23 @@ def _says_scope(tokens: list[str], i: int) -> bool:
     return True
 
 
-# Scope words that say the same. "each" and "every" ask of one at a time
-# ("Should I stretch before every run?" / "... each run?"); "all" says the
-# same where no amount is asked ("Do all dogs need a rabies shot?" / "Does
-# every dog ...?": a hunt, vetoed as swapped), but a total where one is
-# ("How much do all the tickets cost?" against "each ticket": a review found
-# those served while the three were one everywhere).
-_AMOUNT_ASKED = _words("much many long big far often old")
-
-
-def _asks_an_amount(tokens: list[str]) -> bool:
-    return any(
-        t == "how" and tokens[i + 1 : i + 2] and tokens[i + 1] in _AMOUNT_ASKED for i, t in enumerate(tokens)
-    )
+# Scope words that say the same: "each" and "every" ask of one at a time
+# ("Should I stretch before every run?" / "... each run?": a hunt). Not
+# "all", a total as often ("What is the weight of all the boxes?" / "... of
+# each box?": two reviews found such served while "all" was one with them).
+_SAME_SCOPE = {"each": "every"}
 
 
 def _scope(tokens: list[str]) -> frozenset[str]:
-    same = {"each": "every"} if _asks_an_amount(tokens) else {"each": "all", "every": "all"}
-    scope = {same.get(t, t) for i, t in enumerate(tokens) if t in SCOPE_WORDS and _says_scope(tokens, i)}
+    scope = {
+        _SAME_SCOPE.get(t, t) for i, t in enumerate(tokens) if t in SCOPE_WORDS and _says_scope(tokens, i)
+    }
     if "most" in scope and any(
         t == "most" and tokens[i + 1 : i + 2] == ["recent"] for i, t in enumerate(tokens)
     ):
-        # "the most recent commit" is "the latest commit" (scope_veto reads
-        # both as "the last commit" against it).
+        # "the most recent commit" is "the latest commit" (a hunt: vetoed as
+        # swapped); not "the last": "Is Windows 10 the last version?" asks
+        # whether it is the final one (a review).
         scope = (scope - {"most"}) | {"latest"}
     for i, token in enumerate(tokens):
         if token in _SCOPE_SPELLING_STARTS:
