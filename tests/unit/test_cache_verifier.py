@@ -2810,6 +2810,14 @@ def test_a_reviews_cases_of_the_new_readings(a, b, vetoed):
         ("What shouldn't I forget to pack for Japan?", "What should I avoid packing for Japan?", True),
         ("Should I take amoxicillin twice daily?", "Should I take amoxicillin once daily?", True),
         ("Is 1,000 and a half a lot?", "Is 10.5 a lot?", True),
+        # Amounts said in words (the session's last hunt count: served at 0.898-0.907).
+        (
+            "There's a bit of rust on my car's frame. Is it safe?",
+            "There's a lot of rust on my car's frame. Is it safe?",
+            True,
+        ),
+        ("I have a little bit of debt. Should I invest?", "I have a ton of debt. Should I invest?", True),
+        ("My dog bit a lot of people. Is he dangerous?", "My dog bit many people. Is he dangerous?", False),
     ],
 )
 def test_a_second_reviews_cases(a, b, vetoed):

@@ -1116,7 +1116,7 @@ VAGUE_AMOUNTS = {
         ("many", "lot", "lots", "dozens", "hundreds", "thousands", "millions", "tons", "plenty", "numerous"),
         "many",
     ),
-    **dict.fromkeys(("countless", "bunch"), "many"),
+    **dict.fromkeys(("countless", "bunch", "ton"), "many"),
     **dict.fromkeys(("small", "little", "tiny"), "small"),
     **dict.fromkeys(("large", "big", "huge", "massive", "enormous", "giant"), "large"),
 }
@@ -1126,11 +1126,16 @@ def _vague_amounts(tokens: tuple[str, ...]) -> frozenset[str]:
     """VAGUE_AMOUNTS a question says, not its "how many" / "how much": "Is
     it normal to see a few eye floaters?" / "... a lot of eye floaters?" (a
     hunt: 7 such served at 0.906-0.938)."""
-    return frozenset(
+    amounts = {
         VAGUE_AMOUNTS[token]
         for at, token in enumerate(tokens)
         if token in VAGUE_AMOUNTS and not (at and tokens[at - 1] == "how")
-    )
+    }
+    # "a bit of rust" is a small amount, "a ton of debt" a large one (a hunt:
+    # served against "a lot of" at 0.898-0.907); "bit" alone may be "bite"'s.
+    if any(token == "bit" and at and tokens[at - 1] in ("a", "little") for at, token in enumerate(tokens)):
+        amounts.add("small")
+    return frozenset(amounts)
 
 
 def _amounts(analysis: Analysis) -> frozenset[str]:
