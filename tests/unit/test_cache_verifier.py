@@ -2791,15 +2791,6 @@ def test_questions_expecting_yes_and_the_latest_as_the_last(a, b, vetoed):
         ),
         ("Should I text him or should he text me?", "Should he text me or should I text him?", False),
         ("How do I know if you have a concussion?", "How do you know if you have a concussion?", False),
-    ],
-)
-def test_a_reviews_cases_of_the_new_readings(a, b, vetoed):
-    assert (vetoed_by(a, b) is not None) is vetoed
-
-
-@pytest.mark.parametrize(
-    ("a", "b", "vetoed"),
-    [
         # A second review's wrong hits.
         (
             "I'm waiting for my visa. Can I work until 2025?",
@@ -2820,7 +2811,7 @@ def test_a_reviews_cases_of_the_new_readings(a, b, vetoed):
         ("My dog bit a lot of people. Is he dangerous?", "My dog bit many people. Is he dangerous?", False),
     ],
 )
-def test_a_second_reviews_cases(a, b, vetoed):
+def test_the_reviews_cases_of_the_new_readings(a, b, vetoed):
     assert (vetoed_by(a, b) is not None) is vetoed
 
 

@@ -911,10 +911,9 @@ def _unmatched_names(a: Analysis, b: Analysis) -> list[tuple[str, str, str]]:
 # Angeles, nor "WA", beside Washington D.C.), and programs commonly
 # shortened ("JS", "Win 11"). Not "Britain" for "the UK" (Belfast is in the
 # one, not the other), nor "States" for "US" ("the Baltic States"), both a
-# review's; nor a country's people's
-# adjective ("an American license"): "Can an Irish citizen work in
-# Britain?" was then served "Can a British citizen work in Ireland?"'s
-# answer, the adjective and the country traded.
+# review's; nor a country's adjective ("an American license"): "Can an Irish
+# citizen work in Britain?" was then served "Can a British citizen work in
+# Ireland?"'s answer, the adjective and the country traded.
 _STATE_CODES = """al alabama ak alaska az arizona ar arkansas ca california co colorado ct connecticut
 de delaware fl florida ga georgia hi hawaii id idaho il illinois in indiana ia iowa ks kansas ky kentucky
 me maine md maryland ma massachusetts mi michigan mn minnesota ms mississippi mo missouri
@@ -1188,10 +1187,6 @@ def greeting_times(tokens: tuple[str, ...]) -> frozenset[str]:
     return frozenset(greeted - said)
 
 
-# The words a time of day is said with, to look for one at a glance.
-_TIME_OF_DAY_FORMS = TIMES_OF_DAY | {time + "s" for time in TIMES_OF_DAY}
-
-
 def _times_of_day(analysis: Analysis) -> frozenset[str]:
     said = frozenset(singular(token) for token in analysis.token_set) & TIMES_OF_DAY
     return said - greeting_times(analysis.tokens)
@@ -1202,6 +1197,8 @@ def _times_of_day(analysis: Analysis) -> frozenset[str]:
 # "per night"), and the evening is the night's start ("take melatonin in
 # the evening" / "at night"): a review.
 _TIMES_TO_TELL = {"morning": "morning", "afternoon": "afternoon", "evening": "night", "night": "night"}
+# The words such a time is said with, to look for one at a glance.
+_TIME_OF_DAY_FORMS = frozenset(_TIMES_TO_TELL) | {time + "s" for time in _TIMES_TO_TELL}
 
 
 def _times_told(analysis: Analysis) -> frozenset[str]:
@@ -2428,9 +2425,10 @@ def mood_veto(a: Analysis, b: Analysis) -> bool:
 
 
 # Modals whose perfect looks back on what was to be done: "should have
-# saved", "must have eaten", "could I have prevented". Not "would": "What
-# would you have done ...?" and "What would you do ...?" ask one thing (two
-# QQP duplicates).
+# saved", "could I have prevented". Not "would": "What would you have done
+# ...?" and "What would you do ...?" ask one thing (two QQP duplicates); nor
+# "must", a duty as often ("How long must I have lived in the US to apply?",
+# a review).
 _LOOKING_BACK_MODALS = _words("should could might may ought")
 # Words a perfect's participle may stand after: "should I have already
 # paid", "could've I prevented", "should I have been saving".
@@ -2600,10 +2598,11 @@ _CONVERSE_PAIRS = (
     ("thicker", "thinner"), ("wider", "narrower"), ("deeper", "shallower"), ("louder", "quieter"),
     ("more", "less"), ("more", "fewer"), ("greater", "less"), ("greater", "smaller"),
 )  # fmt: skip
-_CONVERSES: dict[str, frozenset[str]] = {}
-for _one, _other in _CONVERSE_PAIRS:
-    _CONVERSES[_one] = _CONVERSES.get(_one, frozenset()) | {_other}
-    _CONVERSES[_other] = _CONVERSES.get(_other, frozenset()) | {_one}
+_CONVERSES = {
+    word: frozenset(other for pair in _CONVERSE_PAIRS if word in pair for other in pair if other != word)
+    for pair in _CONVERSE_PAIRS
+    for word in pair
+}
 
 
 def _converse_comparison(x: tuple[str, ...], y: tuple[str, ...]) -> bool:

@@ -173,9 +173,13 @@ def _clock(match: re.Match) -> str:
 _MOST_DIGITS = 12
 
 
+def _a_measure(word: str) -> bool:
+    return word.lower() in _MEASURES or word.lower() in UNIT_WORDS
+
+
 def _fraction(match: re.Match) -> str:
     numerator, denominator, measure = int(match.group(2)), int(match.group(3)), match.group(4)
-    if numerator >= denominator or not (measure.lower() in _MEASURES or measure.lower() in UNIT_WORDS):
+    if numerator >= denominator or not _a_measure(measure):
         return match.group()
     if len(match.group(1) or "") > _MOST_DIGITS:
         return match.group()
@@ -189,7 +193,7 @@ def _parts_of(match: re.Match) -> str:
     number = {"a": 1, "one": 1, "two": 2, "three": 3}.get(count) or int(count)
     if number >= parts:
         return match.group()
-    a_measure = measure.lower() in _MEASURES or measure.lower() in UNIT_WORDS
+    a_measure = _a_measure(measure)
     if of and not a_measure:
         return f"{_written(round(number / parts, 4))} of {match.group(4) or ''}{measure}"
     if not of and (part.startswith("third") or not a_measure):
@@ -1115,6 +1119,10 @@ def analyze_uncached(text: str) -> Analysis:
         if token in _TENS_WORDS and tokens[at + 1 : at + 2] and tokens[at + 1] in _UNIT_NUMBER_WORDS:
             read_with_the_one_before.add(at + 1)
             number = str(NUMBER_WORDS[token] + _UNIT_NUMBER_WORDS[tokens[at + 1]])
+        # Where a multiplier ends the number so far ("three hundred", or
+        # "hundred" itself: "one hundred fifty", "one" being no count here),
+        # so that the words after it can join it (_said_after_a_multiplier).
+        multiplier_at = None
         if (
             number is not None
             and tokens[at + 1 : at + 2]
@@ -1122,21 +1130,21 @@ def analyze_uncached(text: str) -> Analysis:
         ):
             read_with_the_one_before.add(at + 1)
             number = product
-            rest, read = _said_after_a_multiplier(tokens, at + 2, _MULTIPLIERS[tokens[at + 1]])
-            if rest:
-                read_with_the_one_before.update(read)
-                number = _written(float(number) + rest)
+            multiplier_at = at + 1
         elif number is not None and token in _MULTIPLIERS:
-            # "one hundred fifty" ("one" is no count here), "a hundred and one".
-            rest, read = _said_after_a_multiplier(tokens, at + 1, _MULTIPLIERS[token])
-            if rest:
-                read_with_the_one_before.update(read)
-                number = _written(float(number) + rest)
+            multiplier_at = at
         elif token in ORDINAL_WORDS and not _a_time_second(tokens, at):
             # Not the count ("the second most populated city" is no "the 2
             # most populated cities"), but in a date ("July fourth").
             value = ORDINAL_WORDS[token]
             number = str(value) if _a_day_of_month(tokens, at) else f"{value}th"
+        if multiplier_at is not None:
+            rest, read = _said_after_a_multiplier(
+                tokens, multiplier_at + 1, _MULTIPLIERS[tokens[multiplier_at]]
+            )
+            if rest:
+                read_with_the_one_before.update(read)
+                number = _written(float(number) + rest)
         if (
             number is not None
             and token[0].isdigit()
