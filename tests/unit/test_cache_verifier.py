@@ -1823,10 +1823,15 @@ def test_scope_changes_are_vetoed(a, b):
         ("How much water should I drink each day?", "How much water should I drink every day?", False),
         ("How much protein should I eat every day?", "How much protein should I eat per day?", False),
         ("Is it OK to drink coffee every day?", "Is it OK to drink coffee daily?", False),
-        # "all", "every" and "each" say one scope.
-        # "all" is a total as often: apart from "every" and "each" (two reviews).
-        ("Do all dogs need a rabies shot?", "Does every dog need a rabies shot?", True),
+        # "all" is a total as often: apart from "every" and "each" (two
+        # reviews), but before a bare plural where no total is asked it says
+        # "every" (a hunt: 26 such paraphrases vetoed).
+        ("Do all dogs need a rabies shot?", "Does every dog need a rabies shot?", False),
+        ("Are all mushrooms edible?", "Is every mushroom edible?", False),
+        ("Do all the dogs need a rabies shot?", "Does every dog need a rabies shot?", True),
         ("What is the weight of all the boxes?", "What is the weight of each box?", True),
+        ("What is the weight of all boxes?", "What is the weight of each box?", True),
+        ("How much do all tickets cost?", "How much does each ticket cost?", True),
         ("Should I stretch before every run?", "Should I stretch before each run?", False),
         # "last" with no determiner before a period is a time frame, not a scope.
         (
@@ -1834,9 +1839,11 @@ def test_scope_changes_are_vetoed(a, b):
             "I spilled wine last night. How do I get a red wine stain out of carpet?",
             False,
         ),
-        # Still a scope: "every other day", "all day", "the last week", "each other" is none.
+        # Still a scope: "every other day", "the last week", "each other" is
+        # none; "all day" is how long (number_veto reads it against "every
+        # day", a test below).
         ("Can I take vitamin D every day?", "Can I take vitamin D every other day?", True),
-        ("Can I wear contacts every day?", "Can I wear contacts all day?", True),
+        ("Can I wear contacts every day?", "Can I wear contacts all day?", False),
         ("What happens in pregnancy?", "What happens in the last week of pregnancy?", True),
         (
             "Can both tanks damage each other in any way?",
@@ -2853,4 +2860,136 @@ def test_terms_one_letter_apart_are_sought_in_time_linear_in_them():
     assert not _checks._terms_replaced(*large)
     assert _fastest_of_three(_checks._terms_replaced, *large) < 3 * _fastest_of_three(
         _checks._terms_replaced, *small
+    )
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "check"),
+    [
+        # Two things traded with their auxiliary's number and their articles
+        # (a hunt: 40 such served at 0.90-0.95).
+        ("Does stress cause headaches?", "Do headaches cause stress?", "role"),
+        ("Is a tomato a kind of fruit?", "Are fruits a kind of tomato?", "role"),
+        ("Does the kernel depend on the drivers?", "Do the drivers depend on the kernel?", "role"),
+        # A bound said in words against the other side of the same number.
+        ("Can I take up to 3 melatonin?", "Can I take more than 3 melatonin?", "number"),
+        ("Can I eat no more than 2 eggs a day?", "Can I eat more than 2 eggs a day?", "number"),
+        (
+            "Is it fine to have fewer than 4 coffees a day?",
+            "Is it fine to have more than 4 coffees a day?",
+            "number",
+        ),
+        ("I'm almost 18, can I vote?", "I'm over 18, can I vote?", "number"),
+        ("Do I need at least 5 credits?", "Do I need up to 5 credits?", "number"),
+        # A year, a decade or a span against one bounded from a side.
+        ("How much has rent gone up since 2019?", "How much did rent go up in 2019?", "number"),
+        ("What did houses cost in 1975?", "What did houses cost before 1975?", "number"),
+        ("How did people dress in the 1920s?", "How did people dress after the 1920s?", "number"),
+        ("What did sailors eat during the voyage?", "What did sailors eat after the voyage?", "negation"),
+        (
+            "Can I get a refund within the first month?",
+            "Can I get a refund after the first month?",
+            "negation",
+        ),
+        # A degree said of a verb.
+        ("My printer jams slightly", "My printer jams extremely often", "number"),
+        ("My app loads a bit slowly", "My app loads extremely slowly", "number"),
+        # Another question word for the same words, opening the question.
+        ("Who designed the Sydney Opera House?", "When was the Sydney Opera House designed?", "asked"),
+        ("Where was the treaty signed?", "When was the treaty signed?", "asked"),
+        # A provider left against one joined, "send" against "receive" in place.
+        (
+            "How do I move my pension to another provider?",
+            "How do I move my pension from another provider to you?",
+            "role",
+        ),
+        ("I can't receive texts", "I can't send texts", "negation"),
+        # How often against how long, "old" against "new".
+        ("Can I run the dehumidifier every night?", "Can I run the dehumidifier all night?", "number"),
+        ("Is Rust older than Go?", "Is Rust newer than Go?", "negation"),
+        # "C#" is no "C", "??" no "?.", a length of time said in both no other.
+        ("Is C slower than C#?", "Is C# slower than C?", "role"),
+        ("What does ?? do in Swift?", "What does ?. do in Swift?", "code"),
+        ("Can I leave rice out for an hour?", "Can I leave rice out for 3 hours?", "number"),
+        ("Is sugar-free yogurt healthy?", "Is yogurt with sugar healthy?", "negation"),
+    ],
+)
+def test_the_fifty_third_sessions_hunts_wrong_kinds_are_vetoed(a, b, check):
+    assert vetoed_by(a, b) == check
+    assert vetoed_by(b, a) == check
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # Lists and comparisons read the same in either order.
+        ("SSD vs HDD for gaming", "HDD vs SSD for gaming"),
+        ("type 1 vs type 2 error", "type 2 vs type 1 error"),
+        ("Is it better to walk or cycle to work?", "Is it better to cycle or walk to work?"),
+        ("How is a latte different from a cappuccino?", "How is a cappuccino different from a latte?"),
+        ("Does grapefruit interact with blood thinners?", "Do blood thinners interact with grapefruit?"),
+        ("Can I mix ammonia with bleach?", "Can I mix bleach with ammonia?"),
+        # "to not" is "not to".
+        ("Is it okay to not shower every day?", "Is it okay not to shower every day?"),
+        # Scope words said otherwise.
+        ("Do all cats need shots?", "Does every cat need shots?"),
+        ("Can I leave the porch light on all night?", "Can I leave the porch light on overnight?"),
+        ("My dog whines all the time", "My dog whines constantly"),
+        ("I spent my entire bonus", "I spent all of my bonus"),
+        ("Who was the last emperor of Japan?", "Who was the final emperor of Japan?"),
+        ("Who won the last Tour de France?", "Who won the most recent Tour de France?"),
+        ("What are the first signs of flu?", "What are the earliest signs of flu?"),
+        ("Can I just bring a backpack?", "Can I only bring a backpack?"),
+        ("Is it safe to swim alone?", "Is it safe to swim by myself?"),
+        ("Do I need at least 6 hours of sleep?", "Do I need a minimum of 6 hours of sleep?"),
+        # Numbers said otherwise: lengths of time, centuries, decades, wars.
+        ("Can I keep soup in the fridge for a week?", "Can I keep soup in the fridge for 7 days?"),
+        ("My cough has lasted two weeks", "My cough has lasted 14 days"),
+        ("Can I nap for half an hour?", "Can I nap for 30 minutes?"),
+        ("What did people eat in the 17th century?", "What did people eat in the 1600s?"),
+        ("What cars were cool in the '60s?", "What cars were cool in the 1960s?"),
+        ("When did the second world war end?", "When did ww2 end?"),
+        ("What caused world war one?", "What caused the first world war?"),
+        # A "not" said by a word.
+        ("Can I return unopened headphones?", "Can I return headphones that haven't been opened?"),
+        ("What happens if I fail to file my taxes?", "What happens if I don't file my taxes?"),
+        ("I forgot my PIN", "I can't remember my PIN"),
+        ("Why does my cat refuse to eat?", "Why won't my cat eat?"),
+        ("Is sugar-free candy bad for teeth?", "Is candy without sugar bad for teeth?"),
+        ("My puppy isn't eating enough", "My puppy is eating too little"),
+        ("Can I return a coat without the receipt?", "Can I return a coat if I lost the receipt?"),
+        # A comparison said from the other side.
+        ("Is Java older than Python?", "Is Python newer than Java?"),
+    ],
+)
+def test_the_fifty_third_sessions_hunts_paraphrases_are_not_vetoed(a, b):
+    assert vetoed_by(a, b) is None
+    assert vetoed_by(b, a) is None
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # Still vetoed around the readings above.
+        ("How far is it from Paris to London?", "How far is it from London to Paris?"),
+        ("Korean American vs Chinese American", "Korean Chinese vs American American"),
+        ("What is the weight of all boxes?", "What is the weight of each box?"),
+        ("When were they last in the final?", "When were they in the final?"),
+        ("Is Windows 10 the last version?", "Is Windows 10 the latest version?"),
+        ("What if I miss my flight?", "What if I don't miss my flight?"),
+        ("What can I do to stop my Mac from sleeping?", "What can I do if my Mac won't sleep?"),
+        ("What was life like in the twenty-second century?", "What was life like in the second century?"),
+    ],
+)
+def test_the_fifty_third_sessions_readings_leave_these_vetoed(a, b):
+    assert vetoed_by(a, b) is not None
+    assert vetoed_by(b, a) is not None
+
+
+def test_a_question_opening_with_a_clause_asks_what_its_question_word_asks():
+    assert (
+        vetoed_by(
+            "My tooth hurts when I drink cold water, why?", "Why does my tooth hurt when I drink cold water?"
+        )
+        is None
     )

@@ -19,6 +19,7 @@ from services.cache.verifier._checks import (
     _retyped,
     _unmatched_names,
     structural_veto,
+    time_blind_numbers,
     topic_amount_veto,
     topic_condition_veto,
     topic_entity_veto,
@@ -33,6 +34,7 @@ from services.cache.verifier._reading import (
     _words,
     analyze,
     readable,
+    scope_against,
     singular,
 )
 
@@ -180,6 +182,7 @@ def features(
     only_query = len(query_content - candidate_content)
     only_candidate = len(candidate_content - query_content)
     names_query, names_candidate = _unmatched_names(query, candidate), _unmatched_names(candidate, query)
+    numbers_query, numbers_candidate, units_query, units_candidate = time_blind_numbers(query, candidate)
     return np.array(
         [
             cosine,
@@ -197,10 +200,10 @@ def features(
             float(query.question_word == candidate.question_word),
             min(len(names_query) + len(names_candidate), 4),
             float(bool(names_query) and bool(names_candidate)),
-            min(sum(((query.numbers - candidate.numbers) + (candidate.numbers - query.numbers)).values()), 4),
-            len(query.units ^ candidate.units),
+            min(sum(((numbers_query - numbers_candidate) + (numbers_candidate - numbers_query)).values()), 4),
+            len(units_query ^ units_candidate),
             min(abs(query.negations - candidate.negations), 2),
-            len(query.scope ^ candidate.scope),
+            len(scope_against(query, candidate.scope) ^ scope_against(candidate, query.scope)),
             float(max(query.sentences, candidate.sentences) > 1),
             min(len((query.token_set ^ candidate.token_set) & STOPWORDS), 6),
             float(_persons(query) != _persons(candidate)),
