@@ -1609,7 +1609,7 @@ def _list_reordered(x: tuple[str, ...], y: tuple[str, ...], names: frozenset[str
     American" / "Korean Chinese vs American American": a trap), and things
     alike, each a name (one of ``names``) or neither ("from India and live
     abroad" / "from live and India abroad": a trap)."""
-    if x == y or len(x) != len(y) or sorted(x) != sorted(y):
+    if x == y or len(x) != len(y) or len(x) > _MAX_SWAP_TOKENS or sorted(x) != sorted(y):
         return False
     start, end = 0, len(x)
     while x[start] == y[start]:
