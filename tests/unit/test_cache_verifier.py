@@ -2912,6 +2912,18 @@ def test_terms_one_letter_apart_are_sought_in_time_linear_in_them():
         ("What does ?? do in Swift?", "What does ?. do in Swift?", "code"),
         ("Can I leave rice out for an hour?", "Can I leave rice out for 3 hours?", "number"),
         ("Is sugar-free yogurt healthy?", "Is yogurt with sugar healthy?", "negation"),
+        # The people of one country and another country traded.
+        ("can irish citizens study in canada?", "can canadian citizens study in ireland?", "role"),
+        # "the us" is the country; "since last year" is up to now.
+        (
+            "How long is the flight from the us to peru?",
+            "How long is the flight from peru to the us?",
+            "role",
+        ),
+        ("How much has rent risen since last year?", "How much did rent rise last year?", "time frame"),
+        # A model with a tier on one side only.
+        ("how much does the pixel 9 cost", "what is the price of the pixel 9 pro", "entity"),
+        ("How heavy is the MacBook Air M3?", "How heavy is the MacBook M3?", "entity"),
     ],
 )
 def test_the_fifty_third_sessions_hunts_wrong_kinds_are_vetoed(a, b, check):
@@ -2960,6 +2972,9 @@ def test_the_fifty_third_sessions_hunts_wrong_kinds_are_vetoed(a, b, check):
         ("Can I return a coat without the receipt?", "Can I return a coat if I lost the receipt?"),
         # A comparison said from the other side.
         ("Is Java older than Python?", "Is Python newer than Java?"),
+        # A country by its people's word, in the same role (typed in capitals,
+        # the names are compared as names).
+        ("can british citizens work in spain?", "can uk citizens work in spain?"),
     ],
 )
 def test_the_fifty_third_sessions_hunts_paraphrases_are_not_vetoed(a, b):
@@ -2993,3 +3008,69 @@ def test_a_question_opening_with_a_clause_asks_what_its_question_word_asks():
         )
         is None
     )
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # Three reviews of the readings above: what each must still veto.
+        ("Can I mix cement with sand in a 1 to 3 ratio?", "Can I mix sand with cement in a 1 to 3 ratio?"),
+        (
+            "What is the Canadian equivalent of a US social security number?",
+            "What is the US equivalent of a Canadian social security number?",
+        ),
+        ("How is a nephew related to his uncle?", "How is an uncle related to his nephew?"),
+        ("Am I allowed to not attend the meeting?", "Am I not allowed to attend the meeting?"),
+        ("Do I have to not pay the fine?", "Do I not have to pay the fine?"),
+        ("What is the exchange rate of USD vs EUR?", "What is the exchange rate of EUR vs USD?"),
+        ("What is the answer to 9 and 3 in division?", "What is the answer to 3 and 9 in division?"),
+        ("Was the year 1900 in the 19th century?", "Was the year 1900 in the 1800s?"),
+        ("Is a heart rate in the 90s normal?", "Is a heart rate in the 1990s normal?"),
+        ("Do cats eat mice?", "Does a mouse eat cats?"),
+        ("Is a score upwards of 700 good?", "Is a score under 700 good?"),
+        ("What happened subsequent to 1975?", "What happened prior to 1975?"),
+        ("Is more or less 8 hours of sleep enough?", "Is more than 8 hours of sleep enough?"),
+        ("Is my baby safe with the dog?", "Is the dog safe with my baby?"),
+        (
+            "I broke my phone and insurance covers it, what now?",
+            "My phone is damaged and insurance does not cover it, what now?",
+        ),
+        ("Do all months have 30 days?", "Do some months have 30 days?"),
+    ],
+)
+def test_the_fifty_third_sessions_reviews_wrong_pairs_are_vetoed(a, b):
+    assert vetoed_by(a, b) is not None
+    assert vetoed_by(b, a) is not None
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # Three reviews of the vetoes above: what each must let the score decide.
+        ("Does garlic go well with mushrooms?", "Do mushrooms go well with garlic?"),
+        ("Is a lion stronger than a tiger?", "Are tigers weaker than lions?"),
+        ("Where and when was Shakespeare born?", "When and where was Shakespeare born?"),
+        ("Where do I report a scam?", "Who do I report a scam to?"),
+        ("When I stand up I get dizzy, why?", "Why do I get dizzy when I stand up?"),
+        ("Can dogs catch colds from another dog?", "Can a dog pass a cold to another dog?"),
+        ("What is optional chaining ?. in JavaScript?", "What is optional chaining (?.) in JavaScript?"),
+        ("How do I use f(x) in Excel ?", "How do I use f(x) in Excel?"),
+        ("Is shipping free with Prime?", "Does Prime come with free shipping?"),
+        ("What was art like in the 19th century?", "What was 19th-century art like?"),
+        ("Can I let dough rise for 24 hours?", "Can I let dough rise for a full day?"),
+        ("Can I crate my dog for an hour and a half?", "Can I crate my dog for 90 minutes?"),
+        ("What happened in the early 70s?", "What happened in the early 1970s?"),
+        (
+            "Who cares for the children during school holidays?",
+            "Who looks after the kids in the school holidays?",
+        ),
+        ("How do I get a new passport?", "How do I replace my old passport?"),
+        ("Can my neighbor borrow my car?", "Can I lend my car to my neighbor?"),
+        ("Why am I extremely sore after a short workout?", "Why am I so sore after working out a little?"),
+        ("How many steps should I walk every day?", "How many steps should I take in a whole day?"),
+        ("What will cities look like in 1000 years?", "What will cities look like after 1000 years?"),
+    ],
+)
+def test_the_fifty_third_sessions_reviews_paraphrases_are_not_vetoed(a, b):
+    assert vetoed_by(a, b) is None
+    assert vetoed_by(b, a) is None
