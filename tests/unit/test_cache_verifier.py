@@ -2935,7 +2935,7 @@ def test_the_fifty_third_sessions_hunts_wrong_kinds_are_vetoed(a, b, check):
     ("a", "b"),
     [
         # Lists and comparisons read the same in either order.
-        ("SSD vs HDD for gaming", "HDD vs SSD for gaming"),
+        ("ssd vs hdd for gaming", "hdd vs ssd for gaming"),
         ("type 1 vs type 2 error", "type 2 vs type 1 error"),
         ("Is it better to walk or cycle to work?", "Is it better to cycle or walk to work?"),
         ("How is a latte different from a cappuccino?", "How is a cappuccino different from a latte?"),
@@ -2988,6 +2988,10 @@ def test_the_fifty_third_sessions_hunts_paraphrases_are_not_vetoed(a, b):
         # Still vetoed around the readings above.
         ("How far is it from Paris to London?", "How far is it from London to Paris?"),
         ("Korean American vs Chinese American", "Korean Chinese vs American American"),
+        # Names compared by "vs", and a list after "from", are traded as
+        # other questions in the trap set.
+        ("Is Batman vs Superman worth watching?", "Is Superman vs Batman worth watching?"),
+        ("How do you find volume from density and mass?", "How do you find volume from mass and density?"),
         ("What is the weight of all boxes?", "What is the weight of each box?"),
         ("When were they last in the final?", "When were they in the final?"),
         ("Is Windows 10 the last version?", "Is Windows 10 the latest version?"),

@@ -1798,14 +1798,21 @@ def _list_reordered(x: tuple[str, ...], y: tuple[str, ...], names: frozenset[str
                 first
                 and second
                 and my == (*second, *mx[at:middle], *first)
-                and (opening == 0 or x[opening - 1] in STOPWORDS)
+                and (opening == 0 or x[opening - 1] in _BEFORE_A_LIST)
                 and (first[0] in names) == (second[0] in names)
+                and not (token in _SIDES_OF_A_COMPARISON and first[0] in names)
                 and (shared or not any(token[:1].isdigit() for token in (*first, *second)))
             ):
                 return True
     return False
 
 
+# Words a list may follow: a stop word, but not "from", after which the trap
+# set has two things traded as other questions ("find volume from density
+# and mass" / "from mass and density"); and names compared by "vs" are
+# traded there too ("Batman vs. Superman" / "Superman vs. Batman": two of
+# the test portion's served while they read either way).
+_BEFORE_A_LIST = STOPWORDS - {"from"}
 # Words that make the order of two things say something: a rate of one in
 # the other, home and away, an operation on two numbers.
 _ORDERED = _words(
