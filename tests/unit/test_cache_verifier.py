@@ -3078,3 +3078,50 @@ def test_the_fifty_third_sessions_reviews_wrong_pairs_are_vetoed(a, b):
 def test_the_fifty_third_sessions_reviews_paraphrases_are_not_vetoed(a, b):
     assert vetoed_by(a, b) is None
     assert vetoed_by(b, a) is None
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "vetoed"),
+    [
+        # A second round of reviews: wrong pairs vetoed ...
+        ("can americans work in canada", "can canadians work in america", True),
+        ("can us citizens work in canada", "can canadian citizens work in the united states", True),
+        ("why is rent higher in boston vs chicago", "why is rent higher in chicago vs boston", True),
+        ("best laptops under 500 dollars", "best laptops 500 dollars or more", True),
+        (
+            "do i need a license to hunt under the age of 16",
+            "do i need a license to hunt over the age of 16",
+            True,
+        ),
+        ("how to write x less than or equal to 5", "how to write x greater than 5", True),
+        ("what music was popular until the 1960s", "what music was popular from the 1960s onward", True),
+        ("can i drink coffee while pregnant", "can i drink coffee after pregnancy", True),
+        ("should i buy an older macbook", "should i buy a newer macbook", True),
+        ("what is the difference between ?. and ??", "what is the difference between ?. and ?:", True),
+        # ... and paraphrases left to the score.
+        ("how did stocks perform over 2022", "how did stocks perform during 2022", False),
+        ("movies released in 2010 or after", "movies released since 2010", False),
+        ("can i get a refund within 30 days", "can i get a refund before 30 days have passed", False),
+        ("when driving who has right of way at a 4 way stop", "who has right of way at a 4 way stop", False),
+        ("how much is a ps5 plus tax", "how much is a ps5 with tax", False),
+        ("what is the iphone 15 max brightness", "what is the maximum brightness of the iphone 15", False),
+        ("what has changed since last week", "what has changed since the previous week", False),
+        ("help ! my phone won't charge", "help !!! my phone won't charge", False),
+        ("my phone has little storage left", "my phone doesn't have much storage left", False),
+        ("is $50 a good tip for movers", "is $50.00 a good tip for movers", False),
+        ("is it bad to drink coffee every day", "is it bad to drink coffee every single day", False),
+        (
+            "how many calories does a 90 minute walk burn",
+            "how many calories does an hour and a half walk burn",
+            False,
+        ),
+        (
+            "i ordered it a week ago and it has not shipped",
+            "i ordered it 7 days ago and it has not shipped",
+            False,
+        ),
+    ],
+)
+def test_the_fifty_third_sessions_second_reviews(a, b, vetoed):
+    assert (vetoed_by(a, b) is not None) is vetoed
+    assert (vetoed_by(b, a) is not None) is vetoed

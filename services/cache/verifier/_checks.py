@@ -92,7 +92,7 @@ _A_DECADE = re.compile(r"\d0")
 _AFTER_A_YEAR = STOPWORDS | {"s"}
 # Words a bound may stand before its number with: "before the 1800s",
 # "after the first 14 days".
-_BEFORE_A_BOUNDED_NUMBER = _words("the first early late mid")
+_BEFORE_A_BOUNDED_NUMBER = _words("the first early late mid age of")
 
 
 # Before "until", words that make it the bound's other side: "wait until 6
@@ -132,15 +132,24 @@ _BOUND_WORDS = {
 }  # fmt: skip
 # After a number and "or" or "and": "3 or more", "18 or under", "65 and up".
 _BOUNDS_AFTER = {
-    **_BOUND_SIDES, "more": "more", "less": "less", "fewer": "less", "younger": "less", "older": "more",
-    "up": "more", "lower": "less", "higher": "more",
+    **_BOUND_SIDES, "more": "more", "less": "less", "fewer": "less", "up": "more", "lower": "less",
+    "higher": "more", "onward": "since", "onwards": "since",
 }  # fmt: skip
+# Not "older" or "younger" after a number: "65 or older" is over 65, "iPhone
+# 12 and older" the models before it (a review).
 
 
 def _bounds(tokens: tuple[str, ...]) -> frozenset[tuple[str, str]]:
     bounds = set()
     for at, token in enumerate(tokens):
         if token[:1].isdigit() or token in CALENDAR_WORDS:
+            if (
+                at > 4
+                and tokens[at - 3 : at] == ("or", "equal", "to")
+                and tokens[at - 5 : at - 3] in _BOUND_PHRASES
+            ):
+                bounds.add((_BOUND_PHRASES[tokens[at - 5 : at - 3]], token))  # "less than or equal to 5"
+                continue
             if at > 1 and tokens[at - 2 : at] in _BOUND_PHRASES:
                 bounds.add((_BOUND_PHRASES[tokens[at - 2 : at]], token))
                 continue
@@ -150,24 +159,28 @@ def _bounds(tokens: tuple[str, ...]) -> frozenset[tuple[str, str]]:
             word = tokens[before] if before >= 0 else ""
             # "past 21" is over 21; "the past 5 years" is a time frame.
             if word in _BOUND_WORDS and not (
-                word == "past" and before and tokens[before - 1] in _FRAME_RELATIONS | {"the"}
+                (word == "past" and before and tokens[before - 1] in _FRAME_RELATIONS | {"the"})
+                or (word == "over" and _A_YEAR.fullmatch(token))  # "over 2022" is through it
             ):
                 if word in ("until", "till") and before > 0 and tokens[before - 1] in _WAITING:
                     word = "since"  # "wait until 6 months" (not "I'm waiting ... Can I work until 2025?")
                 bounds.add((_BOUND_WORDS[word], token))
-            elif word in _AT_A_POINT and (
+            elif (word in _AT_A_POINT or (word == "over" and before == at - 1)) and (
                 (_A_YEAR.fullmatch(token) and (at + 1 == len(tokens) or tokens[at + 1] in _AFTER_A_YEAR))
                 or (_A_DECADE.fullmatch(token) and tokens[at + 1 : at + 2] == ("s",))
                 or token in CALENDAR_WORDS
             ):
                 # Not "in 1000 years", "in 1500 steps": a count (a review).
                 bounds.add(("point", token))
-            if (
-                tokens[at + 1 : at + 2] in (("or",), ("and",))
-                and tokens[at + 2 : at + 3]
-                and tokens[at + 2] in _BOUNDS_AFTER
-            ):
-                bounds.add((_BOUNDS_AFTER[tokens[at + 2]], token))
+            after = at + 1
+            while after < len(tokens) and (tokens[after] == "s" or _unit_of(tokens[after])):
+                after += 1  # "500 dollars or more", "the 1960s onward"
+            if tokens[after : after + 1] in (("or",), ("and",)) and tokens[after + 1 : after + 2]:
+                if tokens[after + 1] in _BOUNDS_AFTER:
+                    bounds.discard(("point", token))  # "in 2010 or after" is since 2010
+                    bounds.add((_BOUNDS_AFTER[tokens[after + 1]], token))
+            elif tokens[after : after + 1] and tokens[after] in ("onward", "onwards"):
+                bounds.add(("since", token))
     return frozenset(bounds)
 
 
@@ -226,8 +239,8 @@ def _degree_changed(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
     word: "lags extremely badly" / "lags a tiny bit"; not "extremely sore
     after a short workout" / "so sore after working out a little" (a
     review: the mild one said of another thing)."""
-    if _INTENSELY.isdisjoint(x):
-        return False
+    if _INTENSELY.isdisjoint(x) or not _INTENSELY.isdisjoint(y):
+        return False  # "I'm extremely tired but slightly hungry" / the two swapped: both say both
     before_intense = {x[at - 1] for at, token in enumerate(x) if token in _INTENSELY and at}
     return any(at and y[at - 1] in before_intense for at in _mildly_at(y))
 
@@ -270,8 +283,14 @@ def _lengths_of_time(tokens: tuple[str, ...]) -> list[tuple[float, str, tuple[st
             count = 1.0
             if opening == "half":
                 count, keys = 0.5, ("0.5",)
-            elif tokens[at_one] != "one" and opening not in _BEFORE_A_LENGTH and at_one == at - 1:
-                continue  # a rate: "40 hours a week", "twice a day", "is that a day"
+            elif (
+                tokens[at_one] != "one"
+                and opening not in _BEFORE_A_LENGTH
+                and at_one == at - 1
+                and tokens[at + 1 : at + 2] != ("ago",)
+                and tokens[at + 1 : at + 4] != ("and", "a", "half")
+            ):
+                continue  # a rate: "40 hours a week", "twice a day", "is that a day"; not "a week ago"
         elif before in NUMBER_WORDS:
             count = float(NUMBER_WORDS[before])
             keys = (_written(count),)
@@ -575,8 +594,10 @@ _SAYING_NOT_BY_WORD = {word: family for family in _SAYING_NOT for word in family
 # The most words from a word saying "not" to the word it says it of ("fail
 # to pay the bill": "pay").
 _NEGATED_WITHIN = 3
-# Two words that say one: "too little", "very little" (not "a little").
-_LITTLE_SAYING_NOT = _words("too very so")
+# "little" says "not much" ("my phone has little storage left" / "... doesn't
+# have much storage": a hunt, 9 such vetoed; "too little", "very little"),
+# but not after these ("a little", "a tiny little").
+_A_LITTLE_MEANS_SOME = _words("a tiny")
 
 
 def _not_said_otherwise(side: Analysis, other: Analysis) -> int:
@@ -591,7 +612,7 @@ def _not_said_otherwise(side: Analysis, other: Analysis) -> int:
         return 0
     if (
         any(
-            token == "little" and at and tokens[at - 1] in _LITTLE_SAYING_NOT
+            token == "little" and not (at and tokens[at - 1] in _A_LITTLE_MEANS_SOME)
             for at, token in enumerate(tokens)
         )
         and "little" not in other.token_set
@@ -678,8 +699,11 @@ _SENDING = _words("send sends sending sent")
 _RECEIVING = _words("receive receives receiving received")
 _LENDING = _words("lend lends lending lent")
 _BORROWING = _words("borrow borrows borrowing borrowed")
-_IN_A_SPAN = _words("during throughout within")
-_AFTER_OR_BEFORE = _words("after before following outside")
+_IN_A_SPAN = _words("during throughout while")
+_AFTER_OR_BEFORE = _words("after before following")
+# "within 30 days" is "before 30 days have passed" (a review).
+_WITHIN = _words("within")
+_AFTER_OR_OUTSIDE = _words("after following outside")
 _OLD = _words("old older oldest")
 _NEW = _words("new newer newest")
 _OPPOSITES_IN_PLACE = (
@@ -689,6 +713,8 @@ _OPPOSITES_IN_PLACE = (
     (_BORROWING, _LENDING),
     (_IN_A_SPAN, _AFTER_OR_BEFORE),
     (_AFTER_OR_BEFORE, _IN_A_SPAN),
+    (_WITHIN, _AFTER_OR_OUTSIDE),
+    (_AFTER_OR_OUTSIDE, _WITHIN),
     (_OLD, _NEW),
     (_NEW, _OLD),
 )
@@ -697,8 +723,9 @@ _OPPOSITES_IN_PLACE = (
 def _after_the_same_word(a: Analysis, word: str, b: Analysis, opposite: str) -> bool:
     """Whether ``word`` in ``a`` and ``opposite`` in ``b`` each stand right
     after one word that is the same on both sides."""
-    before_a = {a.tokens[at - 1] for at, token in enumerate(a.tokens) if token == word and at}
-    return any(b.tokens[at - 1] in before_a for at, token in enumerate(b.tokens) if token == opposite and at)
+    x, y = _an_as_a(a.tokens), _an_as_a(b.tokens)  # "an older Mac" / "a newer Mac"
+    before_a = {x[at - 1] for at, token in enumerate(x) if token == word and at}
+    return any(y[at - 1] in before_a for at, token in enumerate(y) if token == opposite and at)
 
 
 def _has_negated_form(a: Analysis, b: Analysis) -> bool:
@@ -1507,6 +1534,10 @@ def entity_veto(a: Analysis, b: Analysis) -> bool:
 # follow a name as often as a part or a trade ("the iPhone 6 home button",
 # "WhatsApp's business": a QQP duplicate vetoed).
 _TIERS = _words("pro plus max mini ultra lite fe se air digital deluxe xl")
+# Tiers that are words as often, a tier only before nothing, a stop word,
+# another tier or a model number ("iPhone 15 Plus", "MacBook Air M2"; not
+# "a PS5 plus tax", "the iPhone 15 max brightness": a review).
+_TIERS_AS_WORDS = _words("plus max air")
 
 
 def _model_tier_added(side: Analysis, other: Analysis) -> bool:
@@ -1520,11 +1551,20 @@ def _model_tier_added(side: Analysis, other: Analysis) -> bool:
     tokens = side.tokens
     for at, token in enumerate(tokens[1:], start=1):
         model = tokens[at - 1]
+        following = tokens[at + 1] if at + 1 < len(tokens) else ""
         if (
             token in _TIERS
             and token not in other.token_set
             and model in other.token_set
             and (model in side.names or any(ch.isdigit() for ch in model))
+            and not (
+                token in _TIERS_AS_WORDS
+                and following
+                and following not in STOPWORDS
+                and following not in _TIERS
+                and following not in side.names
+                and not any(ch.isdigit() for ch in following)
+            )
         ):
             return True
     return False
@@ -1778,6 +1818,7 @@ def _list_reordered(x: tuple[str, ...], y: tuple[str, ...], names: frozenset[str
         return False
     if not _ORDERED.isdisjoint(x):
         return False
+    comparing = any(token in _CONVERSES or token in _MORE_OR_LESS for token in x)
     start, end = 0, len(x)
     while x[start] == y[start]:
         start += 1
@@ -1800,7 +1841,7 @@ def _list_reordered(x: tuple[str, ...], y: tuple[str, ...], names: frozenset[str
                 and my == (*second, *mx[at:middle], *first)
                 and (opening == 0 or x[opening - 1] in _BEFORE_A_LIST)
                 and (first[0] in names) == (second[0] in names)
-                and not (token in _SIDES_OF_A_COMPARISON and first[0] in names)
+                and not (token in _SIDES_OF_A_COMPARISON and (first[0] in names or comparing))
                 and (shared or not any(token[:1].isdigit() for token in (*first, *second)))
             ):
                 return True
@@ -1813,6 +1854,9 @@ def _list_reordered(x: tuple[str, ...], y: tuple[str, ...], names: frozenset[str
 # traded there too ("Batman vs. Superman" / "Superman vs. Batman": two of
 # the test portion's served while they read either way).
 _BEFORE_A_LIST = STOPWORDS - {"from"}
+# A comparative before "vs" makes it "than": "Why is rent higher in Boston vs
+# Chicago?" (a review: 6 such served).
+_MORE_OR_LESS = _words("more less higher lower")
 # Words that make the order of two things say something: a rate of one in
 # the other, home and away, an operation on two numbers.
 _ORDERED = _words(
@@ -1821,45 +1865,78 @@ _ORDERED = _words(
 )
 
 
-# Countries by their names and by the word for their people: "British
-# citizens" and "the UK" say one country in two roles.
+# Countries by their names and by the words for their people: "British
+# citizens" and "the UK" say one country in two roles; so do "Americans" and
+# "US citizens" (a review: 13 such served at 0.91-0.97).
 _COUNTRIES = {
-    "us": ("american", "us usa america"), "uk": ("british", "uk britain"), "canada": ("canadian", "canada"),
-    "mexico": ("mexican", "mexico"), "australia": ("australian", "australia"), "japan": ("japanese", "japan"),
-    "china": ("chinese", "china"), "india": ("indian", "india"), "germany": ("german", "germany"),
-    "france": ("french", "france"), "spain": ("spanish", "spain"), "italy": ("italian", "italy"),
-    "brazil": ("brazilian", "brazil"), "russia": ("russian", "russia"), "korea": ("korean", "korea"),
+    "us": ("american americans", "us usa america united_states"),
+    "uk": ("british brit brits", "uk britain united_kingdom"),
+    "canada": ("canadian canadians", "canada"), "mexico": ("mexican mexicans", "mexico"),
+    "australia": ("australian australians aussie aussies", "australia"),
+    "japan": ("japanese", "japan"), "china": ("chinese", "china"), "taiwan": ("taiwanese", "taiwan"),
+    "india": ("indian indians", "india"), "pakistan": ("pakistani pakistanis", "pakistan"),
+    "germany": ("german germans", "germany"), "france": ("french", "france"), "spain": ("spanish", "spain"),
+    "italy": ("italian italians", "italy"), "brazil": ("brazilian brazilians", "brazil"),
+    "russia": ("russian russians", "russia"), "korea": ("korean koreans", "korea south_korea"),
     "ireland": ("irish", "ireland"), "netherlands": ("dutch", "netherlands holland"),
-    "sweden": ("swedish", "sweden"), "norway": ("norwegian", "norway"), "poland": ("polish", "poland"),
-    "turkey": ("turkish", "turkey"), "greece": ("greek", "greece"), "portugal": ("portuguese", "portugal"),
-    "israel": ("israeli", "israel"), "egypt": ("egyptian", "egypt"), "nigeria": ("nigerian", "nigeria"),
-    "philippines": ("filipino", "philippines"), "vietnam": ("vietnamese", "vietnam"),
-    "thailand": ("thai", "thailand"), "pakistan": ("pakistani", "pakistan"),
-    "switzerland": ("swiss", "switzerland"), "austria": ("austrian", "austria"),
-    "belgium": ("belgian", "belgium"), "denmark": ("danish", "denmark"), "finland": ("finnish", "finland"),
-    "ukraine": ("ukrainian", "ukraine"), "singapore": ("singaporean", "singapore"),
-    "indonesia": ("indonesian", "indonesia"), "argentina": ("argentinian argentine", "argentina"),
-    "colombia": ("colombian", "colombia"), "scotland": ("scottish", "scotland"), "wales": ("welsh", "wales"),
+    "sweden": ("swedish swedes", "sweden"), "norway": ("norwegian norwegians", "norway"),
+    "poland": ("polish poles", "poland"), "turkey": ("turkish turks", "turkey"),
+    "greece": ("greek greeks", "greece"), "portugal": ("portuguese", "portugal"),
+    "israel": ("israeli israelis", "israel"), "egypt": ("egyptian egyptians", "egypt"),
+    "nigeria": ("nigerian nigerians", "nigeria"), "ghana": ("ghanaian ghanaians", "ghana"),
+    "kenya": ("kenyan kenyans", "kenya"), "philippines": ("filipino filipinos", "philippines"),
+    "vietnam": ("vietnamese", "vietnam"), "thailand": ("thai", "thailand"),
+    "switzerland": ("swiss", "switzerland"), "austria": ("austrian austrians", "austria"),
+    "belgium": ("belgian belgians", "belgium"), "denmark": ("danish danes", "denmark"),
+    "finland": ("finnish finns", "finland"), "ukraine": ("ukrainian ukrainians", "ukraine"),
+    "singapore": ("singaporean singaporeans", "singapore"),
+    "indonesia": ("indonesian indonesians", "indonesia"),
+    "argentina": ("argentinian argentinians argentine", "argentina"),
+    "colombia": ("colombian colombians", "colombia"),
+    "england": ("english", "england"), "scotland": ("scottish scots", "scotland"),
+    "wales": ("welsh", "wales"),
+    "nz": ("kiwi kiwis zealander zealanders", "new_zealand"),
+    "za": ("", "south_africa"),
+    "iran": ("iranian iranians", "iran"), "iraq": ("iraqi iraqis", "iraq"),
+    "chile": ("chilean chileans", "chile"),
+    "peru": ("peruvian peruvians", "peru"), "cuba": ("cuban cubans", "cuba"),
 }  # fmt: skip
 _PEOPLE_OF = {word: country for country, (people, _) in _COUNTRIES.items() for word in _words(people)}
-_COUNTRY_NAMED = {word: country for country, (_, names) in _COUNTRIES.items() for word in _words(names)}
+_COUNTRY_NAMED = {
+    tuple(name.split("_")): country for country, (_, names) in _COUNTRIES.items() for name in _words(names)
+}
+# After a country's name (or "south african" after "south"), words that make
+# it the country's people: "US citizens", "Indian nationals".
+_PEOPLE = _words(
+    "citizen citizens people nationals national residents resident students student passport holders"
+)
 
 
 def _countries(tokens: tuple[str, ...]) -> tuple[frozenset[str], frozenset[str]]:
     """(the countries whose people a question names, the countries it names)."""
-    return (
-        frozenset(_PEOPLE_OF[t] for t in tokens if t in _PEOPLE_OF),
-        frozenset(_COUNTRY_NAMED[t] for t in tokens if t in _COUNTRY_NAMED),
-    )
+    people, places = set(), set()
+    for at, token in enumerate(tokens):
+        for length in (2, 1):
+            name = tokens[at : at + length]
+            if len(name) == length and name in _COUNTRY_NAMED:
+                following = tokens[at + length : at + length + 1]
+                (people if following and following[0] in _PEOPLE else places).add(_COUNTRY_NAMED[name])
+                break
+        else:
+            if token in _PEOPLE_OF:
+                people.add(_PEOPLE_OF[token])
+            elif token in ("african", "africans") and at and tokens[at - 1] == "south":
+                people.add("za")
+    return frozenset(people), frozenset(places)
 
 
 def _nationals_traded(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
     """The people of one country and another country traded: "Can British
     citizens work in Australia?" / "Can Australian citizens work in the
     UK?" (a hunt: 5 such served at 0.90-0.96)."""
-    if _PEOPLE_OF.keys().isdisjoint(x) or _PEOPLE_OF.keys().isdisjoint(y):
-        return False
     (people_x, places_x), (people_y, places_y) = _countries(x), _countries(y)
+    if not (people_x and people_y):
+        return False
     return any(
         there in people_y and here in places_y and here not in people_y and there not in people_x
         for here in people_x
@@ -3025,7 +3102,7 @@ _FRAME_RELATIONS = _words("last past previous this")
 
 def _since_a_frame(tokens: tuple[str, ...]) -> bool:
     return any(
-        token == "since" and tokens[at + 1 : at + 2] and tokens[at + 1] in _FRAME_RELATIONS
+        token == "since" and not _FRAME_RELATIONS.isdisjoint(tokens[at + 1 : at + 3])
         for at, token in enumerate(tokens)
     )
 
@@ -3298,11 +3375,17 @@ def asked_veto(a: Analysis, b: Analysis) -> bool:
 # After a question word, words that make it open a clause, not ask: "When I
 # stand up I get dizzy, why?", "Where I live it rains a lot, why?" (a review).
 _CLAUSE_SUBJECTS = _words("i you he she it we they my your his her our their the a an this that there")
+_CLAUSE_STATES = _words("pregnant sick possible necessary needed legally abroad")
 
 
 def _asking(tokens: tuple[str, ...]) -> str | None:
-    if len(tokens) < 2 or tokens[1] in _CLAUSE_SUBJECTS:
-        return None
+    if (
+        len(tokens) < 2
+        or tokens[1] in _CLAUSE_SUBJECTS
+        or tokens[1] in _CLAUSE_STATES
+        or tokens[1].endswith("ing")
+    ):
+        return None  # "When driving, who has the right of way?" (a review)
     return _ASKING_FOR.get(tokens[0])
 
 

@@ -482,6 +482,10 @@ UNIT_WORDS = _words(
     kb ghz mhz mph kmph kmh calorie kcal watt kw kwh volt amp mg mcg bps kbps mbps gbps kbit mbit gbit
     kib mib gib mmol umol"""
 )
+# Units of money, after which ".00" says no cents (a hunt: "$50" / "$50.00"
+# vetoed as numbers replaced).
+_MONEY = frozenset({"dollar", "euro", "rupee", "pound", "yen", "yuan"})
+_NO_CENTS = re.compile(r"-?\d+\.0+")
 # After a number: which half of the day a time is in.
 _MERIDIEMS = _words("am pm")
 # Spellings of one unit: "1 dollar" and "1 USD" ask the same.
@@ -500,6 +504,8 @@ UNIT_SYNONYMS = {
     "kmph": "kmh",
     "feet": "foot",
     "%": "percent",
+    "oz": "ounce",
+    "kcal": "calorie",
 }
 
 # "unable" says "can not" ("Why am I unable to log in?" / "Why can't I log
@@ -795,11 +801,29 @@ _WORD_HYPHEN = re.compile(r"(?<=[A-Za-z]{2})-(?=[A-Za-z])|(?<=\d)-(?=[A-Za-z]{2}
 _BARE_OPERATOR = re.compile(r"(?<![^\s(\[\"'`])[?!.:]+(?![^\s)\]\"'`,])")
 
 
+# Words of a question about code, where punctuation standing alone is an operator.
+_ABOUT_CODE = re.compile(
+    r"\b(?:mean|means|operators?|syntax|code|programming|javascript|typescript|python|regex|csharp|fsharp|rust"
+    r"|php|swift|kotlin|java|bash|shell|sql|ruby|perl|js|ts|c|cpp|go|dart|scala|haskell|lua|elixir)\b",
+    re.IGNORECASE,
+)
+
+
 def _bare_operators(text: str) -> frozenset[str]:
+    """_BARE_OPERATOR's operators: in a text about code (_ABOUT_CODE) each,
+    but a lone "?" or "!" ending it; elsewhere only those of two signs or
+    more, not all dots or all "!" ("help ! my phone won't charge" / "help !!!
+    ..." says no operator: a review)."""
     if not ("?" in text or "!" in text or ":" in text or "." in text):
         return frozenset()
+    about_code = _ABOUT_CODE.search(text) is not None
     return frozenset(
-        match.group() for match in _BARE_OPERATOR.finditer(text) if text[match.end() :].strip(" \t)]\"'`")
+        match.group()
+        for match in _BARE_OPERATOR.finditer(text)
+        if (about_code and (len(match.group()) > 1 or text[match.end() :].strip(" \t)]\"'`")))
+        # Elsewhere only an operator of two signs or more that are not all dots
+        # ("the difference between ?. and ??").
+        or (len(match.group()) > 1 and set(match.group()) != {"."} and set(match.group()) != {"!"})
     )
 
 
@@ -1256,12 +1280,15 @@ def analyze_uncached(text: str) -> Analysis:
         if number is not None:
             if at and (_signed(tokens, at, minus_signs) or _said_negative(tokens, at)):
                 number = "-" + number
-            numbers[number] += 1
             after = at + 1
             while after in read_with_the_one_before:
                 after += 1
             following = tokens[after] if after < len(tokens) else ""
-            number_units.add((number, _unit_of(following) or ""))
+            unit = _unit_of(following) or ""
+            if unit in _MONEY and _NO_CENTS.fullmatch(number):
+                number = number.split(".")[0]  # "$50.00" is "$50" (not "Python 3.0", a version)
+            numbers[number] += 1
+            number_units.add((number, unit))
         elif token in CALENDAR_WORDS:
             numbers[token] += 1
         elif token in _MERIDIEMS:
@@ -1578,6 +1605,10 @@ def _says_scope(tokens: list[str], i: int) -> bool:
     before = tokens[i - 1] if i else ""
     following = tokens[i + 1] if i + 1 < len(tokens) else ""
     if token in _HOW_OFTEN and following and _a_period(following):
+        return False
+    if token in _HOW_OFTEN and following == "single" and i + 2 < len(tokens) and _a_period(tokens[i + 2]):
+        return False  # "every single day" is "every day" (a hunt)
+    if token == "single" and before in _HOW_OFTEN and following and _a_period(following):
         return False
     if token == "each" and following == "other":
         return False  # "damage each other": no scope, one another
