@@ -251,6 +251,7 @@ _DAYS_IN = {
     "fortnight": 14.0, "month": 30.44, "year": 365.25, "decade": 3652.5, "century": 36525.0,
 }  # fmt: skip
 _TIME_UNITS_READ = frozenset(_DAYS_IN)
+_TIME_WORDS = _TIME_UNITS_READ | {unit + "s" for unit in _TIME_UNITS_READ} | {"centuries"}
 _ONE = _words("a an one")
 # Between "a" and a unit: "a full day" is a day.
 _FULL = _words("full whole entire")
@@ -322,7 +323,7 @@ def _time_said_otherwise(x: tuple[str, ...], y: tuple[str, ...]) -> tuple[Counte
     says as many lengths and they differ ("for an hour" / "for 2 hours": no
     number on one side to compare); else None. Memoized: number_veto and the
     learned stage's features both ask it of each candidate."""
-    if _TIME_UNITS_READ.isdisjoint(map(singular, x)):
+    if _TIME_WORDS.isdisjoint(x):
         return None
     lengths_x, lengths_y = _lengths_of_time(x), _lengths_of_time(y)
     if not lengths_x or len(lengths_x) != len(lengths_y):
@@ -720,6 +721,9 @@ _OPPOSITES_IN_PLACE = (
 )
 
 
+_IN_PLACE_WORDS = frozenset().union(*(one for one, _ in _OPPOSITES_IN_PLACE))
+
+
 def _after_the_same_word(a: Analysis, word: str, b: Analysis, opposite: str) -> bool:
     """Whether ``word`` in ``a`` and ``opposite`` in ``b`` each stand right
     after one word that is the same on both sides."""
@@ -740,7 +744,7 @@ def _has_negated_form(a: Analysis, b: Analysis) -> bool:
     detail", "income" vs "outcome")."""
     words, other = a.base_forms, b.base_forms
     instead = other - words
-    for one, its_opposite in _OPPOSITES_IN_PLACE:
+    for one, its_opposite in _OPPOSITES_IN_PLACE if not _IN_PLACE_WORDS.isdisjoint(a.token_set) else ():
         for word in one & a.token_set - b.token_set:
             if any(
                 opposite in b.token_set - a.token_set and _after_the_same_word(a, word, b, opposite)
@@ -1765,8 +1769,11 @@ def role_veto(a: Analysis, b: Analysis) -> bool:
     # inflation?", "Is a whale a type of fish?" / "Are fish a type of
     # whale?" (a hunt: 40 such served at 0.90-0.95).
     # Only where some form changed: the same words reordered were read above.
-    if 0 < len(a.token_set ^ b.token_set) <= _MOST_FORMS_CHANGED and _spans_swapped(
-        _number_blind(a.tokens), _number_blind(b.tokens)
+    if (
+        0 < len(a.token_set ^ b.token_set) <= _MOST_FORMS_CHANGED
+        and len(a.tokens) - sum(map(a.tokens.count, _ARTICLES))
+        == len(b.tokens) - sum(map(b.tokens.count, _ARTICLES))
+        and _spans_swapped(_number_blind(a.tokens), _number_blind(b.tokens))
     ):
         return True
     if _names_swapped(a, b) or _nationals_traded(a.tokens, b.tokens):
@@ -1912,6 +1919,10 @@ _PEOPLE = _words(
 )
 
 
+# Words without which a question names no country's people.
+_SAYS_PEOPLE = frozenset(_PEOPLE_OF) | _PEOPLE | {"african", "africans"}
+
+
 def _countries(tokens: tuple[str, ...]) -> tuple[frozenset[str], frozenset[str]]:
     """(the countries whose people a question names, the countries it names)."""
     people, places = set(), set()
@@ -1934,6 +1945,8 @@ def _nationals_traded(x: tuple[str, ...], y: tuple[str, ...]) -> bool:
     """The people of one country and another country traded: "Can British
     citizens work in Australia?" / "Can Australian citizens work in the
     UK?" (a hunt: 5 such served at 0.90-0.96)."""
+    if _SAYS_PEOPLE.isdisjoint(x) or _SAYS_PEOPLE.isdisjoint(y):
+        return False
     (people_x, places_x), (people_y, places_y) = _countries(x), _countries(y)
     if not (people_x and people_y):
         return False
@@ -1961,6 +1974,7 @@ _IRREGULAR_SINGULARS = {
 }  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1024)
 def _number_blind(tokens: tuple[str, ...]) -> tuple[str, ...]:
     """The tokens with no article, each auxiliary in its plural form and
     every other word in its singular: what stays of a question when its
@@ -3527,8 +3541,10 @@ def structural_veto(a: Analysis, b: Analysis, *, parts_checked: bool = False) ->
     comparison said from the other side is none of theirs to veto
     (_converse_comparison): every word is the same but the comparative and
     the two things' places, which each check would read as a change."""
-    if _converse_comparison(a.tokens, b.tokens) or _converse_comparison(
-        _number_blind(a.tokens), _number_blind(b.tokens)
+    if _converse_comparison(a.tokens, b.tokens) or (
+        "than" in a.token_set
+        and "than" in b.token_set
+        and _converse_comparison(_number_blind(a.tokens), _number_blind(b.tokens))
     ):
         # "Is a lion stronger than a tiger?" / "Are tigers weaker than lions?"
         return None

@@ -816,10 +816,13 @@ def _bare_operators(text: str) -> frozenset[str]:
     ..." says no operator: a review)."""
     if not ("?" in text or "!" in text or ":" in text or "." in text):
         return frozenset()
+    matches = list(_BARE_OPERATOR.finditer(text))
+    if not matches:
+        return frozenset()
     about_code = _ABOUT_CODE.search(text) is not None
     return frozenset(
         match.group()
-        for match in _BARE_OPERATOR.finditer(text)
+        for match in matches
         if (about_code and (len(match.group()) > 1 or text[match.end() :].strip(" \t)]\"'`")))
         # Elsewhere only an operator of two signs or more that are not all dots
         # ("the difference between ?. and ??").
@@ -1725,15 +1728,24 @@ _NO_NOUN = STOPWORDS - _words("thing things one ones way ways")
 _ASKING_WHICH_ONE = _words("what which who when where how")
 
 
+# The words _scope_said_otherwise reads: each first word of
+# _SCOPE_SAID_OTHERWISE, "last" and "all".
+_SAYING_SCOPE_OTHERWISE = frozenset(words[0] for words in _SCOPE_SAID_OTHERWISE) | {"last", "all"}
+
+
 def _scope_said_otherwise(tokens: list[str], scope: frozenset[str]) -> frozenset[tuple[str, str]]:
     """(the word as said, the scope word it says where the other side says
     that one): _SCOPE_SAID_OTHERWISE, and "all" before a bare plural, which
     says "every" ("Do all dogs need vaccines?" / "Does every dog need
     vaccines?": a hunt, 26 such paraphrases vetoed; not "all the boxes",
     which may be their total)."""
-    said = set()
+    said: set[tuple[str, str]] = set()
+    if _SAYING_SCOPE_OTHERWISE.isdisjoint(tokens):
+        return frozenset(said)
     asks_a_total = not _TOTALS.isdisjoint(tokens)
     for i, token in enumerate(tokens):
+        if token not in _SAYING_SCOPE_OTHERWISE:
+            continue
         following = tokens[i + 1] if i + 1 < len(tokens) else ""
         if token in _BEFORE_A_NOUN_ONLY and (not following or following in _NO_NOUN):
             continue  # "When were they last in the final?": the final is a match
