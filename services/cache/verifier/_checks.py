@@ -2077,12 +2077,10 @@ _MAX_SWAP_TOKENS = 64
 # reads the same in either order ("Obama or Biden", "between the cat and
 # the dog", "apples, bananas or oranges": commas are no tokens).
 _JOINING = _words("and or nor")
-# Words that say a relation reading the same either way, between two swapped
-# spans ("Does alcohol interact with metformin?" / "Does metformin interact
-# with alcohol?", "Is a yam the same as a sweet potato?": a hunt, 17 such
-# paraphrases vetoed), and verbs before them that join them ("mix bleach
-# with vinegar").
-_SYMMETRIC_BETWEEN = _words("conflict conflicts")
+# Between two swapped spans, a word of _SYMMETRIC_RELATIONS reads the same
+# either way ("Does alcohol interact with metformin?" / "Does metformin
+# interact with alcohol?", "Is a yam the same as a sweet potato?": a hunt, 17
+# such paraphrases vetoed), and so do the verbs below.
 # Before "with", verbs of two things together either way: "Does garlic go
 # well with mushrooms?", "Does vinegar react with baking soda?", "Do cats get
 # along with dogs?" (a review: 17 such paraphrases vetoed).
@@ -2090,6 +2088,7 @@ _TOGETHER_WITH = _words(
     """go goes well get gets along work works react reacts pair pairs connect connects compete competes
     mix mixes combine combines"""
 )
+# Before the first span, verbs that join the two: "mix bleach with vinegar".
 _JOINING_VERBS = _words("mix mixing combine combining take taking")
 # A relation asked "how" or "what" names one side's place ("How is a nephew
 # related to his uncle?" / "How is an uncle related to his nephew?": a
@@ -2104,9 +2103,11 @@ def _spans_swapped(x: tuple[str, ...], y: tuple[str, ...], names: frozenset[str]
     attack the United States" vs "did the United States attack Japan".
     Both spans must hold a word that is not a stop word ("is it" vs "it
     is" turns nothing around), and a middle with "and"/"or" in it makes a
-    list or a choice, which reads the same in either order. Relations that
-    read the same either way without one ("did Einstein meet Gandhi", "7
-    plus 5") are refused too: a missed hit, never a wrong one. With
+    list or a choice, which reads the same in either order; so does a
+    relation word between them ("Does alcohol interact with metformin?",
+    _read_either_way). Relations that read the same either way without one
+    ("did Einstein meet Gandhi", "7 plus 5") are refused too: a missed hit,
+    never a wrong one. With
     ``names``, both spans must be of those words only (_names_swapped)."""
     if x == y or len(x) != len(y) or len(x) > _MAX_SWAP_TOKENS or sorted(x) != sorted(y):
         return False
@@ -2159,9 +2160,7 @@ def _read_either_way(x: tuple[str, ...], middle: set[str], before: str) -> bool:
     if said & _DIRECTED_WHEN_ASKED and x[0] in _WH_WORDS:
         return False
     if said:
-        return said <= _SYMMETRIC_RELATIONS | _SYMMETRIC_BETWEEN or (
-            "with" in middle and said <= _TOGETHER_WITH
-        )
+        return said <= _SYMMETRIC_RELATIONS or ("with" in middle and said <= _TOGETHER_WITH)
     return before in _JOINING_VERBS and middle <= {"with", "and"}
 
 
@@ -2335,7 +2334,7 @@ _NO_PLACE = _words("each other another")
 # New York to Boston?" (a final read: 10 such paraphrases refused).
 _SYMMETRIC_RELATIONS = _words(
     """different differ differs difference differences compare compared comparison similar far distance
-    same related compatible interact interacts interacting equal identical alike"""
+    same related compatible interact interacts interacting equal identical alike conflict conflicts"""
 )
 # And those that read the same with their two names exchanged (_names_read_either_way).
 _SYMMETRIC_BETWEEN_NAMES = _SYMMETRIC_RELATIONS | _words(
